@@ -1,0 +1,99 @@
+"""The `alpaca-tunnel` command: run the daemon, and the operator's tools."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import ConfigError, default_config_path, load_config
+from .control import ControlError, default_socket_path, query
+from .protocol.crypto import genkey
+
+COMMANDS = ("run", "genkey", "status", "demo")
+
+
+def _config_path(arg: str | None) -> Path:
+    return Path(arg) if arg else default_config_path(os.path.realpath(sys.argv[0]))
+
+
+def _setup_logging(level: str) -> None:
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    for line in message.splitlines():
+        print(f"alpaca-tunnel: {line}", file=sys.stderr)
+    return 1
+
+
+def cmd_run(args) -> int:
+    from .daemon import run_daemon
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as e:
+        return _fail(str(e))
+    _setup_logging(config.log_level)
+    return run_daemon(config)
+
+
+def cmd_genkey(_args) -> int:
+    print(genkey())
+    return 0
+
+
+def cmd_status(args) -> int:
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as e:
+        return _fail(str(e))
+    path = Path(config.control_socket) if config.control_socket else default_socket_path(config.path, config.name)
+    try:
+        status = query(path, {"command": "status"})
+    except ControlError as e:
+        return _fail(str(e))
+    if "error" in status:
+        return _fail(status["error"])
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+    else:
+        from .status import format_status
+        print(format_status(status))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alpaca-tunnel", description="multi-peer mesh VPN daemon")
+    parser.add_argument("-C", "--config", help="config.json (default: by install location, see docs)")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the daemon in the foreground (the default)")
+    sub.add_parser("genkey", help="print a new pre-shared key for secrets.txt")
+    status = sub.add_parser("status", help="show peers, paths and counters of the running daemon")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    demo = sub.add_parser("demo", help="build a demo mesh in network namespaces, show it, tear it down")
+    demo.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
+    for p in sub.choices.values():
+        p.add_argument("-C", "--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, None: cmd_run, "genkey": cmd_genkey, "status": cmd_status, "demo": cmd_demo}
+    try:
+        return handler[args.command](args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""config.json: find it, validate it, turn it into a typed Config (SPEC §5).
+
+The daemon refuses to start on any problem in the config, so every problem is
+reported at once, one line each, naming the file, the key path and what is
+wrong in words an operator understands.  Types, ranges and enums come from
+the JSON Schema shipped in alpaca/schema/; what a schema cannot say (reserved
+IDs, gateway smaller than id, valid networks) is checked here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jsonschema
+from jsonschema import Draft202012Validator
+
+from alpaca.protocol.ids import IdError, format_id, parse_id, parse_net
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.json"
+
+# Keys whose form (a.b / x.y) is checked by parse_id/parse_net, which give a
+# better sentence than the schema's pattern.
+_ID_KEYS = {"id", "gateway", "forwarders", "net", "virtual_net"}
+
+
+class ConfigError(Exception):
+    """The config (or a file it names) cannot be used; `problems` holds one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class ChnRoute:
+    table: str | int
+    gateway: str
+    data: Path
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    name: str
+    mode: str
+    group: str
+    net: tuple[int, int]
+    id: int
+    gateway: int | None
+    forwarders: tuple[int, ...]
+    port: int
+    listen: str
+    mtu: int
+    log_level: str
+    secret_file: Path
+    chnroute: ChnRoute | None
+    local_routes: tuple[str, ...]
+    pre_up_cmds: tuple[str, ...]
+    post_up_cmds: tuple[str, ...]
+    pre_down_cmds: tuple[str, ...]
+    post_down_cmds: tuple[str, ...]
+    duplicate: int
+    duplicate_delay_ms: int
+    inactive_downward_static: bool
+    virtual_net: tuple[int, int] | None
+    padding: int
+    control_socket: str | None
+
+    @property
+    def is_server(self) -> bool:
+        return self.mode == "server"
+
+    @property
+    def has_tun(self) -> bool:
+        return self.mode != "forwarder"
+
+
+@lru_cache(maxsize=1)
+def load_schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def schema_defaults() -> dict:
+    """The default of every optional top-level key, as written in the schema."""
+    return {k: v["default"] for k, v in load_schema()["properties"].items() if "default" in v}
+
+
+def _strict_int(checker, instance) -> bool:
+    # JSON Schema counts 1400.0 as an integer; a port or MTU must be written as one.
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine("integer", _strict_int),
+)
+
+
+# ---------------------------------------------------------------- messages
+
+_TYPE_NAMES = {
+    "string": "a string",
+    "integer": "a whole number",
+    "number": "a number",
+    "boolean": "true or false",
+    "array": "a list",
+    "object": "an object",
+    "null": "null",
+}
+
+
+def _key_path(parts) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _show(value) -> str:
+    """A value as the operator wrote it: strings quoted, others as JSON, kept short."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(value) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {_show(value)}"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _schema_problems(error) -> list[tuple[str, str]]:
+    """(key path, sentence) pairs for one jsonschema error; [] when a semantic check covers it."""
+    parts = list(error.absolute_path)
+    path = _key_path(parts)
+    value, schema, kind = error.instance, error.schema, error.validator
+
+    if kind == "additionalProperties":
+        known = list(schema.get("properties", {}))
+        out = []
+        for key in sorted(set(value) - set(known)):
+            hint = difflib.get_close_matches(key, known, n=1)
+            text = f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            out.append((path, text))
+        return out
+    if kind == "required":
+        return [(_key_path(parts + [k]), "required key is missing")
+                for k in schema["required"] if k not in value]
+    if kind == "type":
+        types = error.validator_value
+        types = [types] if isinstance(types, str) else types
+        expected = " or ".join(_TYPE_NAMES.get(t, t) for t in types)
+        return [(path, f"expected {expected}, got {_describe(value)}")]
+    if kind == "enum":
+        options = ", ".join(_show(o) for o in error.validator_value)
+        return [(path, f"{_show(value)} is not one of {options}")]
+    if kind in ("minimum", "maximum"):
+        lo, hi = schema.get("minimum"), schema.get("maximum")
+        if lo is not None and hi is not None:
+            return [(path, f"{value} is out of range: it must be between {lo} and {hi}")]
+        return [(path, f"{value} is out of range: it must be at least {lo}" if lo is not None
+                 else f"{value} is out of range: it must be at most {hi}")]
+    if kind == "minLength":
+        if error.validator_value == 1:
+            return [(path, "must not be empty")]
+        return [(path, f"{_show(value)} is too short: at least {error.validator_value} characters are needed")]
+    if kind == "maxLength":
+        return [(path, f"{_show(value)} is too long: at most {error.validator_value} characters are allowed")]
+    if kind == "uniqueItems":
+        seen, dups = set(), []
+        for item in value:
+            key = json.dumps(item, sort_keys=True)
+            if key in seen and item not in dups:
+                dups.append(item)
+            seen.add(key)
+        return [(path, f"{_show(d)} is listed more than once") for d in dups]
+    if kind == "pattern":
+        if parts and parts[0] in _ID_KEYS:
+            return []
+        if parts == ["name"]:
+            return [(path, f"{_show(value)} is not a usable interface name: "
+                           "use only letters, digits, '_', '.' and '-'")]
+        return [(path, f"{_show(value)} does not have the expected form")]
+    return [(path, " ".join(error.message.split()))]  # fallback, kept on one line
+
+
+def _path_sort_key(error):
+    return [(0, p, "") if isinstance(p, int) else (1, 0, str(p)) for p in error.absolute_path]
+
+
+def _semantic_problems(data: dict) -> list[tuple[str, str]]:
+    """What the schema cannot check: ID rules, nets and addresses."""
+    out: list[tuple[str, str]] = []
+
+    def peer_id(key: str, text) -> int | None:
+        if not isinstance(text, str):
+            return None  # wrong type: already reported by the schema
+        try:
+            return parse_id(text)
+        except IdError as e:
+            out.append((key, str(e)))
+            return None
+
+    my_id = peer_id("id", data.get("id"))
+    my_text = data.get("id")
+
+    gateway = peer_id("gateway", data.get("gateway"))
+    if gateway is not None and my_id is not None:
+        if gateway == my_id:
+            out.append(("gateway", f"gateway {data['gateway']!r} is this peer's own id"))
+        elif gateway > my_id:
+            out.append(("gateway", f"gateway {data['gateway']!r} is not a server: it must be "
+                                   f"a smaller ID than this peer's id {my_text!r}"))
+    if data.get("mode", "client") == "client" and data.get("gateway") is None:
+        out.append(("gateway", "client mode needs a gateway: the ID of a server, e.g. '1.1'"))
+
+    forwarders = data.get("forwarders")
+    if isinstance(forwarders, list):
+        seen: dict[int, int] = {}
+        for i, text in enumerate(forwarders):
+            fid = peer_id(f"forwarders[{i}]", text)
+            if fid is None:
+                continue
+            if fid == my_id:
+                out.append((f"forwarders[{i}]", f"{text!r} is this peer's own id"))
+            elif fid in seen and forwarders[seen[fid]] != text:  # same text: uniqueItems says so
+                out.append((f"forwarders[{i}]", f"{text!r} is the same peer as "
+                                                f"forwarders[{seen[fid]}] ({format_id(fid)})"))
+            seen.setdefault(fid, i)
+
+    for key in ("net", "virtual_net"):
+        if isinstance(data.get(key), str):
+            try:
+                parse_net(data[key])
+            except IdError as e:
+                out.append((key, str(e)))
+
+    listen = data.get("listen")
+    if isinstance(listen, str) and listen:
+        try:
+            ipaddress.ip_address(listen)
+        except ValueError:
+            out.append(("listen", f"{listen!r} is not an IP address "
+                                  "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)"))
+
+    routes = data.get("local_routes")
+    if isinstance(routes, list):
+        for i, text in enumerate(routes):
+            if isinstance(text, str):
+                try:
+                    ipaddress.IPv4Network(text, strict=False)
+                except ValueError:
+                    out.append((f"local_routes[{i}]",
+                                f"{text!r} is not an IPv4 network like 192.168.1.0/24"))
+
+    chn = data.get("chnroute")
+    if isinstance(chn, dict) and isinstance(chn.get("gateway"), str):
+        try:
+            ipaddress.IPv4Address(chn["gateway"])
+        except ValueError:
+            out.append(("chnroute.gateway", f"{chn['gateway']!r} is not an IPv4 address"))
+    return out
+
+
+def validate_config(data: object, source: str = "config.json") -> list[str]:
+    """Every problem in a parsed config.json, one line each: '<source>: <key path>: <sentence>'."""
+    if not isinstance(data, dict):
+        return [f"{source}: the file must hold a JSON object ({{...}}) at the top level, "
+                f"not {_describe(data)}"]
+    pairs: list[tuple[str, str]] = []
+    for error in sorted(_Validator(load_schema()).iter_errors(data), key=_path_sort_key):
+        pairs.extend(_schema_problems(error))
+    pairs.extend(_semantic_problems(data))
+    lines: list[str] = []
+    for path, text in pairs:
+        line = f"{source}: {path}: {text}" if path else f"{source}: {text}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_json(path: Path) -> object:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not valid JSON: the file is not UTF-8 text"]) from None
+
+    duplicates: list[str] = []
+
+    def no_duplicates(pairs):
+        obj = {}
+        for key, value in pairs:
+            if key in obj:
+                duplicates.append(key)
+            obj[key] = value
+        return obj
+
+    try:
+        data = json.loads(text, object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{path}: line {e.lineno} column {e.colno}: not valid JSON: {e.msg}"]) from None
+    if duplicates:
+        raise ConfigError([f"{path}: key {k!r} appears more than once; keep only one" for k in duplicates])
+    return data
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, validate and type the config; raise ConfigError listing every problem."""
+    path = Path(path)
+    data = _read_json(path)
+    problems = validate_config(data, str(path))
+    if problems:
+        raise ConfigError(problems)
+
+    d = {**schema_defaults(), **data}
+    base = path.absolute().parent  # relative paths are relative to config.json, never the executable
+    chn = d["chnroute"]
+    return Config(
+        path=path,
+        name=d["name"],
+        mode=d["mode"],
+        group=d["group"],
+        net=parse_net(d["net"]),
+        id=parse_id(d["id"]),
+        gateway=None if d["gateway"] is None else parse_id(d["gateway"]),
+        forwarders=tuple(parse_id(f) for f in d["forwarders"]),
+        port=d["port"],
+        listen=d["listen"],
+        mtu=d["mtu"],
+        log_level=d["log_level"],
+        secret_file=base / d["secret_file"],
+        chnroute=None if chn is None else ChnRoute(chn["table"], chn["gateway"], base / chn["data"]),
+        local_routes=tuple(d["local_routes"]),
+        pre_up_cmds=tuple(d["pre_up_cmds"]),
+        post_up_cmds=tuple(d["post_up_cmds"]),
+        pre_down_cmds=tuple(d["pre_down_cmds"]),
+        post_down_cmds=tuple(d["post_down_cmds"]),
+        duplicate=d["duplicate"],
+        duplicate_delay_ms=d["duplicate_delay_ms"],
+        inactive_downward_static=d["inactive_downward_static"],
+        virtual_net=None if d["virtual_net"] is None else parse_net(d["virtual_net"]),
+        padding=d["padding"],
+        control_socket=d["control_socket"],
+    )
+
+
+def default_config_path(executable: str) -> Path:
+    """Where config.json is when no -C is given (SPEC §5), from the executable's location."""
+    here = Path(os.path.abspath(executable)).parent
+    real = Path(os.path.realpath(here))  # /bin -> /usr/bin on merged-/usr systems
+    if real in (Path("/usr/bin"), Path("/usr/sbin")):
+        return Path("/etc/alpaca-tunnel.d/config.json")
+    if real in (Path("/usr/local/bin"), Path("/usr/local/sbin")):
+        return Path("/usr/local/etc/alpaca-tunnel.d/config.json")
+    return here / "alpaca-tunnel.d" / "config.json"

@@ -1,0 +1,43 @@
+"""Constants of the protocol core, grouped by what changing them would mean.
+
+Protocol constants are part of the wire format or of what peers expect of each
+other: changing one breaks interoperability. Tuning constants only change how
+this implementation behaves and may be adjusted freely.
+"""
+
+# ---------------------------------------------------------------- protocol
+WIRE_VERSION = 1
+
+HEADER_SIZE = 26          # see docs/protocol.md for the byte layout
+TAG_SIZE = 16             # Poly1305 tag, last bytes of every datagram
+OVERHEAD = HEADER_SIZE + TAG_SIZE
+MIN_DATAGRAM = OVERHEAD   # a keepalive: header + empty ciphertext + tag
+
+SEQ_BITS = 20             # per-second sequence number (SPEC §4)
+SEQ_LIMIT = 1 << SEQ_BITS  # datagrams per second per sender before borrowing the next second
+
+DEFAULT_TTL = 8           # hops a datagram may take; forwarders decrement it
+PATH_DIRECT = 0           # path byte set by the origin
+PATH_RELAYED = 1          # path byte set by a forwarder that relayed the datagram
+
+# SPEC §3: a path that has carried nothing for PATH_LIFETIME is not used; a
+# client heard from on no path for PEER_LIFETIME gets nothing sent downward.
+PATH_LIFETIME = 10.0
+PEER_LIFETIME = 60.0
+
+# The replay/dedup window (docs/protocol.md "Replay window"): a datagram whose
+# timestamp is more than REPLAY_WINDOW seconds away from the receiver's clock is
+# dropped; inside it each (session, timestamp, sequence) is accepted once. It
+# must absorb inter-path skew (tens to hundreds of ms on real paths), delayed
+# duplicates (duplicate_delay_ms <= 1 s, times up to 4 copies) and the clock
+# offset between two NTP-synced hosts (ms), with margin for a slow forwarder.
+REPLAY_WINDOW = 5
+
+KIND_DATA = 0
+KIND_KEEPALIVE = 1
+
+# ---------------------------------------------------------------- tuning
+KEEPALIVE_INTERVAL = 4.0  # < PATH_LIFETIME so an idle client's paths stay live
+SYN_DNS_COPY_DELAY = 0.02  # the extra copy of TCP SYN and DNS packets (SPEC §3)
+MAX_PATHS_PER_PEER = 8    # learned paths kept per peer (oldest evicted)
+MAX_SESSIONS_PER_PEER = 8  # sender restarts remembered inside the replay window

@@ -1,0 +1,120 @@
+"""Key derivation and the sealed datagram (docs/protocol.md).
+
+Keys (all BLAKE2b via PyNaCl's crypto_generichash):
+  group key  = BLAKE2b(group name, person "alpaca-group")         hides headers
+  psk key    = BLAKE2b(whole secrets.txt key string, "alpaca-psk")
+  pair key   = BLAKE2b(group key | min ID | max ID,
+                       key = psk key of the bigger ID, "alpaca-pair")
+
+A datagram is  mask(header) | XChaCha20-Poly1305(plaintext) | tag.  The header
+is the AEAD's associated data except its first two bytes (TTL and path), which
+forwarders rewrite. The whole header is XORed with BLAKE2b(tag, key = group key)
+so that an outsider sees only random bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import struct
+from dataclasses import dataclass
+
+from nacl import bindings as sodium
+from nacl.exceptions import CryptoError
+
+from .constants import HEADER_SIZE, TAG_SIZE, WIRE_VERSION
+
+_PERSON_GROUP = b"alpaca-group".ljust(16, b"\0")
+_PERSON_PSK = b"alpaca-psk".ljust(16, b"\0")
+_PERSON_PAIR = b"alpaca-pair".ljust(16, b"\0")
+_PERSON_MASK = b"alpaca-mask".ljust(16, b"\0")
+
+_HEADER = struct.Struct(">BBBBHH8sIIH")
+assert _HEADER.size == HEADER_SIZE
+MUTABLE_BYTES = 2   # TTL and path: the only header bytes a forwarder may change
+_NONCE_PAD = bytes(sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES - 20)
+
+
+def _blake2b(data: bytes, person: bytes, key: bytes = b"", size: int = 32) -> bytes:
+    return sodium.crypto_generichash_blake2b_salt_personal(data, digest_size=size, key=key, person=person)
+
+
+def derive_group_key(group: str) -> bytes:
+    return _blake2b(group.encode(), _PERSON_GROUP)
+
+
+def derive_psk_key(psk: str) -> bytes:
+    """Hash the whole key string (never a prefix of it)."""
+    return _blake2b(psk.encode(), _PERSON_PSK)
+
+
+def derive_pair_key(group_key: bytes, psk_key_of_bigger: bytes, id_a: int, id_b: int) -> bytes:
+    lo, hi = sorted((id_a, id_b))
+    return _blake2b(group_key + struct.pack(">HH", lo, hi), _PERSON_PAIR, key=psk_key_of_bigger)
+
+
+def genkey() -> str:
+    """A new pre-shared key: 32 random bytes, base64url without padding (43 chars)."""
+    return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    ttl: int
+    path: int
+    kind: int
+    src: int
+    dst: int
+    session: bytes   # 8 random bytes chosen by the sender at start
+    ts: int          # sender's clock, whole seconds
+    seq: int         # per-second sequence, < 2**20
+    pad: int = 0     # padding bytes at the end of the plaintext
+    flags: int = 0   # reserved (fragments); 0
+    version: int = WIRE_VERSION
+
+    def pack(self) -> bytes:
+        return _HEADER.pack(self.ttl, self.path, (self.version << 4) | self.kind, self.flags,
+                            self.src, self.dst, self.session, self.ts, self.seq, self.pad)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Header":
+        ttl, path, vk, flags, src, dst, session, ts, seq, pad = _HEADER.unpack(raw)
+        return cls(ttl, path, vk & 0x0F, src, dst, session, ts, seq, pad, flags, vk >> 4)
+
+
+def header_mask(group_key: bytes, tag: bytes) -> int:
+    return int.from_bytes(_blake2b(tag, _PERSON_MASK, key=group_key, size=HEADER_SIZE), "big")
+
+
+def _xor(raw: bytes, mask: int) -> bytes:
+    return (int.from_bytes(raw, "big") ^ mask).to_bytes(HEADER_SIZE, "big")
+
+
+def seal(group_key: bytes, pair_key: bytes, header: Header, plaintext: bytes) -> bytes:
+    raw = header.pack()
+    nonce = raw[4:24] + _NONCE_PAD      # src, dst, session, ts, seq: unique per key
+    sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, raw[MUTABLE_BYTES:], nonce, pair_key)
+    return _xor(raw, header_mask(group_key, sealed[-TAG_SIZE:])) + sealed
+
+
+def peek(group_key: bytes, datagram: bytes) -> tuple[Header, int]:
+    """Unmask the header (no authentication yet). Returns it and the mask."""
+    mask = header_mask(group_key, datagram[-TAG_SIZE:])
+    return Header.unpack(_xor(datagram[:HEADER_SIZE], mask)), mask
+
+
+def open_sealed(pair_key: bytes, header: Header, datagram: bytes) -> bytes:
+    """Authenticate and decrypt; raises nacl CryptoError when the tag fails."""
+    raw = header.pack()
+    return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+        datagram[HEADER_SIZE:], raw[MUTABLE_BYTES:], raw[4:24] + _NONCE_PAD, pair_key)
+
+
+def rewrite_mutable(datagram: bytes, mask: int, ttl: int, path: int) -> bytes:
+    """What a forwarder changes: TTL and path, re-masked; the rest stays bit-identical."""
+    m = mask.to_bytes(HEADER_SIZE, "big")
+    return bytes((ttl ^ m[0], path ^ m[1])) + datagram[MUTABLE_BYTES:]
+
+
+__all__ = ["CryptoError", "Header", "seal", "peek", "open_sealed", "rewrite_mutable", "genkey",
+           "derive_group_key", "derive_psk_key", "derive_pair_key", "MUTABLE_BYTES"]

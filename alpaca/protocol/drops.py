@@ -1,0 +1,26 @@
+"""Why a packet was dropped. Every drop is counted under one of these names."""
+
+from __future__ import annotations
+
+import enum
+
+
+class DropReason(enum.Enum):
+    # input that failed before a peer could be trusted: counted globally only,
+    # because nothing unauthenticated may change per-peer state (SPEC §4)
+    MALFORMED = "malformed"          # too short, bad version
+    UNKNOWN_PEER = "unknown_peer"    # src/dst pair for which we hold no key
+    AUTH_FAILURE = "auth_failure"    # AEAD tag did not verify
+    # authenticated input, counted against the source peer
+    DUPLICATE = "duplicate"          # (session, ts, seq) already accepted
+    REPLAY = "replay"                # outside the replay window (too old/new)
+    TOO_MANY_SESSIONS = "too_many_sessions"
+    TTL = "ttl"                      # hop limit reached 0
+    LOOP = "loop"                    # outer destination is the inner src/dst
+    NO_PATH = "no_path"              # nowhere to send it (peer silent, no address)
+    NOT_ROUTABLE = "not_routable"    # from TUN: not IP, or no peer for the destination
+    NO_TUN = "no_tun"                # for me, but this node has no TUN (forwarder)
+
+
+# drops that may be counted against a peer (the others only globally)
+PEER_DROPS = tuple(r for r in DropReason if r not in (DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE))

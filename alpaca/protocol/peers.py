@@ -1,0 +1,136 @@
+"""The peer and path table (SPEC §2-3).
+
+A peer is reached on one or more paths, each a UDP address:
+  - its static address from secrets.txt (path 0 when given),
+  - direct addresses learned from its authenticated datagrams (path byte 0),
+  - relay addresses learned from its authenticated datagrams that a forwarder
+    carried (path byte != 0): the forwarder's address.
+Learned paths count as live for PATH_LIFETIME after they last carried
+something. Nothing is learned from a datagram that failed authentication or
+replay checks: the caller only calls `heard` after both passed.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+from .constants import MAX_PATHS_PER_PEER, PATH_LIFETIME, PEER_LIFETIME
+from .crypto import derive_pair_key, derive_psk_key
+from .drops import DropReason
+from .replay import ReplayWindow
+
+Addr = tuple  # (host, port) as the socket module gives it
+
+
+@dataclass(slots=True)
+class Path:
+    addr: Addr
+    relayed: bool
+    static: bool = False
+    last_rx: float = -math.inf
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """What secrets.txt says about a peer (the part the core needs)."""
+    psk: str
+    static_addr: Addr | None = None
+
+
+class Peer:
+    __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
+                 "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay")
+
+    def __init__(self, peer_id: int, entry: PeerEntry):
+        self.id = peer_id
+        self.entry = entry
+        self.psk_key = derive_psk_key(entry.psk)
+        self.paths: dict[Addr, Path] = {}
+        if entry.static_addr is not None:
+            self.paths[entry.static_addr] = Path(entry.static_addr, relayed=False, static=True)
+        self.last_rx = -math.inf
+        self.up = False
+        self.rx_packets = self.rx_bytes = 0
+        self.tx_packets = self.tx_bytes = 0
+        self.relayed_packets = 0
+        self.drops: collections.Counter[DropReason] = collections.Counter()
+        self.replay = ReplayWindow()
+
+    @property
+    def static_addr(self) -> Addr | None:
+        return self.entry.static_addr
+
+    def heard(self, addr: Addr, relayed: bool, now: float) -> bool:
+        """Record an authenticated datagram from addr; True when the path is new."""
+        self.last_rx = now
+        path = self.paths.get(addr)
+        if path is not None:
+            path.last_rx = now
+            if not path.static:
+                path.relayed = relayed
+            return False
+        if len(self.paths) >= MAX_PATHS_PER_PEER:
+            learned = [p for p in self.paths.values() if not p.static]
+            oldest = min(learned, key=lambda p: p.last_rx)
+            del self.paths[oldest.addr]
+        self.paths[addr] = Path(addr, relayed, last_rx=now)
+        return True
+
+    def direct_paths(self, now: float) -> list[Addr]:
+        """The peer's own address(es): static, plus live learned direct ones."""
+        return [p.addr for p in self.paths.values()
+                if p.static or (not p.relayed and now - p.last_rx <= PATH_LIFETIME)]
+
+    def live_paths(self, now: float, keep_static: bool) -> list[Addr]:
+        """Every path to send on (downward multi-path). The static address
+        counts only while the peer was heard within PEER_LIFETIME, unless
+        keep_static (inactive_downward_static)."""
+        static_ok = keep_static or now - self.last_rx <= PEER_LIFETIME
+        return [p.addr for p in self.paths.values()
+                if (p.static and static_ok) or (not p.static and now - p.last_rx <= PATH_LIFETIME)]
+
+    def prune(self, now: float) -> None:
+        for addr in [a for a, p in self.paths.items() if not p.static and now - p.last_rx > PEER_LIFETIME]:
+            del self.paths[addr]
+        self.replay.expire(now)
+
+
+class PeerTable:
+    """Peers by ID, and the pair keys between them (derived lazily, cached)."""
+
+    def __init__(self, my_id: int, group_key: bytes):
+        self.my_id = my_id
+        self.group_key = group_key
+        self.peers: dict[int, Peer] = {}
+        self._pair_keys: dict[tuple[int, int], bytes] = {}
+
+    def get(self, peer_id: int) -> Peer | None:
+        return self.peers.get(peer_id)
+
+    def pair_key(self, a: int, b: int) -> bytes | None:
+        """Key for traffic between a and b: from the bigger ID's pre-shared key (SPEC §2).
+        Both must be known (we need the smaller one's addresses and counters too)."""
+        lo, hi = (a, b) if a < b else (b, a)
+        key = self._pair_keys.get((lo, hi))
+        if key is None:
+            if lo == hi or lo not in self.peers or hi not in self.peers:
+                return None
+            key = derive_pair_key(self.group_key, self.peers[hi].psk_key, lo, hi)
+            self._pair_keys[(lo, hi)] = key
+        return key
+
+    def apply(self, entries: dict[int, PeerEntry]) -> tuple[list[int], list[int], list[int]]:
+        """Make the table match secrets.txt. Unchanged peers keep their paths,
+        counters and replay state; changed ones start afresh. Returns
+        (added, changed, removed) IDs."""
+        added = [i for i in entries if i not in self.peers]
+        removed = [i for i in self.peers if i not in entries]
+        changed = [i for i in entries if i in self.peers and self.peers[i].entry != entries[i]]
+        for peer_id in removed + changed:
+            self.peers.pop(peer_id, None)
+            self._pair_keys = {k: v for k, v in self._pair_keys.items() if peer_id not in k}
+        for peer_id in added + changed:
+            self.peers[peer_id] = Peer(peer_id, entries[peer_id])
+        return sorted(added), sorted(changed), sorted(removed)

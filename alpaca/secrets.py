@@ -1,0 +1,152 @@
+"""secrets.txt: the group's peer list with each peer's pre-shared key (SPEC §5).
+
+One peer per line, `id key ip ip6 port`.  Parsing is pure and never resolves
+host names, so the daemon can re-read the file on every change and decide
+itself what to do with bad lines (fatal at start, skipped on reload).  Each
+bad line becomes one SecretsProblem naming the file and the line number.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from alpaca.config import ConfigError
+from alpaca.protocol.ids import IdError, parse_id
+
+MIN_KEY_LENGTH = 16
+COLUMNS = "id key ip ip6 port"
+
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class PeerSecret:
+    id: int
+    key: str
+    host: str | None  # the ip column as written: an IPv4 literal or a host name
+    ip6: str | None
+    port: int | None
+    line: int
+
+
+@dataclass(frozen=True)
+class SecretsProblem:
+    line: int
+    message: str
+    source: str = "secrets.txt"
+
+    def __str__(self) -> str:
+        return f"{self.source}: line {self.line}: {self.message}"
+
+
+def is_host_name(text: str) -> bool:
+    """A syntactically valid DNS name (RFC 1123 labels); all-numeric names are not."""
+    name = text[:-1] if text.endswith(".") else text
+    if not name or len(name) > 253:
+        return False
+    labels = name.split(".")
+    # A numeric last label means a mistyped IPv4 address (e.g. 1.2.3.256), not a name.
+    return all(_LABEL.match(l) for l in labels) and not labels[-1].isdigit()
+
+
+def _parse_line(cols: list[str]) -> tuple[int, str, str | None, str | None, int | None]:
+    """The five columns of one line; raise ValueError with the sentence for the first bad one."""
+    id_text, key, ip, ip6, port_text = cols
+    try:
+        peer_id = parse_id(id_text)
+    except IdError as e:
+        raise ValueError(str(e)) from None
+
+    if key == "null":
+        raise ValueError("the key cannot be null")
+    if not all("!" <= c <= "~" for c in key):
+        raise ValueError("the key may contain only printable ASCII characters without spaces")
+    if len(key) < MIN_KEY_LENGTH:
+        raise ValueError(f"the key is too short ({len(key)} characters, at least {MIN_KEY_LENGTH} "
+                         "are needed): make one with `alpaca-tunnel genkey`")
+
+    host = None if ip == "null" else ip
+    if host is not None:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            if ":" in host:
+                raise ValueError(f"ip {host!r} is an IPv6 address: put it in the ip6 column "
+                                 "(the ip column takes an IPv4 address or a host name)") from None
+            if not is_host_name(host):
+                raise ValueError(f"ip {host!r} is neither an IPv4 address nor a host name") from None
+
+    addr6 = None if ip6 == "null" else ip6
+    if addr6 is not None:
+        try:
+            ipaddress.IPv6Address(addr6)
+        except ValueError:
+            raise ValueError(f"ip6 {addr6!r} is not an IPv6 address") from None
+
+    port = None
+    if port_text != "null":
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"port {port_text!r} is not a port number between 1 and 65535")
+        port = int(port_text)
+    return peer_id, key, host, addr6, port
+
+
+def parse_secrets(text: str, source: str = "secrets.txt") -> tuple[dict[int, PeerSecret], list[SecretsProblem]]:
+    """The good peers by ID, and one problem per bad line (bad lines are skipped)."""
+    peers: dict[int, PeerSecret] = {}
+    problems: list[SecretsProblem] = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        cols = raw.split("#", 1)[0].split()
+        if not cols:
+            continue
+        if len(cols) != 5:
+            problems.append(SecretsProblem(number, f"expected 5 columns ({COLUMNS}), found "
+                                                   f"{len(cols)}; write null for an unused column", source))
+            continue
+        try:
+            peer_id, key, host, ip6, port = _parse_line(cols)
+        except ValueError as e:
+            problems.append(SecretsProblem(number, str(e), source))
+            continue
+        if peer_id in peers:
+            problems.append(SecretsProblem(number, f"peer ID {cols[0]!r} is already listed on line "
+                                                   f"{peers[peer_id].line}; this line is skipped", source))
+            continue
+        peers[peer_id] = PeerSecret(peer_id, key, host, ip6, port, number)
+    return peers, problems
+
+
+def load_secrets(path: Path) -> tuple[dict[int, PeerSecret], list[SecretsProblem], list[str]]:
+    """Read and parse secrets.txt; the third list holds warnings (file permissions)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode & 0o777
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: cannot read: the file is not UTF-8 text"]) from None
+    warnings = []
+    if mode & 0o077:
+        what = ("is world-readable: every user of this host can read the keys" if mode & 0o004
+                else "is open to users other than its owner")
+        warnings.append(f"{path}: {what} (mode {mode:04o}); run: chmod 600 {path}")
+    peers, problems = parse_secrets(text, str(path))
+    return peers, problems, warnings
+
+
+def resolve_host(host: str) -> str | None:
+    """The IPv4 address of an ip column (literal or host name); None when it does not resolve."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+        return infos[0][4][0] if infos else None
+    except (OSError, UnicodeError, ValueError):
+        return None

@@ -1,0 +1,73 @@
+"""The TUN device: opened with python-pytun, configured with pyroute2 (SPEC §6).
+
+The device is not persistent: the kernel removes it when our file descriptor
+closes, so even a SIGKILLed daemon leaves no TUN behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytun
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+READ_SIZE = 65536
+
+
+class TunError(Exception):
+    """The TUN device could not be set up; the message is one line."""
+
+
+class Tun:
+    def __init__(self, name: str, mtu: int, address: str, prefixlen: int = 16):
+        try:
+            self.dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        except pytun.Error as e:
+            code = e.args[0] if e.args and isinstance(e.args[0], int) else None
+            if code == errno.EPERM:
+                raise TunError(f"cannot create TUN device {name!r}: permission denied (needs CAP_NET_ADMIN)") from None
+            if code == errno.EBUSY:
+                raise TunError(f"cannot create TUN device {name!r}: it exists and is in use") from None
+            if not os.path.exists("/dev/net/tun"):
+                raise TunError("cannot create TUN device: /dev/net/tun is missing (modprobe tun)") from None
+            raise TunError(f"cannot create TUN device {name!r}: {e}") from None
+        self.name = self.dev.name
+        self.fd = self.dev.fileno()
+        os.set_blocking(self.fd, False)
+        try:
+            with IPRoute() as ipr:
+                index = ipr.link_lookup(ifname=self.name)[0]
+                ipr.link("set", index=index, mtu=mtu)
+                ipr.addr("replace", index=index, address=address, prefixlen=prefixlen)
+                ipr.link("set", index=index, state="up")
+        except (NetlinkError, OSError) as e:
+            self.close()
+            raise TunError(f"cannot configure TUN device {self.name!r}: {e}") from None
+
+    def read_batch(self, limit: int) -> list[bytes]:
+        packets = []
+        read = os.read
+        try:
+            for _ in range(limit):
+                packets.append(read(self.fd, READ_SIZE))
+        except BlockingIOError:
+            pass
+        return packets
+
+    def write_batch(self, packets: list[bytes]) -> int:
+        """Write packets; returns how many the kernel refused (counted, not logged)."""
+        failed = 0
+        write = os.write
+        for packet in packets:
+            try:
+                write(self.fd, packet)
+            except OSError:
+                failed += 1       # e.g. EINVAL for a malformed inner packet
+        return failed
+
+    def close(self) -> None:
+        if self.dev is not None:
+            self.dev.close()
+            self.dev = None

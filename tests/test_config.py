@@ -1,0 +1,243 @@
+"""config.json validation: every class of error gives one exact, one-line message."""
+
+import json
+from pathlib import Path
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from alpaca.config import (ChnRoute, ConfigError, SCHEMA_PATH, default_config_path,
+                           load_config, load_schema, schema_defaults, validate_config)
+
+GOOD = {"id": "16.1", "gateway": "1.1"}
+
+
+def problems(**changes):
+    return validate_config({**GOOD, **changes})
+
+
+def write(tmp_path, data, name="config.json"):
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_schema_is_valid_and_documented():
+    schema = load_schema()
+    Draft202012Validator.check_schema(schema)
+    assert schema["additionalProperties"] is False
+    for key, prop in schema["properties"].items():
+        assert prop.get("description"), key
+        assert key == "id" or "default" in prop, key
+    assert schema["required"] == ["id"]
+
+
+def test_good_config_has_no_problems():
+    assert problems() == []
+
+
+def test_unknown_key_with_suggestion():
+    assert problems(forwarder=[]) == ["config.json: unknown key 'forwarder' (did you mean 'forwarders'?)"]
+
+
+def test_unknown_key_without_suggestion():
+    assert problems(zzz=1) == ["config.json: unknown key 'zzz'"]
+
+
+def test_unknown_nested_key():
+    chn = {"table": 100, "gateway": "192.168.1.1", "data": "chnroute.txt", "tabel": 1}
+    assert problems(chnroute=chn) == ["config.json: chnroute: unknown key 'tabel' (did you mean 'table'?)"]
+
+
+def test_wrong_type():
+    assert problems(port="1040") == ["config.json: port: expected a whole number, got the string '1040'"]
+    assert problems(inactive_downward_static="yes") == [
+        "config.json: inactive_downward_static: expected true or false, got the string 'yes'"]
+
+
+def test_float_is_not_an_integer():
+    assert problems(mtu=1400.0) == ["config.json: mtu: expected a whole number, got the number 1400.0"]
+
+
+def test_enum():
+    assert problems(mode="sever") == [
+        "config.json: mode: 'sever' is not one of 'server', 'client', 'forwarder'"]
+
+
+def test_port_out_of_range():
+    assert problems(port=70000) == ["config.json: port: 70000 is out of range: it must be between 1 and 65535"]
+
+
+def test_missing_id():
+    assert validate_config({"gateway": "1.1"}) == ["config.json: id: required key is missing"]
+
+
+def test_reserved_id():
+    assert problems(id="0.1", gateway=None, mode="server") == [
+        "config.json: id: peer ID '0.1' is reserved (0.0, 0.1 and 255.255 cannot be used)"]
+
+
+def test_reserved_forwarder():
+    assert problems(forwarders=["1.2", "0.1"]) == [
+        "config.json: forwarders[1]: peer ID '0.1' is reserved (0.0, 0.1 and 255.255 cannot be used)"]
+
+
+def test_malformed_id():
+    assert problems(id="16-1") == ["config.json: id: peer ID '16-1' is not of the form a.b (e.g. 16.1)"]
+
+
+def test_id_part_above_255():
+    assert problems(id="16.256") == ["config.json: id: peer ID '16.256' has a part above 255"]
+
+
+def test_net_octet_above_255():
+    assert problems(net="10.300") == ["config.json: net: net '10.300' has an octet above 255"]
+
+
+def test_gateway_not_a_server():
+    assert problems(gateway="16.2") == [
+        "config.json: gateway: gateway '16.2' is not a server: it must be a smaller ID than this peer's id '16.1'"]
+
+
+def test_gateway_is_own_id():
+    assert problems(gateway="16.1") == ["config.json: gateway: gateway '16.1' is this peer's own id"]
+
+
+def test_forwarder_is_own_id():
+    assert problems(forwarders=["16.1"]) == ["config.json: forwarders[0]: '16.1' is this peer's own id"]
+
+
+def test_duplicate_forwarders():
+    assert problems(forwarders=["1.2", "1.2"]) == ["config.json: forwarders: '1.2' is listed more than once"]
+
+
+def test_client_without_gateway():
+    assert validate_config({"id": "16.1"}) == [
+        "config.json: gateway: client mode needs a gateway: the ID of a server, e.g. '1.1'"]
+
+
+def test_server_and_forwarder_need_no_gateway():
+    assert validate_config({"id": "1.1", "mode": "server"}) == []
+    assert validate_config({"id": "2.1", "mode": "forwarder"}) == []
+
+
+def test_bad_local_route():
+    assert problems(local_routes=["192.168.0.0/16", "10.0.0.0/33"]) == [
+        "config.json: local_routes[1]: '10.0.0.0/33' is not an IPv4 network like 192.168.1.0/24"]
+
+
+def test_bad_listen_and_chnroute_gateway():
+    chn = {"table": "chn", "gateway": "gw", "data": "chnroute.txt"}
+    assert problems(listen="any", chnroute=chn) == [
+        "config.json: listen: 'any' is not an IP address "
+        "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)",
+        "config.json: chnroute.gateway: 'gw' is not an IPv4 address"]
+
+
+def test_tun_name_too_long():
+    assert problems(name="x" * 16) == [
+        "config.json: name: 'xxxxxxxxxxxxxxxx' is too long: at most 15 characters are allowed"]
+
+
+def test_top_level_not_an_object():
+    assert validate_config([1]) == [
+        "config.json: the file must hold a JSON object ({...}) at the top level, not a list"]
+
+
+def test_all_problems_reported_each_on_one_line():
+    bad = {"id": "0.0", "mode": "sever", "forwarder": [], "port": 0, "net": "10.x",
+           "local_routes": ["nope"], "chnroute": {"table": 1}, "padding": -1, "name": "a\nb"}
+    lines = validate_config(bad, "/etc/alpaca-tunnel.d/config.json")
+    assert len(lines) >= 9
+    for line in lines:
+        assert "\n" not in line and line.startswith("/etc/alpaca-tunnel.d/config.json: ")
+        assert "Traceback" not in line and "Failed validating" not in line
+
+
+def test_malformed_json_names_line(tmp_path):
+    path = write(tmp_path, '{\n  "id": "16.1",\n  "gateway": "1.1"\n  "port": 1\n}\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.problems == [f"{path}: line 4 column 3: not valid JSON: Expecting ',' delimiter"]
+    assert str(e.value) == e.value.problems[0]
+
+
+def test_duplicate_json_key(tmp_path):
+    path = write(tmp_path, '{"id": "16.1", "gateway": "1.1", "port": 1, "port": 2}')
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.problems == [f"{path}: key 'port' appears more than once; keep only one"]
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.json"
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.problems == [f"{path}: cannot read: No such file or directory"]
+
+
+def test_load_config_reports_all_problems_with_file_name(tmp_path):
+    path = write(tmp_path, {"id": "16.1", "gateway": "1.1", "port": 0, "mode": "x"})
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert e.value.problems == [
+        f"{path}: mode: 'x' is not one of 'server', 'client', 'forwarder'",
+        f"{path}: port: 0 is out of range: it must be between 1 and 65535"]
+    assert str(e.value) == "\n".join(e.value.problems)
+
+
+def test_defaults_applied(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert (cfg.name, cfg.mode, cfg.group, cfg.net) == ("alpaca", "client", "default", (10, 17))
+    assert (cfg.id, cfg.gateway, cfg.forwarders) == (16 * 256 + 1, 257, ())
+    assert (cfg.port, cfg.listen, cfg.mtu, cfg.log_level) == (1040, "0.0.0.0", 1400, "info")
+    assert cfg.chnroute is None and cfg.local_routes == ()
+    assert cfg.pre_up_cmds == cfg.post_up_cmds == cfg.pre_down_cmds == cfg.post_down_cmds == ()
+    assert (cfg.duplicate, cfg.duplicate_delay_ms, cfg.padding) == (0, 10, 0)
+    assert cfg.inactive_downward_static is False
+    assert cfg.virtual_net is None and cfg.control_socket is None
+    assert not cfg.is_server and cfg.has_tun
+    # every schema default is used by load_config
+    assert set(schema_defaults()) == set(load_schema()["properties"]) - {"id"}
+
+
+def test_values_converted(tmp_path):
+    data = {"id": "1.1", "mode": "server", "forwarders": ["2.1", "2.2"], "virtual_net": "10.18",
+            "local_routes": ["192.168.0.0/16"], "post_up_cmds": ["true"]}
+    cfg = load_config(write(tmp_path, data))
+    assert cfg.is_server and cfg.has_tun and cfg.gateway is None
+    assert cfg.forwarders == (513, 514) and cfg.virtual_net == (10, 18)
+    assert cfg.local_routes == ("192.168.0.0/16",) and cfg.post_up_cmds == ("true",)
+    assert not load_config(write(tmp_path, {"id": "2.1", "mode": "forwarder"}, "f.json")).has_tun
+
+
+def test_secret_file_and_chnroute_relative_to_config_dir(tmp_path, monkeypatch):
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    path = write(conf_dir, {**GOOD, "chnroute": {"table": 100, "gateway": "192.168.1.1",
+                                                 "data": "chnroute.txt"}})
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path("conf/config.json"))
+    assert cfg.secret_file == conf_dir / "secrets.txt"
+    assert cfg.chnroute == ChnRoute(100, "192.168.1.1", conf_dir / "chnroute.txt")
+    cfg = load_config(write(conf_dir, {**GOOD, "secret_file": "/srv/keys.txt"}, "abs.json"))
+    assert cfg.secret_file == Path("/srv/keys.txt")
+    assert path.exists()
+
+
+def test_default_config_path(tmp_path):
+    assert default_config_path("/usr/bin/alpaca-tunnel") == Path("/etc/alpaca-tunnel.d/config.json")
+    assert default_config_path("/usr/local/bin/alpaca-tunnel") == Path(
+        "/usr/local/etc/alpaca-tunnel.d/config.json")
+    exe = tmp_path / "bin" / "alpaca-tunnel"
+    assert default_config_path(str(exe)) == tmp_path / "bin" / "alpaca-tunnel.d" / "config.json"
+
+
+def test_example_config_is_valid():
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "etc" / "alpaca-tunnel.d" / "config.json")
+    assert cfg.mode == "client" and cfg.secret_file == root / "etc" / "alpaca-tunnel.d" / "secrets.txt"
+
+
+def test_schema_ships_in_package():
+    assert SCHEMA_PATH.parent.name == "schema" and SCHEMA_PATH.parent.parent.name == "alpaca"
