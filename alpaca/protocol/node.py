@@ -269,6 +269,11 @@ class Node:
         reason = src.replay.check_and_accept(header.session, header.ts, header.seq, now)
         if reason is not None:
             src.drops[reason] += 1
+            if reason is DropReason.DUPLICATE:
+                # another copy over another path: it keeps that path alive,
+                # but only a first copy may add a path (a replay could come
+                # from anywhere)
+                src.refresh(addr, now)
             return
         relayed = header.path != PATH_DIRECT
         was_up = src.up

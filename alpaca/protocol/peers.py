@@ -78,6 +78,13 @@ class Peer:
         self.paths[addr] = Path(addr, relayed, last_rx=now)
         return True
 
+    def refresh(self, addr: Addr, now: float) -> None:
+        """A copy of an already accepted datagram arrived on addr: keep an
+        existing path alive, never add one."""
+        path = self.paths.get(addr)
+        if path is not None:
+            path.last_rx = now
+
     def direct_paths(self, now: float) -> list[Addr]:
         """The peer's own address(es): static, plus live learned direct ones."""
         return [p.addr for p in self.paths.values()

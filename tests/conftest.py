@@ -1,0 +1,143 @@
+"""Shared fixtures. Tier-3 fixtures build real peers in network namespaces
+(alpaca.testbed) and always tear them down, also when a test fails."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alpaca.testbed import Testbed, wait_for, write_peer_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+_counter = itertools.count()
+
+
+def can_run_tier3() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    why = can_run_tier3()
+    if why:
+        skip = pytest.mark.skip(reason=f"tier 3: {why}")
+        for item in items:
+            if "root" in item.keywords:
+                item.add_marker(skip)
+
+
+def unique_prefix() -> str:
+    return f"at{os.getpid() % 100000}{next(_counter)}"
+
+
+@pytest.fixture
+def testbed():
+    tb = Testbed(unique_prefix())
+    yield tb
+    tb.close()
+
+
+class Peer:
+    """One running alpaca-tunnel in its namespace."""
+
+    def __init__(self, mesh: "Mesh", name: str, peer_id: str, config_path: Path):
+        self.mesh, self.name, self.id, self.config_path = mesh, name, peer_id, config_path
+        self.proc = None
+        self.log_path = config_path.parent / "daemon.log"
+
+    def start(self) -> None:
+        self.log = open(self.log_path, "ab")
+        self.proc = self.mesh.tb.popen(self.name, [PY, "-m", "alpaca", "-C", str(self.config_path)],
+                                       stdout=self.log, stderr=self.log)
+
+    def stop(self, sig=15) -> int | None:
+        return self.mesh.tb.stop(self.proc, sig)
+
+    def status(self) -> dict:
+        r = self.mesh.tb.run(self.name, [PY, "-m", "alpaca", "-C", str(self.config_path), "status", "--json"])
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    def peer_status(self, peer_id: str) -> dict:
+        return next(p for p in self.status()["peers"] if p["id"] == peer_id)
+
+    def run(self, argv, **kw):
+        return self.mesh.tb.run(self.name, argv, **kw)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class Mesh:
+    """Peers with configs written to a temp dir; `peers[name]` are started by start()."""
+
+    def __init__(self, tb: Testbed, workdir: Path):
+        self.tb, self.workdir = tb, workdir
+        self.peers: dict[str, Peer] = {}
+        self.keys: dict[str, str] = {}
+
+    def key(self, peer_id: str) -> str:
+        from alpaca.protocol.crypto import genkey
+        return self.keys.setdefault(peer_id, genkey())
+
+    def line(self, peer_id: str, ip: str | None) -> str:
+        return f"{peer_id} {self.key(peer_id)} {ip or 'null'} null {1040 if ip else 'null'}"
+
+    def add(self, name: str, host_number: int, config: dict, secrets: list[str]) -> Peer:
+        self.tb.add_host(name, host_number) if name not in self.tb.hosts else None
+        config = {"group": "test", "control_socket": str(self.workdir / f"{name}.sock"), **config}
+        path = write_peer_config(self.workdir / name, config, secrets)
+        peer = self.peers[name] = Peer(self, name, config["id"], path)
+        return peer
+
+    def start_all(self) -> None:
+        for peer in self.peers.values():
+            peer.start()
+        for peer in self.peers.values():
+            ok = wait_for(lambda: Path(json.loads(peer.config_path.read_text())["control_socket"]).exists(), 10)
+            assert ok, f"{peer.name} did not start:\n{peer.log_text()}"
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            if peer.proc is not None:
+                peer.stop()
+        self.tb.close()
+
+
+@pytest.fixture(scope="module")
+def mesh4(tmp_path_factory):
+    """SPEC test mesh: servers 1.1 and 1.2, client 16.1 (gateway 1.1, forwarders
+    1.1 and 1.2), client 16.2 (gateway 1.1). Clients know only the servers."""
+    if can_run_tier3():
+        pytest.skip(can_run_tier3())
+    tb = Testbed(unique_prefix())
+    mesh = Mesh(tb, tmp_path_factory.mktemp("mesh4"))
+    try:
+        ip = {"s1": tb.add_host("s1", 1), "s2": tb.add_host("s2", 2),
+              "c1": tb.add_host("c1", 16), "c2": tb.add_host("c2", 17)}
+        servers = [mesh.line("1.1", ip["s1"]), mesh.line("1.2", ip["s2"])]
+        everyone = servers + [mesh.line("16.1", None), mesh.line("16.2", None)]
+        mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, everyone)
+        mesh.add("s2", 2, {"id": "1.2", "mode": "server"}, everyone)
+        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1", "forwarders": ["1.1", "1.2"]},
+                 servers + [mesh.line("16.1", None)])
+        mesh.add("c2", 17, {"id": "16.2", "mode": "client", "gateway": "1.1"},
+                 servers + [mesh.line("16.2", None)])
+        mesh.ip = ip
+        mesh.start_all()
+        # the first keepalives teach the servers where the clients are
+        assert wait_for(lambda: all(p["up"] for p in mesh.peers["s1"].status()["peers"]
+                                    if p["id"] in ("16.1", "16.2")), 10), mesh.peers["s1"].status()
+        yield mesh
+    finally:
+        mesh.close()
