@@ -24,15 +24,17 @@ def format_status(status: dict) -> str:
              f"net {status['net']}.0.0/16, TUN {status['tun'] or '-'}, UDP {status['listen']}, "
              f"up {_age(status['uptime'])}"]
     if status["drops"]:
-        lines.append("  unauthenticated drops: " + ", ".join(f"{k} {v}" for k, v in status["drops"].items()))
+        lines.append("  drops not tied to a peer: " + ", ".join(f"{k} {v}" for k, v in status["drops"].items()))
     for peer in status["peers"]:
         state = "up" if peer["up"] else "down"
+        heard = "never heard" if peer["last_rx_age"] is None else f"last packet {_age(peer['last_rx_age'])} ago"
         lines.append("")
-        lines.append(f"peer {peer['id']} ({peer['address']}) {state}, last packet {_age(peer['last_rx_age'])} ago")
+        lines.append(f"peer {peer['id']} ({peer['address']}) {state}, {heard}")
         lines.append(f"  rx {peer['rx_packets']} pkts {_size(peer['rx_bytes'])}, "
                      f"tx {peer['tx_packets']} pkts {_size(peer['tx_bytes'])}, relayed {peer['relayed_packets']}")
         for path in peer["paths"]:
-            lines.append(f"  path {path['address']:<22} {path['learned']:<8} last {_age(path['last_rx_age'])}")
+            heard = "never" if path["last_rx_age"] is None else f"{_age(path['last_rx_age'])} ago"
+            lines.append(f"  path {path['address']:<22} {path['learned']:<8} last packet {heard}")
         if peer["drops"]:
             lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in peer["drops"].items()))
     return "\n".join(lines)

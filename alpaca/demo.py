@@ -1,0 +1,178 @@
+"""`alpaca-tunnel demo`: a small mesh in network namespaces, shown and torn down.
+
+Needs only root and this package. Builds servers 1.1 (gateway) and 1.2
+(forwarder), clients 16.1 (gateway 1.1 through forwarders 1.1 and 1.2) and
+16.2 (gateway 1.1), runs a real daemon in each, sends traffic, prints each
+daemon's status, cuts the forwarder's link to show multi-path at work, and
+removes everything, also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .protocol.crypto import genkey
+from .status import format_status
+from .testbed import Testbed, wait_for, write_peer_config
+
+PY = sys.executable
+TRANSFER_MB = 16
+
+_SINK = """
+import hashlib, socket, sys
+srv = socket.create_server((sys.argv[1], 5201)); srv.settimeout(60)
+print("ready", flush=True)
+conn, _ = srv.accept(); h = hashlib.sha256(); n = 0
+while chunk := conn.recv(1 << 16):
+    h.update(chunk); n += len(chunk)
+print(n, h.hexdigest(), flush=True)
+"""
+_SEND = """
+import hashlib, os, socket, sys, time
+data = os.urandom(int(sys.argv[2]) << 20); t = time.monotonic()
+with socket.create_connection((sys.argv[1], 5201), timeout=60) as s:
+    s.sendall(data)
+print(len(data), hashlib.sha256(data).hexdigest(), time.monotonic() - t, flush=True)
+"""
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+class Demo:
+    PEERS = {  # name: (host number, peer id, config)
+        "server1": (1, "1.1", {"mode": "server"}),
+        "fwd1": (2, "1.2", {"mode": "forwarder"}),
+        "client1": (16, "16.1", {"mode": "client", "gateway": "1.1", "forwarders": ["1.1", "1.2"]}),
+        "client2": (17, "16.2", {"mode": "client", "gateway": "1.1"}),
+    }
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.tb = Testbed(f"ad{os.getpid() % 100000}", subnet=78)
+        self.procs = {}
+        self.configs = {}
+
+    def build(self) -> None:
+        keys = {pid: genkey() for _, pid, _ in self.PEERS.values()}
+        ips = {}
+        for name, (host, pid, _) in self.PEERS.items():
+            ips[name] = self.tb.add_host(name, host)
+            say(f"namespace {self.tb.ns(name)}: {name} (peer {pid}) at {ips[name]}")
+        servers = [f"{pid} {keys[pid]} {ips[n]} null 1040" for n, (_, pid, c) in self.PEERS.items()
+                   if c["mode"] != "client"]
+        clients = [f"{pid} {keys[pid]} null null null" for n, (_, pid, c) in self.PEERS.items()
+                   if c["mode"] == "client"]
+        for name, (_, pid, config) in self.PEERS.items():
+            mine = servers + (clients if config["mode"] != "client" else [l for l in clients if l.startswith(pid + " ")])
+            cfg = {"id": pid, "group": "demo", "name": "alpaca0", **config,
+                   "control_socket": str(self.workdir / f"{name}.sock")}
+            self.configs[name] = write_peer_config(self.workdir / name, cfg, mine)
+
+    def start(self) -> None:
+        for name, path in self.configs.items():
+            log = open(self.workdir / name / "daemon.log", "wb")
+            self.procs[name] = self.tb.popen(name, [PY, "-m", "alpaca", "-C", str(path)], stdout=log, stderr=log)
+        for name, path in self.configs.items():
+            sock = Path(json.loads(path.read_text())["control_socket"])
+            if not wait_for(sock.exists, 15):
+                raise RuntimeError(f"{name} did not start: {(self.workdir / name / 'daemon.log').read_text()}")
+        say("4 daemons running; waiting for the clients' first keepalives")
+        wait_for(lambda: all(p["up"] for p in self.status("server1")["peers"] if p["id"].startswith("16.")), 10)
+
+    def status(self, name: str) -> dict:
+        r = self.tb.run(name, [PY, "-m", "alpaca", "-C", str(self.configs[name]), "status", "--json"])
+        return json.loads(r.stdout) if r.returncode == 0 else {}
+
+    def ping(self, name: str, address: str, count: int = 10) -> str:
+        r = self.tb.run(name, ["ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "1", address])
+        summary = [l for l in r.stdout.splitlines() if "packets transmitted" in l or "rtt" in l]
+        return "; ".join(summary) or r.stderr.strip()
+
+    def transfer(self) -> None:
+        sink = self.tb.popen("server1", [PY, "-c", _SINK, "10.17.1.1"], stdout=__import__("subprocess").PIPE, text=True)
+        sink.stdout.readline()
+        r = self.tb.run("client1", [PY, "-c", _SEND, "10.17.1.1", str(TRANSFER_MB)], timeout=120)
+        got = sink.stdout.readline().split()
+        sink.wait(10)
+        sent = r.stdout.split()
+        if len(sent) == 3 and got == sent[:2]:
+            rate = int(sent[0]) * 8 / float(sent[2]) / 1e6
+            say(f"TCP {TRANSFER_MB} MiB client1 -> server1: sha256 matches, {rate:.0f} Mbit/s")
+        else:
+            say(f"TCP transfer FAILED: sent {sent} received {got}")
+
+    def show(self) -> None:
+        for name in self.PEERS:
+            print()
+            print(f"---- alpaca-tunnel status on {name}")
+            status = self.status(name)
+            print(format_status(status) if status else "(no answer)")
+        print()
+
+    def cut_forwarder(self, down: bool) -> None:
+        from pyroute2 import NetNS
+        with NetNS(self.tb.ns("fwd1")) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="eth0")[0], state="down" if down else "up")
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            self.tb.stop(proc)
+        self.tb.close()
+
+
+def run_demo(keep: bool = False) -> int:
+    if os.geteuid() != 0:
+        print("alpaca-tunnel: the demo needs root (it creates network namespaces)", file=sys.stderr)
+        return 1
+    workdir = Path(tempfile.mkdtemp(prefix="alpaca-demo-"))
+    demo = None
+    main_pid = os.getpid()
+
+    def on_term(*_):
+        # SIGTERM tears down like Ctrl-C; helper processes that pyroute2 forks
+        # inherit this handler and must just exit, not tear down
+        if os.getpid() != main_pid:
+            os._exit(0)
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
+    try:
+        demo = Demo(workdir)
+        demo.build()
+        demo.start()
+        say("ping client1 -> server1 (10.17.1.1), sent directly and through forwarder 1.2 at once:")
+        say("  " + demo.ping("client1", "10.17.1.1", 20))
+        say("ping client1 -> client2 (10.17.16.2), client to client through server1:")
+        say("  " + demo.ping("client1", "10.17.16.2", 10))
+        demo.transfer()
+        demo.show()
+        say("cutting forwarder 1.2's link: client1 keeps its direct path")
+        demo.cut_forwarder(True)
+        say("  " + demo.ping("client1", "10.17.1.1", 20))
+        demo.cut_forwarder(False)
+        say("forwarder link restored")
+        print(format_status(demo.status("client1")))
+        say(f"done in {time.monotonic() - started:.0f} s; tearing down")
+        return 0
+    except KeyboardInterrupt:
+        say("interrupted; tearing down")
+        return 130
+    except Exception as e:   # the demo must always clean up and say why in one line
+        say(f"failed: {e}")
+        return 1
+    finally:
+        if demo is not None:
+            demo.close()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        say("all namespaces and daemons removed")
