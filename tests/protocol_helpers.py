@@ -1,0 +1,202 @@
+"""Helpers for the tier-1 protocol tests (no root, no sockets, no clock).
+
+Peers are named by their `a.b` text; each has a fake UDP address in
+192.0.2.0/24 (TEST-NET-1). Inner IP packets are built with struct. `Wire`
+is the plain function-style "network" of the tests: it hands each datagram
+to the Node owning the destination address and follows whatever that node
+relays, recording every hop and every TUN write.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from alpaca.protocol.constants import DEFAULT_TTL, KIND_DATA
+from alpaca.protocol.crypto import (Header, derive_group_key, derive_pair_key, derive_psk_key, peek,
+                                    rewrite_mutable, seal)
+from alpaca.protocol.ids import format_id, parse_id
+from alpaca.protocol.node import Node, NodeSettings
+from alpaca.protocol.peers import PeerEntry
+
+GROUP = "example"
+NET = (10, 17)
+PORT = 1040
+T0 = 1_700_000_000.0            # a fixed "now" (seconds); the core never reads the clock
+SERVERS = ("1.1", "1.2", "1.3")
+EVERYONE = ("1.1", "1.2", "1.3", "16.1", "16.2")
+INTERNET = "8.8.8.8"
+
+_HOST = {"1.1": 1, "1.2": 2, "1.3": 3, "16.1": 161, "16.2": 162, "16.9": 169}
+
+
+def pid(text: str) -> int:
+    return parse_id(text)
+
+
+def psk(text: str) -> str:
+    """A long pre-shared key string per peer (distinct beyond any short prefix)."""
+    return f"test-psk-{text}-" + "q" * 40 + text
+
+
+def addr(text: str) -> tuple[str, int]:
+    """The fake public UDP address of a peer."""
+    return (f"192.0.2.{_HOST[text]}", PORT)
+
+
+def tun_ip(text: str) -> str:
+    a, b = text.split(".")
+    return f"{NET[0]}.{NET[1]}.{a}.{b}"
+
+
+def entries(ids=EVERYONE, static=SERVERS, keys: dict[str, str] | None = None) -> dict[int, PeerEntry]:
+    """secrets.txt as the core sees it: servers carry their static address."""
+    keys = keys or {}
+    return {pid(t): PeerEntry(keys.get(t, psk(t)), addr(t) if t in static else None) for t in ids}
+
+
+def make_node(me: str, ids=EVERYONE, static=SERVERS, now: float = T0, mode: str | None = None,
+              gateway: str | None = None, forwarders=(), group: str = GROUP, **settings) -> Node:
+    if mode is None:
+        mode = "server" if pid(me) < pid("16.0") else "client"
+    ids = tuple(ids) if me in ids else tuple(ids) + (me,)
+    s = NodeSettings(my_id=pid(me), net=NET, group=group, mode=mode,
+                     gateway=pid(gateway) if gateway else None,
+                     forwarders=tuple(pid(f) for f in forwarders), **settings)
+    return Node(s, entries(ids, static), now)
+
+
+def name(node: Node) -> str:
+    return format_id(node.me)
+
+
+# ---------------------------------------------------------------- inner packets
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f">{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ipv4(src: str, dst: str, proto: int, payload: bytes, ttl: int = 64, ident: int = 1) -> bytes:
+    header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000, ttl, proto, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst))
+    header = header[:10] + struct.pack(">H", _checksum(header)) + header[12:]
+    return header + payload
+
+
+def udp(src: str, dst: str, sport: int = 40000, dport: int = 443, data: bytes = b"hello") -> bytes:
+    return ipv4(src, dst, 17, struct.pack(">HHHH", sport, dport, 8 + len(data), 0) + data)
+
+
+SYN, ACK, PSH = 0x02, 0x10, 0x08
+
+
+def tcp(src: str, dst: str, sport: int = 40000, dport: int = 443, flags: int = ACK, data: bytes = b"") -> bytes:
+    segment = struct.pack(">HHIIBBHHH", sport, dport, 1000, 2000, 5 << 4, flags, 65535, 0, 0) + data
+    return ipv4(src, dst, 6, segment)
+
+
+# ---------------------------------------------------------------- datagrams
+
+def pair_key(a: str, b: str, group: str = GROUP, keys: dict[str, str] | None = None) -> bytes:
+    bigger = a if pid(a) > pid(b) else b
+    key_text = (keys or {}).get(bigger, psk(bigger))
+    return derive_pair_key(derive_group_key(group), derive_psk_key(key_text), pid(a), pid(b))
+
+
+def make_datagram(src: str, dst: str, payload: bytes, ts: float = T0, seq: int = 0,
+                  session: bytes = b"\x07" * 8, ttl: int = DEFAULT_TTL, path: int = 0,
+                  kind: int = KIND_DATA, pad: int = 0, group: str = GROUP,
+                  keys: dict[str, str] | None = None) -> bytes:
+    """A datagram exactly as peer `src` would seal it (made without a Node)."""
+    header = Header(ttl, path, kind, pid(src), pid(dst), session, int(ts), seq, pad)
+    return seal(derive_group_key(group), pair_key(src, dst, group, keys), header, payload + bytes(pad))
+
+
+def header_of(datagram: bytes, group: str = GROUP) -> Header:
+    return peek(derive_group_key(group), datagram)[0]
+
+
+def relayed(datagram: bytes, group: str = GROUP, ttl: int | None = None, path: int = 1) -> bytes:
+    """What a forwarder makes of a datagram: TTL-1 (or `ttl`), path byte set."""
+    header, mask = peek(derive_group_key(group), datagram)
+    return rewrite_mutable(datagram, mask, header.ttl - 1 if ttl is None else ttl, path)
+
+
+def data_only(sends, group: str = GROUP):
+    """Drop keepalives from a list of (datagram, addr)."""
+    return [(d, a) for d, a in sends if header_of(d, group).kind == KIND_DATA]
+
+
+# ---------------------------------------------------------------- moving datagrams
+
+@dataclass
+class Delivery:
+    tun: dict[str, list[bytes]] = field(default_factory=lambda: collections.defaultdict(list))
+    hops: list[tuple[tuple, tuple, bytes]] = field(default_factory=list)   # (from, to, datagram)
+    lost: list[tuple[tuple, bytes]] = field(default_factory=list)          # sent to nobody we know
+
+    def targets(self, sender: str) -> list[tuple]:
+        return [to for frm, to, _ in self.hops if frm == addr(sender)]
+
+
+class Wire:
+    """The network between Node objects: datagrams go to the node whose fake
+    address they were sent to, in FIFO order, with one `now` for the whole run."""
+
+    def __init__(self, *nodes: Node):
+        self.nodes = {addr(name(n)): n for n in nodes}
+
+    def run(self, sends, sender: str | tuple, now: float, max_hops: int = 200) -> Delivery:
+        frm0 = addr(sender) if isinstance(sender, str) else sender
+        queue = collections.deque((dg, frm0, to) for dg, to in sends)
+        result = Delivery()
+        while queue:
+            assert len(result.hops) < max_hops, "datagrams are looping"
+            dg, frm, to = queue.popleft()
+            result.hops.append((frm, to, dg))
+            node = self.nodes.get(to)
+            if node is None:
+                result.lost.append((to, dg))
+                continue
+            out = node.from_udp([(dg, frm)], now)
+            result.tun[name(node)].extend(out.tun)
+            for dg2, to2 in out.sends:
+                # SPEC §3 split horizon holds for every relay of every test
+                assert to2 != frm, f"{name(node)} sent a datagram back to {frm}"
+                queue.append((dg2, to, to2))
+        return result
+
+    def originate(self, node: Node, packets: list[bytes], now: float) -> Delivery:
+        return self.run(node.from_tun(packets, now).sends, name(node), now)
+
+    def tick(self, node: Node, now: float) -> Delivery:
+        return self.run(node.tick(now).sends, name(node), now)
+
+
+# ---------------------------------------------------------------- observing state
+
+def peer_state(node: Node) -> dict:
+    """Everything per peer that unauthenticated input must not change."""
+    state = {}
+    for peer_id, p in node.table.peers.items():
+        state[peer_id] = {
+            "paths": {a: (x.addr, x.relayed, x.static, x.last_rx) for a, x in p.paths.items()},
+            "last_rx": p.last_rx, "up": p.up,
+            "counters": (p.rx_packets, p.rx_bytes, p.tx_packets, p.tx_bytes, p.relayed_packets),
+            "drops": dict(p.drops),
+            "replay": copy.deepcopy(p.replay.sessions),
+        }
+    state["node"] = (node.session, node._ts, node._seq, len(node.notices), len(node._timers))
+    return state
+
+
+def total_drops(node: Node) -> int:
+    return sum(node.global_drops.values()) + sum(sum(p.drops.values()) for p in node.table.peers.values())
