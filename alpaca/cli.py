@@ -13,11 +13,9 @@ from .config import ConfigError, default_config_path, load_config
 from .control import ControlError, default_socket_path, query
 from .protocol.crypto import genkey
 
-COMMANDS = ("run", "genkey", "status", "demo")
-
 
 def _config_path(arg: str | None) -> Path:
-    return Path(arg) if arg else default_config_path(os.path.realpath(sys.argv[0]))
+    return Path(arg) if arg else default_config_path(os.path.abspath(sys.argv[0]))
 
 
 def _setup_logging(level: str) -> None:
@@ -66,6 +64,22 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_cleanup(args) -> int:
+    """Remove what a daemon with this config left behind (ExecStopPost)."""
+    try:
+        config = load_config(_config_path(args.config))
+    except ConfigError as e:
+        return _fail(str(e))
+    from .daemon import cleanup_leftovers
+    try:
+        removed = cleanup_leftovers(config.name)
+    except Exception as e:    # report in one line; cleanup must never leave a traceback in the journal
+        return _fail(f"cleanup failed: {e}")
+    if removed:
+        print(f"alpaca-tunnel: removed {removed} routes/rules left by {config.name}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(keep=args.keep)
@@ -79,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("genkey", help="print a new pre-shared key for secrets.txt")
     status = sub.add_parser("status", help="show peers, paths and counters of the running daemon")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("cleanup", help="remove routes and rules a crashed daemon left behind")
     demo = sub.add_parser("demo", help="build a demo mesh in network namespaces, show it, tear it down")
     demo.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
     for p in sub.choices.values():
@@ -88,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"run": cmd_run, None: cmd_run, "genkey": cmd_genkey, "status": cmd_status, "demo": cmd_demo}
+    handler = {"run": cmd_run, None: cmd_run, "genkey": cmd_genkey, "status": cmd_status, "demo": cmd_demo,
+               "cleanup": cmd_cleanup}
     try:
         return handler[args.command](args)
     except KeyboardInterrupt:

@@ -1,15 +1,22 @@
 """The daemon: wires the pure protocol core to the host.
 
 One thread, one selector loop over the UDP socket, the TUN device, the
-control socket and a signal wake-up pipe. Each wake-up drains the ready
-descriptors in batches, hands the batch to the core with the current time,
-and performs what the core returns (datagrams to send, packets to write).
-Timers (keepalives, delayed duplicates, expiry) are the core's; the loop only
-sleeps until the core's next deadline.
+control socket, the secrets.txt watch, the route monitor and a signal wake-up
+pipe. Each wake-up drains the ready descriptors in batches, hands the batch to
+the core with the current time, and performs what the core returns
+(datagrams to send, packets to write). Timers (keepalives, delayed
+duplicates, expiry) are the core's; the loop only sleeps until the core's next
+deadline (at most MAX_SLEEP, so the watchdog keeps being fed).
+
+Start-up is a stack of host changes, each registered with its exact inverse
+(contextlib.ExitStack): a failure at any step, SIGTERM, or a normal exit
+unwinds exactly what was done, in reverse order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import selectors
 import signal
@@ -17,22 +24,33 @@ import socket
 import time
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_config
 from .control import ControlError, ControlServer, default_socket_path
+from .hooks import HookError, run_hooks
+from .notify import Notifier
 from .protocol.drops import DropReason
-from .protocol.ids import format_id
+from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
 from .secrets import PeerSecret, load_secrets, resolve_host
 from .sysctl import IP_FORWARD, Sysctl
 from .tun import Tun, TunError
 from .udp import Udp, UdpError
+from .watch import FileWatch
 
 log = logging.getLogger("alpaca")
 
 BATCH = 64                  # packets drained from one fd per wake-up
 DROP_SUMMARY_INTERVAL = 10.0
+STATUS_INTERVAL = 5.0
+RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (SPEC §5)
+RELOAD_DEBOUNCE = 0.3       # editors write in several steps
 MAX_SLEEP = 1.0
+
+# config keys that a SIGHUP can apply to the running daemon; the rest need a restart
+LIVE_KEYS = {"gateway", "forwarders", "duplicate", "duplicate_delay_ms", "inactive_downward_static",
+             "padding", "log_level", "secret_file", "pre_up_cmds", "post_up_cmds",
+             "pre_down_cmds", "post_down_cmds", "virtual_net"}
 
 
 class StartError(Exception):
@@ -64,18 +82,34 @@ def peer_entries(secrets: dict[int, PeerSecret], default_port: int) -> dict[int,
 
 
 def read_secrets(config: Config, at_start: bool) -> dict[int, PeerEntry]:
+    """At start any bad line is fatal; on reload bad lines are reported and skipped."""
     secrets, problems, warnings = load_secrets(config.secret_file)
     for warning in warnings:
         log.warning("%s", warning)
-    if problems:
-        if at_start:
-            raise StartError("\n".join(str(p) for p in problems))
-        for problem in problems:
-            log.error("%s (line skipped)", problem)
-    if config.id not in secrets:
-        raise StartError(f"{config.secret_file}: no line for this peer's own ID {format_id(config.id)} "
-                         f"(its key is needed)")
+    if problems and at_start:
+        raise StartError("\n".join(str(p) for p in problems))
+    for problem in problems:
+        log.error("%s (line skipped)", problem)
+    if config.id not in secrets or secrets[config.id].key is None:
+        raise StartError(f"{config.secret_file}: this peer's own ID {format_id(config.id)} needs a line "
+                         f"with its key (not null)")
     return peer_entries(secrets, config.port)
+
+
+def control_path(config: Config) -> Path:
+    return Path(config.control_socket) if config.control_socket else default_socket_path(config.path, config.name)
+
+
+def underlay_hosts(config: Config, peers: dict[int, PeerEntry]) -> list[str]:
+    """Servers' and forwarders' public addresses: they must stay outside the tunnel."""
+    return sorted({e.static_addr[0] for i, e in peers.items()
+                   if e.static_addr is not None and i != config.id and (i < config.id or i in config.forwarders)})
+
+
+def cleanup_leftovers(tun_name: str) -> int:
+    """Remove what a previous run with this TUN name left behind (SIGKILL)."""
+    from . import nat, routes
+    return nat.cleanup(tun_name) + routes.cleanup(tun_name)
 
 
 class Daemon:
@@ -85,62 +119,125 @@ class Daemon:
         self.tun: Tun | None = None
         self.udp: Udp | None = None
         self.control: ControlServer | None = None
-        self.sysctl = Sysctl()
+        self.watch: FileWatch | None = None
+        self.client_routes = None
+        self.route_monitor = None
+        self.route_lookup = None
+        self.notifier = Notifier()
         self.stop_requested = False
         self.reload_requested = False
         self.started = time.time()
         self.tun_write_errors = 0
+        self._secrets_changed_at: float | None = None
         self._last_drops: dict[tuple[int | None, DropReason], int] = {}
+        self._hook_env: dict[str, str] = {}
 
     # ------------------------------------------------------------ setup / teardown
-    def start(self) -> None:
+    def start(self, stack: contextlib.ExitStack) -> None:
         cfg = self.config
         now = time.time()
+        removed = cleanup_leftovers(cfg.name)
+        if removed:
+            log.warning("removed %d routes/rules left by an earlier run that did not stop cleanly", removed)
         peers = read_secrets(cfg, at_start=True)
         if cfg.virtual_net is not None:
             log.warning("virtual_net is accepted for compatibility but has no effect yet")
-        self.node = Node(settings_from(cfg), peers, now)
-        self.udp = Udp(cfg.listen, cfg.port)
+        net = TunnelNet(cfg.net)
+        self._hook_env = {"ALPACA_TUN": cfg.name, "ALPACA_ID": format_id(cfg.id), "ALPACA_MODE": cfg.mode,
+                          "ALPACA_NET": str(net.network)}
+        run_hooks("pre_up", cfg.pre_up_cmds, self._hook_env, fatal=True)
+        stack.callback(run_hooks, "post_down", cfg.post_down_cmds, self._hook_env, False)
+
+        self.node = Node(settings_from(cfg), peers, now, gateway_for=self._gateway_for)
+        self.udp = stack.enter_context(contextlib.closing(Udp(cfg.listen, cfg.port)))
         if cfg.mode != "forwarder":
-            address = str(self.node.net.address(cfg.id))
-            self.tun = Tun(cfg.name, cfg.mtu, address)
+            self.tun = stack.enter_context(contextlib.closing(Tun(cfg.name, cfg.mtu, str(net.address(cfg.id)))))
         if cfg.mode == "server":
-            self.sysctl.set(IP_FORWARD, "1")    # servers route between clients and out
-        path = Path(cfg.control_socket) if cfg.control_socket else default_socket_path(cfg.path, cfg.name)
-        self.control = ControlServer(path, self.handle_control)
+            sysctl = Sysctl()
+            sysctl.set(IP_FORWARD, "1")     # servers route between clients and out
+            stack.callback(sysctl.restore)
+            from .nat import ServerNat
+            server_nat = ServerNat(cfg.name, str(net.network), cfg.mtu)
+            stack.callback(server_nat.remove)
+            server_nat.apply()
+        if cfg.mode == "client" and cfg.gateway is not None:
+            self._setup_client_routes(stack, peers, net)
+        self.control = stack.enter_context(contextlib.closing(ControlServer(control_path(cfg), self.handle_control)))
+        self.watch = stack.enter_context(contextlib.closing(FileWatch(cfg.secret_file)))
+        run_hooks("post_up", cfg.post_up_cmds, self._hook_env, fatal=True)
+        stack.callback(run_hooks, "pre_down", cfg.pre_down_cmds, self._hook_env, False)
         log.info("started: id %s, mode %s, %s, UDP %s:%d, %d peers, control %s",
                  format_id(cfg.id), cfg.mode,
-                 f"TUN {self.tun.name} {self.node.net.address(cfg.id)}/16" if self.tun else "no TUN",
-                 cfg.listen, cfg.port, len(peers) - 1, path)
+                 f"TUN {self.tun.name} {net.address(cfg.id)}/16" if self.tun else "no TUN",
+                 cfg.listen, cfg.port, len(peers) - 1, control_path(cfg))
 
-    def stop(self) -> None:
-        for closer in (self.control, self.tun, self.udp):
-            if closer is not None:
-                try:
-                    closer.close()
-                except OSError:
-                    pass
-        self.sysctl.restore()
-        log.info("stopped")
+    def _setup_client_routes(self, stack: contextlib.ExitStack, peers: dict[int, PeerEntry], net: TunnelNet) -> None:
+        from . import routes
+        cfg = self.config
+        routes.mark_socket(self.udp.sock, routes.FWMARK)
+        self.client_routes = routes.ClientRoutes(
+            cfg.name, str(net.address(cfg.gateway)), underlay_hosts(cfg, peers),
+            list(cfg.local_routes), cfg.chnroute)
+        stack.callback(self.client_routes.remove)
+        self.client_routes.apply()
+        self.route_lookup = routes.RouteLookup(cfg.name)
+        self.route_monitor = stack.enter_context(contextlib.closing(routes.RouteMonitor()))
 
-    # ------------------------------------------------------------ signals
+    def _gateway_for(self, dst: bytes) -> int | None:
+        """SPEC §3: a destination outside the tunnel net goes to the peer the
+        kernel's routing chose (a policy route may name another peer)."""
+        if self.route_lookup is not None:
+            gateway_ip = self.route_lookup.gateway_for(dst)
+            if gateway_ip is not None:
+                peer_id = self.node.net.id_of(socket.inet_aton(gateway_ip))
+                if peer_id is not None:
+                    return peer_id
+        return self.node.settings.gateway
+
+    # ------------------------------------------------------------ signals, reload
     def _on_signal(self, signum: int, _frame) -> None:
         if signum == signal.SIGHUP:
             self.reload_requested = True
         else:
             self.stop_requested = True
 
-    def reload(self) -> None:
+    def reload_config(self) -> None:
+        """SIGHUP: re-read config.json; apply what can change live."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as e:
+            log.error("config reload refused: %s", str(e).replace("\n", "; "))
+            return
+        old = self.config
+        changed = [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
+        restart = [k for k in changed if k not in LIVE_KEYS and k != "path"]
+        if restart:
+            log.warning("config changes that need a restart (not applied): %s", ", ".join(restart))
+            for key in restart:
+                new = dataclasses.replace(new, **{key: getattr(old, key)})
+        self.config = new
+        if changed and not restart or set(changed) - set(restart):
+            self.node.settings = settings_from(new)
+            logging.getLogger().setLevel(new.log_level.upper())
+            if new.secret_file != old.secret_file:
+                self.watch.close()
+                self.watch = FileWatch(new.secret_file)
+                self._selector.unregister(self._watch_fd)
+                self._watch_fd = self.watch.fileno()
+                self._selector.register(self._watch_fd, selectors.EVENT_READ, "watch")
+            log.info("config reloaded: %s", ", ".join(k for k in changed if k not in restart) or "no live changes")
+
+    def reload_secrets(self) -> None:
         try:
             peers = read_secrets(self.config, at_start=False)
         except (StartError, ConfigError) as e:
-            log.error("reload refused: %s", str(e).replace("\n", "; "))
+            log.error("secrets reload refused, keeping the current peers: %s", str(e).replace("\n", "; "))
             return
-        added, changed, removed = self.node.apply_peers(peers)
+        added, changed, removed = self.node.apply_peers(peers, time.time())
         log.info("reloaded %s: %d added, %d changed, %d removed",
                  self.config.secret_file, len(added), len(changed), len(removed))
 
-    # ------------------------------------------------------------ control socket
+    # ------------------------------------------------------------ control socket, status
     def handle_control(self, request: dict) -> dict:
         if request["command"] != "status":
             raise ControlError(f"unknown command {request['command']!r}")
@@ -155,6 +252,13 @@ class Daemon:
             "udp_send_errors": self.udp.send_errors,
         })
         return status
+
+    def status_line(self) -> str:
+        peers = [p for p in self.node.table.peers.values() if p.id != self.config.id]
+        up = sum(p.up for p in peers)
+        rx = sum(p.rx_packets for p in peers)
+        tx = sum(p.tx_packets for p in peers)
+        return f"{up}/{len(peers)} peers up, rx {rx} tx {tx} packets"
 
     # ------------------------------------------------------------ the loop
     def _perform(self, out) -> None:
@@ -178,7 +282,7 @@ class Daemon:
             delta = count - self._last_drops.get((peer_id, reason), 0)
             if delta > 0:
                 level = logging.DEBUG if reason is DropReason.DUPLICATE else logging.INFO
-                who = f"from peer {format_id(peer_id)}" if peer_id is not None else "before authentication"
+                who = f"from peer {format_id(peer_id)}" if peer_id is not None else "not tied to a peer"
                 log.log(level, "dropped %d datagrams (%s) %s in the last %.0f s",
                         delta, reason.value, who, DROP_SUMMARY_INTERVAL)
         self._last_drops = current
@@ -191,10 +295,19 @@ class Daemon:
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
         old_handlers = {s: signal.signal(s, self._on_signal) for s in sigs}
         try:
-            self.start()
-            return self._loop(wake_r)
+            with contextlib.ExitStack() as stack:
+                try:
+                    self.start(stack)
+                except BaseException:
+                    log.info("start aborted; undoing what was done")
+                    raise
+                self.notifier.ready(self.status_line())
+                code = self._loop(wake_r)
+                self.notifier.stopping()
+                log.info("stopping")
+            log.info("stopped")
+            return code
         finally:
-            self.stop()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
@@ -203,16 +316,25 @@ class Daemon:
 
     def _loop(self, wake_r: socket.socket) -> int:
         node, udp, tun = self.node, self.udp, self.tun
-        sel = selectors.DefaultSelector()
+        sel = self._selector = selectors.DefaultSelector()
         sel.register(udp.fd, selectors.EVENT_READ, "udp")
         if tun is not None:
             sel.register(tun.fd, selectors.EVENT_READ, "tun")
         sel.register(self.control.fd, selectors.EVENT_READ, "control")
+        self._watch_fd = self.watch.fileno()
+        sel.register(self._watch_fd, selectors.EVENT_READ, "watch")
+        if self.route_monitor is not None:
+            sel.register(self.route_monitor.fileno(), selectors.EVENT_READ, "routes")
         sel.register(wake_r.fileno(), selectors.EVENT_READ, "wake")
-        next_summary = time.time() + DROP_SUMMARY_INTERVAL
+        now = time.time()
+        next_summary = now + DROP_SUMMARY_INTERVAL
+        next_status = now + STATUS_INTERVAL
+        next_resolve = now + RESOLVE_INTERVAL
         while not self.stop_requested:
             now = time.time()
             timeout = min(max(node.next_deadline() - now, 0.0), MAX_SLEEP)
+            if self._secrets_changed_at is not None:
+                timeout = min(timeout, max(self._secrets_changed_at + RELOAD_DEBOUNCE - now, 0.0))
             for key, _ in sel.select(timeout):
                 now = time.time()
                 what = key.data
@@ -222,22 +344,44 @@ class Daemon:
                     self._perform(node.from_tun(tun.read_batch(BATCH), now))
                 elif what == "control":
                     self.control.serve_ready()
+                elif what == "watch":
+                    if self.watch.drain():
+                        self._secrets_changed_at = now
+                elif what == "routes":
+                    if self.route_monitor.drain():
+                        self.route_lookup.invalidate()
+                        change = self.client_routes.reapply_if_needed()
+                        if change:
+                            log.info("%s", change)
                 else:
                     try:
                         wake_r.recv(512)
                     except BlockingIOError:
                         pass
             now = time.time()
+            self.notifier.watchdog(now)
             if now >= node.next_deadline():
                 self._perform(node.tick(now))
             if self.reload_requested:
                 self.reload_requested = False
-                self.reload()
+                self.notifier.reloading()
+                self.reload_config()
+                self.reload_secrets()
+                self.notifier.ready(self.status_line())
+            elif self._secrets_changed_at is not None and now >= self._secrets_changed_at + RELOAD_DEBOUNCE:
+                self._secrets_changed_at = None
+                self.reload_secrets()
             if node.notices:
                 self._log_notices()
             if now >= next_summary:
                 next_summary = now + DROP_SUMMARY_INTERVAL
                 self._log_drop_summary()
+            if now >= next_status:
+                next_status = now + STATUS_INTERVAL
+                self.notifier.status(self.status_line())
+            if now >= next_resolve:
+                next_resolve = now + RESOLVE_INTERVAL
+                self.reload_secrets()      # re-resolves host names; unchanged peers are untouched
         sel.close()
         return 0
 
@@ -245,7 +389,7 @@ class Daemon:
 def run_daemon(config: Config) -> int:
     try:
         return Daemon(config).run()
-    except (StartError, TunError, UdpError, ControlError, ConfigError) as e:
+    except (StartError, TunError, UdpError, ControlError, ConfigError, HookError, OSError) as e:
         for line in str(e).splitlines():
             log.error("%s", line)
         return 1

@@ -26,7 +26,7 @@ _LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 @dataclass(frozen=True)
 class PeerSecret:
     id: int
-    key: str
+    key: str | None     # None: `null`, this host never needs that peer's key
     host: str | None  # the ip column as written: an IPv4 literal or a host name
     ip6: str | None
     port: int | None
@@ -62,10 +62,10 @@ def _parse_line(cols: list[str]) -> tuple[int, str, str | None, str | None, int 
         raise ValueError(str(e)) from None
 
     if key == "null":
-        raise ValueError("the key cannot be null")
-    if not all("!" <= c <= "~" for c in key):
+        key = None      # e.g. a server's line on a client: the pair key comes from the client's own key
+    elif not all("!" <= c <= "~" for c in key):
         raise ValueError("the key may contain only printable ASCII characters without spaces")
-    if len(key) < MIN_KEY_LENGTH:
+    elif len(key) < MIN_KEY_LENGTH:
         raise ValueError(f"the key is too short ({len(key)} characters, at least {MIN_KEY_LENGTH} "
                          "are needed): make one with `alpaca-tunnel genkey`")
 

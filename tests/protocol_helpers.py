@@ -16,8 +16,15 @@ import struct
 from dataclasses import dataclass, field
 
 from alpaca.protocol.constants import DEFAULT_TTL, KIND_DATA
-from alpaca.protocol.crypto import (Header, derive_group_key, derive_pair_key, derive_psk_key, peek,
-                                    rewrite_mutable, seal)
+from alpaca.protocol.crypto import (
+    Header,
+    derive_group_key,
+    derive_pair_key,
+    derive_psk_key,
+    peek,
+    rewrite_mutable,
+    seal,
+)
 from alpaca.protocol.ids import format_id, parse_id
 from alpaca.protocol.node import Node, NodeSettings
 from alpaca.protocol.peers import PeerEntry
@@ -26,6 +33,7 @@ GROUP = "example"
 NET = (10, 17)
 PORT = 1040
 T0 = 1_700_000_000.0            # a fixed "now" (seconds); the core never reads the clock
+START = T0 - 10                 # when the test nodes start (they accept only later timestamps)
 SERVERS = ("1.1", "1.2", "1.3")
 EVERYONE = ("1.1", "1.2", "1.3", "16.1", "16.2")
 INTERNET = "8.8.8.8"
@@ -53,20 +61,23 @@ def tun_ip(text: str) -> str:
 
 
 def entries(ids=EVERYONE, static=SERVERS, keys: dict[str, str] | None = None) -> dict[int, PeerEntry]:
-    """secrets.txt as the core sees it: servers carry their static address."""
+    """secrets.txt as the core sees it. `static`: the peers whose own fake address
+    is given (by default the servers), or a dict name -> static address."""
     keys = keys or {}
-    return {pid(t): PeerEntry(keys.get(t, psk(t)), addr(t) if t in static else None) for t in ids}
+    where = static if isinstance(static, dict) else {t: addr(t) for t in static}
+    return {pid(t): PeerEntry(keys.get(t, psk(t)), where.get(t)) for t in ids}
 
 
-def make_node(me: str, ids=EVERYONE, static=SERVERS, now: float = T0, mode: str | None = None,
-              gateway: str | None = None, forwarders=(), group: str = GROUP, **settings) -> Node:
+def make_node(me: str, ids=EVERYONE, static=SERVERS, now: float = START, mode: str | None = None,
+              gateway: str | None = None, forwarders=(), group: str = GROUP,
+              keys: dict[str, str] | None = None, **settings) -> Node:
     if mode is None:
         mode = "server" if pid(me) < pid("16.0") else "client"
     ids = tuple(ids) if me in ids else tuple(ids) + (me,)
     s = NodeSettings(my_id=pid(me), net=NET, group=group, mode=mode,
                      gateway=pid(gateway) if gateway else None,
                      forwarders=tuple(pid(f) for f in forwarders), **settings)
-    return Node(s, entries(ids, static), now)
+    return Node(s, entries(ids, static, keys), now)
 
 
 def name(node: Node) -> str:
@@ -93,6 +104,15 @@ def ipv4(src: str, dst: str, proto: int, payload: bytes, ttl: int = 64, ident: i
 
 def udp(src: str, dst: str, sport: int = 40000, dport: int = 443, data: bytes = b"hello") -> bytes:
     return ipv4(src, dst, 17, struct.pack(">HHHH", sport, dport, 8 + len(data), 0) + data)
+
+
+def ipv6(src: str, dst: str, next_header: int, payload: bytes, hop_limit: int = 64) -> bytes:
+    return struct.pack(">IHBB16s16s", 0x6 << 28, len(payload), next_header, hop_limit,
+                       socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)) + payload
+
+
+def udp6(src: str, dst: str, sport: int = 40000, dport: int = 443, data: bytes = b"hello6") -> bytes:
+    return ipv6(src, dst, 17, struct.pack(">HHHH", sport, dport, 8 + len(data), 0) + data)
 
 
 SYN, ACK, PSH = 0x02, 0x10, 0x08
@@ -192,10 +212,16 @@ def peer_state(node: Node) -> dict:
             "last_rx": p.last_rx, "up": p.up,
             "counters": (p.rx_packets, p.rx_bytes, p.tx_packets, p.tx_bytes, p.relayed_packets),
             "drops": dict(p.drops),
-            "replay": copy.deepcopy(p.replay.sessions),
+            "replay": _replay_state(p),
         }
     state["node"] = (node.session, node._ts, node._seq, len(node.notices), len(node._timers))
     return state
+
+
+def _replay_state(peer) -> object:
+    windows = peer.replay if isinstance(peer.replay, dict) else {None: peer.replay}
+    return ({dst: copy.deepcopy(w.sessions) for dst, w in windows.items()},
+            getattr(peer, "replay_floor", None))
 
 
 def total_drops(node: Node) -> int:

@@ -16,9 +16,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl import bindings as sodium
 
-from alpaca.protocol.constants import HEADER_SIZE, KIND_DATA, OVERHEAD, TAG_SIZE, WIRE_VERSION
-from alpaca.protocol.crypto import (MUTABLE_BYTES, CryptoError, Header, derive_group_key, derive_pair_key,
-                                    derive_psk_key, genkey, open_sealed, peek, rewrite_mutable, seal)
+from alpaca.protocol.constants import (
+    HEADER_SIZE,
+    KIND_DATA,
+    OVERHEAD,
+    TAG_SIZE,
+    WIRE_VERSION,
+)
+from alpaca.protocol.crypto import (
+    MUTABLE_BYTES,
+    CryptoError,
+    Header,
+    derive_group_key,
+    derive_pair_key,
+    derive_psk_key,
+    genkey,
+    open_sealed,
+    peek,
+    rewrite_mutable,
+    seal,
+)
 
 # ---------------------------------------------------------------- known vectors
 V_GROUP = "example"
@@ -131,7 +148,7 @@ def test_seal_peek_open_round_trip(header, plaintext):
     group_key, _, pair = vector_keys()
     datagram = seal(group_key, pair, header, plaintext)
     assert len(datagram) == HEADER_SIZE + len(plaintext) + TAG_SIZE
-    seen, mask = peek(group_key, datagram)
+    seen, _mask = peek(group_key, datagram)
     assert seen == header
     assert open_sealed(pair, seen, datagram) == plaintext
 
@@ -167,7 +184,7 @@ def test_every_byte_outside_ttl_and_path_is_authenticated(position):
 def test_rewrite_mutable_changes_only_ttl_and_path():
     group_key, _, pair = vector_keys()
     datagram = vector_datagram()
-    header, mask = peek(group_key, datagram)
+    _header, mask = peek(group_key, datagram)
     for ttl, path in [(7, 1), (0, 255), (255, 0), (1, 1)]:
         relay = rewrite_mutable(datagram, mask, ttl, path)
         assert relay[MUTABLE_BYTES:] == datagram[MUTABLE_BYTES:]
@@ -180,7 +197,7 @@ def test_rewrite_mutable_changes_only_ttl_and_path():
 
 
 def test_wrong_pair_key_fails():
-    group_key, _, pair = vector_keys()
+    group_key, _, _pair = vector_keys()
     datagram = vector_datagram()
     header, _ = peek(group_key, datagram)
     other = derive_pair_key(group_key, derive_psk_key(V_PSK_SERVER), V_SERVER, V_CLIENT)

@@ -18,9 +18,10 @@ class DropReason(enum.Enum):
     TTL = "ttl"                      # hop limit reached 0
     LOOP = "loop"                    # outer destination is the inner src/dst
     NO_PATH = "no_path"              # nowhere to send it (peer silent, no address)
-    NOT_ROUTABLE = "not_routable"    # from TUN: not IP, or no peer for the destination
+    NOT_ROUTABLE = "not_routable"    # from TUN: not IP, or no peer for the destination (global)
     NO_TUN = "no_tun"                # for me, but this node has no TUN (forwarder)
 
 
 # drops that may be counted against a peer (the others only globally)
-PEER_DROPS = tuple(r for r in DropReason if r not in (DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE))
+GLOBAL_DROPS = (DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE, DropReason.NOT_ROUTABLE)
+PEER_DROPS = tuple(r for r in DropReason if r not in GLOBAL_DROPS)

@@ -83,7 +83,7 @@ class Node:
         self.net = TunnelNet(settings.net)
         self.group_key = derive_group_key(settings.group)
         self.table = PeerTable(self.me, self.group_key)
-        self.table.apply(peers)
+        self.table.apply(peers, now)
         self._random_bytes = random_bytes
         # route lookup for destinations outside the tunnel net (the daemon
         # plugs in the kernel's answer, SPEC §3); default: the configured gateway
@@ -96,14 +96,15 @@ class Node:
         self._timers: list[tuple[float, int, list[tuple[bytes, Addr]]]] = []
         self._timer_serial = 0
         self._next_keepalive = now
+        self._keepalives_sent = 0
         self._next_prune = now + PRUNE_INTERVAL
         self._packed: dict[str, bytes | None] = {}
         self._loop_noticed: set[Addr] = set()
         self.started = now
 
     # ------------------------------------------------------------ peers
-    def apply_peers(self, peers: dict[int, PeerEntry]) -> tuple[list[int], list[int], list[int]]:
-        added, changed, removed = self.table.apply(peers)
+    def apply_peers(self, peers: dict[int, PeerEntry], now: float) -> tuple[list[int], list[int], list[int]]:
+        added, changed, removed = self.table.apply(peers, now)
         for verb, ids in (("added", added), ("changed", changed), ("removed", removed)):
             if ids:
                 self.notices.append(f"peers {verb}: {', '.join(format_id(i) for i in ids)}")
@@ -147,12 +148,15 @@ class Node:
             return [a for f in self.settings.forwarders for a in self._direct(f, now)]
         return peer.direct_paths(now)
 
-    def _relay_targets(self, peer: Peer, now: float) -> list[Addr]:
+    def _relay_targets(self, src: int, dst: Peer, now: float) -> list[Addr]:
+        """SPEC §3 for a datagram that is not for us: downward (dst > src) to
+        every live path of dst, never via forwarders; upward via our
+        forwarders when configured, else to dst's direct path."""
+        if dst.id > src:
+            return dst.live_paths(now, self.settings.inactive_downward_static)
         if self.settings.forwarders:
             return [a for f in self.settings.forwarders for a in self._direct(f, now)]
-        if peer.id > self.me:
-            return peer.live_paths(now, self.settings.inactive_downward_static)
-        return peer.direct_paths(now)
+        return dst.direct_paths(now)
 
     def _packed_host(self, host: str) -> bytes | None:
         packed = self._packed.get(host, b"")
@@ -219,10 +223,13 @@ class Node:
             return
         peer = self.table.get(dst_id)
         datagram = self._seal(KIND_DATA, dst_id, key, packet, now)
-        sends: list[tuple[bytes, Addr]] = []
-        if not self._emit(sends, datagram, self._towards(peer, now), packet, None, peer):
+        targets = self._towards(peer, now)
+        if not targets:
             peer.drops[DropReason.NO_PATH] += 1
             return
+        sends: list[tuple[bytes, Addr]] = []
+        if not self._emit(sends, datagram, targets, packet, None, peer):
+            return          # every target failed the loop guard (counted there)
         out.sends.extend(sends)
         peer.tx_packets += 1
         peer.tx_bytes += len(datagram)
@@ -266,44 +273,51 @@ class Node:
             return
         # authenticated from here on: drops are the source peer's
         src = self.table.get(header.src)
-        reason = src.replay.check_and_accept(header.session, header.ts, header.seq, now)
+        reason = src.check_replay(header.dst, header.session, header.ts, header.seq, now)
+        for_me = header.dst == self.me
         if reason is not None:
             src.drops[reason] += 1
-            if reason is DropReason.DUPLICATE:
+            if reason is DropReason.DUPLICATE and for_me:
                 # another copy over another path: it keeps that path alive,
                 # but only a first copy may add a path (a replay could come
                 # from anywhere)
                 src.refresh(addr, now)
             return
+        if not for_me:
+            self._relay(header, mask, data, plaintext, addr, src, now, out)
+            return
+        # Paths are learned only from datagrams addressed to us: a relayed
+        # datagram "from src" may have been sealed by dst, who shares the key.
         relayed = header.path != PATH_DIRECT
-        was_up = src.up
         if src.heard(addr, relayed, now):
             self.notices.append(f"peer {format_id(src.id)}: new {'relayed' if relayed else 'direct'} "
                                 f"path {addr[0]}:{addr[1]}")
-        if not was_up:
+        if not src.up:
             src.up = True
             self.notices.append(f"peer {format_id(src.id)} up")
         src.rx_packets += 1
         src.rx_bytes += len(data)
-        if header.dst == self.me:
-            if header.kind == KIND_KEEPALIVE:
-                return
-            if not self.settings.has_tun:
-                src.drops[DropReason.NO_TUN] += 1
-                return
-            out.tun.append(plaintext[:len(plaintext) - header.pad] if header.pad else plaintext)
+        if header.kind == KIND_KEEPALIVE:
             return
-        # forward (SPEC §3): same dst_id, TTL-1, never back where it came from
+        if not self.settings.has_tun:
+            src.drops[DropReason.NO_TUN] += 1
+            return
+        out.tun.append(plaintext[:len(plaintext) - header.pad] if header.pad else plaintext)
+
+    def _relay(self, header: Header, mask: int, data: bytes, plaintext: bytes, addr: Addr,
+               src: Peer, now: float, out: Output) -> None:
+        """Forward (SPEC §3): same dst_id, TTL-1, never back where it came from."""
         if header.ttl <= 1:
             src.drops[DropReason.TTL] += 1
             return
         dst = self.table.get(header.dst)
         relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
         packet = plaintext if header.kind == KIND_DATA else None
-        if self._emit(out.sends, relay, self._relay_targets(dst, now), packet, addr, src):
-            src.relayed_packets += 1
-        else:
+        targets = [a for a in self._relay_targets(header.src, dst, now) if a != addr]
+        if not targets:
             src.drops[DropReason.NO_PATH] += 1
+        elif self._emit(out.sends, relay, targets, packet, addr, src):
+            src.relayed_packets += 1
 
     # ------------------------------------------------------------ timers
     def next_deadline(self) -> float:
@@ -315,7 +329,10 @@ class Node:
         while self._timers and self._timers[0][0] <= now:
             out.sends.extend(heapq.heappop(self._timers)[2])
         if now >= self._next_keepalive:
-            self._next_keepalive = now + KEEPALIVE_INTERVAL
+            # the first few come quickly: a peer that started in the same
+            # second drops them (its replay floor), and paths should form fast
+            self._keepalives_sent += 1
+            self._next_keepalive = now + (KEEPALIVE_INTERVAL if self._keepalives_sent > 3 else 1.0)
             self._keepalives(now, out)
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_INTERVAL

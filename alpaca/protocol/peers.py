@@ -21,6 +21,8 @@ from .crypto import derive_pair_key, derive_psk_key
 from .drops import DropReason
 from .replay import ReplayWindow
 
+RELAY_KEY_CACHE = 4096
+
 Addr = tuple  # (host, port) as the socket module gives it
 
 
@@ -35,18 +37,18 @@ class Path:
 @dataclass(frozen=True)
 class PeerEntry:
     """What secrets.txt says about a peer (the part the core needs)."""
-    psk: str
+    psk: str | None                 # None when this host never needs it (a smaller ID's key)
     static_addr: Addr | None = None
 
 
 class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
-                 "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay")
+                 "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor")
 
-    def __init__(self, peer_id: int, entry: PeerEntry):
+    def __init__(self, peer_id: int, entry: PeerEntry, now: float):
         self.id = peer_id
         self.entry = entry
-        self.psk_key = derive_psk_key(entry.psk)
+        self.psk_key = derive_psk_key(entry.psk) if entry.psk is not None else None
         self.paths: dict[Addr, Path] = {}
         if entry.static_addr is not None:
             self.paths[entry.static_addr] = Path(entry.static_addr, relayed=False, static=True)
@@ -56,7 +58,22 @@ class Peer:
         self.tx_packets = self.tx_bytes = 0
         self.relayed_packets = 0
         self.drops: collections.Counter[DropReason] = collections.Counter()
-        self.replay = ReplayWindow()
+        # one window per destination: the pair key (src, dst) is known to both
+        # ends, so dst could forge "from src to dst" datagrams; keyed by dst,
+        # such forgeries can only touch the window of traffic to the forger
+        self.replay: dict[int, ReplayWindow] = {}
+        # We keep no replay state across restarts or key changes, so accept
+        # only timestamps after this peer entered the table: a datagram
+        # captured before cannot be replayed into the fresh window.
+        self.replay_floor = int(now) + 1
+
+    def check_replay(self, dst: int, session: bytes, ts: int, seq: int, now: float) -> DropReason | None:
+        if ts < self.replay_floor:
+            return DropReason.REPLAY
+        window = self.replay.get(dst)
+        if window is None:
+            window = self.replay[dst] = ReplayWindow()
+        return window.check_and_accept(session, ts, seq, now)
 
     @property
     def static_addr(self) -> Addr | None:
@@ -101,7 +118,12 @@ class Peer:
     def prune(self, now: float) -> None:
         for addr in [a for a, p in self.paths.items() if not p.static and now - p.last_rx > PEER_LIFETIME]:
             del self.paths[addr]
-        self.replay.expire(now)
+        for dst in list(self.replay):
+            self.replay[dst].expire(now)
+            if not self.replay[dst].sessions:
+                # keep what the window had forgotten before dropping it
+                self.replay_floor = max(self.replay_floor, self.replay[dst].floor + 1)
+                del self.replay[dst]
 
 
 class PeerTable:
@@ -111,7 +133,10 @@ class PeerTable:
         self.my_id = my_id
         self.group_key = group_key
         self.peers: dict[int, Peer] = {}
+        # keys of pairs that include me: at most one per peer; keys of pairs we
+        # only relay for: a bounded cache, since unauthenticated headers pick them
         self._pair_keys: dict[tuple[int, int], bytes] = {}
+        self._relay_keys: dict[tuple[int, int], bytes] = {}
 
     def get(self, peer_id: int) -> Peer | None:
         return self.peers.get(peer_id)
@@ -120,15 +145,18 @@ class PeerTable:
         """Key for traffic between a and b: from the bigger ID's pre-shared key (SPEC §2).
         Both must be known (we need the smaller one's addresses and counters too)."""
         lo, hi = (a, b) if a < b else (b, a)
-        key = self._pair_keys.get((lo, hi))
+        cache = self._pair_keys if self.my_id in (lo, hi) else self._relay_keys
+        key = cache.get((lo, hi))
         if key is None:
-            if lo == hi or lo not in self.peers or hi not in self.peers:
+            if lo == hi or lo not in self.peers or hi not in self.peers or self.peers[hi].psk_key is None:
                 return None
             key = derive_pair_key(self.group_key, self.peers[hi].psk_key, lo, hi)
-            self._pair_keys[(lo, hi)] = key
+            if cache is self._relay_keys and len(cache) >= RELAY_KEY_CACHE:
+                del cache[next(iter(cache))]      # oldest first
+            cache[(lo, hi)] = key
         return key
 
-    def apply(self, entries: dict[int, PeerEntry]) -> tuple[list[int], list[int], list[int]]:
+    def apply(self, entries: dict[int, PeerEntry], now: float) -> tuple[list[int], list[int], list[int]]:
         """Make the table match secrets.txt. Unchanged peers keep their paths,
         counters and replay state; changed ones start afresh. Returns
         (added, changed, removed) IDs."""
@@ -137,7 +165,10 @@ class PeerTable:
         changed = [i for i in entries if i in self.peers and self.peers[i].entry != entries[i]]
         for peer_id in removed + changed:
             self.peers.pop(peer_id, None)
-            self._pair_keys = {k: v for k, v in self._pair_keys.items() if peer_id not in k}
+        if removed or changed:
+            gone = set(removed + changed)
+            self._pair_keys = {k: v for k, v in self._pair_keys.items() if not gone.intersection(k)}
+            self._relay_keys.clear()
         for peer_id in added + changed:
-            self.peers[peer_id] = Peer(peer_id, entries[peer_id])
+            self.peers[peer_id] = Peer(peer_id, entries[peer_id], now)
         return sorted(added), sorted(changed), sorted(removed)

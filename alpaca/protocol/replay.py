@@ -18,16 +18,20 @@ from .drops import DropReason
 
 
 class ReplayWindow:
-    __slots__ = ("sessions",)
+    __slots__ = ("sessions", "floor")
 
     def __init__(self) -> None:
         # session -> {ts: bitmap}
         self.sessions: dict[bytes, dict[int, bytearray]] = {}
+        # the newest second we have forgotten: anything at or below it is
+        # refused, so a receiver clock that jumps ahead and back cannot
+        # reopen seconds whose bitmaps are gone
+        self.floor = -1
 
     def check_and_accept(self, session: bytes, ts: int, seq: int, now: float) -> DropReason | None:
         """None when (session, ts, seq) is new and inside the window (then it is recorded)."""
         now_s = int(now)
-        if seq >= SEQ_LIMIT or abs(ts - now_s) > REPLAY_WINDOW:
+        if seq >= SEQ_LIMIT or ts <= self.floor or abs(ts - now_s) > REPLAY_WINDOW:
             return DropReason.REPLAY
         seconds = self.sessions.get(session)
         if seconds is None:
@@ -51,10 +55,13 @@ class ReplayWindow:
         bitmap[index] |= bit
         return None
 
-    @staticmethod
-    def _expire_session(seconds: dict[int, bytearray], now_s: int) -> None:
-        for ts in [t for t in seconds if abs(t - now_s) > REPLAY_WINDOW]:
+    def _expire_session(self, seconds: dict[int, bytearray], now_s: int) -> None:
+        # Only seconds that fell out of the back of the window are forgotten.
+        # Seconds "from the future" (the receiver's clock stepped back) stay
+        # until the clock passes them again, so they cannot be replayed then.
+        for ts in [t for t in seconds if t < now_s - REPLAY_WINDOW]:
             del seconds[ts]
+            self.floor = max(self.floor, ts)
 
     def _expire(self, now_s: int) -> None:
         for session in list(self.sessions):

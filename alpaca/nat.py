@@ -1,0 +1,511 @@
+"""Server NAT: the iptables rules a server (gateway) needs, tagged, idempotent, removable.
+
+Why
+---
+A server forwards its clients' traffic to the internet. For that the kernel
+must route between the TUN device and the uplink (ip_forward, set by
+alpaca/sysctl.py, not here) and three kinds of packet-filter rules are needed:
+
+* the clients' tunnel addresses are private, so packets leaving for the
+  outside get the server's address (MASQUERADE);
+* the FORWARD chain must let tunnel traffic through even when its policy is
+  DROP, as on every Docker host;
+* TCP connections through the tunnel must not negotiate segments bigger than
+  the TUN device carries, or they stall whenever the path MTU discovery ICMP
+  is lost (MSS clamping).
+
+The exact rules, for TUN ``<tun>``, tunnel network ``<cidr>`` and MTU ``<mtu>``
+(iptables-save syntax; every rule carries the comment ``alpaca-tunnel:<tun>``)::
+
+    *nat
+    -A POSTROUTING -s <cidr> ! -d <cidr> -m comment --comment "alpaca-tunnel:<tun>" -j MASQUERADE
+    *filter
+    -A FORWARD -i <tun> -m comment --comment "alpaca-tunnel:<tun>" -j ACCEPT
+    -A FORWARD -o <tun> -m comment --comment "alpaca-tunnel:<tun>" -j ACCEPT
+    *mangle
+    -A FORWARD -i <tun> -p tcp -m tcp --tcp-flags SYN,RST SYN -m comment --comment "alpaca-tunnel:<tun>" -j TCPMSS --set-mss <mtu-40>
+    -A FORWARD -o <tun> -p tcp -m tcp --tcp-flags SYN,RST SYN -m comment --comment "alpaca-tunnel:<tun>" -j TCPMSS --set-mss <mtu-40>
+
+(``apply()`` inserts them at the head of their chains, in this order, so
+they come before anything a firewall manager or Docker put there.)
+
+MSS = MTU - 40: an IPv4 header (20 bytes, no options) plus a TCP header (20
+bytes, no options) around the segment must fit in one TUN packet. A fixed
+``--set-mss`` is used rather than ``--clamp-mss-to-pmtu``: the latter clamps
+to the MTU of the *route* of the SYN, which for the outbound direction is the
+uplink's (typically 1500), not the TUN's; the TUN MTU is what limits, and it
+comes from the configuration, so the value follows ``mtu``. Both directions
+are clamped (``-i`` and ``-o``) because either end may open the connection and
+each SYN advertises the MSS its sender is willing to receive.
+
+Tag and cleanup
+---------------
+The comment ``alpaca-tunnel:<tun>`` identifies the daemon instance (one
+daemon per TUN name per network namespace). ``remove()`` and ``cleanup()``
+delete every rule in the filter, nat and mangle tables whose comment is
+exactly that tag, and nothing else: an identical rule without the comment,
+or one tagged for another TUN, is left alone. ``cleanup()`` is what the next
+start and ``alpaca-tunnel cleanup`` run after a SIGKILLed daemon.
+
+Backend
+-------
+python-iptables talks to libiptc, i.e. the *legacy* (x_tables) ruleset. On a
+Debian 12 host where ``iptables`` is the nf_tables front end, these rules are
+visible with ``iptables-legacy-save`` / ``iptables-legacy -t nat -S``, not
+with ``iptables -S`` or ``nft list ruleset``; see docs/operations.md.
+Changes are made with autocommit off (one table replace per table) while
+holding the xtables lock (``/run/xtables.lock``, or ``$XTABLES_LOCKFILE``),
+the same lock ``iptables-legacy -w`` takes. This module never runs the
+``iptables`` program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import ipaddress
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "alpaca-tunnel:"
+IPV4_TCP_HEADERS = 40          # 20 bytes IPv4 header + 20 bytes TCP header
+TABLES = ("mangle", "filter", "nat")   # the tables we use; also the commit order
+XT_LOCK_PATH = "/run/xtables.lock"
+LOCK_WAIT = 10.0               # seconds to wait for the xtables lock
+_COMMIT_TRIES = 3              # a concurrent non-locking writer makes commit fail with EAGAIN
+_STANDARD_TARGETS = ("ACCEPT", "DROP", "RETURN", "QUEUE", "")
+_COMMENT_LEN = 256             # XT_MAX_COMMENT_LEN
+
+
+class NatError(Exception):
+    """Adding or removing the NAT rules failed; str() is one readable line.
+
+    `partial` is True when some table had already been committed.
+    """
+    partial = False
+
+
+def tag_for(tun_name: str) -> str:
+    """The comment that marks the rules of the daemon using TUN `tun_name`."""
+    _check_ifname(tun_name)
+    return TAG_PREFIX + tun_name
+
+
+def _check_ifname(name: str) -> None:
+    # Kernel rules (dev_valid_name) plus: no trailing '+' (iptables would read
+    # it as a wildcard) and no quote/backslash (keeps the tag printable as is).
+    if (not isinstance(name, str) or not 0 < len(name) <= 15 or name in (".", "..")
+            or any(c.isspace() or c in '/:"\\' for c in name) or name.endswith("+")):
+        raise ValueError(f"not a usable TUN interface name: {name!r}")
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """One rule as text: `text` is the line iptables-legacy-save prints for it."""
+    table: str
+    chain: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"-t {self.table} {self.text}"
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """What python-iptables needs to build one of our rules."""
+    table: str
+    chain: str
+    src: str | None = None
+    dst: str | None = None           # may start with "!"
+    in_iface: str | None = None
+    out_iface: str | None = None
+    syn_only_tcp: bool = False
+    target: str = "ACCEPT"
+    set_mss: int | None = None
+
+    def spec(self, tag: str) -> RuleSpec:
+        parts = [f"-A {self.chain}"]
+        if self.src:
+            parts.append(f"-s {self.src}")
+        if self.dst:
+            parts.append(f"! -d {self.dst[1:]}" if self.dst.startswith("!") else f"-d {self.dst}")
+        if self.in_iface:
+            parts.append(f"-i {self.in_iface}")
+        if self.out_iface:
+            parts.append(f"-o {self.out_iface}")
+        if self.syn_only_tcp:
+            parts.append("-p tcp -m tcp --tcp-flags SYN,RST SYN")
+        parts.append(f'-m comment --comment "{tag}"')
+        parts.append(f"-j {self.target}")
+        if self.set_mss is not None:
+            parts.append(f"--set-mss {self.set_mss}")
+        return RuleSpec(self.table, self.chain, " ".join(parts))
+
+    def build(self, iptc, tag: str):
+        rule = iptc.Rule()
+        if self.src:
+            rule.src = self.src
+        if self.dst:
+            rule.dst = self.dst
+        if self.in_iface:
+            rule.in_interface = self.in_iface
+        if self.out_iface:
+            rule.out_interface = self.out_iface
+        if self.syn_only_tcp:
+            rule.protocol = "tcp"
+            match = rule.create_match("tcp")
+            match.tcp_flags = ["SYN,RST", "SYN"]
+        comment = rule.create_match("comment")
+        comment.comment = tag
+        target = rule.create_target(self.target)
+        if self.set_mss is not None:
+            target.set_mss = str(self.set_mss)
+        # Let the extensions fill in their defaults now (MASQUERADE sets
+        # rangesize=1 here), so the rule compares equal to its kernel copy.
+        rule.final_check()
+        return rule
+
+
+class ServerNat:
+    """The NAT/forward/MSS rules of one server instance (see the module docstring)."""
+
+    def __init__(self, tun_name: str, tunnel_cidr: str, mtu: int):
+        self.tun_name = tun_name
+        self.tag = tag_for(tun_name)
+        network = ipaddress.ip_network(tunnel_cidr, strict=False)
+        if network.version != 4:
+            raise ValueError(f"tunnel network must be IPv4: {tunnel_cidr}")
+        self.network = network
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+            raise ValueError(f"bad MTU: {mtu!r}")
+        self.mtu = mtu
+        self.mss = mtu - IPV4_TCP_HEADERS
+        net = str(network)
+        self._rules = [
+            _Rule("nat", "POSTROUTING", src=net, dst="!" + net, target="MASQUERADE"),
+            _Rule("filter", "FORWARD", in_iface=tun_name),
+            _Rule("filter", "FORWARD", out_iface=tun_name),
+            _Rule("mangle", "FORWARD", in_iface=tun_name, syn_only_tcp=True,
+                  target="TCPMSS", set_mss=self.mss),
+            _Rule("mangle", "FORWARD", out_iface=tun_name, syn_only_tcp=True,
+                  target="TCPMSS", set_mss=self.mss),
+        ]
+
+    def __repr__(self) -> str:
+        return f"ServerNat({self.tun_name!r}, {str(self.network)!r}, {self.mtu})"
+
+    def rules(self) -> list[RuleSpec]:
+        """The rules apply() installs, in order (for `alpaca-tunnel check`)."""
+        return [r.spec(self.tag) for r in self._rules]
+
+    def apply(self) -> int:
+        """Install the rules; return how many were added.
+
+        Idempotent: a rule already present (same spec, same tag) is kept, not
+        added again. Tagged rules in our chains that are not (or no longer,
+        e.g. after an MTU change) part of the spec, and duplicates, are
+        removed: they can only be leftovers of this same instance. Missing
+        rules are inserted at the head of their chain, in spec order. If a
+        table cannot be committed, whatever was committed is removed again
+        and NatError is raised.
+        """
+        added = 0
+
+        def change(iptc, tables) -> None:
+            nonlocal added
+            added = 0
+            for (table_name, chain_name) in dict.fromkeys((r.table, r.chain) for r in self._rules):
+                table = tables[table_name]
+                chain = iptc.Chain(table, chain_name)
+                wanted = [r.build(iptc, self.tag) for r in self._rules
+                          if (r.table, r.chain) == (table_name, chain_name)]
+                found = [False] * len(wanted)
+                stale = []                       # positions to delete
+                for pos, entry in _entries(table, chain_name):
+                    if _comment_of(entry) != self.tag:
+                        continue
+                    try:
+                        existing = table.create_rule(entry, chain)
+                    except Exception:            # unparsable: certainly not ours as specified
+                        stale.append(pos)
+                        continue
+                    for i, want in enumerate(wanted):
+                        if not found[i] and _same_rule(existing, want):
+                            found[i] = True
+                            break
+                    else:
+                        stale.append(pos)
+                for pos in reversed(stale):
+                    _delete_at(table, chain, pos)
+                for i in reversed(range(len(wanted))):
+                    if not found[i]:
+                        chain.insert_rule(wanted[i], 0)
+                        added += 1
+
+        try:
+            _transaction(change, "add rules")
+        except NatError as exc:
+            if exc.partial:
+                try:
+                    self.remove()
+                except NatError as undo:
+                    log.warning("could not undo partially added rules: %s", undo)
+            raise
+        return added
+
+    def remove(self) -> int:
+        """Remove every rule with our tag (filter, nat, mangle; any chain); return the count."""
+        return _remove_tagged(self.tag)
+
+    def missing(self) -> list[RuleSpec]:
+        """The rules of rules() that are not installed right now (read-only)."""
+        result: list[RuleSpec] = []
+
+        def look(iptc, tables) -> None:
+            result.clear()
+            for r in self._rules:
+                table = tables[r.table]
+                chain = iptc.Chain(table, r.chain)
+                want = r.build(iptc, self.tag)
+                if not any(_comment_of(e) == self.tag and _parses_as(table, chain, e, want)
+                           for _, e in _entries(table, r.chain)):
+                    result.append(r.spec(self.tag))
+
+        _transaction(look, "read rules", commit=False)
+        return result
+
+
+def cleanup(tun_name: str) -> int:
+    """Remove the leftovers of a previous (e.g. SIGKILLed) run using TUN `tun_name`.
+
+    Deletes exactly the rules whose comment is tag_for(tun_name), in any chain
+    of the filter, nat and mangle tables; returns how many were deleted.
+    """
+    return _remove_tagged(tag_for(tun_name))
+
+
+# ---------------------------------------------------------------- internals
+
+def _import_iptc():
+    try:
+        import iptc  # noqa: PLC0415 - imported lazily so rules() works without libiptc
+        import iptc.ip4tc  # noqa: F401
+    except Exception as exc:  # XTablesError/OSError when libip4tc or libxtables is missing
+        raise NatError(f"python-iptables is unusable: {exc}") from None
+    return iptc
+
+
+def _remove_tagged(tag: str) -> int:
+    removed = 0
+
+    def change(iptc, tables) -> None:
+        nonlocal removed
+        removed = 0
+        for table in tables.values():
+            for chain in table.chains:
+                positions = [pos for pos, entry in _entries(table, chain.name)
+                             if _comment_of(entry) == tag]
+                for pos in reversed(positions):
+                    _delete_at(table, chain, pos)
+                removed += len(positions)
+
+    _transaction(change, "remove rules")
+    return removed
+
+
+def _entries(table, chain_name: str):
+    """(position, raw ipt_entry) for each rule of a chain, straight from libiptc."""
+    pos = 0
+    entry = table.first_rule(chain_name)
+    while entry:
+        yield pos, entry
+        pos += 1
+        entry = table.next_rule(entry)
+
+
+def _comment_of(entry) -> str | None:
+    """The `-m comment` text of a raw ipt_entry, or None.
+
+    Read from the entry bytes, not via python-iptables' match parsing, so that
+    rules with matches whose userspace extension is missing, or with comments
+    containing spaces or quotes, never confuse the search.
+    """
+    from iptc.ip4tc import ipt_entry, xt_entry_match
+
+    buf = ctypes.string_at(ctypes.addressof(entry), entry.target_offset)
+    header = ctypes.sizeof(xt_entry_match)             # u16 size, char name[29], u8 revision
+    off = ctypes.sizeof(ipt_entry)
+    while off + header <= len(buf):
+        size = int.from_bytes(buf[off:off + 2], sys.byteorder)
+        name = buf[off + 2:off + 31].split(b"\0", 1)[0]
+        if name == b"comment":
+            return buf[off + header:off + header + _COMMENT_LEN].split(b"\0", 1)[0].decode(errors="replace")
+        if size <= 0:
+            break
+        off += size
+    return None
+
+
+
+def _same_rule(a, b) -> bool:
+    """Same selector, same matches (in order, userspace data), same target."""
+    from iptc.ip4tc import xt_entry_match
+
+    header = ctypes.sizeof(xt_entry_match)
+    if (a.src, a.dst, a.in_interface, a.out_interface, a.protocol) != \
+            (b.src, b.dst, b.in_interface, b.out_interface, b.protocol):
+        return False
+    am, bm = a.matches, b.matches
+    if len(am) != len(bm):
+        return False
+    for x, y in zip(am, bm):
+        if x.name != y.name or bytes(x.match_buf[header:x.usersize]) != bytes(y.match_buf[header:y.usersize]):
+            return False
+    ta, tb = a.target, b.target
+    if ta.name != tb.name:
+        return False
+    return ta.name in _STANDARD_TARGETS or ta == tb
+
+
+def _parses_as(table, chain, entry, want) -> bool:
+    try:
+        return _same_rule(table.create_rule(entry, chain), want)
+    except Exception:
+        return False
+
+
+def _delete_at(table, chain, pos: int) -> None:
+    """Delete the rule at `pos` (0-based) of `chain` in the pending table state."""
+    lib, handle = getattr(table, "_iptc", None), getattr(table, "_handle", None)
+    if lib is not None and handle is not None and hasattr(lib, "iptc_delete_num_entry"):
+        if lib.iptc_delete_num_entry(chain.name.encode(), pos, handle) != 1:
+            from iptc.ip4tc import IPTCError
+            raise IPTCError(f"can't delete rule {pos + 1} of {chain.name}: {table.strerror()}")
+        return
+    # python-iptables without those internals: delete by content (the entry is ours)
+    entries = dict(_entries(table, chain.name))
+    chain.delete_rule(table.create_rule(entries[pos], chain))
+
+
+def _transaction(fn, what: str, commit: bool = True) -> None:
+    """Run fn(iptc, {name: Table}) on fresh, non-autocommit tables, then commit them.
+
+    Holds the xtables lock throughout. If the kernel refuses a commit because
+    the table changed underneath (EAGAIN, a writer that ignores the lock), the
+    whole thing is redone from a fresh read.
+    """
+    iptc = _import_iptc()
+    from iptc.errors import XTablesError
+    from iptc.ip4tc import IPTCError
+
+    current = "?"
+    committed = 0
+    with _xtables_lock(), _only_our_tables(iptc):
+        for attempt in range(_COMMIT_TRIES):
+            tables: dict = {}
+            saved_autocommit: dict = {}
+            try:
+                for name in TABLES:
+                    current = name
+                    table = iptc.Table(name)
+                    saved_autocommit[name] = table.autocommit
+                    table.autocommit = False
+                    table.refresh()                 # drop any stale cached state
+                    tables[name] = table
+                fn(iptc, tables)
+                if commit:
+                    for name in TABLES:
+                        current = name
+                        tables[name].commit()
+                        committed += 1
+                return
+            except IPTCError as exc:
+                if (commit and not committed and "temporarily unavailable" in str(exc)
+                        and attempt + 1 < _COMMIT_TRIES):
+                    log.debug("iptables %s table changed during commit, retrying", current)
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                error = NatError(_explain(what, current, exc))
+                error.partial = committed > 0
+                raise error from None
+            except (XTablesError, ValueError) as exc:
+                raise NatError(_explain(what, current, exc)) from None
+            finally:
+                for name, table in tables.items():
+                    try:
+                        table.refresh()             # autocommit is off: discards, never commits
+                    except Exception:
+                        pass
+                for name, value in saved_autocommit.items():
+                    iptc.Table(name).autocommit = value
+
+
+@contextlib.contextmanager
+def _only_our_tables(iptc):
+    """Keep python-iptables from instantiating tables we do not use.
+
+    Creating a Target (MASQUERADE, TCPMSS) makes python-iptables check whether
+    the name is a chain in *every* table, which opens, and so creates in the
+    kernel, the legacy raw and security tables too. Marking those as
+    unavailable in its lookup cache avoids that side effect; our targets are
+    never chain names anyway.
+    """
+    known = iptc.Table.existing_table_names
+    saved = dict(known)
+    for name in iptc.Table.ALL:
+        if name not in TABLES:
+            known.setdefault(name, False)
+    try:
+        yield
+    finally:
+        known.clear()
+        known.update(saved)
+
+
+def _explain(what: str, table: str, exc: Exception) -> str:
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    msg = re.sub(r"""\bb(['"])(.*?)\1""", r"\2", msg)       # libiptc strerror() comes back as bytes
+    hint = ""
+    low = msg.lower()
+    if "insmod" in low or "does not exist" in low or "no chain/target/match" in low:
+        hint = " (kernel module missing? try: modprobe ip_tables iptable_nat iptable_mangle xt_comment xt_TCPMSS)"
+    elif "permission denied" in low or "not permitted" in low:
+        hint = " (needs root / CAP_NET_ADMIN)"
+    elif "can't find" in low or "couldn't load" in low:
+        hint = " (iptables extension library missing; is the iptables package installed, XTABLES_LIBDIR?)"
+    return f"iptables (legacy) {what} failed in table {table}: {msg}{hint}"
+
+
+@contextlib.contextmanager
+def _xtables_lock(wait: float | None = None):
+    """flock() the file iptables-legacy uses, so we never interleave with it."""
+    path = os.environ.get("XTABLES_LOCKFILE") or XT_LOCK_PATH
+    wait = LOCK_WAIT if wait is None else wait
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        # libiptc itself does not need the lock; carry on rather than fail start-up
+        log.warning("cannot open xtables lock %s (%s); changing rules without it", path, exc)
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise NatError(f"another process has held the xtables lock {path} for {wait:g}s "
+                                   "(a hanging iptables command or firewall manager?)") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,775 @@
+"""Tier 1: the forwarding rules of SPEC §3-4, driving Node objects directly.
+
+No sockets and no clock: each Node has a fake address (192.0.2.X:1040) and
+protocol_helpers.Wire hands datagrams from one to the next. The usual cast:
+servers 1.1 (gateway), 1.2 and 1.3 with static addresses; clients 16.1 and
+16.2 behind NAT (no static address, learned from their datagrams).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from protocol_helpers import (
+    ACK,
+    EVERYONE,
+    GROUP,
+    INTERNET,
+    PSH,
+    SERVERS,
+    SYN,
+    T0,
+    Wire,
+    addr,
+    data_only,
+    entries,
+    header_of,
+    make_datagram,
+    make_node,
+    pair_key,
+    peer_state,
+    pid,
+    psk,
+    relayed,
+    tcp,
+    total_drops,
+    tun_ip,
+    udp,
+    udp6,
+)
+
+from alpaca.protocol.constants import (
+    DEFAULT_TTL,
+    HEADER_SIZE,
+    KEEPALIVE_INTERVAL,
+    KIND_DATA,
+    KIND_KEEPALIVE,
+    OVERHEAD,
+    PATH_LIFETIME,
+    PEER_LIFETIME,
+    REPLAY_WINDOW,
+    SYN_DNS_COPY_DELAY,
+)
+from alpaca.protocol.crypto import Header, derive_group_key, seal
+from alpaca.protocol.drops import DropReason
+
+UP = udp(tun_ip("16.1"), INTERNET)                  # a client's packet to the internet
+DOWN = udp(INTERNET, tun_ip("16.1"), 443, 40000)    # the answer, at the gateway
+
+
+def client(me="16.1", forwarders=(), ids=SERVERS, **kw):
+    return make_node(me, ids=ids, gateway="1.1", forwarders=forwarders, **kw)
+
+
+def drops(node, peer: str) -> dict:
+    return {r: n for r, n in node.table.get(pid(peer)).drops.items() if n}
+
+
+def paths(node, peer: str) -> dict:
+    return {a: ("static" if p.static else "relayed" if p.relayed else "direct")
+            for a, p in node.table.get(pid(peer)).paths.items()}
+
+
+# ---------------------------------------------------------------- outbound: dst_id and targets
+
+OUTBOUND = {
+    # forwarders, inner destination, expected dst_id, expected targets
+    "internet, no forwarders: straight to the gateway": ((), INTERNET, "1.1", ["1.1"]),
+    "tunnel address of another server: its own dst_id": ((), tun_ip("1.2"), "1.2", ["1.2"]),
+    "tunnel address of the gateway": ((), tun_ip("1.1"), "1.1", ["1.1"]),
+    "internet, forwarders 1.1 and 1.2: both, dst_id gateway": (("1.1", "1.2"), INTERNET, "1.1", ["1.1", "1.2"]),
+    "server 1.2 via forwarders: dst_id kept": (("1.1", "1.2"), tun_ip("1.2"), "1.2", ["1.1", "1.2"]),
+    "one forwarder that is not the gateway": (("1.2",), INTERNET, "1.1", ["1.2"]),
+    "forwarder 1.3 carries traffic for 1.1": (("1.3",), tun_ip("1.1"), "1.1", ["1.3"]),
+}
+
+
+@pytest.mark.parametrize("forwarders, dst_ip, dst_id, targets", OUTBOUND.values(), ids=OUTBOUND.keys())
+def test_outbound_dst_id_and_targets(forwarders, dst_ip, dst_id, targets):
+    c = client(forwarders=forwarders)
+    packet = udp(tun_ip("16.1"), dst_ip)
+    out = c.from_tun([packet], T0)
+    assert out.tun == []
+    assert [a for _, a in out.sends] == [addr(t) for t in targets]
+    assert len({d for d, _ in out.sends}) == 1            # the same datagram on every target
+    h = header_of(out.sends[0][0])
+    assert (h.src, h.dst, h.kind, h.ttl, h.path) == (pid("16.1"), pid(dst_id), KIND_DATA, DEFAULT_TTL, 0)
+    assert c.table.get(pid(dst_id)).tx_packets == 1
+
+
+def test_gateway_receives_and_writes_to_tun():
+    c, s1 = client(), make_node("1.1")
+    got = Wire(c, s1).originate(c, [UP], T0)
+    assert got.tun["1.1"] == [UP]
+    assert paths(s1, "16.1") == {addr("16.1"): "direct"}
+    assert s1.table.get(pid("16.1")).up and s1.table.get(pid("16.1")).rx_packets == 1
+
+
+def test_not_routable_from_tun():
+    s1 = make_node("1.1")                                 # a server without gateway
+    for packet in [b"", b"\x00" * 40, b"\x45" + b"\x00" * 10, udp(tun_ip("1.1"), INTERNET),
+                   udp(tun_ip("1.1"), tun_ip("77.7"))]:
+        before = total_drops(s1)
+        assert s1.from_tun([packet], T0).sends == []
+        assert s1.global_drops[DropReason.NOT_ROUTABLE] == before + 1 == total_drops(s1)
+
+
+# ---------------------------------------------------------------- upward through forwarders
+
+@pytest.mark.parametrize("relayed_first", [False, True], ids=["direct first", "relayed first"])
+def test_forwarders_carry_upward_and_the_gateway_delivers_once(relayed_first):
+    c, s1, s2 = client(forwarders=("1.1", "1.2")), make_node("1.1"), make_node("1.2")
+    wire = Wire(c, s1, s2)
+    sends = c.from_tun([UP], T0).sends
+    assert [a for _, a in sends] == [addr("1.1"), addr("1.2")]
+    datagram = sends[0][0]
+    order = [sends[1], sends[0]] if relayed_first else sends
+    runs = [wire.run([s], "16.1", T0) for s in order]
+    tun = [p for r in runs for p in r.tun["1.1"]]
+    assert tun == [UP]                                     # exactly once
+    assert drops(s1, "16.1") == {DropReason.DUPLICATE: 1}
+    # 1.2 relayed it to 1.1: TTL-1, path byte 1, dst_id unchanged, the rest bit-identical
+    relay = [(dg) for r in runs for frm, to, dg in r.hops if frm == addr("1.2")]
+    assert len(relay) == 1
+    h = header_of(relay[0])
+    assert (h.ttl, h.path, h.src, h.dst) == (DEFAULT_TTL - 1, 1, pid("16.1"), pid("1.1"))
+    assert relay[0][2:] == datagram[2:]
+    assert s2.table.get(pid("16.1")).relayed_packets == 1
+    assert s2.from_udp([(datagram, addr("16.1"))], T0).sends == []      # 1.2 relays once too
+    assert drops(s2, "16.1") == {DropReason.DUPLICATE: 1}
+    # what 1.1 learned depends on which copy came first (only first copies teach)
+    assert paths(s1, "16.1") == ({addr("1.2"): "relayed"} if relayed_first else {addr("16.1"): "direct"})
+
+
+# ---------------------------------------------------------------- downward
+
+def downward_setup():
+    """1.1 has learned 16.1 directly (at T0) and through forwarder 1.2 (at T0+5);
+    1.2 learned 16.1 from its keepalive (at T0). 1.1 itself is configured with
+    forwarder 1.3, which downward traffic must ignore."""
+    c = client(forwarders=("1.1", "1.2"))
+    s1, s2, s3 = make_node("1.1", forwarders=("1.3",)), make_node("1.2"), make_node("1.3")
+    wire = Wire(c, s1, s2, s3)
+    wire.tick(c, T0)                                       # keepalives; the direct copy arrives first
+    assert paths(s2, "16.1") == {addr("16.1"): "direct"}
+    second = c.from_tun([UP], T0 + 5).sends                # the direct copy is lost this time
+    assert wire.run([second[1]], "16.1", T0 + 5).tun["1.1"] == [UP]
+    assert paths(s1, "16.1") == {addr("16.1"): "direct", addr("1.2"): "relayed"}
+    assert [p.last_rx for p in s1.table.get(pid("16.1")).paths.values()] == [T0, T0 + 5]
+    return wire, c, s1, s2, s3
+
+
+def test_downward_uses_every_live_path_never_the_forwarders():
+    wire, c, s1, _s2, _s3 = downward_setup()
+    out = s1.from_tun([DOWN], T0 + 6)
+    assert sorted(a for _, a in out.sends) == sorted([addr("16.1"), addr("1.2")])
+    assert addr("1.3") not in [a for _, a in out.sends]
+    h = header_of(out.sends[0][0])
+    assert (h.src, h.dst, h.path) == (pid("1.1"), pid("16.1"), 0)
+    got = wire.run(out.sends, "1.1", T0 + 6)
+    assert got.tun["16.1"] == [DOWN]
+    assert got.targets("1.2") == [addr("16.1")]            # 1.2 carried its copy on to the client
+    assert drops(c, "1.1") == {DropReason.DUPLICATE: 1}
+
+
+def test_duplicates_keep_a_losing_path_alive_but_never_add_one():
+    wire, c, s1, _s2, _s3 = downward_setup()
+    # from now on the direct copy always wins; 1.2's copies still arrive, later
+    for t in range(6, 30):
+        wire.run(c.from_tun([UP], T0 + t).sends, "16.1", T0 + t)
+    out = s1.from_tun([DOWN], T0 + 30)
+    assert sorted(a for _, a in out.sends) == sorted([addr("16.1"), addr("1.2")])
+    # a copy from an address that is no path of the peer teaches nothing
+    datagram = c.from_tun([UP], T0 + 30).sends[0][0]
+    assert s1.from_udp([(datagram, addr("16.1"))], T0 + 30).tun == [UP]
+    before = paths(s1, "16.1")
+    assert s1.from_udp([(datagram, ("203.0.113.66", 6666))], T0 + 30).tun == []
+    assert paths(s1, "16.1") == before
+
+
+def test_a_silent_path_is_not_used():
+    _wire, _c, s1, _s2, _s3 = downward_setup()
+    # the direct path was last used at T0, the relayed one at T0+5
+    out = s1.from_tun([DOWN], T0 + PATH_LIFETIME + 0.5)
+    assert [a for _, a in out.sends] == [addr("1.2")]
+    out = s1.from_tun([DOWN], T0 + 5 + PATH_LIFETIME + 0.5)
+    assert out.sends == []
+    assert drops(s1, "16.1").get(DropReason.NO_PATH) == 1
+
+
+NAT = ("198.51.100.161", 1040)        # the client's static address in 1.1's secrets.txt
+DOWNWARD_LIFETIME = {
+    # static address configured?, inactive_downward_static, client last heard (s ago), expected targets
+    "learned path live": (False, False, 5, [addr("16.1")]),
+    "learned path dead, no static": (False, False, 30, None),
+    "static and learned, both live": (True, False, 5, [NAT, addr("16.1")]),
+    "static while heard within PEER_LIFETIME": (True, False, 30, [NAT]),
+    "static, silent > PEER_LIFETIME": (True, False, PEER_LIFETIME + 1, None),
+    "static, silent, inactive_downward_static": (True, True, PEER_LIFETIME + 1, [NAT]),
+    "static, never heard": (True, False, None, None),
+    "static, never heard, inactive_downward_static": (True, True, None, [NAT]),
+    "no static, silent, inactive_downward_static": (False, True, PEER_LIFETIME + 1, None),
+}
+
+
+@pytest.mark.parametrize("static, keep, silent_for, targets", DOWNWARD_LIFETIME.values(),
+                         ids=DOWNWARD_LIFETIME.keys())
+def test_downward_and_peer_lifetime(static, keep, silent_for, targets):
+    where = {"1.1": addr("1.1"), **({"16.1": NAT} if static else {})}
+    s1 = make_node("1.1", ids=("1.1", "16.1"), static=where, inactive_downward_static=keep)
+    heard = T0
+    if silent_for is not None:
+        c = client()
+        Wire(c, s1).originate(c, [UP], heard)
+    now = heard + (silent_for or 0)
+    s1.tick(now)                                           # prunes, marks the peer down
+    out = s1.from_tun([DOWN], now)
+    if targets is None:
+        assert out.sends == []
+        assert drops(s1, "16.1") == {DropReason.NO_PATH: 1}
+    else:
+        assert [a for _, a in out.sends] == targets
+        assert drops(s1, "16.1") == {}
+
+
+# ---------------------------------------------------------------- relays: split horizon, TTL
+
+def test_split_horizon():
+    """1.2 knows 16.1 directly and through 1.1; a datagram for 16.1 arriving
+    from 1.1 goes on only on the direct path, never back to 1.1."""
+    s2 = make_node("1.2")
+    s2.from_udp([(make_datagram("16.1", "1.2", UP, seq=0), addr("16.1"))], T0)
+    s2.from_udp([(relayed(make_datagram("16.1", "1.2", UP, seq=1)), addr("1.1"))], T0)
+    assert paths(s2, "16.1") == {addr("16.1"): "direct", addr("1.1"): "relayed"}
+    out = s2.from_udp([(make_datagram("1.1", "16.1", DOWN, session=b"s" * 8), addr("1.1"))], T0)
+    assert [a for _, a in out.sends] == [addr("16.1")]
+    # the only path is where it came from: nothing is sent back, it is counted
+    out = s2.from_udp([(make_datagram("16.1", "1.1", UP, seq=2), addr("1.1"))], T0)
+    assert out.sends == [] and out.tun == []
+    s2b = make_node("1.2", ids=("1.2", "1.1", "16.1"), static={"1.2": addr("1.2")})
+    s2b.from_udp([(relayed(make_datagram("1.1", "1.2", b"", kind=KIND_KEEPALIVE)), addr("16.1"))], T0)
+    assert paths(s2b, "1.1") == {addr("16.1"): "relayed"}
+    out = s2b.from_udp([(make_datagram("16.1", "1.1", UP, seq=3), addr("16.1"))], T0)
+    assert out.sends == []
+    assert drops(s2b, "16.1") == {DropReason.NO_PATH: 1}
+
+
+TTL_CASES = {
+    # TTL on arrival at relay 1.2, expected TTL of the relayed copy (None: dropped)
+    "default": (DEFAULT_TTL, DEFAULT_TTL - 1),
+    "two hops left": (2, 1),
+    "last hop used up": (1, None),
+    "already zero": (0, None),
+    "max": (255, 254),
+}
+
+
+@pytest.mark.parametrize("ttl_in, ttl_out", TTL_CASES.values(), ids=TTL_CASES.keys())
+def test_ttl_at_a_relay(ttl_in, ttl_out):
+    s2 = make_node("1.2")
+    datagram = make_datagram("16.1", "1.1", UP, ttl=ttl_in)
+    out = s2.from_udp([(datagram, addr("16.1"))], T0)
+    if ttl_out is None:
+        assert out.sends == []
+        assert drops(s2, "16.1") == {DropReason.TTL: 1}
+    else:
+        assert [a for _, a in out.sends] == [addr("1.1")]
+        assert header_of(out.sends[0][0]).ttl == ttl_out
+        assert drops(s2, "16.1") == {}
+
+
+@pytest.mark.parametrize("ttl", [0, 1])
+def test_ttl_does_not_matter_at_the_destination(ttl):
+    s1 = make_node("1.1")
+    out = s1.from_udp([(make_datagram("16.1", "1.1", UP, ttl=ttl), addr("16.1"))], T0)
+    assert out.tun == [UP]
+
+
+def test_a_relay_loop_ends():
+    """Three relays misconfigured in a ring (each forwards to the next): the
+    datagram dies at the first relay it comes back to (its dedup), or at TTL 0."""
+    ring = ["1.2", "1.3", "16.2"]
+    nodes = [make_node(me, forwarders=(ring[(i + 1) % 3],), static=EVERYONE) for i, me in enumerate(ring)]
+    got = Wire(*nodes).run([(make_datagram("16.1", "1.1", UP), addr("1.2"))], "16.1", T0)
+    assert len(got.hops) == 4                               # 16.1 -> 1.2 -> 1.3 -> 16.2 -> 1.2
+    assert sum(sum(n.table.get(pid("16.1")).drops.values()) for n in nodes) == 1
+    assert drops(nodes[0], "16.1") == {DropReason.DUPLICATE: 1}
+    # with a TTL of 3 the same ring stops one hop earlier
+    nodes = [make_node(me, forwarders=(ring[(i + 1) % 3],), static=EVERYONE) for i, me in enumerate(ring)]
+    got = Wire(*nodes).run([(make_datagram("16.1", "1.1", UP, ttl=3), addr("1.2"))], "16.1", T0)
+    assert len(got.hops) == 3
+    assert drops(nodes[2], "16.1") == {DropReason.TTL: 1}
+
+
+# ---------------------------------------------------------------- loop guard
+
+GATEWAY_PUBLIC = addr("1.1")[0]
+
+
+@pytest.mark.parametrize("packet", [udp(tun_ip("16.1"), GATEWAY_PUBLIC, dport=1040),
+                                    udp(GATEWAY_PUBLIC, INTERNET)], ids=["inner dst", "inner src"])
+def test_loop_guard_from_tun(packet):
+    c = client(forwarders=("1.1", "1.2"))
+    for i in range(1, 4):
+        out = c.from_tun([packet], T0 + i)
+        # the copy for 1.1 would go back into the tunnel; 1.2's is fine
+        assert [a for _, a in out.sends] == [addr("1.2")]
+        assert drops(c, "1.1") == {DropReason.LOOP: i}
+    assert len([n for n in c.notices if "loop" in n]) == 1
+
+
+def test_loop_guard_single_target_drops():
+    c = client()
+    packet = udp(tun_ip("16.1"), GATEWAY_PUBLIC, dport=1040)
+    for _ in range(3):
+        assert c.from_tun([packet], T0).sends == []
+    assert drops(c, "1.1")[DropReason.LOOP] == 3
+    assert len([n for n in c.notices if "loop" in n]) == 1
+
+
+def test_loop_guard_counts_one_drop_per_packet():
+    c = client()
+    for i in range(1, 3):
+        c.from_tun([udp(tun_ip("16.1"), GATEWAY_PUBLIC, dport=1040)], T0)
+        assert drops(c, "1.1") == {DropReason.LOOP: i}
+    # and a relay that loops counts LOOP once, not also NO_PATH; later drops still count
+    s2 = make_node("1.2")
+    looped = udp(tun_ip("16.1"), GATEWAY_PUBLIC, dport=1040)
+    s2.from_udp([(make_datagram("16.1", "1.1", looped, seq=0), addr("16.1"))], T0)
+    assert drops(s2, "16.1") == {DropReason.LOOP: 1}
+    s2.from_udp([(make_datagram("16.1", "1.1", UP, seq=1), addr("1.1"))], T0)   # split horizon: no path
+    assert drops(s2, "16.1") == {DropReason.LOOP: 1, DropReason.NO_PATH: 1}
+
+
+def test_loop_guard_at_a_relay():
+    s2 = make_node("1.2")
+    inner_packet = udp(tun_ip("16.1"), GATEWAY_PUBLIC, dport=1040)
+    out = s2.from_udp([(make_datagram("16.1", "1.1", inner_packet), addr("16.1"))], T0)
+    assert out.sends == []
+    assert drops(s2, "16.1").get(DropReason.LOOP) == 1
+    assert len([n for n in s2.notices if "loop" in n]) == 1
+
+
+def test_ipv6_inside_and_as_underlay():
+    gw6 = ("2001:db8::1", 1040)
+    c = client(static={"1.1": gw6, "1.2": addr("1.2"), "1.3": addr("1.3")})
+    s1 = make_node("1.1")
+    packet = udp6("fd00::16:1", "2001:4860:4860::8888", dport=53)
+    out = c.from_tun([packet], T0)
+    assert [a for _, a in out.sends] == [gw6]               # off-net IPv6 goes to the gateway
+    assert header_of(out.sends[0][0]).dst == pid("1.1")
+    assert s1.from_udp([(out.sends[0][0], ("2001:db8::16", 1040))], T0).tun == [packet]
+    assert paths(s1, "16.1") == {("2001:db8::16", 1040): "direct"}
+    # loop guard with an IPv6 underlay: the gateway's own address inside the tunnel
+    looped = udp6("fd00::16:1", "2001:db8::1", dport=1040)
+    assert c.from_tun([looped], T0).sends == []
+    assert drops(c, "1.1") == {DropReason.LOOP: 1}
+
+
+# ---------------------------------------------------------------- client to client
+
+C2C = {
+    "16.2 unknown to 16.1: via the gateway": (SERVERS, None, "1.1", addr("1.1")),
+    "16.2 known but never heard: via the gateway": (SERVERS + ("16.2",), None, "1.1", addr("1.1")),
+    "16.2 with a static address never heard: via the gateway": (SERVERS + ("16.2",), {"16.2": addr("16.2")},
+                                                                 "1.1", addr("1.1")),
+    "16.2 heard recently: straight to it": (SERVERS + ("16.2",), "heard", "16.2", addr("16.2")),
+}
+
+
+@pytest.mark.parametrize("ids, extra, dst_id, target", C2C.values(), ids=C2C.keys())
+def test_client_to_client_dst_id(ids, extra, dst_id, target):
+    static = {t: addr(t) for t in SERVERS}
+    if isinstance(extra, dict):
+        static.update(extra)
+    c1 = client(ids=ids, static=static)
+    if extra == "heard":
+        c1.from_udp([(make_datagram("16.2", "16.1", b"", kind=KIND_KEEPALIVE), addr("16.2"))], T0)
+    out = c1.from_tun([udp(tun_ip("16.1"), tun_ip("16.2"))], T0)
+    assert [a for _, a in out.sends] == [target]
+    assert header_of(out.sends[0][0]).dst == pid(dst_id)
+
+
+def test_two_clients_talk_through_the_server():
+    c1, c2 = client("16.1"), client("16.2")
+    s1 = make_node("1.1")
+    wire = Wire(c1, c2, s1)
+    wire.tick(c2, T0)                                      # 16.2's keepalive: 1.1 learns where it is
+    packet = udp(tun_ip("16.1"), tun_ip("16.2"), data=b"peer to peer")
+    got = wire.originate(c1, [packet], T0)
+    assert got.tun["1.1"] == [packet]                      # 1.1's kernel routes it back into the tunnel
+    got = wire.originate(s1, got.tun["1.1"], T0)
+    assert got.tun["16.2"] == [packet]
+    assert header_of(got.hops[0][2]).dst == pid("16.2")
+
+
+# ---------------------------------------------------------------- forwarder mode
+
+def test_forwarder_mode():
+    c = client(forwarders=("1.2",))
+    f = make_node("1.2", mode="forwarder")
+    s1 = make_node("1.1")
+    wire = Wire(c, f, s1)
+    # data addressed to the forwarder itself has nowhere to go
+    out = f.from_udp([(make_datagram("16.1", "1.2", UP), addr("16.1"))], T0)
+    assert out.tun == [] and out.sends == []
+    assert drops(f, "16.1") == {DropReason.NO_TUN: 1}
+    # keepalives teach the forwarder (directly) and the gateway (through it) the client's paths
+    got = wire.tick(c, T0 + 1)
+    kinds = [(header_of(d).kind, header_of(d).dst, to) for frm, to, d in got.hops if frm == addr("16.1")]
+    assert sorted(kinds) == sorted([(KIND_KEEPALIVE, pid("1.1"), addr("1.2")),
+                                    (KIND_KEEPALIVE, pid("1.2"), addr("1.2"))])
+    assert all(not t for t in got.tun.values())
+    assert paths(f, "16.1") == {addr("16.1"): "direct"}
+    assert paths(s1, "16.1") == {addr("1.2"): "relayed"}
+    # so traffic flows both ways through the forwarder
+    assert wire.originate(c, [UP], T0 + 2).tun["1.1"] == [UP]
+    got = wire.originate(s1, [DOWN], T0 + 2)
+    assert got.tun["16.1"] == [DOWN]
+    assert [(frm, to) for frm, to, _ in got.hops] == [(addr("1.1"), addr("1.2")), (addr("1.2"), addr("16.1"))]
+
+
+def test_keepalive_schedule():
+    c = client(forwarders=("1.1", "1.2"))
+    expected = sorted([(pid("1.1"), addr("1.1")), (pid("1.1"), addr("1.2")), (pid("1.2"), addr("1.2"))])
+    sent_at = []
+    for step in range(600):                                # 60 s in 0.1 s ticks
+        now = T0 + step / 10
+        out = c.tick(now)
+        assert c.next_deadline() > now
+        if out.sends:
+            sent_at.append(now)
+            # to the gateway through every forwarder, and to each forwarder that is not the gateway
+            assert sorted((header_of(d).dst, a) for d, a in out.sends) == expected
+            assert all(header_of(d).kind == KIND_KEEPALIVE for d, _ in out.sends)
+    assert sent_at[0] == T0
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(sent_at)]
+    assert all(0 < g <= KEEPALIVE_INTERVAL for g in gaps), gaps   # paths never expire while idle
+    assert gaps[-1] == KEEPALIVE_INTERVAL and len(sent_at) < 30   # ... and it settles down
+
+
+# ---------------------------------------------------------------- duplicates
+
+def test_duplicate_copies_are_released_by_tick():
+    c = client(duplicate=2, duplicate_delay=0.01)
+    s1 = make_node("1.1")
+    c.tick(T0)                                             # the first keepalives, out of the way
+    out = c.from_tun([UP], T0)
+    assert len(out.sends) == 1
+    original = out.sends[0]
+    assert data_only(c.tick(T0 + 0.005).sends) == []
+    assert data_only(c.tick(T0 + 0.01).sends) == [original]
+    assert data_only(c.tick(T0 + 0.015).sends) == []
+    assert data_only(c.tick(T0 + 0.02).sends) == [original]
+    assert data_only(c.tick(T0 + 1).sends) == []
+    got = Wire(c, s1).run([original] * 3, "16.1", T0 + 0.02)
+    assert got.tun["1.1"] == [UP]
+    assert drops(s1, "16.1") == {DropReason.DUPLICATE: 2}
+
+
+def test_duplicate_without_delay_and_through_forwarders():
+    c = client(forwarders=("1.1", "1.2"), duplicate=1, duplicate_delay=0)
+    out = c.from_tun([UP], T0)
+    assert [a for _, a in out.sends] == [addr("1.1"), addr("1.2")] * 2
+    assert len({d for d, _ in out.sends}) == 1
+    s1, s2 = make_node("1.1"), make_node("1.2")
+    got = Wire(c, s1, s2).run(out.sends, "16.1", T0)
+    assert got.tun["1.1"] == [UP]
+    assert drops(s1, "16.1") == {DropReason.DUPLICATE: 2}   # the direct copy, and 1.2's only relay
+    assert drops(s2, "16.1") == {DropReason.DUPLICATE: 1}
+
+
+EARLY_COPY = {
+    "TCP SYN": (tcp(tun_ip("16.1"), INTERNET, flags=SYN), 1),
+    "TCP SYN-ACK": (tcp(tun_ip("16.1"), INTERNET, flags=SYN | ACK), 1),
+    "DNS query": (udp(tun_ip("16.1"), INTERNET, 40000, 53), 1),
+    "DNS answer": (udp(tun_ip("16.1"), INTERNET, 53, 40000), 1),
+    "TCP ACK": (tcp(tun_ip("16.1"), INTERNET, flags=ACK), 0),
+    "TCP data": (tcp(tun_ip("16.1"), INTERNET, flags=PSH | ACK, data=b"x" * 100), 0),
+    "UDP 443": (udp(tun_ip("16.1"), INTERNET, 40000, 443), 0),
+}
+
+
+@pytest.mark.parametrize("packet, extra", EARLY_COPY.values(), ids=EARLY_COPY.keys())
+def test_syn_and_dns_get_one_early_copy(packet, extra):
+    c = client()
+    c.tick(T0)
+    out = c.from_tun([packet], T0)
+    assert len(out.sends) == 1
+    assert data_only(c.tick(T0 + SYN_DNS_COPY_DELAY / 2).sends) == []
+    assert data_only(c.tick(T0 + SYN_DNS_COPY_DELAY).sends) == out.sends * extra
+    assert data_only(c.tick(T0 + 1).sends) == []
+
+
+# ---------------------------------------------------------------- unauthenticated input
+
+def established():
+    """A gateway that already knows 16.1 (direct and relayed paths, replay state)."""
+    _wire, c, s1, _s2, _s3 = downward_setup()
+    return c, s1
+
+
+def _flip(datagram: bytes, i: int) -> bytes:
+    b = bytearray(datagram)
+    b[i] ^= 0x40
+    return bytes(b)
+
+
+def noise(n: int) -> bytes:
+    return random.Random(n).randbytes(n)           # reproducible "random" bytes
+
+
+def fresh(seq: int) -> bytes:
+    return make_datagram("16.1", "1.1", UP, ts=T0 + 6, seq=seq, session=b"f" * 8)
+
+
+UNAUTHENTICATED = {
+    "empty": b"",
+    "one byte short of a keepalive": noise(OVERHEAD - 1),
+    "random keepalive-sized": noise(OVERHEAD),
+    "random 200": noise(200),
+    "random 1500": noise(1500),
+    "zeros": bytes(100),
+    "truncated by one": fresh(1)[:-1],
+    "header only": fresh(2)[:HEADER_SIZE],
+    "first byte cut": fresh(3)[1:],
+    "one byte appended": fresh(4) + b"\0",
+    "wrong group": make_datagram("16.1", "1.1", UP, ts=T0 + 6, group="another"),
+    "wrong pre-shared key": make_datagram("16.1", "1.1", UP, ts=T0 + 6, keys={"16.1": "not-" + psk("16.1")}),
+    "unknown src": make_datagram("16.9", "1.1", UP, ts=T0 + 6),
+    "unknown dst": make_datagram("16.1", "16.9", UP, ts=T0 + 6),
+    "to nobody we know, relayed": relayed(make_datagram("16.9", "16.1", UP, ts=T0 + 6)),
+    **{f"bit flip at byte {i}": _flip(fresh(10 + k), i)
+       for k, i in enumerate((2, 3, 4, 6, 10, 20, 25, 26, 40, -16, -1))},
+}
+
+
+@pytest.mark.parametrize("data", UNAUTHENTICATED.values(), ids=UNAUTHENTICATED.keys())
+def test_unauthenticated_input_changes_no_peer_state(data):
+    _c, s1 = established()
+    before, global_before = peer_state(s1), sum(s1.global_drops.values())
+    for source in (addr("16.1"), addr("1.2"), ("203.0.113.66", 6666)):
+        out = s1.from_udp([(data, source)], T0 + 6)
+        assert out.sends == [] and out.tun == []
+    assert peer_state(s1) == before
+    assert sum(s1.global_drops.values()) == global_before + 3
+    assert set(s1.global_drops) <= {DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE}
+
+
+def test_authenticated_but_pad_longer_than_the_plaintext():
+    _c, s1 = established()
+    before = peer_state(s1)
+    header = Header(DEFAULT_TTL, 0, KIND_DATA, pid("16.1"), pid("1.1"), b"p" * 8, int(T0 + 6), 0, pad=len(UP) + 1)
+    datagram = seal(derive_group_key(GROUP), pair_key("16.1", "1.1"), header, UP)
+    out = s1.from_udp([(datagram, addr("16.1"))], T0 + 6)
+    assert out.tun == [] and out.sends == []
+    assert s1.global_drops[DropReason.MALFORMED] == 1
+    assert peer_state(s1) == before
+
+
+def test_the_fresh_datagrams_above_are_valid():
+    # the controls: unmodified, the same datagrams do get in and do change state
+    _c, s1 = established()
+    before = peer_state(s1)
+    assert s1.from_udp([(fresh(1), ("203.0.113.66", 6666))], T0 + 6).tun == [UP]
+    assert peer_state(s1) != before
+
+
+# ---------------------------------------------------------------- replay
+
+def test_replayed_datagram_reaches_tun_once():
+    c, s1 = client(), make_node("1.1")
+    captured = c.from_tun([UP, UP], T0).sends               # two sends of the same inner packet
+    assert captured[0][0] != captured[1][0]                 # ... are two different datagrams
+    assert s1.from_udp([(captured[0][0], addr("16.1"))], T0).tun == [UP]
+    assert s1.from_udp([(captured[0][0], addr("16.1"))], T0 + 1).tun == []
+    assert s1.from_udp([(captured[0][0], ("203.0.113.66", 6666))], T0 + 2).tun == []
+    assert drops(s1, "16.1") == {DropReason.DUPLICATE: 2}
+    assert paths(s1, "16.1") == {addr("16.1"): "direct"}   # a replay teaches no path
+    later = T0 + REPLAY_WINDOW + 1
+    assert s1.from_udp([(captured[0][0], addr("16.1"))], later).tun == []
+    assert s1.from_udp([(captured[1][0], addr("16.1"))], later).tun == []   # never delivered, too old now
+    assert drops(s1, "16.1") == {DropReason.DUPLICATE: 2, DropReason.REPLAY: 2}
+
+
+def test_a_restarted_receiver_refuses_what_was_captured_before():
+    c = client()
+    captured = c.from_tun([UP], T0).sends[0][0]
+    assert make_node("1.1", now=T0 - 5).from_udp([(captured, addr("16.1"))], T0).tun == [UP]
+    restarted = make_node("1.1", now=T0 + 0.5)            # no replay state survives a restart
+    assert restarted.from_udp([(captured, addr("16.1"))], T0 + 1).tun == []
+    assert drops(restarted, "16.1") == {DropReason.REPLAY: 1}
+    assert restarted.from_udp([(c.from_tun([UP], T0 + 1).sends[0][0], addr("16.1"))], T0 + 1).tun == [UP]
+
+
+def test_receiver_clock_jumping_ahead_and_back_does_not_reopen_the_window():
+    c, s1 = client(), make_node("1.1")
+    captured = c.from_tun([UP], T0).sends[0][0]
+    assert s1.from_udp([(captured, addr("16.1"))], T0).tun == [UP]
+    for t in (20, 25, 30):                                 # a wrong clock step (bad NTP, VM resume) ...
+        s1.tick(T0 + t)                                    # ... and the prune timer runs meanwhile
+    # the clock is put right again; the attacker replays the captured datagram
+    assert s1.from_udp([(captured, addr("16.1"))], T0 + 0.5).tun == []
+
+
+def test_replay_state_is_kept_per_destination():
+    """The pair key (16.1, 1.1) is known to 1.1 too, so 1.1 could forge "16.1 -> 1.1"
+    datagrams; at relay 1.2 such forgeries must not touch 16.1's traffic to 1.2."""
+    s2 = make_node("1.2")
+    for k in range(20):                                    # forged sessions, as 1.1 could make them
+        s2.from_udp([(make_datagram("16.1", "1.1", UP, session=bytes([k]) * 8), addr("1.1"))], T0)
+    assert drops(s2, "16.1").get(DropReason.TOO_MANY_SESSIONS)
+    keepalive = make_datagram("16.1", "1.2", b"", kind=KIND_KEEPALIVE, session=b"real-one")
+    before = s2.table.get(pid("16.1")).rx_packets
+    s2.from_udp([(keepalive, addr("16.1"))], T0)
+    assert s2.table.get(pid("16.1")).rx_packets == before + 1
+    assert paths(s2, "16.1") == {addr("16.1"): "direct"}
+
+
+def test_a_relay_learns_no_path_from_what_it_only_relays():
+    s2 = make_node("1.2")
+    out = s2.from_udp([(make_datagram("16.1", "1.1", UP), addr("16.1"))], T0)
+    assert [a for _, a in out.sends] == [addr("1.1")]
+    assert paths(s2, "16.1") == {}
+    assert s2.table.get(pid("16.1")).relayed_packets == 1
+
+
+def test_a_restarted_sender_is_accepted_by_the_receiver():
+    s1 = make_node("1.1")
+    sessions = set()
+    for restart in range(3):
+        c = client(now=T0)                                # restarts: new random session, same second
+        datagram = c.from_tun([UP], T0).sends[0][0]
+        sessions.add(header_of(datagram).session)
+        assert s1.from_udp([(datagram, addr("16.1"))], T0).tun == [UP]
+    assert len(sessions) == 3
+
+
+def nonce_of(datagram: bytes):
+    h = header_of(datagram)
+    return (h.src, h.dst, h.session, h.ts, h.seq)
+
+
+def test_sender_clock_stepping_back_gives_a_new_session():
+    c = client()
+    clock = ([T0 + i / 100 for i in range(150)] + [T0 - 10 + i / 100 for i in range(150)]
+             + [T0 + 0.5] * 20 + [T0 - 10.5] * 20 + [T0 - 0.2] * 20 + [T0 + 30] * 5 + [T0 - 60] * 5)
+    nonces, sessions = [], []
+    for now in clock:
+        datagram = c.from_tun([UP], now).sends[0][0]
+        nonces.append(nonce_of(datagram))
+        h = header_of(datagram)
+        sessions.append(h.session)
+        assert abs(h.ts - int(now)) <= 1                  # timestamps stay close to the clock
+    assert len(set(nonces)) == len(nonces)
+    assert sessions[149] != sessions[150]                  # the 10 s step back started a new session
+    assert len(set(sessions)) >= 3
+    assert any("clock stepped back" in n for n in c.notices)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-30, 30, allow_nan=False), min_size=1, max_size=60))
+def test_nonces_never_repeat_whatever_the_clock_does(offsets):
+    c = client()
+    out = c.from_tun([UP] * 1, T0)
+    seen = {nonce_of(out.sends[0][0])}
+    for off in offsets:
+        for d, _ in c.from_tun([UP, UP], T0 + off).sends:
+            n = nonce_of(d)
+            assert n not in seen
+            seen.add(n)
+        for d, _ in c.tick(T0 + off).sends:               # keepalives share the sequence
+            n = nonce_of(d)
+            assert n not in seen
+            seen.add(n)
+
+
+# ---------------------------------------------------------------- padding
+
+@pytest.mark.parametrize("size, wire_size", [(28, 200), (199, 200), (200, 200), (201, 201), (500, 500)])
+def test_padding(size, wire_size):
+    c = client(forwarders=("1.1", "1.2"), padding=200)
+    s1, s2 = make_node("1.1"), make_node("1.2")
+    packet = udp(tun_ip("16.1"), INTERNET, data=b"p" * (size - 28))
+    assert len(packet) == size
+    out = c.from_tun([packet], T0)
+    assert {len(d) for d, _ in out.sends} == {OVERHEAD + wire_size}
+    assert header_of(out.sends[0][0]).pad == wire_size - size
+    got = Wire(c, s1, s2).run(out.sends, "16.1", T0)
+    assert got.tun["1.1"] == [packet]                      # unpadded, also after a relay
+
+
+def test_padding_hides_keepalives_too():
+    c = client(padding=200)
+    assert {len(d) for d, _ in c.tick(T0).sends} == {OVERHEAD + 200}
+
+
+def test_no_padding_by_default():
+    c = client()
+    out = c.from_tun([UP], T0)
+    assert len(out.sends[0][0]) == OVERHEAD + len(UP)
+
+
+# ---------------------------------------------------------------- live reload (apply_peers)
+
+def test_apply_peers():
+    ids = ("1.1", "1.2", "16.1")
+    s1 = make_node("1.1", ids=ids)
+    c1, c2 = client("16.1"), client("16.2")
+    p2 = udp(tun_ip("16.2"), INTERNET)
+    early_c2 = c2.from_tun([p2], T0).sends[0][0]
+    assert s1.from_udp([(c1.from_tun([UP], T0).sends[0][0], addr("16.1"))], T0).tun == [UP]
+    assert s1.from_udp([(early_c2, addr("16.2"))], T0).tun == []
+    assert s1.global_drops[DropReason.UNKNOWN_PEER] == 1
+    kept = s1.table.get(pid("16.1"))
+    state = peer_state(s1)[pid("16.1")]
+
+    # add 16.2 at T0+1: its datagrams get in
+    assert s1.apply_peers(entries(ids + ("16.2",)), T0 + 1) == ([pid("16.2")], [], [])
+    assert any("peers added: 16.2" in n for n in s1.notices)
+    assert s1.from_udp([(c2.from_tun([p2], T0 + 2).sends[0][0], addr("16.2"))], T0 + 2).tun == [p2]
+    assert s1.table.get(pid("16.1")) is kept and peer_state(s1)[pid("16.1")] == state
+    # (one captured before it was added is not: no replay state existed for it then)
+    assert s1.from_udp([(early_c2, addr("16.2"))], T0 + 2).tun == []
+
+    # unchanged 16.1 keeps counters, paths and replay state across reloads
+    s1.apply_peers(entries(ids + ("16.2",)), T0 + 2)
+    assert s1.table.get(pid("16.1")) is kept and peer_state(s1)[pid("16.1")] == state
+    assert s1.from_udp([(c1.from_tun([UP], T0 + 2).sends[0][0], addr("16.1"))], T0 + 2).tun == [UP]
+    state = peer_state(s1)[pid("16.1")]
+
+    # 16.2 changes its key: old-key datagrams fail, new-key ones pass, its state starts afresh
+    new_keys = {"16.2": "rotated-" + psk("16.2")}
+    assert s1.apply_peers(entries(ids + ("16.2",), keys=new_keys), T0 + 3) == ([], [pid("16.2")], [])
+    assert s1.table.get(pid("16.2")).rx_packets == 0
+    auth_failures = s1.global_drops[DropReason.AUTH_FAILURE]
+    assert s1.from_udp([(c2.from_tun([p2], T0 + 4).sends[0][0], addr("16.2"))], T0 + 4).tun == []
+    assert s1.global_drops[DropReason.AUTH_FAILURE] == auth_failures + 1
+    c2b = client("16.2", keys=new_keys)
+    assert s1.from_udp([(c2b.from_tun([p2], T0 + 4).sends[0][0], addr("16.2"))], T0 + 4).tun == [p2]
+    assert peer_state(s1)[pid("16.1")] == state
+
+    # remove 16.1: cut off, both ways
+    assert s1.apply_peers(entries(("1.1", "1.2", "16.2"), keys=new_keys), T0 + 5) == ([], [], [pid("16.1")])
+    unknown = s1.global_drops[DropReason.UNKNOWN_PEER]
+    assert s1.from_udp([(c1.from_tun([UP], T0 + 6).sends[0][0], addr("16.1"))], T0 + 6).tun == []
+    assert s1.global_drops[DropReason.UNKNOWN_PEER] == unknown + 1
+    assert s1.from_tun([DOWN], T0 + 6).sends == []
+    assert s1.global_drops[DropReason.NOT_ROUTABLE] == 1
+    # 16.2 was not disturbed by removing 16.1
+    assert s1.from_udp([(c2b.from_tun([p2], T0 + 6).sends[0][0], addr("16.2"))], T0 + 6).tun == [p2]
+
+
+def test_snapshot_is_plain_data():
+    import json
+    _wire, _c, s1, _s2, _s3 = downward_setup()
+    snap = s1.snapshot(T0 + 6)
+    json.dumps(snap)
+    peer = next(p for p in snap["peers"] if p["id"] == "16.1")
+    assert peer["up"] and peer["rx_packets"] == 2 and set(peer["drops"]) == {"duplicate"}
+    assert {p["learned"] for p in peer["paths"]} == {"direct", "relayed"}
+    assert all(p["id"] != "1.1" for p in snap["peers"])
