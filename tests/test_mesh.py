@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from alpaca.testbed import wait_for
 from conftest import PY
 
 pytestmark = pytest.mark.root
@@ -40,7 +39,7 @@ def test_ping_through_forwarders_without_duplicates(mesh4):
 
 def test_tcp_transfer_checksum(mesh4):
     """8 MiB over TCP from client 16.1 to server 1.1 arrive intact."""
-    s1, c1 = mesh4.peers["s1"], mesh4.peers["c1"]
+    c1 = mesh4.peers["c1"]
     data = os.urandom(8 << 20)
     src = mesh4.workdir / "payload.bin"
     src.write_bytes(data)

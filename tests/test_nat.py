@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS
 
-from alpaca.nat import NatError, RuleSpec, ServerNat, tag_for
+from alpaca.nat import RuleSpec, ServerNat, tag_for
 from alpaca import testbed
 
 ROOT = Path(__file__).resolve().parent.parent

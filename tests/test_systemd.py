@@ -12,10 +12,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -121,7 +119,6 @@ def test_unit_lifecycle(unit_world):
     ct, tb, mesh, confdir = unit_world["ct"], unit_world["tb"], unit_world["mesh"], unit_world["confdir"]
     ip = unit_world["server_ip"]
 
-    t = time.monotonic()
     r = ct.ctl("systemctl", "start", "alpaca-tunnel", timeout=60)
     assert r.returncode == 0, r.stderr + ct.ctl("journalctl", "-u", "alpaca-tunnel", "--no-pager").stdout
     assert ct.show("ActiveState") == "active"
