@@ -80,6 +80,11 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from .check import run_check
+    return run_check(_config_path(args.config))
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(keep=args.keep)
@@ -93,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("genkey", help="print a new pre-shared key for secrets.txt")
     status = sub.add_parser("status", help="show peers, paths and counters of the running daemon")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser("check", help="validate config.json and secrets.txt and print what the daemon would do")
     sub.add_parser("cleanup", help="remove routes and rules a crashed daemon left behind")
     demo = sub.add_parser("demo", help="build a demo mesh in network namespaces, show it, tear it down")
     demo.add_argument("--keep", action="store_true", help=argparse.SUPPRESS)
@@ -104,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, None: cmd_run, "genkey": cmd_genkey, "status": cmd_status, "demo": cmd_demo,
-               "cleanup": cmd_cleanup}
+               "cleanup": cmd_cleanup, "check": cmd_check}
     try:
         return handler[args.command](args)
     except KeyboardInterrupt:

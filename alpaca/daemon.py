@@ -24,6 +24,7 @@ import socket
 import time
 from pathlib import Path
 
+from .check import cross_problems
 from .config import Config, ConfigError, load_config
 from .control import ControlError, ControlServer, default_socket_path
 from .hooks import HookError, run_hooks
@@ -90,9 +91,11 @@ def read_secrets(config: Config, at_start: bool) -> dict[int, PeerEntry]:
         raise StartError("\n".join(str(p) for p in problems))
     for problem in problems:
         log.error("%s (line skipped)", problem)
-    if config.id not in secrets or secrets[config.id].key is None:
-        raise StartError(f"{config.secret_file}: this peer's own ID {format_id(config.id)} needs a line "
-                         f"with its key (not null)")
+    fatal = cross_problems(config, secrets)
+    if fatal and (at_start or config.id not in secrets or secrets[config.id].key is None):
+        raise StartError("\n".join(fatal))
+    for problem in fatal:
+        log.error("%s", problem)
     return peer_entries(secrets, config.port)
 
 

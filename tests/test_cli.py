@@ -1,0 +1,118 @@
+"""The command line as an operator meets it: one-line problems, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alpaca.protocol.crypto import genkey
+
+KEY_C, KEY_S = genkey(), genkey()
+
+
+def run(*argv, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alpaca", *argv], capture_output=True, text=True,
+                          cwd=cwd, timeout=60)
+
+
+def write(tmp_path: Path, config: dict | str, secrets: str | None = None) -> Path:
+    path = tmp_path / "config.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    secrets_path = tmp_path / "secrets.txt"
+    secrets_path.write_text(secrets if secrets is not None else
+                            f"1.1 {KEY_S} 192.0.2.1 null 1040\n16.1 {KEY_C} null null null\n")
+    secrets_path.chmod(0o600)
+    return path
+
+
+GOOD = {"id": "16.1", "mode": "client", "gateway": "1.1", "group": "g"}
+
+
+def check(tmp_path, config, secrets=None):
+    r = run("check", "-C", str(write(tmp_path, config, secrets)))
+    assert "Traceback" not in r.stdout + r.stderr
+    return r
+
+
+def problems(r) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith("problem: ")]
+
+
+def test_check_good_config_prints_plan(tmp_path):
+    r = check(tmp_path, GOOD)
+    assert r.returncode == 0, r.stderr
+    assert "TUN device alpaca, MTU 1400, address 10.17.16.1/16" in r.stdout
+    assert "route default via 10.17.1.1" in r.stdout
+    assert r.stdout.strip().endswith("ok")
+
+
+def test_check_server_plan_lists_nat_rules(tmp_path):
+    r = check(tmp_path, {"id": "1.1", "mode": "server", "group": "g"})
+    assert r.returncode == 0, r.stderr
+    assert "MASQUERADE" in r.stdout and "--set-mss 1360" in r.stdout
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({**GOOD, "forwarder": ["1.1"]}, "unknown key 'forwarder' (did you mean 'forwarders'?)"),
+    ({**GOOD, "id": "0.1"}, "id: peer ID '0.1' is reserved (0.0, 0.1 and 255.255 cannot be used)"),
+    ({**GOOD, "net": "10.300"}, "net: net '10.300' has an octet above 255"),
+    ({**GOOD, "gateway": "16.2"}, "gateway: gateway '16.2' is not a server"),
+    ({**GOOD, "port": "1040"}, "port: expected a whole number"),
+])
+def test_check_bad_config_one_line_each(tmp_path, config, expected):
+    r = check(tmp_path, config)
+    assert r.returncode == 1
+    lines = problems(r)
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"problem: {tmp_path / 'config.json'}: {expected}"), lines[0]
+
+
+def test_check_malformed_json_names_line(tmp_path):
+    r = check(tmp_path, '{"id": "16.1",\n "mode": "client"\n "gateway": "1.1"}')
+    assert r.returncode == 1
+    lines = problems(r)
+    assert len(lines) == 1 and "line 3 column 2: not valid JSON" in lines[0], r.stderr
+
+
+def test_check_bad_secrets_line_names_its_number(tmp_path):
+    r = check(tmp_path, GOOD, f"1.1 {KEY_S} 192.0.2.1 null 1040\n# fine\n16.1 short null null null\n")
+    assert r.returncode == 1
+    lines = problems(r)
+    assert any("secrets.txt: line 3: the key is too short" in line for line in lines), r.stderr
+
+
+def test_check_gateway_without_line(tmp_path):
+    r = check(tmp_path, GOOD, f"16.1 {KEY_C} null null null\n")
+    assert r.returncode == 1
+    assert "the gateway 1.1 has no line" in r.stderr
+
+
+def test_check_world_readable_secrets_warns(tmp_path):
+    path = write(tmp_path, GOOD)
+    (tmp_path / "secrets.txt").chmod(0o644)
+    r = run("check", "-C", str(path))
+    assert r.returncode == 0
+    assert "world-readable" in r.stdout and "chmod 600" in r.stdout
+
+
+def test_status_without_daemon(tmp_path):
+    r = run("status", "-C", str(write(tmp_path, {**GOOD, "control_socket": str(tmp_path / "none.sock")})))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"alpaca-tunnel: no daemon is running (no control socket at {tmp_path / 'none.sock'})"]
+
+
+def test_run_with_bad_config_is_one_line(tmp_path):
+    r = run("-C", str(write(tmp_path, {**GOOD, "mtu": 10})))
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "mtu" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_genkey():
+    r = run("genkey")
+    keys = {run("genkey").stdout.strip() for _ in range(2)} | {r.stdout.strip()}
+    assert r.returncode == 0 and len(keys) == 3 and all(len(k) == 43 for k in keys)
