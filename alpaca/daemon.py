@@ -28,11 +28,13 @@ from .check import cross_problems
 from .config import Config, ConfigError, load_config
 from .control import ControlError, ControlServer, default_socket_path
 from .hooks import HookError, run_hooks
+from .nat import NatError
 from .notify import Notifier
 from .protocol.drops import DropReason
 from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
+from .routes import RouteError
 from .secrets import PeerSecret, load_secrets, resolve_host
 from .sysctl import IP_FORWARD, Sysctl
 from .tun import Tun, TunError
@@ -392,7 +394,8 @@ class Daemon:
 def run_daemon(config: Config) -> int:
     try:
         return Daemon(config).run()
-    except (StartError, TunError, UdpError, ControlError, ConfigError, HookError, OSError) as e:
+    except (StartError, TunError, UdpError, ControlError, ConfigError, HookError, NatError, RouteError,
+            OSError) as e:
         for line in str(e).splitlines():
             log.error("%s", line)
         return 1

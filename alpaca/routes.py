@@ -19,8 +19,10 @@ default route lives in a table of its own and rules pick it::
 * Everything else (unmarked) first consults main with
   ``suppress_prefixlength 0``: every main route *except a default route* wins
   (the LAN, the tunnel network, local_routes, the host routes to the servers).
-  Then the chnroute table (again without its default routes), then the
-  tunnel's own default.
+  Then the chnroute table (again without its default routes, so a stray
+  default there cannot swallow everything), then the tunnel's own default.
+  Main comes before chnroute so that a chnroute prefix covering the LAN or a
+  server never overrides the more specific routes the host already has.
 * Why not alpaca's "swap the main default route" approach: DHCP clients and
   NetworkManager own the main default route and put it back whenever a lease
   renews or a link flaps, which silently routes everything outside the tunnel
@@ -40,14 +42,16 @@ of ours never replaces an existing main-table route with the same prefix
 (e.g. local_routes naming the LAN): theirs, with a smaller metric, keeps
 winning.
 
-Netlink is spoken directly through an AF_NETLINK socket: rules, dumps and
-lookups are encoded with pyroute2's message classes (rtmsg, fibmsg) and rules
-decoded with fibmsg; route add/delete requests and route dump replies, the
-bulk path (thousands per chnroute file), are packed and parsed with struct,
-10-30 times faster than pyroute2's generic codec. No ``ip`` program is run. Bulk changes are sent in batches of
-:data:`BATCH` requests per ``send()`` with only the last one asking for an
-ACK (failures are still reported, each with its sequence number), so 3,000
-chnroute prefixes take a fraction of a second.
+Netlink
+-------
+Spoken directly through AF_NETLINK sockets; no ``ip`` program is run. Rules,
+dumps and lookups are encoded with pyroute2's message classes (rtmsg, fibmsg)
+and rules decoded with fibmsg; route add/delete requests and route dump
+replies, the bulk path (thousands per chnroute file), are packed and parsed
+with struct, 10-30 times faster than pyroute2's generic codec. Bulk changes go
+out :data:`BATCH` requests per ``send()`` with only the last one asking for an
+ACK (failures are still reported, each with its sequence number): 3,000
+chnroute prefixes take about 20 ms.
 """
 
 from __future__ import annotations
@@ -63,15 +67,36 @@ import time
 from collections import namedtuple
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pyroute2.netlink import (NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
-                              NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR)
-from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELROUTE, RTM_DELRULE, RTM_GETROUTE, RTM_GETRULE,
-                                   RTM_NEWADDR, RTM_NEWROUTE, RTM_NEWRULE, RTMGRP_IPV4_IFADDR,
-                                   RTMGRP_IPV4_ROUTE, RTMGRP_IPV4_RULE)
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink import (
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+)
+from pyroute2.netlink.rtnl import (
+    RTM_DELADDR,
+    RTM_DELROUTE,
+    RTM_DELRULE,
+    RTM_GETROUTE,
+    RTM_GETRULE,
+    RTM_NEWADDR,
+    RTM_NEWROUTE,
+    RTM_NEWRULE,
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV4_RULE,
+)
 from pyroute2.netlink.rtnl.fibmsg import fibmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
+
+if TYPE_CHECKING:
+    from alpaca.config import ChnRoute
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +108,7 @@ TABLE = 0x414C               # routing table holding the tunnel's default route
 PRIORITY = 32600             # rule P; P-1 and P-2 are used too (after users' rules, before main's 32766)
 LOOKUP_CACHE_SIZE = 4096
 BATCH = 200                  # netlink requests per send()
+NETLINK_TIMEOUT = 5.0        # seconds to wait for the kernel's answer
 
 RT_TABLE_MAIN = 254
 RT_TABLE_LOCAL = 255
@@ -109,11 +135,16 @@ _RT_HEADER = struct.Struct("=IHHII8BI")    # nlmsghdr + rtmsg
 _U32_ATTR = struct.Struct("=HHI")
 _ADDR_ATTR = struct.Struct("=HH4s")
 _ABSENT = (errno.ENOENT, errno.ESRCH)   # "already gone" answers to a delete
+_KEEP = object()
 _OWN_PORTIDS: set[int] = set()          # our netlink sockets: the monitor ignores what they caused
 
 
 class RouteError(Exception):
     """Routes or rules could not be set up; the message is one line."""
+
+
+class NetlinkFailure(OSError):
+    """The kernel refused a netlink request (errno and the kernel's extended-ACK text, if any)."""
 
 
 def mark_socket(sock: socket.socket, fwmark: int = FWMARK) -> None:
@@ -145,14 +176,15 @@ class Route:
     def key(self) -> tuple:
         return (self.table, self.dst, self.dst_len, self.metric)
 
-    def satisfied_by(self, actual: "Route | None") -> bool:
+    def satisfied_by(self, actual: Route | None) -> bool:
         return (actual is not None and actual.gateway == self.gateway
                 and (self.oif == 0 or actual.oif == self.oif))
 
-    def text(self) -> str:
+    def text(self, dev_name: str | None = None) -> str:
         dst = "default" if self.dst_len == 0 else f"{self.dst}/{self.dst_len}"
         via = f" via {self.gateway}" if self.gateway else ""
-        dev = f" dev {_ifname(self.oif) or self.oif}" if self.oif else ""
+        dev_name = dev_name or (_ifname(self.oif) or str(self.oif) if self.oif else None)
+        dev = f" dev {dev_name}" if dev_name else ""
         return f"{dst}{via}{dev} table {_table_name(self.table)} metric {self.metric} proto {ALPACA_RTPROTO}"
 
 
@@ -296,14 +328,27 @@ def read_chnroute(path) -> ChnrouteData:
 
 
 # ---------------------------------------------------------------- netlink
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+
+
+def _set_buffers(sock: socket.socket, sndbuf: bool, size: int = 1 << 20) -> None:
+    """1 MiB buffers: the *FORCE variants (CAP_NET_ADMIN) go past net.core.[rw]mem_max."""
+    pairs = [(SO_RCVBUFFORCE, socket.SO_RCVBUF)] + ([(SO_SNDBUFFORCE, socket.SO_SNDBUF)] if sndbuf else [])
+    for force, plain in pairs:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 class _Netlink:
     """A blocking rtnetlink socket: requests, dumps and batches; pyroute2 message classes encode/decode."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         try:
-            for opt, value in ((socket.SO_SNDBUF, 1 << 20), (socket.SO_RCVBUF, 1 << 20)):
-                self.sock.setsockopt(socket.SOL_SOCKET, opt, value)
+            _set_buffers(self.sock, sndbuf=True)
             for opt in (NETLINK_CAP_ACK, NETLINK_EXT_ACK, NETLINK_GET_STRICT_CHK):
                 try:
                     self.sock.setsockopt(SOL_NETLINK, opt, 1)
@@ -311,6 +356,7 @@ class _Netlink:
                     pass
             self.sock.bind((0, 0))
             self.portid = self.sock.getsockname()[0]
+            self.sock.settimeout(NETLINK_TIMEOUT)    # the kernel always answers; never hang the daemon if not
         except BaseException:
             self.sock.close()
             raise
@@ -321,7 +367,7 @@ class _Netlink:
         _OWN_PORTIDS.discard(self.portid)
         self.sock.close()
 
-    def __enter__(self) -> "_Netlink":
+    def __enter__(self) -> _Netlink:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
@@ -377,7 +423,7 @@ class _Netlink:
     # -------- transport
     def _recv(self):
         """Messages of one datagram as (type, flags, seq, decoded message or None, error or None)."""
-        data = self.sock.recv(1 << 18)
+        data = self.sock.recv(65536)       # the kernel's netlink messages are at most 32 KiB
         offset = 0
         while offset + 16 <= len(data):
             length, mtype, flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
@@ -389,7 +435,7 @@ class _Netlink:
             if mtype in (NLMSG_ERROR, NLMSG_DONE):
                 code = -struct.unpack_from("=i", data, body)[0] if length >= 20 else 0
                 if code:
-                    err = NetlinkError(code, _ext_ack(data, body, offset + length, flags) or os.strerror(code))
+                    err = NetlinkFailure(code, _ext_ack(data, body, offset + length, flags) or os.strerror(code))
             elif mtype in (RTM_NEWROUTE, RTM_DELROUTE):
                 msg = _parse_route(data, body, offset + length)    # hot: thousands per dump, parsed by hand
             elif mtype in (RTM_NEWRULE, RTM_DELRULE):
@@ -444,7 +490,7 @@ class _Netlink:
                     if flags & NLM_F_DUMP_INTR:
                         interrupted = True
                     if mtype in (NLMSG_DONE, NLMSG_ERROR):
-                        if err is not None and err.code != errno.ENOENT:   # ENOENT: no such table, i.e. empty
+                        if err is not None and err.errno != errno.ENOENT:   # ENOENT: no such table, i.e. empty
                             raise err
                         done = True
                         break
@@ -556,14 +602,22 @@ def _rule_of(info: dict) -> Rule:
 
 
 def _is_ours(info: dict) -> bool:
-    return info["protocol"] == ALPACA_RTPROTO
+    """Tagged with our protocol. A kernel older than 4.17 has no FRA_PROTOCOL at all; there a rule
+    is ours when it has exactly the shape and priority of one of our default rules."""
+    if info["protocol"] is not None:
+        return info["protocol"] == ALPACA_RTPROTO
+    if info["action"] != FR_ACT_TO_TBL or info["other"]:
+        return False
+    shape = _rule_of(info)
+    return shape in (Rule(PRIORITY - 2, RT_TABLE_MAIN, suppress=0),
+                     Rule(PRIORITY, TABLE, fwmark=FWMARK, invert=True)) or (
+        shape.priority == PRIORITY - 1 and shape.fwmark is None and shape.suppress == 0 and not shape.invert)
 
 
 def _err_text(e: BaseException) -> str:
-    code = getattr(e, "code", None) or getattr(e, "errno", None)
-    if code:
-        return os.strerror(code)
-    return str(e)
+    if isinstance(e, OSError) and (e.strerror or e.errno):
+        return e.strerror or os.strerror(e.errno)
+    return str(e) or type(e).__name__
 
 
 # ---------------------------------------------------------------- client routes
@@ -571,9 +625,13 @@ class ClientRoutes:
     """The client's routing: see the module docstring. apply() is idempotent, remove() its inverse."""
 
     def __init__(self, tun_name: str, gateway_ip: str, underlay_hosts: list[str], local_routes: list[str],
-                 chnroute=None, fwmark: int = FWMARK, table: int = TABLE, priority: int = PRIORITY):
+                 chnroute: ChnRoute | None = None, fwmark: int = FWMARK, table: int = TABLE,
+                 priority: int = PRIORITY):
         self.tun_name = tun_name
-        self.gateway_ip = str(ipaddress.IPv4Address(gateway_ip))
+        try:
+            self.gateway_ip = str(ipaddress.IPv4Address(str(gateway_ip)))
+        except ValueError:
+            raise RouteError(f"tunnel gateway {gateway_ip!r} is not an IPv4 address") from None
         self.fwmark = fwmark
         self.table = resolve_table(table, "routing table")
         if self.table == RT_TABLE_MAIN or self.table == RT_TABLE_DEFAULT:
@@ -583,23 +641,29 @@ class ClientRoutes:
         self.priority = priority
         self.underlay_hosts = self._hosts(underlay_hosts)
         self.local_routes = self._nets(local_routes)
-        self.chnroute = chnroute
-        self.chn_table: int | None = None
-        if chnroute is not None:
-            self.chn_table = resolve_table(chnroute.table)
-            if self.chn_table == self.table:
-                raise RouteError(f"chnroute.table {self.chn_table} is the tunnel's own table; choose another")
-            try:
-                self.chn_gateway = str(ipaddress.IPv4Address(str(chnroute.gateway)))
-            except ValueError:
-                raise RouteError(f"chnroute.gateway {chnroute.gateway!r} is not an IPv4 address") from None
-        self._chn_data: ChnrouteData | None = None
+        self._set_chnroute(chnroute)
         self._original: OriginalGateway | None = None
         self._routes: dict[tuple, Route] = {}     # installed by us, by kernel identity
         self._rules: set[Rule] = set()
         self._applied = False
         self._default_missing_reported = False
+        self._nl: _Netlink | None = None      # kept open: the monitor recognises our changes by its port id
         self.last_chnroute_seconds: float | None = None
+
+    def _set_chnroute(self, chnroute: ChnRoute | None) -> None:
+        table = gateway = None
+        if chnroute is not None:
+            table = resolve_table(chnroute.table)
+            if table == self.table:
+                raise RouteError(f"chnroute.table {table} is the tunnel's own table; choose another")
+            try:
+                gateway = str(ipaddress.IPv4Address(str(chnroute.gateway)))
+            except ValueError:
+                raise RouteError(f"chnroute.gateway {chnroute.gateway!r} is not an IPv4 address") from None
+        self.chnroute = chnroute
+        self.chn_table: int | None = table
+        self.chn_gateway: str | None = gateway
+        self._chn_data: ChnrouteData | None = None
 
     @staticmethod
     def _hosts(hosts) -> list[str]:
@@ -629,6 +693,17 @@ class ClientRoutes:
         return out
 
     # -------- public
+    def _netlink(self) -> _Netlink:
+        if self._nl is None:
+            self._nl = _Netlink()
+        return self._nl
+
+    def close(self) -> None:
+        """Close the netlink socket (remove() does this too)."""
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None
+
     @property
     def original_gateway(self) -> OriginalGateway | None:
         return self._original
@@ -655,13 +730,17 @@ class ClientRoutes:
         data = self.chnroute_data()
         if data is not None and data.summary(self.chnroute.data):
             log.warning("%s", data.summary(self.chnroute.data))
-        with _Netlink() as nl:
+        try:
+            nl = self._netlink()
             main = nl.routes(RT_TABLE_MAIN)
             self._original = _pick_default(main, tun)
             self._default_missing_reported = self._original is None
             plan = self._plan(main, tun, self._original)
             self._applied = True
             failures = self._install(nl, plan, list(plan.values()), force_rules=True)
+        except OSError as e:
+            self.close()
+            raise RouteError(f"cannot set up the client routes: {_err_text(e)}") from None
         essential = [f for f in failures if not f[0].why.startswith("chnroute")]
         if essential:
             route, err = essential[0]
@@ -671,22 +750,25 @@ class ClientRoutes:
 
     def remove(self) -> None:
         """Delete exactly what apply() (and reapply) added; 'already gone' counts as done."""
-        if not self._routes and not self._rules:
-            self._applied = False
-            return
+        self._applied = False
         problems = []
-        with _Netlink() as nl:
-            rules = sorted(self._rules, key=lambda r: -r.priority)
-            for index, err in nl.batch([(nl.rule_msg, RTM_DELRULE, r, 0) for r in rules]):
-                if getattr(err, "code", None) not in _ABSENT:
-                    problems.append(f"rule {rules[index].text()}: {_err_text(err)}")
-            routes = list(self._routes.values())
-            for index, err in nl.batch([(nl.route_msg, RTM_DELROUTE, r, 0) for r in routes]):
-                if getattr(err, "code", None) not in _ABSENT:
-                    problems.append(f"route {routes[index].text()}: {_err_text(err)}")
+        try:
+            if self._routes or self._rules:
+                nl = self._netlink()
+                # the tunnel rule (highest priority number) first: traffic leaves the tunnel table before it empties
+                rules = sorted(self._rules, key=lambda r: -r.priority)
+                for index, err in nl.batch([(nl.rule_msg, RTM_DELRULE, r, 0) for r in rules]):
+                    if getattr(err, "errno", None) not in _ABSENT:
+                        problems.append(f"rule {rules[index].text()}: {_err_text(err)}")
+                routes = list(self._routes.values())
+                for index, err in nl.batch([(nl.route_msg, RTM_DELROUTE, r, 0) for r in routes]):
+                    if getattr(err, "errno", None) not in _ABSENT:
+                        problems.append(f"route {routes[index].text()}: {_err_text(err)}")
+        except OSError as e:
+            problems.append(f"netlink: {_err_text(e)}; `alpaca-tunnel cleanup` removes what is left")
         self._rules.clear()
         self._routes.clear()
-        self._applied = False
+        self.close()
         if problems:
             log.warning("could not remove %d routes/rules, first: %s", len(problems), problems[0])
 
@@ -709,11 +791,9 @@ class ClientRoutes:
             lines.append(f"rule {rule.text()}")
         plan = self._plan(main, tun, original, describe=True)
         for route in plan.values():
-            if route.why.startswith("chnroute"):
+            if route.why == "chnroute":
                 continue
-            text = route.text()
-            if not route.oif and route.table == self.table:
-                text = text.replace(" table", f" dev {self.tun_name} table", 1)
+            text = route.text(self.tun_name if route.why == "tunnel default" else None)
             lines.append(f"route {text} ({route.why})")
         for host in self.underlay_hosts:
             cover = _covering(main, host, tun)
@@ -729,12 +809,20 @@ class ClientRoutes:
                 lines.append(data.summary(self.chnroute.data))
         return lines
 
-    def update(self, underlay_hosts: list[str] | None = None, local_routes: list[str] | None = None) -> str | None:
-        """New underlay addresses (a server's name resolved differently) or local_routes: re-plan and fix."""
+    def update(self, underlay_hosts: list[str] | None = None, local_routes: list[str] | None = None,
+               chnroute=_KEEP) -> str | None:
+        """Live changes: underlay addresses (a server's name now resolves elsewhere), local_routes, or
+        chnroute (a reload; passing it re-reads the file, None drops chnroute). Only the difference is
+        changed in the kernel; returns one log line or None. Raises RouteError only for bad arguments."""
         if underlay_hosts is not None:
             self.underlay_hosts = self._hosts(underlay_hosts)
         if local_routes is not None:
             self.local_routes = self._nets(local_routes)
+        if chnroute is not _KEEP:
+            self._set_chnroute(chnroute)
+            data = self.chnroute_data()
+            if data is not None and data.summary(self.chnroute.data):
+                log.warning("%s", data.summary(self.chnroute.data))
         return self.reapply_if_needed()
 
     def reapply_if_needed(self) -> str | None:
@@ -745,6 +833,7 @@ class ClientRoutes:
         try:
             return self._reapply()
         except (OSError, RouteError) as e:
+            self.close()          # start the next attempt on a fresh socket
             return f"routes: could not check or re-apply the client routes: {_err_text(e)}"
 
     # -------- internals
@@ -791,7 +880,7 @@ class ClientRoutes:
         wanted = self.rules()
         new_rules = [r for r in wanted if force_rules or r not in self._rules]
         for index, err in nl.batch([(nl.rule_msg, RTM_NEWRULE, r, NLM_F_CREATE | NLM_F_EXCL) for r in new_rules]):
-            if getattr(err, "code", None) != errno.EEXIST:
+            if getattr(err, "errno", None) != errno.EEXIST:
                 raise RouteError(f"cannot add rule {new_rules[index].text()}: {_err_text(err)}")
         self._rules.update(new_rules)
         # then what is ours but no longer wanted (e.g. host routes of a changed uplink with another metric/table)
@@ -800,12 +889,12 @@ class ClientRoutes:
             try:
                 nl.request(nl.rule_msg, RTM_DELRULE, r, 0)
             except OSError as e:
-                if getattr(e, "code", None) not in _ABSENT:
+                if getattr(e, "errno", None) not in _ABSENT:
                     raise
             self._rules.discard(r)
         stale = [r for key, r in self._routes.items() if key not in plan]
         for index, err in nl.batch([(nl.route_msg, RTM_DELROUTE, r, 0) for r in stale]):
-            if getattr(err, "code", None) not in _ABSENT:
+            if getattr(err, "errno", None) not in _ABSENT:
                 log.warning("could not delete stale route %s: %s", stale[index].text(), _err_text(err))
         for r in stale:
             self._routes.pop(r.key, None)
@@ -821,39 +910,41 @@ class ClientRoutes:
         tun = _ifindex(self.tun_name)
         if tun is None:
             return None     # the daemon is going down; nothing to route into
-        with _Netlink() as nl:
-            main = nl.routes(RT_TABLE_MAIN)
-            current = _pick_default(main, tun)
-            notes = []
-            if current is None:
-                original = self._original      # keep the underlay routes until a new default shows up
-                if not self._default_missing_reported and self._original is not None:
-                    notes.append(f"the main table lost its default route; keeping underlay routes via "
-                                 f"{_gw_text(self._original)} until one comes back")
-                self._default_missing_reported = True
-            else:
-                original = current
-                self._default_missing_reported = False
-                if current != self._original:
-                    notes.append(f"original gateway {_gw_text(self._original) if self._original else 'none'}"
-                                 f" -> {_gw_text(current)}")
-            plan = self._plan(main, tun, original)
-            tables = {r.table for r in plan.values()} | {r.table for r in self._routes.values()}
-            actual: dict[tuple, Route] = {}
-            for table in sorted(tables):
-                for kr in nl.routes(table, ALPACA_RTPROTO):
-                    r = kr.as_route()
-                    actual[r.key] = r
-            to_set = [r for key, r in plan.items() if not r.satisfied_by(actual.get(key))]
-            present_rules = {_rule_of(i) for i in nl.rules() if _is_ours(i)}
-            missing_rules = [r for r in self.rules() if r not in present_rules]
-            stale = [key for key in self._routes if key not in plan]
-            if not to_set and not missing_rules and not stale and not notes:
-                self._original = original
-                return None
-            self._rules.difference_update(missing_rules)     # so _install adds them again
-            failures = self._install(nl, plan, to_set)
+        nl = self._netlink()
+        main = nl.routes(RT_TABLE_MAIN)
+        current = _pick_default(main, tun)
+        notes = []
+        if current is None:
+            original = self._original      # keep the underlay routes until a new default shows up
+            if not self._default_missing_reported and self._original is not None:
+                notes.append(f"the main table lost its default route; keeping underlay routes via "
+                             f"{_gw_text(self._original)} until one comes back")
+            self._default_missing_reported = True
+        else:
+            original = current
+            self._default_missing_reported = False
+            if current != self._original:
+                notes.append(f"original gateway {_gw_text(self._original) if self._original else 'none'}"
+                             f" -> {_gw_text(current)}")
+        plan = self._plan(main, tun, original)
+        tables = {r.table for r in plan.values()} | {r.table for r in self._routes.values()}
+        actual: dict[tuple, Route] = {}
+        for table in sorted(tables):
+            for kr in nl.routes(table, ALPACA_RTPROTO):
+                r = kr.as_route()
+                actual[r.key] = r
+        to_set = [r for key, r in plan.items() if not r.satisfied_by(actual.get(key))]
+        present_rules = {_rule_of(i) for i in nl.rules() if _is_ours(i)}
+        missing_rules = [r for r in self.rules() if r not in present_rules]
+        stale = [key for key in self._routes if key not in plan]
+        wanted_rules = self.rules()
+        stale_rules = [r for r in self._rules if r not in wanted_rules]
+        if not to_set and not missing_rules and not stale and not stale_rules and not notes:
             self._original = original
+            return None
+        self._rules.difference_update(missing_rules)     # so _install adds them again
+        failures = self._install(nl, plan, to_set)
+        self._original = original
         chn_set = sum(r.why == "chnroute" for r in to_set)
         other_set = len(to_set) - chn_set
         what = []
@@ -864,8 +955,10 @@ class ClientRoutes:
             what.append(f"{chn_set} chnroute prefixes re-added")
         if missing_rules:
             what.append(f"{len(missing_rules)} rule{'s' if len(missing_rules) != 1 else ''} restored")
-        if stale:
-            what.append(f"{len(stale)} stale route{'s' if len(stale) != 1 else ''} removed")
+        if stale or stale_rules:
+            what.append(f"{len(stale)} stale route{'s' if len(stale) != 1 else ''}"
+                        + (f" and {len(stale_rules)} stale rule{'s' if len(stale_rules) != 1 else ''}"
+                           if stale_rules else "") + " removed")
         if failures:
             what.append(f"{len(failures)} failed ({failures[0][0].text()}: {_err_text(failures[0][1])})")
         return "routes: " + "; ".join(notes + what)
@@ -917,7 +1010,7 @@ class RouteMonitor:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK,
                                   socket.NETLINK_ROUTE)
         try:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            _set_buffers(self.sock, sndbuf=False)
             self.sock.bind((0, self.GROUPS))
         except BaseException:
             self.sock.close()
@@ -930,7 +1023,7 @@ class RouteMonitor:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> "RouteMonitor":
+    def __enter__(self) -> RouteMonitor:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
@@ -981,10 +1074,9 @@ class RouteMonitor:
                     continue
                 self.events += 1
                 relevant = True
-            elif mtype in (RTM_NEWADDR, RTM_DELADDR) and body + 8 <= end:
-                if data[body] == socket.AF_INET:
-                    self.events += 1
-                    relevant = True
+            elif mtype in (RTM_NEWADDR, RTM_DELADDR) and body + 8 <= end and data[body] == socket.AF_INET:
+                self.events += 1
+                relevant = True
         return relevant
 
 
@@ -1082,13 +1174,13 @@ def cleanup(tun_name: str) -> int:
                     return 0
         del_rules = [_rule_of(i) for i in rules]
         for index, err in nl.batch([(nl.rule_msg, RTM_DELRULE, r, 0) for r in del_rules]):
-            if getattr(err, "code", None) not in _ABSENT:
+            if getattr(err, "errno", None) not in _ABSENT:
                 log.warning("cleanup: cannot delete rule %s: %s", del_rules[index].text(), _err_text(err))
             removed -= 1
         removed += len(del_rules)
         del_routes = [r.as_route() for r in routes]
         for index, err in nl.batch([(nl.route_msg, RTM_DELROUTE, r, 0) for r in del_routes]):
-            if getattr(err, "code", None) not in _ABSENT:
+            if getattr(err, "errno", None) not in _ABSENT:
                 log.warning("cleanup: cannot delete route %s: %s", del_routes[index].text(), _err_text(err))
             removed -= 1
         removed += len(del_routes)
