@@ -23,6 +23,7 @@ SUBNET = "172.31.{}.{}"
 
 
 class Testbed:
+    __test__ = False    # not a pytest test class
     def __init__(self, prefix: str | None = None, subnet: int = 77):
         self.prefix = prefix or f"at{os.getpid() % 100000}"
         self.subnet = subnet
@@ -67,6 +68,26 @@ class Testbed:
             ns.link("set", index=idx, state="up")
         self.hosts[name] = ip
         return ip
+
+    def add_link(self, a: str, b: str, ip_a: str, ip_b: str, prefixlen: int = 24) -> None:
+        """A point-to-point veth between two hosts (eth1, eth2, ... on each side)."""
+        self._ifcount += 1
+        names = {}
+        for host in (a, b):
+            if self.ns(host) not in self.namespaces:
+                self._make_ns(self.ns(host))
+            with NetNS(self.ns(host)) as ns:
+                names[host] = f"eth{len([l for l in ns.get_links() if l.get_attr('IFLA_IFNAME').startswith('eth')])}"
+        tmp_a, tmp_b = f"{self.prefix}x{self._ifcount}", f"{self.prefix}y{self._ifcount}"
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=tmp_a, kind="veth", peer={"ifname": tmp_b, "net_ns_fd": self.ns(b)})
+            ipr.link("set", index=ipr.link_lookup(ifname=tmp_a)[0], net_ns_fd=self.ns(a))
+        for host, tmp, ip in ((a, tmp_a, ip_a), (b, tmp_b, ip_b)):
+            with NetNS(self.ns(host)) as ns:
+                idx = ns.link_lookup(ifname=tmp)[0]
+                ns.link("set", index=idx, ifname=names[host])
+                ns.addr("add", index=idx, address=ip, prefixlen=prefixlen)
+                ns.link("set", index=idx, state="up")
 
     # ------------------------------------------------------------ running
     def _enter(self, name: str):
