@@ -2,9 +2,10 @@
 
 Needs only root and this package. Builds servers 1.1 (gateway) and 1.2
 (forwarder), clients 16.1 (gateway 1.1 through forwarders 1.1 and 1.2) and
-16.2 (gateway 1.1), runs a real daemon in each, sends traffic, prints each
-daemon's status, cuts the forwarder's link to show multi-path at work, and
-removes everything, also on Ctrl-C.
+16.2 (gateway 1.1), and an "internet" host that only server 1.1 can reach,
+so clients get there through the tunnel and 1.1's NAT. Runs a real daemon in
+each peer, sends traffic, prints each daemon's status, cuts the forwarder's
+link to show multi-path at work, and removes everything, also on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .testbed import Testbed, wait_for, write_peer_config
 
 PY = sys.executable
 TRANSFER_MB = 16
+INTERNET = "172.31.201.2"
 
 _SINK = """
 import hashlib, socket, sys
@@ -67,6 +69,8 @@ class Demo:
         for name, (host, pid, _) in self.PEERS.items():
             ips[name] = self.tb.add_host(name, host)
             say(f"namespace {self.tb.ns(name)}: {name} (peer {pid}) at {ips[name]}")
+        self.tb.add_link("server1", "internet", "172.31.201.1", INTERNET)
+        say(f"namespace {self.tb.ns('internet')}: internet host at {INTERNET}, linked to server1 only")
         servers = [f"{pid} {keys[pid]} {ips[n]} null 1040" for n, (_, pid, c) in self.PEERS.items()
                    if c["mode"] != "client"]
         clients = [f"{pid} {keys[pid]} null null null" for n, (_, pid, c) in self.PEERS.items()
@@ -153,6 +157,9 @@ def run_demo(keep: bool = False) -> int:
         say("  " + demo.ping("client1", "10.17.1.1", 20))
         say("ping client1 -> client2 (10.17.16.2), client to client through server1:")
         say("  " + demo.ping("client1", "10.17.16.2", 10))
+        say(f"ping client2 -> internet host ({INTERNET}): the client's default route goes into the tunnel,")
+        say("  server1 masquerades it (python-iptables rules tagged alpaca-tunnel:alpaca0):")
+        say("  " + demo.ping("client2", INTERNET, 10))
         demo.transfer()
         demo.show()
         say("cutting forwarder 1.2's link: client1 keeps its direct path")

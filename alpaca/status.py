@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import textwrap
+
+WIDTH = 80
+
+
+def _wrapped(label: str, counts: dict) -> list[str]:
+    text = label + ", ".join(f"{k} {v}" for k, v in counts.items())
+    return textwrap.wrap(text, WIDTH, subsequent_indent="    ")
+
 
 def _age(seconds) -> str:
     if seconds is None:
@@ -21,10 +30,10 @@ def _size(n: int) -> str:
 
 def format_status(status: dict) -> str:
     lines = [f"alpaca-tunnel {status['id']} ({status['mode']}), group {status['group']}, "
-             f"net {status['net']}.0.0/16, TUN {status['tun'] or '-'}, UDP {status['listen']}, "
-             f"up {_age(status['uptime'])}"]
+             f"up {_age(status['uptime'])}",
+             f"  net {status['net']}.0.0/16, TUN {status['tun'] or '-'}, UDP {status['listen']}"]
     if status["drops"]:
-        lines.append("  drops not tied to a peer: " + ", ".join(f"{k} {v}" for k, v in status["drops"].items()))
+        lines += _wrapped("  drops not tied to a peer: ", status["drops"])
     for peer in status["peers"]:
         state = "up" if peer["up"] else "down"
         heard = "never heard" if peer["last_rx_age"] is None else f"last packet {_age(peer['last_rx_age'])} ago"
@@ -36,5 +45,5 @@ def format_status(status: dict) -> str:
             heard = "never" if path["last_rx_age"] is None else f"{_age(path['last_rx_age'])} ago"
             lines.append(f"  path {path['address']:<22} {path['learned']:<8} last packet {heard}")
         if peer["drops"]:
-            lines.append("  drops: " + ", ".join(f"{k} {v}" for k, v in peer["drops"].items()))
+            lines += _wrapped("  drops: ", peer["drops"])
     return "\n".join(lines)
