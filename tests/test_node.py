@@ -109,6 +109,16 @@ def test_gateway_receives_and_writes_to_tun():
     assert s1.table.get(pid("16.1")).up and s1.table.get(pid("16.1")).rx_packets == 1
 
 
+def test_own_datagram_reflected_back_is_refused():
+    """A datagram we sealed that comes back (reflected, or a loop) is never
+    taken or relayed again: src == me is refused before the key lookup."""
+    c = client()
+    datagram = c.from_tun([UP], T0).sends[0][0]
+    out = c.from_udp([(datagram, addr("1.1"))], T0 + 0.1)
+    assert out.sends == [] and out.tun == []
+    assert c.global_drops[DropReason.UNKNOWN_PEER] == 1
+
+
 def test_not_routable_from_tun():
     s1 = make_node("1.1")                                 # a server without gateway
     for packet in [b"", b"\x00" * 40, b"\x45" + b"\x00" * 10, udp(tun_ip("1.1"), INTERNET),

@@ -29,7 +29,7 @@ PEER_LIFETIME = 60.0
 # timestamp is more than REPLAY_WINDOW seconds away from the receiver's clock is
 # dropped; inside it each (session, timestamp, sequence) is accepted once. It
 # must absorb inter-path skew (tens to hundreds of ms on real paths), delayed
-# duplicates (duplicate_delay_ms <= 1 s, times up to 4 copies) and the clock
+# duplicates (duplicate_delay_ms <= 500 ms, times up to 4 copies = 2 s) and the clock
 # offset between two NTP-synced hosts (ms), with margin for a slow forwarder.
 REPLAY_WINDOW = 5
 

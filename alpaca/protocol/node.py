@@ -259,7 +259,8 @@ class Node:
         if header.version != WIRE_VERSION or header.flags or header.kind > KIND_KEEPALIVE:
             self.global_drops[DropReason.MALFORMED] += 1
             return
-        key = self.table.pair_key(header.src, header.dst)
+        # src == me: our own datagram reflected back (or forged); never ours to take
+        key = self.table.pair_key(header.src, header.dst) if header.src != self.me else None
         if key is None:
             self.global_drops[DropReason.UNKNOWN_PEER] += 1
             return
