@@ -48,12 +48,13 @@ DROP_SUMMARY_INTERVAL = 10.0
 STATUS_INTERVAL = 5.0
 RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (SPEC §5)
 RELOAD_DEBOUNCE = 0.3       # editors write in several steps
+ROUTES_DEBOUNCE = 0.5       # route changes come in bursts
 MAX_SLEEP = 1.0
 
 # config keys that a SIGHUP can apply to the running daemon; the rest need a restart
-LIVE_KEYS = {"gateway", "forwarders", "duplicate", "duplicate_delay_ms", "inactive_downward_static",
+LIVE_KEYS = {"forwarders", "duplicate", "duplicate_delay_ms", "inactive_downward_static",
              "padding", "log_level", "secret_file", "pre_up_cmds", "post_up_cmds",
-             "pre_down_cmds", "post_down_cmds", "virtual_net"}
+             "pre_down_cmds", "post_down_cmds", "virtual_net", "local_routes", "chnroute"}
 
 
 class StartError(Exception):
@@ -134,6 +135,7 @@ class Daemon:
         self.started = time.time()
         self.tun_write_errors = 0
         self._secrets_changed_at: float | None = None
+        self._routes_changed_at: float | None = None
         self._last_drops: dict[tuple[int | None, DropReason], int] = {}
         self._hook_env: dict[str, str] = {}
 
@@ -230,6 +232,13 @@ class Daemon:
                 self._selector.unregister(self._watch_fd)
                 self._watch_fd = self.watch.fileno()
                 self._selector.register(self._watch_fd, selectors.EVENT_READ, "watch")
+            if self.client_routes is not None and {"local_routes", "chnroute"} & set(changed):
+                try:
+                    change = self.client_routes.update(local_routes=list(new.local_routes), chnroute=new.chnroute)
+                except RouteError as e:
+                    change = f"routes not updated: {e}"
+                if change:
+                    log.info("%s", change)
             log.info("config reloaded: %s", ", ".join(k for k in changed if k not in restart) or "no live changes")
 
     def reload_secrets(self) -> None:
@@ -239,8 +248,14 @@ class Daemon:
             log.error("secrets reload refused, keeping the current peers: %s", str(e).replace("\n", "; "))
             return
         added, changed, removed = self.node.apply_peers(peers, time.time())
-        log.info("reloaded %s: %d added, %d changed, %d removed",
-                 self.config.secret_file, len(added), len(changed), len(removed))
+        if added or changed or removed:
+            log.info("reloaded %s: %d added, %d changed, %d removed",
+                     self.config.secret_file, len(added), len(changed), len(removed))
+        if self.client_routes is not None:
+            # a server's address may have changed: it must stay outside the tunnel
+            change = self.client_routes.update(underlay_hosts=underlay_hosts(self.config, peers))
+            if change:
+                log.info("%s", change)
 
     # ------------------------------------------------------------ control socket, status
     def handle_control(self, request: dict) -> dict:
@@ -340,6 +355,8 @@ class Daemon:
             timeout = min(max(node.next_deadline() - now, 0.0), MAX_SLEEP)
             if self._secrets_changed_at is not None:
                 timeout = min(timeout, max(self._secrets_changed_at + RELOAD_DEBOUNCE - now, 0.0))
+            if self._routes_changed_at is not None:
+                timeout = min(timeout, max(self._routes_changed_at + ROUTES_DEBOUNCE - now, 0.0))
             for key, _ in sel.select(timeout):
                 now = time.time()
                 what = key.data
@@ -354,10 +371,11 @@ class Daemon:
                         self._secrets_changed_at = now
                 elif what == "routes":
                     if self.route_monitor.drain():
+                        # lookups must see the change at once; the repair
+                        # (which compares every route of ours) waits until
+                        # a burst of changes (DHCP, NetworkManager) is over
                         self.route_lookup.invalidate()
-                        change = self.client_routes.reapply_if_needed()
-                        if change:
-                            log.info("%s", change)
+                        self._routes_changed_at = now
                 else:
                     try:
                         wake_r.recv(512)
@@ -376,6 +394,11 @@ class Daemon:
             elif self._secrets_changed_at is not None and now >= self._secrets_changed_at + RELOAD_DEBOUNCE:
                 self._secrets_changed_at = None
                 self.reload_secrets()
+            if self._routes_changed_at is not None and now >= self._routes_changed_at + ROUTES_DEBOUNCE:
+                self._routes_changed_at = None
+                change = self.client_routes.reapply_if_needed()
+                if change:
+                    log.info("%s", change)
             if node.notices:
                 self._log_notices()
             if now >= next_summary:

@@ -138,6 +138,24 @@ def test_secrets_edit_admits_and_cuts_off_a_client(world):
     c2.stop()
 
 
+def test_sighup_applies_live_config_and_names_the_rest(world):
+    tb, c1 = world.tb, world.peers["c1"]
+    cfg = json.loads(c1.config_path.read_text())
+    original = dict(cfg)
+    cfg["local_routes"] = cfg["local_routes"] + ["198.51.100.0/24"]
+    cfg["mtu"] = 1300
+    c1.config_path.write_text(json.dumps(cfg))
+    try:
+        c1.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: f"via {ORIG_GW} dev eth0" in route_get(tb, "c1", "198.51.100.7"), 5)
+        assert wait_for(lambda: "need a restart (not applied): mtu" in c1.log_text(), 5), c1.log_text()[-2000:]
+        assert "mtu 1400" in tb.run("c1", ["ip", "link", "show", "alpaca"]).stdout
+    finally:
+        c1.config_path.write_text(json.dumps(original))
+        c1.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "dev alpaca" in route_get(tb, "c1", "198.51.100.7"), 5)
+
+
 def test_sigkill_then_restart_leaves_one_copy(world):
     tb = world.tb
     for name in ("s1", "c1"):

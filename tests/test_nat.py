@@ -338,7 +338,7 @@ def test_gateway_forwards_masquerades_and_clamps(tb):
 
 @pytest.mark.root
 def test_nft_drop_still_drops_what_legacy_accepts(tb):
-    """docs/nat-notes.md: ACCEPT in the legacy tables does not skip nf_tables chains."""
+    """docs/operations.md (iptables-legacy vs nf_tables): ACCEPT in the legacy tables does not skip nf_tables chains."""
     _gateway(tb)
     py(tb, apply_code(1400), host="r")
     assert _pings(tb)

@@ -1,0 +1,400 @@
+"""Client routing (alpaca/routes.py): policy routing into the tunnel, chnroute, monitor, lookup, cleanup.
+
+Every root test builds its own namespace "client" (Testbed, unique prefix) with
+eth0 on 172.31.77.0/24, a default route via a fake gateway 172.31.77.254 and a
+stand-in for the TUN device ("alpaca0", 10.17.16.1/16, up). The code under test
+runs in a child process that lives in that namespace, as the daemon would
+(plain netlink sockets in the current netns); the tests look from outside with
+`ip -n <ns> ...`. Nothing outside the test's namespaces is touched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from alpaca import routes, testbed
+from alpaca.config import ChnRoute
+
+ROOT = Path(__file__).resolve().parent.parent
+_counter = itertools.count()
+
+GW = "172.31.77.254"          # the "original" default gateway (need not exist)
+GW2 = "172.31.77.253"         # the gateway DHCP switches to
+CHN_GW = "172.31.77.252"      # chnroute.gateway
+TUN_GW = "10.17.1.1"          # the tunnel gateway's tunnel address
+SERVERS = ["198.51.100.7", "203.0.113.9", "172.31.77.1"]   # the last one is on the LAN
+LOCAL = ["192.168.50.0/24", "10.99.3.4/16"]
+TAG = f"proto {routes.ALPACA_RTPROTO}"
+
+PRELUDE = """
+import json, logging, select, socket, subprocess, sys, time
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+from alpaca import routes
+from alpaca.config import ChnRoute
+def ip(*args):
+    subprocess.run(["ip", *args], check=True)
+"""
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+class Client:
+    def __init__(self, tb: testbed.Testbed):
+        self.tb = tb
+        self.ns = tb.ns("client")
+
+    def ip(self, *args: str, check: bool = True) -> str:
+        r = subprocess.run(["ip", "-n", self.ns, *args], capture_output=True, text=True, check=False)
+        if check:
+            assert r.returncode == 0, f"ip {' '.join(args)}: {r.stderr}"
+        return r.stdout
+
+    def snapshot(self) -> str:
+        return self.ip("-4", "route", "show", "table", "all") + self.ip("-4", "rule", "show")
+
+    def route_get(self, dst: str, *extra: str) -> str:
+        return self.ip("-4", "route", "get", dst, *extra).splitlines()[0]
+
+    def py(self, code: str, setup: str = "", timeout: float = 60) -> dict:
+        """Run setup + code in a child process inside the namespace; it prints one JSON line last."""
+        r = self.tb.run("client", [sys.executable, "-c", PRELUDE + setup + textwrap.dedent(code)],
+                        timeout=timeout, env=_env(), cwd=str(ROOT))
+        assert r.returncode == 0, f"child failed:\n{r.stdout}\n{r.stderr}"
+        out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {}
+        out["_stderr"] = r.stderr
+        return out
+
+    def popen(self, code: str, setup: str = "") -> subprocess.Popen:
+        return self.tb.popen("client", [sys.executable, "-c", PRELUDE + setup + textwrap.dedent(code)],
+                             env=_env(), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+@pytest.fixture
+def client():
+    from pyroute2 import NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    tb = testbed.Testbed(f"ar{os.getpid() % 100000}{next(_counter)}")
+    try:
+        tb.add_host("client", 10)
+        with NetNS(tb.ns("client")) as ns:
+            try:
+                ns.link("add", ifname="alpaca0", kind="dummy")
+            except NetlinkError:       # no dummy module here: a veth pair stands in just as well
+                ns.link("add", ifname="alpaca0", kind="veth", peer="alpaca0p")
+                ns.link("set", index=ns.link_lookup(ifname="alpaca0p")[0], state="up")
+            idx = ns.link_lookup(ifname="alpaca0")[0]
+            ns.addr("add", index=idx, address="10.17.16.1", prefixlen=16)
+            ns.link("set", index=idx, state="up")
+        c = Client(tb)
+        c.ip("route", "add", "default", "via", GW, "dev", "eth0")
+        yield c
+    finally:
+        tb.close()
+
+
+def client_routes_code(chn: str | None = None, hosts=SERVERS, local=LOCAL) -> str:
+    chn_arg = f"ChnRoute(100, {CHN_GW!r}, {chn!r})" if chn else "None"
+    return f"cr = routes.ClientRoutes('alpaca0', {TUN_GW!r}, {list(hosts)!r}, {list(local)!r}, {chn_arg})\n"
+
+
+def write_chnroute(path: Path, count: int = 3000) -> Path:
+    lines = ["# chnroute test data", ""]
+    lines += [f"{100 + i // 250}.{i % 250}.0.0/16" for i in range(count)]
+    lines[5:5] = ["not a prefix", "1.2.3.4/33  # bad too", "  # indented comment", ""]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ours(text: str) -> list[str]:
+    return [line for line in text.splitlines() if TAG in line]
+
+
+# ---------------------------------------------------------------- no root needed
+def test_read_chnroute_counts_bad_lines(tmp_path):
+    path = tmp_path / "chn.txt"
+    path.write_text("# header\n\n1.0.1.0/24\n1.0.2.7/23  # host bits cleared\n8.8.8.8\nnope\n"
+                    "0.0.0.0/0\n1.0.1.0/24\n300.1.1.1/8\n")
+    data = routes.read_chnroute(path)
+    assert data.prefixes == [("1.0.1.0", 24), ("1.0.2.0", 23), ("8.8.8.8", 32)]
+    assert data.bad == 3
+    assert "line 6" in data.first_bad
+    summary = data.summary(path)
+    assert "3 bad lines ignored" in summary and "\n" not in summary
+    missing = routes.read_chnroute(tmp_path / "missing.txt")
+    assert missing.prefixes == [] and "cannot read" in missing.summary("missing.txt")
+
+
+def test_tables_and_arguments_are_checked():
+    assert routes.resolve_table(100) == 100
+    assert routes.resolve_table("100") == 100
+    assert routes.resolve_table("main") == 254
+    with pytest.raises(routes.RouteError, match="neither a number nor a table name"):
+        routes.resolve_table("no-such-table-name")
+    with pytest.raises(routes.RouteError, match="cannot be used"):
+        routes.resolve_table(255)
+    with pytest.raises(routes.RouteError, match="0.0.0.0/0"):
+        routes.ClientRoutes("alpaca0", TUN_GW, [], ["0.0.0.0/0"])
+    with pytest.raises(routes.RouteError, match="tunnel's own table"):
+        routes.ClientRoutes("alpaca0", TUN_GW, [], [], ChnRoute(routes.TABLE, CHN_GW, Path("x")))
+    cr = routes.ClientRoutes("alpaca0", TUN_GW, ["198.51.100.7", "2001:db8::1", "198.51.100.7"], [],
+                             ChnRoute("main", CHN_GW, Path("x")))
+    assert cr.underlay_hosts == ["198.51.100.7"]
+    # chnroute in main: main is already consulted (suppress rule), no extra rule for it
+    assert [r.table for r in cr.rules()] == [254, routes.TABLE]
+
+
+# ---------------------------------------------------------------- in a namespace
+@pytest.mark.root
+def test_apply_routes_default_into_tunnel_and_keeps_underlay(client):
+    out = client.py("""
+        cr.apply()
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        routes.mark_socket(s, routes.FWMARK)
+        print(json.dumps({"original": list(cr.original_gateway), "describe": cr.describe(),
+                          "mark": s.getsockopt(socket.SOL_SOCKET, routes.SO_MARK)}))
+    """, setup=client_routes_code())
+    assert out["original"][:2] == [GW, "eth0"]
+    assert out["mark"] == routes.FWMARK
+    # everything unmarked goes into the tunnel, via the gateway's tunnel address
+    assert re.search(rf"via {TUN_GW} dev alpaca0 table {routes.TABLE}\b", client.route_get("8.8.8.8"))
+    # the daemon's own (marked) datagrams keep the original uplink
+    assert f"via {GW} dev eth0" in client.route_get("8.8.8.8", "mark", hex(routes.FWMARK))
+    # servers/forwarders and local_routes stay on the original gateway, also unmarked (ssh to a server)
+    for dst in ("198.51.100.7", "203.0.113.9", "192.168.50.3", "10.99.200.1"):
+        assert f"via {GW} dev eth0" in client.route_get(dst), dst
+    # a server on the LAN keeps its on-link route: no host route via the gateway for it
+    assert client.route_get("172.31.77.1").startswith("172.31.77.1 dev eth0")
+    # the tunnel network itself stays on the TUN
+    assert "dev alpaca0" in client.route_get("10.17.1.1") and "via" not in client.route_get("10.17.1.1")
+    rules = client.ip("-4", "rule", "show")
+    assert re.search(rf"^{routes.PRIORITY - 2}:\s+from all lookup main suppress_prefixlength 0 {TAG}", rules, re.MULTILINE)
+    assert re.search(rf"^{routes.PRIORITY}:\s+not from all fwmark {routes.FWMARK:#x} lookup {routes.TABLE} {TAG}",
+                     rules, re.MULTILINE)
+    assert len(ours(rules)) == 2
+    main = client.ip("-4", "route", "show", "table", "main")
+    assert f"198.51.100.7 via {GW} dev eth0 {TAG} metric {routes.ALPACA_METRIC}" in main
+    assert f"default via {GW} dev eth0" in main        # the main default route is never touched
+    text = "\n".join(out["describe"])
+    assert "rule 32600: from all not fwmark 0x414c lookup 16716" in text
+    assert f"route default via {TUN_GW} dev alpaca0 table 16716" in text
+    assert "no host route for 172.31.77.1" in text
+
+
+@pytest.mark.root
+def test_apply_twice_is_idempotent_and_remove_restores_exactly(client, tmp_path):
+    chn = write_chnroute(tmp_path / "chn.txt", 300)
+    before = client.snapshot()
+    client.py("cr.apply()\nprint('{}')", setup=client_routes_code(str(chn)))
+    once = client.snapshot()
+    assert once != before
+    out = client.py("""
+        cr.apply()
+        cr.apply()
+        r1 = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True).stdout
+        r2 = subprocess.run(["ip", "-4", "rule", "show"], capture_output=True, text=True).stdout
+        cr.remove()
+        cr.remove()          # already gone is fine
+        print(json.dumps({"during": r1 + r2}))
+    """, setup=client_routes_code(str(chn)))
+    assert out["during"] == once                 # applying again (and again) added nothing
+    assert len(ours(once)) == 3 + 1 + 2 + 2 + 300   # 3 rules, tunnel default, 2 servers, 2 local_routes, chnroute
+    assert client.snapshot() == before           # the exact inverse
+
+
+@pytest.mark.root
+def test_chnroute_3000_prefixes_installed_fast_and_used(client, tmp_path):
+    chn = write_chnroute(tmp_path / "chn.txt", 3000)
+    out = client.py("""
+        t = time.perf_counter()
+        cr.apply()
+        total = time.perf_counter() - t
+        print(json.dumps({"total": total, "chnroute": cr.last_chnroute_seconds}))
+    """, setup=client_routes_code(str(chn)))
+    print(f"\n3000 chnroute prefixes: {out['chnroute'] * 1000:.1f} ms in the batch, apply() {out['total'] * 1000:.1f} ms")
+    assert out["chnroute"] < 2.0 and out["total"] < 2.0
+    assert out["_stderr"].count("bad line") == 1 and "2 bad lines ignored" in out["_stderr"]
+    table = client.ip("-4", "route", "show", "table", "100")
+    assert len(table.splitlines()) == 3000
+    assert all(TAG in line and f"via {CHN_GW}" in line for line in table.splitlines())
+    assert re.search(rf"^{routes.PRIORITY - 1}:\s+from all lookup 100 suppress_prefixlength 0 {TAG}",
+                     client.ip("-4", "rule", "show"), re.MULTILINE)
+    assert f"via {CHN_GW} dev eth0 table 100" in client.route_get("100.5.1.1")
+    assert f"via {CHN_GW} dev eth0 table 100" in client.route_get("111.249.3.3")
+    assert f"via {TUN_GW} dev alpaca0" in client.route_get("112.0.0.1")      # not listed: the tunnel
+    out = client.py("""
+        cr.apply()
+        t = time.perf_counter()
+        cr.remove()
+        print(json.dumps({"remove": time.perf_counter() - t}))
+    """, setup=client_routes_code(str(chn)))
+    assert out["remove"] < 2.0
+    assert client.ip("-4", "route", "show", "table", "100") == ""
+
+
+@pytest.mark.root
+def test_cleanup_after_sigkill_removes_exactly_the_leftovers(client, tmp_path):
+    chn = write_chnroute(tmp_path / "chn.txt", 50)
+    before = client.snapshot()
+    # things that are not ours, in our table, in main and in the rules (the twin rule comes first in the list)
+    client.ip("route", "add", "203.0.113.0/24", "via", GW, "dev", "eth0", "table", str(routes.TABLE))
+    client.ip("route", "add", "192.168.50.0/24", "via", GW, "dev", "eth0")    # same prefix as a local_route
+    client.ip("rule", "add", "from", "10.9.9.9", "lookup", str(routes.TABLE), "pref", "1000")
+    client.ip("rule", "add", "not", "fwmark", "0x414c", "lookup", str(routes.TABLE), "pref", "32600")  # untagged twin
+    users = client.snapshot()
+    proc = client.popen("""
+        cr.apply()
+        print("ready", flush=True)
+        time.sleep(120)
+    """, setup=client_routes_code(str(chn)))
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    client.tb.stop(proc, signal.SIGKILL)
+    left = client.snapshot()
+    assert len(ours(left)) == 3 + 1 + 2 + 2 + 50
+
+    # another client's TUN (a different name) still carries the tagged default: that is a live run, not leftovers
+    out = client.py("print(json.dumps({'removed': routes.cleanup('alpaca9')}))")
+    assert out["removed"] == 0 and client.snapshot() == left
+
+    out = client.py("print(json.dumps({'removed': routes.cleanup('alpaca0'), 'again': routes.cleanup('alpaca0')}))")
+    assert out["removed"] == 3 + 1 + 2 + 2 + 50 and out["again"] == 0
+    after = client.snapshot()
+    assert ours(after) == []
+    assert after == users
+    assert f"203.0.113.0/24 via {GW} dev eth0 table {routes.TABLE}" in after
+    assert re.search(rf"^192\.168\.50\.0/24 via {GW} dev eth0 $", client.ip("-4", "route", "show"), re.MULTILINE)
+    assert re.search(rf"^1000:\s+from 10\.9\.9\.9 lookup {routes.TABLE}\s*$", after, re.MULTILINE)
+    assert re.search(rf"^32600:\s+not from all fwmark 0x414c lookup {routes.TABLE}\s*$", after, re.MULTILINE)
+    # remove the user's additions: what is left is exactly the state before the killed run
+    client.ip("route", "del", "203.0.113.0/24", "table", str(routes.TABLE))
+    client.ip("route", "del", "192.168.50.0/24", "via", GW)
+    client.ip("rule", "del", "pref", "1000")
+    client.ip("rule", "del", "pref", "32600")
+    assert client.snapshot() == before
+
+
+@pytest.mark.root
+def test_monitor_notices_new_default_and_lost_state_and_reapplies(client, tmp_path):
+    chn = write_chnroute(tmp_path / "chn.txt", 500)
+    out = client.py(f"""
+        cr.apply()
+        mon = routes.RouteMonitor()
+        out = {{"idle": mon.drain(), "nothing": cr.reapply_if_needed()}}
+        # DHCP / NetworkManager: the default route goes away and comes back via another gateway
+        ip("route", "del", "default")
+        ip("route", "add", "default", "via", {GW2!r}, "dev", "eth0")
+        t = time.monotonic()
+        out["readable"] = bool(select.select([mon], [], [], 5)[0])
+        out["drain"] = mon.drain()
+        out["line"] = cr.reapply_if_needed()
+        out["seconds"] = time.monotonic() - t
+        out["original"] = list(cr.original_gateway)
+        out["own_changes_seen"] = mon.drain()
+        out["again"] = cr.reapply_if_needed()
+        # someone deletes our tunnel rule and flushes the chnroute table
+        ip("rule", "del", "pref", str(routes.PRIORITY))
+        ip("route", "flush", "table", "100")
+        select.select([mon], [], [], 5)
+        out["drain2"] = mon.drain()
+        out["line2"] = cr.reapply_if_needed()
+        # the default route disappears for good: one line, the underlay routes stay
+        ip("route", "del", "default")
+        select.select([mon], [], [], 5)
+        out["drain3"] = mon.drain()
+        out["line3"] = cr.reapply_if_needed()
+        out["line3b"] = cr.reapply_if_needed()
+        print(json.dumps(out))
+    """, setup=client_routes_code(str(chn)))
+    assert out["idle"] is False and out["nothing"] is None
+    assert out["readable"] and out["drain"] is True
+    assert out["line"] and "\n" not in out["line"]
+    assert f"via {GW} dev eth0 -> via {GW2} dev eth0" in out["line"], out["line"]
+    assert out["seconds"] < 3
+    assert out["original"][:2] == [GW2, "eth0"]
+    assert out["own_changes_seen"] is False and out["again"] is None
+    assert out["drain2"] is True
+    assert "1 rule restored" in out["line2"] and "500 chnroute prefixes re-added" in out["line2"], out["line2"]
+    assert out["drain3"] is True and "lost its default route" in out["line3"] and out["line3b"] is None
+    main = client.ip("-4", "route", "show", "table", "main")
+    for host in ("198.51.100.7", "203.0.113.9"):
+        assert f"{host} via {GW2} dev eth0 {TAG}" in main
+    assert f"via {GW} " not in main
+    assert len(client.ip("-4", "route", "show", "table", "100").splitlines()) == 500
+    assert len(ours(client.ip("-4", "rule", "show"))) == 3
+
+
+@pytest.mark.root
+def test_route_lookup_follows_policy_routes_and_caches(client):
+    out = client.py("""
+        cr.apply()
+        ip("route", "add", "default", "via", "10.17.1.2", "dev", "alpaca0", "table", "200")
+        ip("rule", "add", "to", "192.0.2.0/24", "lookup", "200", "pref", "1000")
+        lk = routes.RouteLookup("alpaca0")
+        a = socket.inet_aton
+        out = {"policy": lk.gateway_for(a("192.0.2.5")), "default": lk.gateway_for(a("8.8.8.8")),
+               "server": lk.gateway_for(a("198.51.100.7")), "lan": lk.gateway_for(a("172.31.77.9"))}
+        n = lk.lookups
+        lk.gateway_for(a("192.0.2.5")); lk.gateway_for(a("8.8.8.8"))
+        out["cached"] = lk.lookups == n
+        ip("rule", "del", "pref", "1000")
+        out["stale"] = lk.gateway_for(a("192.0.2.5"))
+        lk.invalidate()
+        out["fresh"] = lk.gateway_for(a("192.0.2.5"))
+        small = routes.RouteLookup("alpaca0", max_entries=8)
+        for i in range(20):
+            small.gateway_for(bytes([203, 0, 113, i]))
+        out["bounded"] = len(small._cache)
+        print(json.dumps(out))
+    """, setup=client_routes_code())
+    assert out["policy"] == "10.17.1.2"
+    assert out["default"] == TUN_GW
+    assert out["server"] is None and out["lan"] is None
+    assert out["cached"] and out["stale"] == "10.17.1.2"
+    assert out["fresh"] == TUN_GW
+    assert out["bounded"] == 8
+
+
+@pytest.mark.root
+def test_update_changes_only_the_difference_and_remove_stays_exact(client, tmp_path):
+    chn = write_chnroute(tmp_path / "chn.txt", 200)
+    chn2 = write_chnroute(tmp_path / "chn2.txt", 100)
+    before = client.snapshot()
+    out = client.py(f"""
+        cr.apply()
+        mon = routes.RouteMonitor()
+        out = {{}}
+        out["hosts"] = cr.update(underlay_hosts=["198.51.100.8"])
+        out["same"] = cr.update(underlay_hosts=["198.51.100.8"])
+        out["chn"] = cr.update(chnroute=ChnRoute(101, {CHN_GW!r}, {str(chn2)!r}))
+        out["seen"] = mon.drain()        # our own changes do not wake the daemon
+        out["main"] = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True).stdout
+        out["t100"] = subprocess.run(["ip", "-4", "route", "show", "table", "100"], capture_output=True, text=True).stdout
+        out["t101"] = subprocess.run(["ip", "-4", "route", "show", "table", "101"], capture_output=True, text=True).stdout
+        out["rules"] = subprocess.run(["ip", "-4", "rule", "show"], capture_output=True, text=True).stdout
+        cr.remove()
+        print(json.dumps(out))
+    """, setup=client_routes_code(str(chn)))
+    assert "1 route set" in out["hosts"] and "2 stale routes removed" in out["hosts"], out["hosts"]
+    assert out["same"] is None
+    assert "100 chnroute prefixes re-added" in out["chn"] and "200 stale routes and 1 stale rule removed" in out["chn"]
+    assert out["seen"] is False
+    assert f"198.51.100.8 via {GW}" in out["main"] and "198.51.100.7" not in out["main"]
+    assert out["t100"] == "" and len(out["t101"].splitlines()) == 100
+    assert "lookup 101 suppress_prefixlength 0" in out["rules"] and "lookup 100" not in out["rules"]
+    assert client.snapshot() == before
