@@ -20,6 +20,17 @@ class TunError(Exception):
     """The TUN device could not be set up; the message is one line."""
 
 
+class TunGone(TunError):
+    """The device went away under us (deleted by someone): the daemon must exit."""
+
+    def __init__(self, name: str, error: OSError):
+        super().__init__(f"TUN device {name!r} is gone ({error.strerror or error}); exiting")
+
+
+# what a read/write on a TUN fd returns once its device was deleted
+_DEVICE_GONE = {errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV}
+
+
 class Tun:
     def __init__(self, name: str, mtu: int, address: str, prefixlen: int = 16):
         try:
@@ -54,6 +65,8 @@ class Tun:
                 packets.append(read(self.fd, READ_SIZE))
         except BlockingIOError:
             pass
+        except OSError as e:
+            raise TunGone(self.name, e) from None
         return packets
 
     def write_batch(self, packets: list[bytes]) -> int:
@@ -63,7 +76,11 @@ class Tun:
         for packet in packets:
             try:
                 write(self.fd, packet)
-            except OSError:
+            except (BlockingIOError, InterruptedError):
+                failed += 1       # the TUN queue is full: the packet is lost, as on a wire
+            except OSError as e:
+                if e.errno in _DEVICE_GONE:
+                    raise TunGone(self.name, e) from None
                 failed += 1       # e.g. EINVAL for a malformed inner packet
         return failed
 

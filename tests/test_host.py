@@ -188,3 +188,19 @@ def test_sigterm_restores_host_and_runs_hooks(world):
     for name in ("s1", "c1"):
         log = world.peers[name].log_text()
         assert "pre_up" in log and "post_up" in log and "Traceback" not in log
+
+
+def test_tun_deleted_under_a_running_daemon_exits_with_one_line(testbed, tmp_path):
+    mesh = Mesh(testbed, tmp_path)
+    ip = testbed.add_host("s1", 1)
+    s1 = mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, [mesh.line("1.1", ip)])
+    mesh.start_all()
+    r = testbed.run("s1", ["ip", "link", "del", "alpaca"])
+    assert r.returncode == 0, r.stderr
+    code = s1.proc.wait(10)
+    assert code == 1
+    log = s1.log_text()
+    assert "TUN device 'alpaca' is gone" in log and "Traceback" not in log, log[-2000:]
+    # the rules it added are gone too (the stack unwound)
+    save = testbed.run("s1", ["iptables-legacy-save"])
+    assert save.returncode == 0 and "alpaca-tunnel" not in save.stdout
