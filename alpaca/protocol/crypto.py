@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass
 
 from nacl import bindings as sodium
+from nacl._sodium import ffi, lib
 from nacl.exceptions import CryptoError
 
 from .constants import HEADER_SIZE, TAG_SIZE, WIRE_VERSION
@@ -82,8 +83,21 @@ class Header:
         return cls(ttl, path, vk & 0x0F, src, dst, session, ts, seq, pad, flags, vk >> 4)
 
 
+# The per-datagram calls go straight to libsodium through PyNaCl's own cffi
+# binding with preallocated buffers: nacl.bindings checks and allocates on
+# every call, which costs more than the cryptography itself for 1.4 KB
+# (docs/benchmarks.md). Same functions, same results (tests/test_crypto.py
+# pins vectors made with nacl.bindings).
+_NO_SALT = ffi.new("unsigned char[]", 16)
+_MASK_OUT = ffi.new("unsigned char[]", HEADER_SIZE)
+_MASK_BYTES = ffi.buffer(_MASK_OUT)
+_LEN_OUT = ffi.new("unsigned long long *")
+
+
 def header_mask(group_key: bytes, tag: bytes) -> int:
-    return int.from_bytes(_blake2b(tag, _PERSON_MASK, key=group_key, size=HEADER_SIZE), "big")
+    lib.crypto_generichash_blake2b_salt_personal(_MASK_OUT, HEADER_SIZE, tag, TAG_SIZE, group_key,
+                                                 len(group_key), _NO_SALT, _PERSON_MASK)
+    return int.from_bytes(_MASK_BYTES, "big")
 
 
 def _xor(raw: bytes, mask: int) -> bytes:
@@ -91,10 +105,18 @@ def _xor(raw: bytes, mask: int) -> bytes:
 
 
 def seal(group_key: bytes, pair_key: bytes, header: Header, plaintext: bytes) -> bytes:
-    raw = header.pack()
+    return seal_raw(group_key, pair_key, header.pack(), plaintext)
+
+
+def seal_raw(group_key: bytes, pair_key: bytes, raw: bytes, plaintext: bytes) -> bytes:
+    """raw: the packed, unmasked header."""
     nonce = raw[4:24] + _NONCE_PAD      # src, dst, session, ts, seq: unique per key
-    sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, raw[MUTABLE_BYTES:], nonce, pair_key)
-    return _xor(raw, header_mask(group_key, sealed[-TAG_SIZE:])) + sealed
+    out = bytearray(HEADER_SIZE + len(plaintext) + TAG_SIZE)
+    lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        ffi.from_buffer(out) + HEADER_SIZE, _LEN_OUT, plaintext, len(plaintext),
+        raw[MUTABLE_BYTES:], HEADER_SIZE - MUTABLE_BYTES, ffi.NULL, nonce, pair_key)
+    out[:HEADER_SIZE] = _xor(raw, header_mask(group_key, bytes(out[-TAG_SIZE:])))
+    return bytes(out)
 
 
 def peek(group_key: bytes, datagram: bytes) -> tuple[Header, int]:
@@ -106,8 +128,13 @@ def peek(group_key: bytes, datagram: bytes) -> tuple[Header, int]:
 def open_sealed(pair_key: bytes, header: Header, datagram: bytes) -> bytes:
     """Authenticate and decrypt; raises nacl CryptoError when the tag fails."""
     raw = header.pack()
-    return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-        datagram[HEADER_SIZE:], raw[MUTABLE_BYTES:], raw[4:24] + _NONCE_PAD, pair_key)
+    clen = len(datagram) - HEADER_SIZE
+    out = bytearray(clen - TAG_SIZE)
+    if lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            ffi.from_buffer(out), _LEN_OUT, ffi.NULL, ffi.from_buffer(datagram) + HEADER_SIZE, clen,
+            raw[MUTABLE_BYTES:], HEADER_SIZE - MUTABLE_BYTES, raw[4:24] + _NONCE_PAD, pair_key) != 0:
+        raise CryptoError("Decryption failed. Ciphertext failed verification")
+    return bytes(out)
 
 
 def rewrite_mutable(datagram: bytes, mask: int, ttl: int, path: int) -> bytes:
