@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, default_config_path, load_config
-from .control import ControlError, default_socket_path, query
+from .control import ControlError, query, socket_path
 from .protocol.crypto import genkey
 
 
@@ -29,12 +29,19 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _load(args):
+    """The config, or None after printing its problems."""
+    try:
+        return load_config(_config_path(args.config))
+    except ConfigError as e:
+        _fail(str(e))
+        return None
+
+
 def cmd_run(args) -> int:
     from .daemon import run_daemon
-    try:
-        config = load_config(_config_path(args.config))
-    except ConfigError as e:
-        return _fail(str(e))
+    if (config := _load(args)) is None:
+        return 1
     _setup_logging(config.log_level)
     return run_daemon(config)
 
@@ -45,13 +52,10 @@ def cmd_genkey(_args) -> int:
 
 
 def cmd_status(args) -> int:
+    if (config := _load(args)) is None:
+        return 1
     try:
-        config = load_config(_config_path(args.config))
-    except ConfigError as e:
-        return _fail(str(e))
-    path = Path(config.control_socket) if config.control_socket else default_socket_path(config.path, config.name)
-    try:
-        status = query(path, {"command": "status"})
+        status = query(socket_path(config), {"command": "status"})
     except ControlError as e:
         return _fail(str(e))
     if "error" in status:
@@ -66,10 +70,8 @@ def cmd_status(args) -> int:
 
 def cmd_cleanup(args) -> int:
     """Remove what a daemon with this config left behind (ExecStopPost)."""
-    try:
-        config = load_config(_config_path(args.config))
-    except ConfigError as e:
-        return _fail(str(e))
+    if (config := _load(args)) is None:
+        return 1
     from .daemon import cleanup_leftovers
     try:
         removed = cleanup_leftovers(config.name)

@@ -34,6 +34,11 @@ def default_socket_path(config_path: Path, tun_name: str) -> Path:
     return RUN_DIR / f"{tun_name}-{digest}.sock"
 
 
+def socket_path(config) -> Path:
+    """The control socket of the daemon that runs with this config."""
+    return Path(config.control_socket) if config.control_socket else default_socket_path(config.path, config.name)
+
+
 class ControlServer:
     def __init__(self, path: Path, handler: Callable[[dict], dict]):
         self.path = Path(path)

@@ -22,11 +22,10 @@ import selectors
 import signal
 import socket
 import time
-from pathlib import Path
 
 from .check import cross_problems
 from .config import Config, ConfigError, load_config
-from .control import ControlError, ControlServer, default_socket_path
+from .control import ControlError, ControlServer, socket_path
 from .hooks import HookError, run_hooks
 from .nat import NatError
 from .notify import Notifier
@@ -102,10 +101,6 @@ def read_secrets(config: Config, at_start: bool) -> dict[int, PeerEntry]:
     return peer_entries(secrets, config.port)
 
 
-def control_path(config: Config) -> Path:
-    return Path(config.control_socket) if config.control_socket else default_socket_path(config.path, config.name)
-
-
 def underlay_hosts(config: Config, peers: dict[int, PeerEntry]) -> list[str]:
     """Servers' and forwarders' public addresses: they must stay outside the tunnel."""
     return sorted({e.static_addr[0] for i, e in peers.items()
@@ -169,14 +164,14 @@ class Daemon:
             server_nat.apply()
         if cfg.mode == "client" and cfg.gateway is not None:
             self._setup_client_routes(stack, peers, net)
-        self.control = stack.enter_context(contextlib.closing(ControlServer(control_path(cfg), self.handle_control)))
+        self.control = stack.enter_context(contextlib.closing(ControlServer(socket_path(cfg), self.handle_control)))
         self.watch = stack.enter_context(contextlib.closing(FileWatch(cfg.secret_file)))
         run_hooks("post_up", cfg.post_up_cmds, self._hook_env, fatal=True)
         stack.callback(run_hooks, "pre_down", cfg.pre_down_cmds, self._hook_env, False)
         log.info("started: id %s, mode %s, %s, UDP %s:%d, %d peers, control %s",
                  format_id(cfg.id), cfg.mode,
                  f"TUN {self.tun.name} {net.address(cfg.id)}/16" if self.tun else "no TUN",
-                 cfg.listen, cfg.port, len(peers) - 1, control_path(cfg))
+                 cfg.listen, cfg.port, len(peers) - 1, socket_path(cfg))
 
     def _setup_client_routes(self, stack: contextlib.ExitStack, peers: dict[int, PeerEntry], net: TunnelNet) -> None:
         from . import routes

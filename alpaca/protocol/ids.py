@@ -13,16 +13,23 @@ class IdError(ValueError):
     """A peer ID or tunnel net that cannot be used; the message is one plain sentence."""
 
 
-def parse_id(text: str) -> int:
-    """Parse `a.b` into a 16-bit ID; raise IdError for bad or reserved IDs."""
+def _two_octets(text: str, what: str, form: str) -> tuple[int, int]:
+    """`a.b` with a and b in 0..255; IdError names `what` and the expected form."""
     if not isinstance(text, str):
-        raise IdError(f"peer ID {text!r} is not a string like '16.1'")
+        raise IdError(f"{what} {text!r} is not a string like '{form}'")
     parts = text.split(".")
     if len(parts) != 2 or not all(p.isdigit() and len(p) <= 3 for p in parts):
-        raise IdError(f"peer ID {text!r} is not of the form a.b (e.g. 16.1)")
+        raise IdError(f"{what} {text!r} is not " + ("of the form a.b (e.g. 16.1)" if what == "peer ID"
+                                                     else f"two octets like {form}"))
     a, b = int(parts[0]), int(parts[1])
     if a > 255 or b > 255:
-        raise IdError(f"peer ID {text!r} has a part above 255")
+        raise IdError(f"{what} {text!r} has " + ("a part" if what == "peer ID" else "an octet") + " above 255")
+    return a, b
+
+
+def parse_id(text: str) -> int:
+    """Parse `a.b` into a 16-bit ID; raise IdError for bad or reserved IDs."""
+    a, b = _two_octets(text, "peer ID", "16.1")
     value = a * 256 + b
     if value in RESERVED_IDS:
         raise IdError(f"peer ID {text!r} is reserved (0.0, 0.1 and 255.255 cannot be used)")
@@ -35,15 +42,7 @@ def format_id(peer_id: int) -> str:
 
 def parse_net(text: str) -> tuple[int, int]:
     """Parse the tunnel net `x.y` (two octets, e.g. 10.17)."""
-    if not isinstance(text, str):
-        raise IdError(f"net {text!r} is not a string like '10.17'")
-    parts = text.split(".")
-    if len(parts) != 2 or not all(p.isdigit() and len(p) <= 3 for p in parts):
-        raise IdError(f"net {text!r} is not two octets like 10.17")
-    a, b = int(parts[0]), int(parts[1])
-    if a > 255 or b > 255:
-        raise IdError(f"net {text!r} has an octet above 255")
-    return a, b
+    return _two_octets(text, "net", "10.17")
 
 
 class TunnelNet:
