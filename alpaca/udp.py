@@ -27,6 +27,15 @@ class UdpError(Exception):
     pass
 
 
+def _from_v6(addr: tuple) -> tuple:
+    host = addr[0]
+    return (host[7:] if host.startswith("::ffff:") and "." in host else host, addr[1])
+
+
+def _to_v6(addr: tuple) -> tuple:
+    return (f"::ffff:{addr[0]}", addr[1]) if ":" not in addr[0] else addr
+
+
 class Udp:
     def __init__(self, listen: str, port: int):
         family = socket.AF_INET6 if ":" in listen else socket.AF_INET
@@ -44,6 +53,9 @@ class Udp:
             raise UdpError(f"cannot listen on UDP {listen}:{port}: {why}") from None
         self.sock.setblocking(False)
         self.fd = self.sock.fileno()
+        # an IPv6 socket ("::") also carries IPv4 as ::ffff:a.b.c.d; the core
+        # compares addresses as plain (host, port) pairs, so translate here
+        self.v6 = family == socket.AF_INET6
         self.send_errors = 0
         self.gso = True
         try:
@@ -58,6 +70,8 @@ class Udp:
         try:
             for _ in range(limit):
                 data, ancdata, _flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE)
+                if self.v6:
+                    addr = _from_v6(addr)
                 size = 0
                 for level, kind, value in ancdata:
                     if level == socket.IPPROTO_UDP and kind == UDP_GRO:
@@ -75,6 +89,8 @@ class Udp:
 
     def send_batch(self, sends: list[tuple[bytes, tuple]]) -> None:
         """Send in order; runs of equal-size datagrams to one address go as one GSO send."""
+        if self.v6:
+            sends = [(d, _to_v6(a)) for d, a in sends]
         i, n = 0, len(sends)
         while i < n:
             data, addr = sends[i]

@@ -50,3 +50,22 @@ def test_falls_back_when_gso_is_refused():
     finally:
         rx.close()
         tx.close()
+
+
+def test_ipv6_socket_speaks_plain_addresses_to_the_core():
+    """With listen "::" the core still sees (host, port) pairs, IPv4 as dotted
+    quads, so static addresses from secrets.txt match what arrives."""
+    rx, tx = Udp("::", 0), Udp("127.0.0.1", 0)
+    try:
+        port = rx.sock.getsockname()[1]
+        tx.send_batch([(b"hello", ("127.0.0.1", port))])
+        got = []
+        deadline = time.monotonic() + 3
+        while not got and time.monotonic() < deadline:
+            got = rx.recv_batch(8)
+        assert got == [(b"hello", ("127.0.0.1", tx.sock.getsockname()[1]))]
+        rx.send_batch([(b"back", ("127.0.0.1", tx.sock.getsockname()[1]))])
+        assert drain(tx, 1) == [b"back"]
+    finally:
+        rx.close()
+        tx.close()

@@ -23,7 +23,7 @@ from .replay import ReplayWindow
 
 RELAY_KEY_CACHE = 4096
 
-Addr = tuple  # (host, port) as the socket module gives it
+Addr = tuple  # (host, port); alpaca/udp.py turns IPv6 socket addresses into this form
 
 
 @dataclass(slots=True)

@@ -1,0 +1,214 @@
+"""Tier 1: fuzzing the whole receive path (Node.from_udp) of a small mesh with real keys.
+
+The harness is scripts/fuzz.py (docs/fuzzing.md); here it runs short, with a
+fixed seed. The invariant, checked for every input: it is either a valid
+packet (delivered once, byte-identical to what a real sender sealed; relayed
+once; or a keepalive consumed) or exactly one counted drop; no exception
+escapes, and unauthenticated input changes no per-peer state.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from protocol_helpers import T0, addr, make_node, pid, tun_ip, udp
+
+from alpaca.protocol import node as node_module
+from alpaca.protocol import peers as peers_module
+from alpaca.protocol.drops import DropReason
+
+
+def _load_fuzz():
+    path = Path(__file__).resolve().parent.parent / "scripts" / "fuzz.py"
+    spec = importlib.util.spec_from_file_location("alpaca_fuzz_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # dataclasses look the module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz = _load_fuzz()
+
+
+def harness(seed: int, **kw):
+    h = fuzz.Harness(seed, **kw)
+    h.warm_up()
+    return h
+
+
+# ---------------------------------------------------------------- the short run
+
+def test_short_run_keeps_the_invariant():
+    """~20,000 inputs, fixed seed; the per-peer state fingerprint is the
+    helpers' own peer_state (slower, exactly what tests/test_node.py compares)."""
+    h = harness(20240607, fingerprint=fuzz.helpers_fingerprint)
+    t0 = time.perf_counter()
+    try:
+        h.run(20_000)
+        h.check_totals()
+    except fuzz.Violation as e:
+        pytest.fail(f"{e}\n{h.reproducer()}")
+    assert time.perf_counter() - t0 < 60
+    total = sum(h.family_counts.values())
+    assert total == 20_000
+    # every family got its fixed share, and every outcome was reached
+    for family, share in fuzz.FAMILIES:
+        assert h.family_counts[family] == 20_000 * share // 100, family
+    outcomes = h.totals()
+    assert all(outcomes[o] > 0 for o in fuzz.OUTCOMES), outcomes
+    # each input accounted once: drops counted on these inputs = dropped inputs,
+    # plus the extra loop counts (a relay counts LOOP per skipped target)
+    assert sum(h.drop_hist.values()) == outcomes["dropped"] + h.extra_loop
+    assert h.extra_loop <= h.drop_hist["peer:loop"]
+
+
+def test_a_second_seed_with_the_fast_fingerprint():
+    h = harness(2)
+    try:
+        h.run(10_000)
+        h.check_totals()
+    except fuzz.Violation as e:
+        pytest.fail(f"{e}\n{h.reproducer()}")
+
+
+# ---------------------------------------------------------------- hypothesis: raw bytes at the relay
+
+RELAY = harness(99)          # one warmed-up mesh shared by the examples below
+SOURCES = [fuzz.ADDR[n] for n in fuzz.NAMES] + fuzz.OTHER_SOURCES
+
+
+def _feed_relay(data: bytes, source: tuple) -> str:
+    try:
+        return RELAY.feed("1.2", data, source, "hypothesis")
+    except fuzz.Violation as e:
+        pytest.fail(f"{e}\ninput to 1.2 from {source}: {data.hex()}")
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2100), st.sampled_from(SOURCES))
+def test_raw_bytes_into_the_relay_are_one_global_drop(data, source):
+    before = sum(RELAY.nodes["1.2"].global_drops.values())
+    assert _feed_relay(data, source) == "dropped"
+    assert sum(RELAY.nodes["1.2"].global_drops.values()) == before + 1
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, fuzz.HISTORY - 1), st.lists(st.integers(0, 8 * 2000), max_size=6),
+       st.integers(-1, 40), st.binary(max_size=40), st.sampled_from(SOURCES))
+def test_mutated_real_datagrams_into_the_relay(pick, flips, cut, tail, source):
+    datagram = bytearray(RELAY.history[pick % len(RELAY.history)][0])
+    for bit in flips:
+        bit %= len(datagram) * 8
+        datagram[bit >> 3] ^= 1 << (bit & 7)
+    if cut >= 0:
+        del datagram[len(datagram) - cut:]
+    _feed_relay(bytes(datagram) + tail, source)
+
+
+# ---------------------------------------------------------------- the harness catches planted bugs
+
+def _must_catch(h, inputs: int = 5000) -> str:
+    with pytest.raises(fuzz.Violation) as caught:
+        h.run(inputs)
+    return str(caught.value)
+
+
+def test_catches_a_skipped_replay_check(monkeypatch):
+    h = harness(5)
+    monkeypatch.setattr(peers_module.Peer, "check_replay", lambda self, *a: None)
+    assert "dup input" in _must_catch(h)
+
+
+def test_catches_unauthenticated_input_accepted(monkeypatch):
+    h = harness(5)
+    real_open = node_module.open_sealed
+
+    def open_anything(key, header, datagram):
+        try:
+            return real_open(key, header, datagram)
+        except node_module.CryptoError:
+            return datagram[26:-16]          # "decrypts" without checking the tag
+    monkeypatch.setattr(node_module, "open_sealed", open_anything)
+    assert "unauth input" in _must_catch(h)
+
+
+def test_catches_state_changed_before_authentication(monkeypatch):
+    h = harness(5)
+    real_pair_key = peers_module.PeerTable.pair_key
+
+    def leaky(self, a, b):
+        key = real_pair_key(self, a, b)
+        if key is not None and a in self.peers:
+            self.peers[a].rx_bytes += 1      # a counter moved by an unchecked header
+        return key
+    monkeypatch.setattr(peers_module.PeerTable, "pair_key", leaky)
+    assert "changed per-peer state" in _must_catch(h)
+
+
+def test_catches_a_relay_that_keeps_the_ttl(monkeypatch):
+    h = harness(5)
+    real_rewrite = node_module.rewrite_mutable
+    monkeypatch.setattr(node_module, "rewrite_mutable",
+                        lambda d, mask, ttl, path: real_rewrite(d, mask, ttl + 1, path))
+    assert "relay header ttl" in _must_catch(h)
+
+
+def test_catches_a_silent_drop(monkeypatch):
+    h = harness(5)
+    monkeypatch.setattr(node_module.Node, "_relay", lambda self, *a: None)
+    assert "fresh input" in _must_catch(h)
+
+
+def test_catches_an_escaping_exception(monkeypatch):
+    h = harness(5)
+    real_peek = node_module.peek
+
+    def fragile(group_key, datagram):
+        header, mask = real_peek(group_key, datagram)
+        if header.flags == 0xEE:
+            raise IndexError("planted")
+        return header, mask
+    monkeypatch.setattr(node_module, "peek", fragile)
+    assert "exception escaped" in _must_catch(h, 20_000)
+
+
+# ---------------------------------------------------------------- findings
+
+def test_a_peer_heard_at_its_static_ipv6_address_is_one_path():
+    """Found by the fuzz work: an AF_INET6 socket reports (host, port, flowinfo,
+    scope_id). The core's contract is plain (host, port) pairs; alpaca/udp.py
+    converts at the boundary (tests/test_udp.py), so a peer heard at its static
+    IPv6 address is one path, not two."""
+    v6 = ("2001:db8::161", 1040)
+    gw = make_node("1.1", ids=("1.1", "16.1"), static={"1.1": addr("1.1"), "16.1": v6})
+    client = make_node("16.1", ids=("1.1", "16.1"), static={"1.1": addr("1.1")}, gateway="1.1")
+    keepalive = client.tick(T0).sends[0][0]
+    gw.from_udp([(keepalive, v6)], T0)
+    assert list(gw.table.get(pid("16.1")).paths) == [v6]
+    sends = gw.from_tun([udp(tun_ip("1.1"), tun_ip("16.1"))], T0).sends
+    assert len(sends) == 1, f"one packet sent {len(sends)} times to the same peer: {[a for _, a in sends]}"
+
+
+def test_loop_guard_counts_per_target_not_per_input():
+    """Not a bug (docs/protocol.md §6 "once per skipped target"), but the one
+    place where an input is not 'exactly one drop': a relay that skips one
+    target for the loop guard and sends on another both relays the input and
+    counts LOOP."""
+    relay = make_node("1.2", ids=("1.1", "1.2", "16.1"))
+    gateway = make_node("1.1", ids=("1.1", "1.2", "16.1"), inactive_downward_static=True)
+    client = make_node("16.1", ids=("1.1", "1.2", "16.1"), gateway="1.1", forwarders=("1.2",))
+    # 1.2 learns a second direct path of 1.1 (any authenticated datagram for 1.2 from there)
+    to_relay = gateway.from_tun([udp(tun_ip("1.1"), tun_ip("1.2"))], T0).sends[0][0]
+    relay.from_udp([(to_relay, ("198.51.100.7", 1040))], T0)
+    # 16.1 sends a packet whose inner destination is 1.1's public address
+    datagram = client.from_tun([udp(tun_ip("16.1"), addr("1.1")[0])], T0).sends[0][0]
+    out = relay.from_udp([(datagram, addr("16.1"))], T0)
+    peer = relay.table.get(pid("16.1"))
+    assert [a for _, a in out.sends] == [("198.51.100.7", 1040)]
+    assert peer.relayed_packets == 1 and peer.drops[DropReason.LOOP] == 1
