@@ -85,7 +85,7 @@ def test_replay_and_garbage_never_reach_tun(mesh4):
     s1, c2 = mesh4.peers["s1"], mesh4.peers["c2"]
     # capture real datagrams from 16.2 arriving at 1.1 (16.2 has no forwarders,
     # so no copies of its own reach 1.1 and the duplicate counts below are exact)
-    sniffer = mesh4.tb.popen("s1", [PY, str(TOOLS / "sniff_udp.py"), "eth0", "1040", "20", "10",
+    sniffer = mesh4.tb.popen("s1", [PY, str(TOOLS / "sniff_datagrams.py"), "eth0", "1040", "20", "10",
                                     mesh4.ip["c2"]],
                              stdout=__import__("subprocess").PIPE, text=True)
     assert sniffer.stdout.readline().strip() == "ready"

@@ -783,3 +783,20 @@ def test_snapshot_is_plain_data():
     assert peer["up"] and peer["rx_packets"] == 2 and set(peer["drops"]) == {"duplicate"}
     assert {p["learned"] for p in peer["paths"]} == {"direct", "relayed"}
     assert all(p["id"] != "1.1" for p in snap["peers"])
+
+
+def test_a_client_cannot_use_another_peers_tunnel_address():
+    """Like WireGuard's allowed IPs: a packet from below (a client of ours)
+    must carry its own tunnel address if its source is in the tunnel net;
+    packets from above (a server routing client to client) are not checked."""
+    s1 = make_node("1.1", ids=("1.1", "16.1", "16.2"))
+    c2 = make_node("16.2", ids=("1.1", "16.2"), gateway="1.1")
+    spoofed = c2.from_tun([udp(tun_ip("16.1"), tun_ip("1.1"))], T0).sends[0][0]
+    assert s1.from_udp([(spoofed, addr("16.2"))], T0).tun == []
+    assert drops(s1, "16.2") == {DropReason.SPOOFED: 1}
+    assert pid("16.2") not in [p.id for p in s1.table.peers.values() if p.up]
+    own = c2.from_tun([udp(tun_ip("16.2"), tun_ip("1.1"))], T0).sends[0][0]
+    assert len(s1.from_udp([(own, addr("16.2"))], T0).tun) == 1
+    # downward: the server forwards 16.1's packet to 16.2 with its own key
+    relayed = s1.from_tun([udp(tun_ip("16.1"), tun_ip("16.2"))], T0)
+    assert relayed.sends and len(c2.from_udp([(relayed.sends[0][0], addr("1.1"))], T0).tun) == 1

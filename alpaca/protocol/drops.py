@@ -20,6 +20,7 @@ class DropReason(enum.Enum):
     NO_PATH = "no_path"              # nowhere to send it (peer silent, no address)
     NOT_ROUTABLE = "not_routable"    # from TUN: not IP, or no peer for the destination (global)
     NO_TUN = "no_tun"                # for me, but this node has no TUN (forwarder)
+    SPOOFED = "spoofed"              # a client's packet with another peer's tunnel address as source
 
 
 # drops that may be counted against a peer (the others only globally)

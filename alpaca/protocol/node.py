@@ -195,6 +195,8 @@ class Node:
 
     # ------------------------------------------------------------ outbound
     def _dst_id(self, dst_ip: bytes, now: float) -> int | None:
+        if len(dst_ip) == 16 and (dst_ip[0] == 0xFF or (dst_ip[0] == 0xFE and dst_ip[1] & 0xC0 == 0x80)):
+            return None     # IPv6 multicast / link-local (router solicitations, MLD): this link only
         if len(dst_ip) == 4:
             peer_id = self.net.id_of(dst_ip)
             if peer_id is not None:
@@ -287,6 +289,9 @@ class Node:
         if not for_me:
             self._relay(header, mask, data, plaintext, addr, src, now, out)
             return
+        if header.kind == KIND_DATA and header.src > self.me and self._spoofed(header.src, plaintext):
+            src.drops[DropReason.SPOOFED] += 1
+            return
         # Paths are learned only from datagrams addressed to us: a relayed
         # datagram "from src" may have been sealed by dst, who shares the key.
         relayed = header.path != PATH_DIRECT
@@ -304,6 +309,18 @@ class Node:
             src.drops[DropReason.NO_TUN] += 1
             return
         out.tun.append(plaintext[:len(plaintext) - header.pad] if header.pad else plaintext)
+
+    def _spoofed(self, src: int, packet: bytes) -> bool:
+        """A peer below us (a client of ours) may only use its own tunnel
+        address as the source of a tunnel-net packet, so one member cannot
+        pass for another at the IP level (like WireGuard's allowed IPs).
+        Peers above us route for others (client to client through a
+        server), so their packets are not checked."""
+        ends = inner.addresses(packet)
+        if ends is None or len(ends[0]) != 4:
+            return False
+        owner = self.net.id_of(ends[0])
+        return owner is not None and owner != src
 
     def _relay(self, header: Header, mask: int, data: bytes, plaintext: bytes, addr: Addr,
                src: Peer, now: float, out: Output) -> None:
