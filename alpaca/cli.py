@@ -78,7 +78,7 @@ def cmd_cleanup(args) -> int:
     except Exception as e:    # report in one line; cleanup must never leave a traceback in the journal
         return _fail(f"cleanup failed: {e}")
     if removed:
-        print(f"alpaca-tunnel: removed {removed} routes/rules left by {config.name}")
+        print(f"alpaca-tunnel: undid {removed} changes (rules, routes, sysctls) left by {config.name}")
     return 0
 
 

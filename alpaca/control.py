@@ -20,6 +20,7 @@ from typing import Callable
 RUN_DIR = Path("/run/alpaca-tunnel")
 MAX_REQUEST = 4096
 CLIENT_TIMEOUT = 0.5
+REPLY_BYTES_PER_SECOND = 10e6   # slowest client we wait for when sending a reply
 
 
 class ControlError(Exception):
@@ -83,8 +84,10 @@ class ControlServer:
             with conn:
                 conn.settimeout(CLIENT_TIMEOUT)
                 try:
-                    reply = self._answer(self._read_request(conn))
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+                    reply = json.dumps(self._answer(self._read_request(conn))).encode() + b"\n"
+                    # a big table (65k peers: ~15 MB) needs longer than a request
+                    conn.settimeout(CLIENT_TIMEOUT + len(reply) / REPLY_BYTES_PER_SECOND)
+                    conn.sendall(reply)
                 except OSError:
                     pass
 
@@ -118,18 +121,19 @@ class ControlServer:
             pass
 
 
-def query(path: Path, request: dict, timeout: float = 3.0) -> dict:
+def query(path: Path, request: dict, timeout: float = 30.0) -> dict:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
         sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 16)
+        chunks = []
+        while not chunks or not chunks[-1].endswith(b"\n"):
+            chunk = sock.recv(1 << 20)
             if not chunk:
                 break
-            data += chunk
+            chunks.append(chunk)
+        data = b"".join(chunks)
     except OSError as e:
         if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
             raise ControlError(f"no daemon is running (no control socket at {path})") from None

@@ -44,6 +44,7 @@ log = logging.getLogger("alpaca")
 
 BATCH = 64                  # packets drained from one fd per wake-up
 DROP_SUMMARY_INTERVAL = 10.0
+DROP_SUMMARY_PEERS = 3      # peers named in a drop summary line
 STATUS_INTERVAL = 5.0
 RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (SPEC §5)
 RELOAD_DEBOUNCE = 0.3       # editors write in several steps
@@ -109,8 +110,8 @@ def underlay_hosts(config: Config, peers: dict[int, PeerEntry]) -> list[str]:
 
 def cleanup_leftovers(tun_name: str) -> int:
     """Remove what a previous run with this TUN name left behind (SIGKILL)."""
-    from . import nat, routes
-    return nat.cleanup(tun_name) + routes.cleanup(tun_name)
+    from . import nat, routes, sysctl
+    return nat.cleanup(tun_name) + routes.cleanup(tun_name) + sysctl.cleanup(tun_name)
 
 
 class Daemon:
@@ -140,7 +141,8 @@ class Daemon:
         now = time.time()
         removed = cleanup_leftovers(cfg.name)
         if removed:
-            log.warning("removed %d routes/rules left by an earlier run that did not stop cleanly", removed)
+            log.warning("undid %d changes (rules, routes, sysctls) left by an earlier run that did not stop cleanly",
+                    removed)
         peers = read_secrets(cfg, at_start=True)
         if cfg.virtual_net is not None:
             log.warning("virtual_net is accepted for compatibility but has no effect yet")
@@ -155,7 +157,7 @@ class Daemon:
         if cfg.mode != "forwarder":
             self.tun = stack.enter_context(contextlib.closing(Tun(cfg.name, cfg.mtu, str(net.address(cfg.id)))))
         if cfg.mode == "server":
-            sysctl = Sysctl()
+            sysctl = Sysctl(cfg.name)
             sysctl.set(IP_FORWARD, "1")     # servers route between clients and out
             stack.callback(sysctl.restore)
             from .nat import ServerNat
@@ -288,18 +290,27 @@ class Daemon:
         self.node.notices.clear()
 
     def _log_drop_summary(self) -> None:
-        """Per-packet problems are summed up here, never logged one by one."""
+        """Per-packet problems are summed up here, never logged one by one:
+        one line per reason, naming the peers with the most."""
         current: dict[tuple[int | None, DropReason], int] = {
             (None, r): n for r, n in self.node.global_drops.items()}
         for peer in self.node.table.peers.values():
             current.update({(peer.id, r): n for r, n in peer.drops.items()})
-        for (peer_id, reason), count in sorted(current.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1].value)):
+        by_reason: dict[DropReason, list[tuple[int, int | None]]] = {}
+        for (peer_id, reason), count in current.items():
             delta = count - self._last_drops.get((peer_id, reason), 0)
             if delta > 0:
-                level = logging.DEBUG if reason is DropReason.DUPLICATE else logging.INFO
-                who = f"from peer {format_id(peer_id)}" if peer_id is not None else "not tied to a peer"
-                log.log(level, "dropped %d datagrams (%s) %s in the last %.0f s",
-                        delta, reason.value, who, DROP_SUMMARY_INTERVAL)
+                by_reason.setdefault(reason, []).append((delta, peer_id))
+        for reason in sorted(by_reason, key=lambda r: r.value):
+            entries = sorted(by_reason[reason], key=lambda e: (-e[0], e[1] or 0))
+            total = sum(n for n, _ in entries)
+            who = ", ".join("not tied to a peer" if p is None else f"peer {format_id(p)} {n}"
+                            for n, p in entries[:DROP_SUMMARY_PEERS])
+            if len(entries) > DROP_SUMMARY_PEERS:
+                who += f" and {len(entries) - DROP_SUMMARY_PEERS} more peers"
+            level = logging.DEBUG if reason is DropReason.DUPLICATE else logging.INFO
+            log.log(level, "dropped %d datagrams (%s) in the last %.0f s: %s",
+                    total, reason.value, DROP_SUMMARY_INTERVAL, who)
         self._last_drops = current
 
     def run(self) -> int:

@@ -43,6 +43,8 @@ from .ids import TunnelNet, format_id
 from .peers import Addr, Peer, PeerEntry, PeerTable
 
 PRUNE_INTERVAL = 5.0
+PATH_NOTICES_PER_INTERVAL = 3     # per peer, then one line saying the rest are not logged
+HOST_CACHE_LIMIT = 1024           # packed forms of target hosts kept for the loop guard
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Node:
         self._next_prune = now + PRUNE_INTERVAL
         self._packed: dict[str, bytes | None] = {}
         self._loop_noticed: set[Addr] = set()
+        self._path_notices: dict[int, int] = {}
         self.started = now
 
     # ------------------------------------------------------------ peers
@@ -165,6 +168,8 @@ class Node:
                 packed = ipaddress.ip_address(host.split("%")[0]).packed
             except ValueError:
                 packed = None
+            if len(self._packed) >= HOST_CACHE_LIMIT:
+                self._packed.clear()        # hosts are chosen by peers: keep this bounded
             self._packed[host] = packed
         return packed
 
@@ -296,8 +301,7 @@ class Node:
         # datagram "from src" may have been sealed by dst, who shares the key.
         relayed = header.path != PATH_DIRECT
         if src.heard(addr, relayed, now):
-            self.notices.append(f"peer {format_id(src.id)}: new {'relayed' if relayed else 'direct'} "
-                                f"path {addr[0]}:{addr[1]}")
+            self._path_notice(src.id, f"new {'relayed' if relayed else 'direct'} path {addr[0]}:{addr[1]}")
         if not src.up:
             src.up = True
             self.notices.append(f"peer {format_id(src.id)} up")
@@ -321,6 +325,16 @@ class Node:
             return False
         owner = self.net.id_of(ends[0])
         return owner is not None and owner != src
+
+    def _path_notice(self, peer_id: int, what: str) -> None:
+        """Path changes are state changes worth a line each, but a peer whose
+        address changes on every datagram must not log per packet."""
+        count = self._path_notices.get(peer_id, 0)
+        self._path_notices[peer_id] = count + 1
+        if count < PATH_NOTICES_PER_INTERVAL:
+            self.notices.append(f"peer {format_id(peer_id)}: {what}")
+        elif count == PATH_NOTICES_PER_INTERVAL:
+            self.notices.append(f"peer {format_id(peer_id)}: more new paths; not logged for {PRUNE_INTERVAL:.0f} s")
 
     def _relay(self, header: Header, mask: int, data: bytes, plaintext: bytes, addr: Addr,
                src: Peer, now: float, out: Output) -> None:
@@ -354,6 +368,9 @@ class Node:
             self._keepalives(now, out)
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_INTERVAL
+            self._path_notices.clear()
+            if len(self._loop_noticed) > HOST_CACHE_LIMIT:
+                self._loop_noticed.clear()
             for peer in self.table.peers.values():
                 peer.prune(now)
                 if peer.up and now - peer.last_rx > PEER_LIFETIME:

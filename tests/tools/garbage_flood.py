@@ -25,9 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from alpaca.protocol.constants import DEFAULT_TTL, KIND_DATA  # noqa: E402
-from alpaca.protocol.crypto import Header, derive_group_key, seal  # noqa: E402
-from alpaca.protocol.ids import parse_id  # noqa: E402
+from alpaca.protocol.constants import DEFAULT_TTL, KIND_DATA
+from alpaca.protocol.crypto import Header, derive_group_key, seal
+from alpaca.protocol.ids import parse_id
 
 
 def pool(group: str, src: int, dst: int, seed: int) -> list[bytes]:
