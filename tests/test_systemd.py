@@ -44,6 +44,9 @@ class Container:
              "--register=no", "--keep-unit", "--console=read-only", "--volatile=overlay",
              f"--network-namespace-path=/run/netns/{nsname}", "--capability=CAP_NET_ADMIN",
              f"--bind-ro={units}:/run/systemd/system", f"--bind={confdir}:/etc/alpaca-tunnel.d",
+             # the checkout and its venv at the same path (a clone under /tmp is
+             # hidden by the container's own /tmp otherwise)
+             f"--bind-ro={ROOT}:{ROOT}",
              "--", "systemd.unit=multi-user.target"],
             stdout=self.console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.leader = wait_for(self._leader, 30)
