@@ -24,6 +24,7 @@ from conftest import Mesh, unique_prefix
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+SRC = "/run/alpaca-src"         # where the container sees this checkout
 
 
 def _have_nspawn() -> bool:
@@ -44,9 +45,9 @@ class Container:
              "--register=no", "--keep-unit", "--console=read-only", "--volatile=overlay",
              f"--network-namespace-path=/run/netns/{nsname}", "--capability=CAP_NET_ADMIN",
              f"--bind-ro={units}:/run/systemd/system", f"--bind={confdir}:/etc/alpaca-tunnel.d",
-             # the checkout and its venv at the same path (a clone under /tmp is
-             # hidden by the container's own /tmp otherwise)
-             f"--bind-ro={ROOT}:{ROOT}",
+             # the checkout and its venv; not at their own path: nspawn's /tmp
+             # tmpfs would hide a clone under /tmp
+             f"--bind-ro={ROOT}:{SRC}",
              "--", "systemd.unit=multi-user.target"],
             stdout=self.console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.leader = wait_for(self._leader, 30)
@@ -104,7 +105,9 @@ def unit_world(tmp_path):
         units = tmp_path / "units"
         units.mkdir()
         unit = (ROOT / "systemd" / "alpaca-tunnel.service").read_text()
-        unit = unit.replace("/usr/bin/alpaca-tunnel", str(VENV_BIN / "alpaca-tunnel"))
+        # this checkout's venv, seen at SRC inside the container
+        unit = unit.replace("/usr/bin/alpaca-tunnel", f"{SRC}/{VENV_BIN.relative_to(ROOT)}/python -m alpaca")
+        unit = unit.replace("[Service]\n", f"[Service]\nEnvironment=PYTHONPATH={SRC}\n")
         # a wedged process is SIGABRTed on watchdog timeout; a stopped one
         # needs the SIGKILL that follows TimeoutAbortSec
         unit = unit.replace("[Service]\n", "[Service]\nTimeoutAbortSec=2\n")
