@@ -167,7 +167,8 @@ class Daemon:
         if cfg.mode == "client" and cfg.gateway is not None:
             self._setup_client_routes(stack, peers, net)
         self.control = stack.enter_context(contextlib.closing(ControlServer(socket_path(cfg), self.handle_control)))
-        self.watch = stack.enter_context(contextlib.closing(FileWatch(cfg.secret_file)))
+        self.watch = FileWatch(cfg.secret_file)
+        stack.callback(lambda: self.watch.close())      # the current one: a reload may replace it
         run_hooks("post_up", cfg.post_up_cmds, self._hook_env, fatal=True)
         stack.callback(run_hooks, "pre_down", cfg.pre_down_cmds, self._hook_env, False)
         log.info("started: id %s, mode %s, %s, UDP %s:%d, %d peers, control %s",
@@ -214,29 +215,34 @@ class Daemon:
             return
         old = self.config
         changed = [f.name for f in dataclasses.fields(Config) if getattr(old, f.name) != getattr(new, f.name)]
-        restart = [k for k in changed if k not in LIVE_KEYS and k != "path"]
+        live = [k for k in changed if k in LIVE_KEYS]
+        restart = [k for k in changed if k not in LIVE_KEYS]
         if restart:
             log.warning("config changes that need a restart (not applied): %s", ", ".join(restart))
-            for key in restart:
-                new = dataclasses.replace(new, **{key: getattr(old, key)})
+            new = dataclasses.replace(new, **{key: getattr(old, key) for key in restart})
         self.config = new
-        if changed and not restart or set(changed) - set(restart):
-            self.node.settings = settings_from(new)
-            logging.getLogger().setLevel(new.log_level.upper())
-            if new.secret_file != old.secret_file:
-                self.watch.close()
-                self.watch = FileWatch(new.secret_file)
+        if not live:
+            return
+        self.node.settings = settings_from(new)
+        logging.getLogger().setLevel(new.log_level.upper())
+        if "secret_file" in live:
+            try:
+                watch = FileWatch(new.secret_file)
+            except OSError as e:
+                log.error("cannot watch %s (%s); edits need a reload", new.secret_file, e.strerror or e)
+            else:
                 self._selector.unregister(self._watch_fd)
-                self._watch_fd = self.watch.fileno()
+                self.watch.close()
+                self.watch, self._watch_fd = watch, watch.fileno()
                 self._selector.register(self._watch_fd, selectors.EVENT_READ, "watch")
-            if self.client_routes is not None and {"local_routes", "chnroute"} & set(changed):
-                try:
-                    change = self.client_routes.update(local_routes=list(new.local_routes), chnroute=new.chnroute)
-                except RouteError as e:
-                    change = f"routes not updated: {e}"
-                if change:
-                    log.info("%s", change)
-            log.info("config reloaded: %s", ", ".join(k for k in changed if k not in restart) or "no live changes")
+        if self.client_routes is not None and {"local_routes", "chnroute"} & set(live):
+            try:
+                change = self.client_routes.update(local_routes=list(new.local_routes), chnroute=new.chnroute)
+            except RouteError as e:
+                change = f"routes not updated: {e}"
+            if change:
+                log.info("%s", change)
+        log.info("config reloaded: %s", ", ".join(live))
 
     def reload_secrets(self) -> None:
         try:

@@ -62,4 +62,6 @@ class FileWatch:
                 offset += length
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -199,21 +199,29 @@ class Node:
         heapq.heappush(self._timers, (due, self._timer_serial, sends))
 
     # ------------------------------------------------------------ outbound
-    def _dst_id(self, dst_ip: bytes, now: float) -> int | None:
+    def _route(self, dst_ip: bytes, now: float) -> tuple[Peer, bytes, list[Addr]] | None:
+        """(dst peer, pair key, targets) for a packet to dst_ip; None when not routable.
+
+        dst_id is the ID inside a tunnel-net address, else the peer the route
+        lookup names (gateway_for). A tunnel peer we hold no key or path for
+        is reached via our gateway, whose kernel routes it back into the
+        tunnel (client to client)."""
         if len(dst_ip) == 16 and (dst_ip[0] == 0xFF or (dst_ip[0] == 0xFE and dst_ip[1] & 0xC0 == 0x80)):
             return None     # IPv6 multicast / link-local (router solicitations, MLD): this link only
-        if len(dst_ip) == 4:
-            peer_id = self.net.id_of(dst_ip)
-            if peer_id is not None:
-                peer = self.table.get(peer_id)
-                gw = self.settings.gateway
-                if gw is not None and gw != peer_id and (
-                        peer is None or self.table.pair_key(self.me, peer_id) is None
-                        or not self._towards(peer, now)):
-                    # a peer we cannot reach ourselves: via the gateway's kernel
-                    return gw
-                return peer_id
-        return self.gateway_for(dst_ip)
+        peer_id = self.net.id_of(dst_ip) if len(dst_ip) == 4 else None
+        fallback = self.settings.gateway if peer_id is not None else None
+        if peer_id is None:
+            peer_id = self.gateway_for(dst_ip)
+        if fallback == peer_id:
+            fallback = None
+        for candidate in (peer_id, fallback):
+            peer = self.table.get(candidate) if candidate is not None else None
+            key = self.table.pair_key(self.me, candidate) if peer is not None else None
+            if key is not None:
+                targets = self._towards(peer, now)
+                if targets or candidate == fallback or fallback is None:
+                    return peer, key, targets
+        return None
 
     def from_tun(self, packets: list[bytes], now: float) -> Output:
         out = Output()
@@ -223,17 +231,15 @@ class Node:
 
     def _originate(self, packet: bytes, now: float, out: Output) -> None:
         ends = inner.addresses(packet)
-        dst_id = self._dst_id(ends[1], now) if ends else None
-        key = self.table.pair_key(self.me, dst_id) if dst_id is not None else None
-        if key is None:
+        route = self._route(ends[1], now) if ends else None
+        if route is None:
             self.global_drops[DropReason.NOT_ROUTABLE] += 1
             return
-        peer = self.table.get(dst_id)
-        datagram = self._seal(KIND_DATA, dst_id, key, packet, now)
-        targets = self._towards(peer, now)
+        peer, key, targets = route
         if not targets:
             peer.drops[DropReason.NO_PATH] += 1
             return
+        datagram = self._seal(KIND_DATA, peer.id, key, packet, now)
         sends: list[tuple[bytes, Addr]] = []
         if not self._emit(sends, datagram, targets, packet, None, peer):
             return          # every target failed the loop guard (counted there)

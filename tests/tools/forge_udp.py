@@ -49,16 +49,10 @@ from alpaca.protocol.crypto import (
 )
 from alpaca.protocol.ids import parse_id
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from protocol_helpers import _checksum  # noqa: E402  (tests/, beside tools/)
+
 NET = (10, 17)
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f">{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def echo_request(src: int, dst: int, ident: int, seq: int) -> bytes:
