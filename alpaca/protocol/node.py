@@ -173,14 +173,12 @@ class Node:
             self._packed[host] = packed
         return packed
 
-    def _emit(self, out: list, datagram: bytes, targets: list[Addr], packet: bytes | None,
-              exclude: Addr | None, peer: Peer) -> int:
-        """Append sends; returns how many. Split horizon and loop guard live here."""
-        ends = inner.addresses(packet) if packet else None
+    def _emit(self, out: list, datagram: bytes, targets: list[Addr], ends: tuple[bytes, bytes] | None,
+              peer: Peer) -> int:
+        """Append sends; returns how many. The loop guard lives here; `ends` are
+        the inner packet's (src, dst) addresses, None for keepalives."""
         sent = 0
         for addr in targets:
-            if addr == exclude:
-                continue
             if ends is not None and self._packed_host(addr[0]) in ends:
                 # SPEC §3 loop guard: the route to this peer's address points
                 # back into the tunnel
@@ -241,7 +239,7 @@ class Node:
             return
         datagram = self._seal(KIND_DATA, peer.id, key, packet, now)
         sends: list[tuple[bytes, Addr]] = []
-        if not self._emit(sends, datagram, targets, packet, None, peer):
+        if not self._emit(sends, datagram, targets, ends, peer):
             return          # every target failed the loop guard (counted there)
         out.sends.extend(sends)
         peer.tx_packets += 1
@@ -350,11 +348,12 @@ class Node:
             return
         dst = self.table.get(header.dst)
         relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
-        packet = plaintext if header.kind == KIND_DATA else None
+        ends = inner.addresses(plaintext) if header.kind == KIND_DATA else None
+        # split horizon: never back to the address it came from
         targets = [a for a in self._relay_targets(header.src, dst, now) if a != addr]
         if not targets:
             src.drops[DropReason.NO_PATH] += 1
-        elif self._emit(out.sends, relay, targets, packet, addr, src):
+        elif self._emit(out.sends, relay, targets, ends, src):
             src.relayed_packets += 1
 
     # ------------------------------------------------------------ timers
@@ -396,7 +395,7 @@ class Node:
                 continue
             datagram = self._seal(KIND_KEEPALIVE, peer_id, key, b"", now)
             addrs = self._towards(peer, now) if peer_id == gw else peer.direct_paths(now)
-            self._emit(out.sends, datagram, addrs, None, None, peer)
+            self._emit(out.sends, datagram, addrs, None, peer)
 
     # ------------------------------------------------------------ status
     def snapshot(self, now: float) -> dict:
