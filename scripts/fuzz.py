@@ -23,16 +23,18 @@ From that alone it predicts each input's class and checks the outcome:
           drop (malformed / unknown_peer / auth_failure), no output, and the
           per-peer state fingerprint is unchanged.
   dup     a real datagram whose identity this node already accepted: exactly
-          one duplicate/replay drop on the source peer, no output; nothing
-          else changes but the last_rx of an existing path (a duplicate
-          addressed to us refreshes it).
+          one duplicate/replay drop on the source peer (at a relay, ttl or
+          no_path come first: what cannot be relayed never reaches the
+          window), no output; nothing else changes but the last_rx of an
+          existing path (a duplicate addressed to us refreshes it).
   fresh   a real datagram this node has not accepted: inside the window it
           must be accepted once, then delivered (the TUN packet is
           byte-identical to the inner packet the sender sealed), consumed (a
           keepalive for us), relayed (every send is the same datagram from
           byte 2 on, TTL-1, path relayed, never back to where it came from),
           or dropped with exactly the reason the rules give (no_tun, ttl,
-          no_path, loop); outside the window exactly one replay drop.
+          no_path, loop; a relay's ttl and no_path drops leave the identity
+          unaccepted); outside the window exactly one replay drop.
 
 usage: scripts/fuzz.py [--inputs N] [--seed S] [--engine random|atheris]
 """
@@ -481,6 +483,9 @@ class Harness:
             return name, data, frm, self._no_key_reason(name, header.src, header.dst, DropReason.AUTH_FAILURE)
         raise ValueError(f"unknown family {family!r}")
 
+    def _ttl(self, data: bytes) -> int:
+        return data[0] ^ crypto.header_mask(self.group_key, data[-TAG_SIZE:]).to_bytes(HEADER_SIZE, "big")[0]
+
     def _no_key_reason(self, name: str, src: int, dst: int, otherwise: DropReason) -> DropReason:
         """UNKNOWN_PEER when the receiver holds no key for (src, dst) or src is itself."""
         lo, hi = min(src, dst), max(src, dst)
@@ -573,6 +578,8 @@ class Harness:
                     fail("changed per-peer state")
             else:
                 allowed = (DropReason.REPLAY,) if klass == "stale" else (DropReason.DUPLICATE, DropReason.REPLAY)
+                if rec.dst != me:       # a relay drops what it cannot relay before the replay check
+                    allowed = (DropReason.TTL,) if self._ttl(data) <= 1 else allowed + (DropReason.NO_PATH,)
                 if ngd or npd != 1 or next(iter(pd)) not in allowed:
                     fail(f"not exactly one {'/'.join(r.value for r in allowed)} drop on the source peer")
                 if fp0 is not None and self.fingerprint(node, (rec.src, frm)) != fp0:
@@ -583,7 +590,6 @@ class Harness:
                     fail(f"path last_rx {paths0.get(frm)} -> {after}, refresh expected: {bool(refresh)}")
             outcome = "dropped"
         else:   # fresh: must be accepted exactly once
-            self.accepted[name].add(rec.ident)
             if ngd:
                 fail("an authenticated datagram counted a global drop")
             if rec.dst == me:
@@ -611,7 +617,7 @@ class Harness:
                         {a: p.last_rx for a, p in peer.paths.items()} != paths0:
                     fail("a relay learned from what it relayed")
                 m = crypto.header_mask(self.group_key, data[-TAG_SIZE:]).to_bytes(HEADER_SIZE, "big")
-                ttl = data[0] ^ m[0]
+                ttl = self._ttl(data)
                 if ttl <= 1:
                     if out.sends or npd != 1 or pd[DropReason.TTL] != 1:
                         fail("ttl <= 1: not exactly one ttl drop")
@@ -637,6 +643,8 @@ class Harness:
                     if not (pd == {DropReason.NO_PATH: 1} or (npd >= 1 and set(pd) == {DropReason.LOOP})):
                         fail("nothing relayed: not one no_path drop (or loop drops only)")
                     outcome = "dropped"
+            if rec.dst == me or not (pd[DropReason.TTL] or pd[DropReason.NO_PATH]):
+                self.accepted[name].add(rec.ident)
             entry = (data, name, frm)
             if len(self.accepted_ring) < HISTORY:
                 self.accepted_ring.append(entry)

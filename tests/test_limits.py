@@ -36,6 +36,7 @@ from alpaca.protocol.constants import (
     KIND_KEEPALIVE,
     MAX_PATHS_PER_PEER,
     MAX_SESSIONS_PER_PEER,
+    MAX_WINDOWS_PER_PEER,
     PATH_DIRECT,
     PATH_RELAYED,
     REPLAY_WINDOW,
@@ -313,26 +314,73 @@ def test_one_datagram_costs_little_replay_state(tracing):
     assert grown <= 4096
 
 
-@pytest.mark.xfail(strict=True, reason="a relay opens one window per (src, dst) for any dst it holds a "
-                                       "key for: one peer's replay state grows with the table size "
-                                       "(docs/limits.md, open limit 2)")
 def test_one_peer_replay_state_is_bounded_across_destinations(tracing):
     """Client X holds the pair key (Y, X) for every Y < X (it is derived from
-    X's key), so it can seal src=X, dst=Y; relay 1.1 checks (and keeps) a
-    window for each such (X, Y) before it looks for a target."""
-    entries = make_entries(200)
+    X's key), so it can seal src=X, dst=Y and src=Y, dst=X. Relay 1.1 opens a
+    window only for what it can relay, and keeps at most MAX_WINDOWS_PER_PEER
+    windows for pairs sealed under X's key; more are refused until some expire."""
+    entries = make_entries(200, static=True)
     attacker = max(entries)
     node = make_node(entries)
     victims = sorted(entries)[1:101]            # 100 peers other than ME and the attacker
+    here = ("203.0.113.9", 9999)
+    # heard from (so 1.1 has a path towards X) and one window for its traffic to 1.1
+    node.from_udp([(datagram(key_for(entries, ME, attacker), attacker, ME, b"S" * 8, int(T0), 0,
+                             kind=KIND_KEEPALIVE), here)], T0)
+
+    def forge(t: float, seq: int):
+        up = [(datagram(key_for(entries, attacker, y), attacker, y, b"S" * 8, int(t), seq,
+                        kind=KIND_KEEPALIVE), here) for y in victims]
+        down = [(datagram(key_for(entries, attacker, y), y, attacker, b"S" * 8, int(t), seq,
+                          kind=KIND_KEEPALIVE), here) for y in victims]
+        return node.from_udp(up + down, t)
+
     base = traced()
-    batch = [(datagram(key_for(entries, attacker, y), attacker, y, b"S" * 8, int(T0), SEQ_LIMIT - 1,
-                       kind=KIND_KEEPALIVE), ("203.0.113.9", 9999)) for y in victims]
-    node.from_udp(batch, T0)
+    out = forge(T0, SEQ_LIMIT - 1)
     grown = traced() - base
-    windows = len(node.table.get(attacker).replay)
-    print(f"\none peer, {len(victims)} destinations, one datagram each: {windows} windows, "
-          f"+{grown / 2**20:.1f} MiB")
-    assert grown <= WINDOW_BOUND
+    peers = [node.table.get(i) for i in [attacker] + victims]
+    relay_windows = sum(len(p.replay) for p in peers) - 1          # all but X's own window to 1.1
+    refused = sum(p.drops[DropReason.TOO_MANY_SESSIONS] for p in peers)
+    print(f"\none peer, {len(victims)} destinations both ways, one datagram each: {relay_windows} windows "
+          f"kept, {refused} refused, +{grown} B")
+    assert relay_windows == node.table.get(attacker).relay_windows == MAX_WINDOWS_PER_PEER
+    assert refused == 2 * len(victims) - MAX_WINDOWS_PER_PEER
+    assert len(out.sends) == MAX_WINDOWS_PER_PEER                   # what was accepted is relayed
+    assert grown <= MAX_WINDOWS_PER_PEER * (BITMAP_MAX + 8192)
+    # windows that expire free their slots at the prune
+    later = T0 + SECONDS_PER_SESSION + 1
+    node.tick(later)
+    assert node.table.get(attacker).relay_windows == 0
+    assert len(forge(later, 0).sends) == MAX_WINDOWS_PER_PEER
+
+
+def test_a_relay_keeps_a_window_for_each_client_a_server_sends_to():
+    """The cap counts windows against the pair's bigger ID: forwarder 1.1
+    carrying server 1.2's downward traffic to many clients keeps a window per
+    client (each charged to that client) and refuses none."""
+    entries = make_entries(100, static=True)
+    server, clients = sorted(entries)[1], sorted(entries)[2:]
+    node = Node(NodeSettings(my_id=ME, net=NET, group=GROUP, mode="forwarder", inactive_downward_static=True),
+                entries, T0 - 10)
+    out = node.from_udp([(datagram(key_for(entries, server, c), server, c, b"S" * 8, int(T0), 0),
+                          entries[server].static_addr) for c in clients], T0)
+    assert len(out.sends) == len(clients) > MAX_WINDOWS_PER_PEER
+    assert len(node.table.get(server).replay) == len(clients)
+    assert not node.table.get(server).drops
+    assert all(node.table.get(c).relay_windows == 1 for c in clients)
+
+
+def test_a_peer_leaving_the_table_frees_the_slots_its_windows_took():
+    entries = make_entries(40, static=True)
+    attacker = max(entries)
+    node = make_node(entries)
+    victims = sorted(entries)[1:1 + MAX_WINDOWS_PER_PEER]
+    node.from_udp([(datagram(key_for(entries, attacker, y), attacker, y, b"S" * 8, int(T0), 0),
+                    ("203.0.113.9", 9999)) for y in victims], T0)
+    assert node.table.get(attacker).relay_windows == MAX_WINDOWS_PER_PEER
+    charged = node.table.get(attacker)
+    node.apply_peers({i: e for i, e in entries.items() if i != attacker}, T0)
+    assert charged.relay_windows == 0
 
 
 # ---------------------------------------------------------------- paths and caches

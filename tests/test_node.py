@@ -631,7 +631,9 @@ def test_replay_state_is_kept_per_destination():
     datagrams; at relay 1.2 such forgeries must not touch 16.1's traffic to 1.2."""
     s2 = make_node("1.2")
     for k in range(20):                                    # forged sessions, as 1.1 could make them
-        s2.from_udp([(make_datagram("16.1", "1.1", UP, session=bytes([k]) * 8), addr("1.1"))], T0)
+        # (from an address other than 1.1's: sent from there they would not be
+        # relayed at all, split horizon, and open no window)
+        s2.from_udp([(make_datagram("16.1", "1.1", UP, session=bytes([k]) * 8), addr("16.9"))], T0)
     assert drops(s2, "16.1").get(DropReason.TOO_MANY_SESSIONS)
     keepalive = make_datagram("16.1", "1.2", b"", kind=KIND_KEEPALIVE, session=b"real-one")
     before = s2.table.get(pid("16.1")).rx_packets

@@ -41,3 +41,7 @@ KEEPALIVE_INTERVAL = 4.0  # < PATH_LIFETIME so an idle client's paths stay live
 SYN_DNS_COPY_DELAY = 0.02  # the extra copy of TCP SYN and DNS packets (SPEC §3)
 MAX_PATHS_PER_PEER = 8    # learned paths kept per peer (oldest evicted)
 MAX_SESSIONS_PER_PEER = 8  # sender restarts remembered inside the replay window
+# replay windows a relay keeps for pairs this peer's key string seals, besides
+# the pair (peer, me): a member holds the keys of every pair with a smaller ID,
+# so without a cap it could make a relay keep a window per peer in the table
+MAX_WINDOWS_PER_PEER = 16

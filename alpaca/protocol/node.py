@@ -285,8 +285,18 @@ class Node:
             return
         # authenticated from here on: drops are the source peer's
         src = self.table.get(header.src)
-        reason = src.check_replay(header.dst, header.session, header.ts, header.seq, now)
         for_me = header.dst == self.me
+        charged = targets = None
+        if not for_me:
+            # what would not be relayed is dropped before it can open a replay window
+            dst = self.table.get(header.dst)
+            targets = self._relay_targets_from(header, addr, src, dst, now)
+            if targets is None:
+                return
+            # relay windows count against the pair's bigger ID, whose key
+            # string seals it: a member can forge only pairs above itself
+            charged = src if header.src > header.dst else dst
+        reason = src.check_replay(header.dst, header.session, header.ts, header.seq, now, charged)
         if reason is not None:
             src.drops[reason] += 1
             if reason is DropReason.DUPLICATE and for_me:
@@ -296,7 +306,7 @@ class Node:
                 src.refresh(addr, now)
             return
         if not for_me:
-            self._relay(header, mask, data, plaintext, addr, src, now, out)
+            self._relay(header, mask, data, plaintext, targets, src, out)
             return
         if header.kind == KIND_DATA and header.src > self.me and self._spoofed(header.src, plaintext):
             src.drops[DropReason.SPOOFED] += 1
@@ -340,20 +350,25 @@ class Node:
         elif count == PATH_NOTICES_PER_INTERVAL:
             self.notices.append(f"peer {format_id(peer_id)}: more new paths; not logged for {PRUNE_INTERVAL:.0f} s")
 
-    def _relay(self, header: Header, mask: int, data: bytes, plaintext: bytes, addr: Addr,
-               src: Peer, now: float, out: Output) -> None:
-        """Forward (SPEC §3): same dst_id, TTL-1, never back where it came from."""
+    def _relay_targets_from(self, header: Header, addr: Addr, src: Peer, dst: Peer,
+                            now: float) -> list[Addr] | None:
+        """Where a datagram that is not for us goes (SPEC §3): never back to the
+        address it came from (split horizon); None when it is dropped (counted)."""
         if header.ttl <= 1:
             src.drops[DropReason.TTL] += 1
-            return
-        dst = self.table.get(header.dst)
-        relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
-        ends = inner.addresses(plaintext) if header.kind == KIND_DATA else None
-        # split horizon: never back to the address it came from
+            return None
         targets = [a for a in self._relay_targets(header.src, dst, now) if a != addr]
         if not targets:
             src.drops[DropReason.NO_PATH] += 1
-        elif self._emit(out.sends, relay, targets, ends, src):
+            return None
+        return targets
+
+    def _relay(self, header: Header, mask: int, data: bytes, plaintext: bytes, targets: list[Addr],
+               src: Peer, out: Output) -> None:
+        """Forward (SPEC §3): same dst_id, TTL-1."""
+        relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
+        ends = inner.addresses(plaintext) if header.kind == KIND_DATA else None
+        if self._emit(out.sends, relay, targets, ends, src):
             src.relayed_packets += 1
 
     # ------------------------------------------------------------ timers

@@ -16,7 +16,7 @@ import collections
 import math
 from dataclasses import dataclass
 
-from .constants import MAX_PATHS_PER_PEER, PATH_LIFETIME, PEER_LIFETIME
+from .constants import MAX_PATHS_PER_PEER, MAX_WINDOWS_PER_PEER, PATH_LIFETIME, PEER_LIFETIME
 from .crypto import derive_pair_key, derive_psk_key
 from .drops import DropReason
 from .replay import ReplayWindow
@@ -43,7 +43,7 @@ class PeerEntry:
 
 class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
-                 "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor")
+                 "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
         self.id = peer_id
@@ -66,13 +66,22 @@ class Peer:
         # only timestamps after this peer entered the table: a datagram
         # captured before cannot be replayed into the fresh window.
         self.replay_floor = int(now) + 1
+        # relay windows (at any source) charged to this peer: at most MAX_WINDOWS_PER_PEER
+        self.relay_windows = 0
 
-    def check_replay(self, dst: int, session: bytes, ts: int, seq: int, now: float) -> DropReason | None:
+    def check_replay(self, dst: int, session: bytes, ts: int, seq: int, now: float,
+                     charged: Peer | None = None) -> DropReason | None:
+        """`charged`: None for the window of traffic to this node; for a pair
+        it only relays, the peer a new window counts against (the bigger ID)."""
         if ts < self.replay_floor:
             return DropReason.REPLAY
         window = self.replay.get(dst)
         if window is None:
-            window = self.replay[dst] = ReplayWindow()
+            if charged is not None:
+                if charged.relay_windows >= MAX_WINDOWS_PER_PEER:
+                    return DropReason.TOO_MANY_SESSIONS     # a slot frees when a window expires
+                charged.relay_windows += 1
+            window = self.replay[dst] = ReplayWindow(charged)
         return window.check_and_accept(session, ts, seq, now)
 
     @property
@@ -123,7 +132,18 @@ class Peer:
             if not self.replay[dst].sessions:
                 # keep what the window had forgotten before dropping it
                 self.replay_floor = max(self.replay_floor, self.replay[dst].floor + 1)
-                del self.replay[dst]
+                self.release_window(dst)
+
+    def release_window(self, dst: int) -> None:
+        """Drop the window for dst and free the slot it took."""
+        window = self.replay.pop(dst)
+        if window.charged is not None:
+            window.charged.relay_windows -= 1
+
+    def release_windows(self) -> None:
+        """The peer leaves the table: free the slots its windows took."""
+        for dst in list(self.replay):
+            self.release_window(dst)
 
 
 class PeerTable:
@@ -164,7 +184,7 @@ class PeerTable:
         removed = [i for i in self.peers if i not in entries]
         changed = [i for i in entries if i in self.peers and self.peers[i].entry != entries[i]]
         for peer_id in removed + changed:
-            self.peers.pop(peer_id, None)
+            self.peers.pop(peer_id).release_windows()
         if removed or changed:
             gone = set(removed + changed)
             self._pair_keys = {k: v for k, v in self._pair_keys.items() if not gone.intersection(k)}

@@ -18,9 +18,11 @@ from .drops import DropReason
 
 
 class ReplayWindow:
-    __slots__ = ("sessions", "floor")
+    __slots__ = ("sessions", "floor", "charged")
 
-    def __init__(self) -> None:
+    def __init__(self, charged: object = None) -> None:
+        # the peer whose window slot this is (peers.Peer.relay_windows), or None
+        self.charged = charged
         # session -> {ts: bitmap}
         self.sessions: dict[bytes, dict[int, bytearray]] = {}
         # the newest second we have forgotten: anything at or below it is
