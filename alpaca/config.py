@@ -71,6 +71,8 @@ class Config:
     virtual_net: tuple[int, int] | None
     padding: int
     control_socket: str | None
+    offload: bool = True
+    parity: int | str = "auto"
 
     @property
     def is_server(self) -> bool:
@@ -354,6 +356,8 @@ def load_config(path: str | Path) -> Config:
         virtual_net=None if d["virtual_net"] is None else parse_net(d["virtual_net"]),
         padding=d["padding"],
         control_socket=d["control_socket"],
+        offload=d["offload"],
+        parity=d["parity"],
     )
 
 

@@ -66,7 +66,8 @@ def settings_from(config: Config) -> NodeSettings:
                         gateway=config.gateway, forwarders=config.forwarders,
                         duplicate=config.duplicate, duplicate_delay=config.duplicate_delay_ms / 1000,
                         inactive_downward_static=config.inactive_downward_static,
-                        padding=config.padding)
+                        padding=config.padding, vnet=True, mtu=config.mtu,
+                        parity=None if config.parity == "auto" else config.parity)
 
 
 def peer_entries(secrets: dict[int, PeerSecret], default_port: int) -> dict[int, PeerEntry]:
@@ -155,7 +156,7 @@ class Daemon:
         self.node = Node(settings_from(cfg), peers, now, gateway_for=self._gateway_for)
         self.udp = stack.enter_context(contextlib.closing(Udp(cfg.listen, cfg.port)))
         if cfg.mode != "forwarder":
-            self.tun = stack.enter_context(contextlib.closing(Tun(cfg.name, cfg.mtu, str(net.address(cfg.id)))))
+            self.tun = stack.enter_context(contextlib.closing(Tun(cfg.name, cfg.mtu, str(net.address(cfg.id)), offload=cfg.offload)))
         if cfg.mode == "server":
             sysctl = Sysctl(cfg.name)
             sysctl.set(IP_FORWARD, "1")     # servers route between clients and out

@@ -2,18 +2,31 @@
 
 The device is not persistent: the kernel removes it when our file descriptor
 closes, so even a SIGKILLed daemon leaves no TUN behind.
+
+It is always opened with IFF_VNET_HDR: every read and write starts with a
+10-byte struct virtio_net_hdr. With `offload` on, TUNSETOFFLOAD lets the
+kernel hand us TCP super-packets of up to 64 KiB with the checksum left
+partial (TSO4/TSO6 + CSUM), and we write such super-packets back, which the
+receiving kernel takes whole (local delivery) or segments itself
+(forwarding). Without offloads the headers are all zero: one packet per
+read, as a plain TUN. Writing super-packets is accepted either way, so
+offloaded and plain peers interoperate (docs/protocol.md "Fragments").
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 
 import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-READ_SIZE = 65536
+VNET_HDR_SIZE = 10
+READ_SIZE = 65536 + VNET_HDR_SIZE
+TUNSETOFFLOAD = 0x400454D0        # _IOW('T', 208, unsigned int)
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 
 
 class TunError(Exception):
@@ -32,9 +45,9 @@ _DEVICE_GONE = {errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV}
 
 
 class Tun:
-    def __init__(self, name: str, mtu: int, address: str, prefixlen: int = 16):
+    def __init__(self, name: str, mtu: int, address: str, prefixlen: int = 16, offload: bool = True):
         try:
-            self.dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+            self.dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
         except pytun.Error as e:
             code = e.args[0] if e.args and isinstance(e.args[0], int) else None
             if code == errno.EPERM:
@@ -47,6 +60,12 @@ class Tun:
         self.name = self.dev.name
         self.fd = self.dev.fileno()
         os.set_blocking(self.fd, False)
+        self.offload = offload
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload else 0)
+        except OSError as e:
+            self.close()
+            raise TunError(f"cannot set offloads on TUN device {name!r}: {e.strerror}") from None
         try:
             with IPRoute() as ipr:
                 index = ipr.link_lookup(ifname=self.name)[0]

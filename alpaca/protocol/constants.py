@@ -13,6 +13,15 @@ TAG_SIZE = 16             # Poly1305 tag, last bytes of every datagram
 OVERHEAD = HEADER_SIZE + TAG_SIZE
 MIN_DATAGRAM = OVERHEAD   # a keepalive: header + empty ciphertext + tag
 
+# flags byte of the header
+FLAG_VNET = 0x80          # the plaintext starts with a virtio_net_hdr (TUN offloads)
+FLAG_FRAG = 0x40          # this datagram is one shard of a fragmented message
+KNOWN_FLAGS = FLAG_VNET | FLAG_FRAG
+VNET_HDR_SIZE = 10        # struct virtio_net_hdr
+FRAG_HEADER_SIZE = 6      # shard index, data shards k, parity shards m, message length (24 bits)
+MASK_SIZE = HEADER_SIZE + FRAG_HEADER_SIZE
+MAX_SHARDS = 255          # k + m, one byte each on the wire
+
 SEQ_BITS = 20             # per-second sequence number (SPEC §4)
 SEQ_LIMIT = 1 << SEQ_BITS  # datagrams per second per sender before borrowing the next second
 
@@ -35,6 +44,7 @@ REPLAY_WINDOW = 5
 
 KIND_DATA = 0
 KIND_KEEPALIVE = 1
+KIND_REPORT = 2           # receiver -> sender: shards received / expected (loss)
 
 # ---------------------------------------------------------------- tuning
 KEEPALIVE_INTERVAL = 4.0  # < PATH_LIFETIME so an idle client's paths stay live
@@ -45,3 +55,7 @@ MAX_SESSIONS_PER_PEER = 8  # sender restarts remembered inside the replay window
 # the pair (peer, me): a member holds the keys of every pair with a smaller ID,
 # so without a cap it could make a relay keep a window per peer in the table
 MAX_WINDOWS_PER_PEER = 16
+REASSEMBLY_TIMEOUT = 0.5  # a fragmented message still incomplete after this is dropped
+REASSEMBLY_PER_PEER = 64  # messages being reassembled per (src, dst)
+REASSEMBLY_TOTAL = 512    # ... and in all (each up to ~64 KiB + parity)
+REPORT_INTERVAL = 1.0     # loss reports to each peer that sent us shards

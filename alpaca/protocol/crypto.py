@@ -23,7 +23,7 @@ from nacl import bindings as sodium
 from nacl._sodium import ffi, lib
 from nacl.exceptions import CryptoError
 
-from .constants import HEADER_SIZE, TAG_SIZE, WIRE_VERSION
+from .constants import FRAG_HEADER_SIZE, HEADER_SIZE, MASK_SIZE, TAG_SIZE, WIRE_VERSION
 
 _PERSON_GROUP = b"alpaca-group".ljust(16, b"\0")
 _PERSON_PSK = b"alpaca-psk".ljust(16, b"\0")
@@ -70,7 +70,7 @@ class Header:
     ts: int          # sender's clock, whole seconds
     seq: int         # per-second sequence, < 2**20
     pad: int = 0     # padding bytes at the end of the plaintext
-    flags: int = 0   # reserved (fragments); 0
+    flags: int = 0   # FLAG_VNET | FLAG_FRAG (constants.py)
     version: int = WIRE_VERSION
 
     def pack(self) -> bytes:
@@ -89,15 +89,21 @@ class Header:
 # (docs/benchmarks.md). Same functions, same results (tests/test_crypto.py
 # pins vectors made with nacl.bindings).
 _NO_SALT = ffi.new("unsigned char[]", 16)
-_MASK_OUT = ffi.new("unsigned char[]", HEADER_SIZE)
+_MASK_OUT = ffi.new("unsigned char[]", MASK_SIZE)
 _MASK_BYTES = ffi.buffer(_MASK_OUT)
 _LEN_OUT = ffi.new("unsigned long long *")
 
 
-def header_mask(group_key: bytes, tag: bytes) -> int:
-    lib.crypto_generichash_blake2b_salt_personal(_MASK_OUT, HEADER_SIZE, tag, TAG_SIZE, group_key,
+def _mask_bytes(group_key: bytes, sample: bytes) -> bytes:
+    """MASK_SIZE bytes: the first HEADER_SIZE mask the header, the rest a
+    fragment's sub-header (docs/protocol.md "Fragments")."""
+    lib.crypto_generichash_blake2b_salt_personal(_MASK_OUT, MASK_SIZE, sample, TAG_SIZE, group_key,
                                                  len(group_key), _NO_SALT, _PERSON_MASK)
-    return int.from_bytes(_MASK_BYTES, "big")
+    return _MASK_BYTES[:]
+
+
+def header_mask(group_key: bytes, tag: bytes) -> int:
+    return int.from_bytes(_mask_bytes(group_key, tag)[:HEADER_SIZE], "big")
 
 
 def _xor(raw: bytes, mask: int) -> bytes:
@@ -121,8 +127,49 @@ def seal_raw(group_key: bytes, pair_key: bytes, raw: bytes, plaintext: bytes) ->
 
 def peek(group_key: bytes, datagram: bytes) -> tuple[Header, int]:
     """Unmask the header (no authentication yet). Returns it and the mask."""
-    mask = header_mask(group_key, datagram[-TAG_SIZE:])
-    return Header.unpack(_xor(datagram[:HEADER_SIZE], mask)), mask
+    header, mask, _ = peek_shard(group_key, datagram)
+    return header, mask
+
+
+def peek_shard(group_key: bytes, datagram: bytes) -> tuple[Header, int, bytes]:
+    """Like peek, plus the unmasked fragment sub-header (meaningful only when
+    the header has FLAG_FRAG)."""
+    full = _mask_bytes(group_key, datagram[-TAG_SIZE:])
+    mask = int.from_bytes(full[:HEADER_SIZE], "big")
+    sub = bytes(a ^ b for a, b in zip(datagram[HEADER_SIZE:MASK_SIZE], full[HEADER_SIZE:]))
+    return Header.unpack(_xor(datagram[:HEADER_SIZE], mask)), mask, sub
+
+
+def seal_body(pair_key: bytes, raw: bytes, plaintext: bytes) -> bytearray:
+    """Ciphertext and tag of a message that will travel as shards (one AEAD
+    call for the whole message; the header is not attached)."""
+    out = bytearray(len(plaintext) + TAG_SIZE)
+    lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        ffi.from_buffer(out), _LEN_OUT, plaintext, len(plaintext),
+        raw[MUTABLE_BYTES:], HEADER_SIZE - MUTABLE_BYTES, ffi.NULL, raw[4:24] + _NONCE_PAD, pair_key)
+    return out
+
+
+def frame_shard(group_key: bytes, raw_and_sub: bytes, shard) -> bytes:
+    """One shard datagram: header and sub-header masked with the shard's last
+    16 bytes as the sample, as a whole datagram is masked with its tag."""
+    mask = _mask_bytes(group_key, bytes(shard[-TAG_SIZE:]))
+    head = (int.from_bytes(raw_and_sub, "big") ^ int.from_bytes(mask, "big")).to_bytes(MASK_SIZE, "big")
+    return head + shard
+
+
+def open_body(pair_key: bytes, header: Header, body) -> bytes:
+    """Authenticate and decrypt a reassembled message (ciphertext + tag)."""
+    raw = header.pack()
+    clen = len(body)
+    if clen < TAG_SIZE:
+        raise CryptoError("Decryption failed. Ciphertext failed verification")
+    out = bytearray(clen - TAG_SIZE)
+    if lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            ffi.from_buffer(out), _LEN_OUT, ffi.NULL, ffi.from_buffer(body), clen,
+            raw[MUTABLE_BYTES:], HEADER_SIZE - MUTABLE_BYTES, raw[4:24] + _NONCE_PAD, pair_key) != 0:
+        raise CryptoError("Decryption failed. Ciphertext failed verification")
+    return bytes(out)
 
 
 def open_sealed(pair_key: bytes, header: Header, datagram: bytes) -> bytes:
@@ -143,5 +190,6 @@ def rewrite_mutable(datagram: bytes, mask: int, ttl: int, path: int) -> bytes:
     return bytes((ttl ^ m[0], path ^ m[1])) + datagram[MUTABLE_BYTES:]
 
 
-__all__ = ["CryptoError", "Header", "seal", "peek", "open_sealed", "rewrite_mutable", "genkey",
+__all__ = ["CryptoError", "Header", "seal", "peek", "peek_shard", "open_sealed", "seal_body",
+           "frame_shard", "open_body", "rewrite_mutable", "genkey",
            "derive_group_key", "derive_psk_key", "derive_pair_key", "MUTABLE_BYTES"]

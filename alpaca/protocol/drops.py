@@ -11,6 +11,9 @@ class DropReason(enum.Enum):
     MALFORMED = "malformed"          # too short, bad version
     UNKNOWN_PEER = "unknown_peer"    # src/dst pair for which we hold no key
     AUTH_FAILURE = "auth_failure"    # AEAD tag did not verify
+    DUPLICATE_SHARD = "duplicate_shard"  # a shard index of a message we already hold
+    INCOMPLETE = "incomplete"        # a fragmented message still missing shards after the timeout
+    REASSEMBLY_FULL = "reassembly_full"  # too many messages in reassembly (per pair or in all)
     # authenticated input, counted against the source peer
     DUPLICATE = "duplicate"          # (session, ts, seq) already accepted
     REPLAY = "replay"                # outside the replay window (too old/new)
@@ -20,9 +23,12 @@ class DropReason(enum.Enum):
     NO_PATH = "no_path"              # nowhere to send it (peer silent, no address)
     NOT_ROUTABLE = "not_routable"    # from TUN: not IP, or no peer for the destination (global)
     NO_TUN = "no_tun"                # for me, but this node has no TUN (forwarder)
+    NEEDS_OFFLOAD = "needs_offload"  # a super-packet for a TUN without a virtio_net_hdr
+    MALFORMED_REPORT = "malformed_report"  # a loss report that makes no sense
     SPOOFED = "spoofed"              # a client's packet with another peer's tunnel address as source
 
 
 # drops that may be counted against a peer (the others only globally)
-GLOBAL_DROPS = (DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE, DropReason.NOT_ROUTABLE)
+GLOBAL_DROPS = (DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE, DropReason.NOT_ROUTABLE,
+                DropReason.DUPLICATE_SHARD, DropReason.INCOMPLETE, DropReason.REASSEMBLY_FULL)
 PEER_DROPS = tuple(r for r in DropReason if r not in GLOBAL_DROPS)

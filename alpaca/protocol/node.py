@@ -30,14 +30,18 @@ import heapq
 import ipaddress
 import math
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import inner
-from .constants import (DEFAULT_TTL, KEEPALIVE_INTERVAL, KIND_DATA, KIND_KEEPALIVE,
-                        MIN_DATAGRAM, PATH_DIRECT, PATH_RELAYED, PEER_LIFETIME, SEQ_LIMIT,
-                        SYN_DNS_COPY_DELAY, WIRE_VERSION)
-from .crypto import CryptoError, Header, derive_group_key, open_sealed, peek, rewrite_mutable, seal
+from . import fragments
+from .constants import (DEFAULT_TTL, FLAG_FRAG, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA, KIND_KEEPALIVE,
+                        KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
+                        PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
+                        VNET_HDR_SIZE, WIRE_VERSION)
+from .crypto import (CryptoError, Header, derive_group_key, frame_shard, open_body, open_sealed, peek_shard,
+                     rewrite_mutable, seal, seal_body)
 from .drops import DropReason
 from .ids import TunnelNet, format_id
 from .peers import Addr, Peer, PeerEntry, PeerTable
@@ -45,6 +49,10 @@ from .peers import Addr, Peer, PeerEntry, PeerTable
 PRUNE_INTERVAL = 5.0
 PATH_NOTICES_PER_INTERVAL = 3     # per peer, then one line saying the rest are not logged
 HOST_CACHE_LIMIT = 1024           # packed forms of target hosts kept for the loop guard
+ZERO_VNET = bytes(VNET_HDR_SIZE)  # virtio_net_hdr of a plain packet: no GSO, checksum complete
+INNER_HEAD = 64                   # bytes of an inner packet that routing looks at
+_REPORT = struct.Struct(">II")    # shards received, shards sent (of messages that expired)
+LOSS_SMOOTHING = 0.5              # weight of the newest loss report
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,16 @@ class NodeSettings:
     inactive_downward_static: bool = False
     padding: int = 0
     ttl: int = DEFAULT_TTL
+    # TUN reads and writes carry a virtio_net_hdr (the daemon's TUN always
+    # does; offloads on or off): super-packets are sealed whole and sent as shards
+    vnet: bool = False
+    mtu: int = 1400
+    parity: int | None = None             # parity shards per message; None: from the peer's loss reports
+
+    @property
+    def max_datagram(self) -> int:
+        """The largest datagram: a full-MTU packet with its virtio_net_hdr."""
+        return self.mtu + OVERHEAD + VNET_HDR_SIZE
 
     @property
     def has_tun(self) -> bool:
@@ -104,6 +122,11 @@ class Node:
         self._loop_noticed: set[Addr] = set()
         self._path_notices: dict[int, int] = {}
         self.started = now
+        self.reassembly = fragments.Reassembler()
+        self.relayed_shards = 0
+        self._tx_loss: dict[int, float] = {}     # peer -> shard loss it reported (smoothed)
+        self._tx_parity: dict[int, int] = {}     # peer -> parity shards per message we send it
+        self._next_report = now + REPORT_INTERVAL
 
     # ------------------------------------------------------------ peers
     def apply_peers(self, peers: dict[int, PeerEntry], now: float) -> tuple[list[int], list[int], list[int]]:
@@ -131,10 +154,10 @@ class Node:
         self._seq += 1
         return self._ts, seq
 
-    def _seal(self, kind: int, dst: int, key: bytes, payload: bytes, now: float) -> bytes:
+    def _seal(self, kind: int, dst: int, key: bytes, payload: bytes, now: float, flags: int = 0) -> bytes:
         pad = self.settings.padding - len(payload) if len(payload) < self.settings.padding else 0
         ts, seq = self._stamp(now)
-        header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, pad)
+        header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, pad, flags)
         return seal(self.group_key, key, header, payload + bytes(pad) if pad else payload)
 
     # ------------------------------------------------------------ where to send
@@ -173,13 +196,14 @@ class Node:
             self._packed[host] = packed
         return packed
 
-    def _emit(self, out: list, datagram: bytes, targets: list[Addr], ends: tuple[bytes, bytes] | None,
-              peer: Peer) -> int:
-        """Append sends; returns how many. The loop guard lives here; `ends` are
-        the inner packet's (src, dst) addresses, None for keepalives."""
-        sent = 0
+    def _guard(self, targets: list[Addr], ends: tuple[bytes, bytes] | None, peer: Peer) -> list[Addr]:
+        """The targets that pass the loop guard; `ends` are the inner packet's
+        (src, dst) addresses, None when unknown (keepalives, relayed shards)."""
+        if ends is None:
+            return targets
+        passed = []
         for addr in targets:
-            if ends is not None and self._packed_host(addr[0]) in ends:
+            if self._packed_host(addr[0]) in ends:
                 # SPEC §3 loop guard: the route to this peer's address points
                 # back into the tunnel
                 peer.drops[DropReason.LOOP] += 1
@@ -188,9 +212,8 @@ class Node:
                     self.notices.append(f"loop: peer {format_id(peer.id)} at {addr[0]} is routed "
                                         f"into the tunnel; dropping (logged once)")
                 continue
-            out.append((datagram, addr))
-            sent += 1
-        return sent
+            passed.append(addr)
+        return passed
 
     def _schedule(self, due: float, sends: list[tuple[bytes, Addr]]) -> None:
         self._timer_serial += 1
@@ -227,8 +250,17 @@ class Node:
             self._originate(packet, now, out)
         return out
 
-    def _originate(self, packet: bytes, now: float, out: Output) -> None:
-        ends = inner.addresses(packet)
+    def _originate(self, data: bytes, now: float, out: Output) -> None:
+        flags = 0
+        if not self.settings.vnet:
+            packet = head = data
+        elif data[:VNET_HDR_SIZE] == ZERO_VNET:
+            packet = head = data[VNET_HDR_SIZE:]
+        else:
+            # a super-packet or a packet with its checksum left to the
+            # receiving kernel: the header travels with it
+            packet, head, flags = data, data[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD], FLAG_VNET
+        ends = inner.addresses(head)
         route = self._route(ends[1], now) if ends else None
         if route is None:
             self.global_drops[DropReason.NOT_ROUTABLE] += 1
@@ -237,13 +269,14 @@ class Node:
         if not targets:
             peer.drops[DropReason.NO_PATH] += 1
             return
-        datagram = self._seal(KIND_DATA, peer.id, key, packet, now)
-        sends: list[tuple[bytes, Addr]] = []
-        if not self._emit(sends, datagram, targets, ends, peer):
+        targets = self._guard(targets, ends, peer)
+        if not targets:
             return          # every target failed the loop guard (counted there)
+        datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
+        sends = [(d, a) for a in targets for d in datagrams]
         out.sends.extend(sends)
         peer.tx_packets += 1
-        peer.tx_bytes += len(datagram)
+        peer.tx_bytes += sum(len(d) for d in datagrams)
         # SPEC §3 duplicate sends: same datagram (same seq), later, so the
         # receiver's dedup removes whichever copy arrives second
         delay = self.settings.duplicate_delay
@@ -252,8 +285,32 @@ class Node:
                 self._schedule(now + k * delay, sends)
             else:
                 out.sends.extend(sends)
-        if inner.wants_early_copy(packet):
+        if inner.wants_early_copy(head):
             self._schedule(now + SYN_DNS_COPY_DELAY, sends)
+
+    def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,
+                      now: float) -> list[bytes]:
+        """One datagram, or the shards of a message too big for one
+        (docs/protocol.md "Fragments"): one AEAD call either way."""
+        if len(plaintext) + OVERHEAD <= self.settings.max_datagram:
+            return [self._seal(kind, dst, key, plaintext, now, flags)]
+        ts, seq = self._stamp(now)
+        raw = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
+                     flags | FLAG_FRAG).pack()
+        body = seal_body(key, raw, plaintext)
+        parity = self.settings.parity
+        if parity is None:
+            parity = self._tx_parity.get(dst, 0)
+        shards, k, m = fragments.split(body, self.settings.max_datagram - MASK_SIZE, parity)
+        length = len(body)
+        group_key = self.group_key
+        datagrams = [frame_shard(group_key, raw + fragments.pack_sub(i, k, m, length), shard)
+                     for i, shard in enumerate(shards)]
+        if m:
+            # full-size shards first and the short last data shard at the
+            # end, so the kernel sends the run with one GSO call
+            datagrams.append(datagrams.pop(k - 1))
+        return datagrams
 
     # ------------------------------------------------------------ inbound
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
@@ -266,14 +323,17 @@ class Node:
         if len(data) < MIN_DATAGRAM:
             self.global_drops[DropReason.MALFORMED] += 1
             return
-        header, mask = peek(self.group_key, data)
-        if header.version != WIRE_VERSION or header.flags or header.kind > KIND_KEEPALIVE:
+        header, mask, sub = peek_shard(self.group_key, data)
+        if header.version != WIRE_VERSION or header.flags & ~KNOWN_FLAGS or header.kind > KIND_REPORT:
             self.global_drops[DropReason.MALFORMED] += 1
             return
         # src == me: our own datagram reflected back (or forged); never ours to take
         key = self.table.pair_key(header.src, header.dst) if header.src != self.me else None
         if key is None:
             self.global_drops[DropReason.UNKNOWN_PEER] += 1
+            return
+        if header.flags & FLAG_FRAG:
+            self._receive_shard(header, mask, sub, key, data, addr, now, out)
             return
         try:
             plaintext = open_sealed(key, header, data)
@@ -283,14 +343,44 @@ class Node:
         if header.pad > len(plaintext):
             self.global_drops[DropReason.MALFORMED] += 1
             return
-        # authenticated from here on: drops are the source peer's
+        self._accept(header, mask, data, plaintext, (addr,), len(data), now, out)
+
+    def _receive_shard(self, header: Header, mask: int, sub: bytes, key: bytes, data: bytes, addr: Addr,
+                       now: float, out: Output) -> None:
+        index, k, m, length = fragments.unpack_sub(sub)
+        if (header.kind != KIND_DATA or header.pad
+                or not fragments.valid_sub(index, k, m, length, len(data) - MASK_SIZE)):
+            self.global_drops[DropReason.MALFORMED] += 1
+            return
+        if header.dst != self.me:
+            # relayed as it is, without reassembly: a shard cannot be
+            # authenticated alone, so it changes no peer state here
+            # (docs/protocol.md "Fragments")
+            self._relay_shard(header, mask, data, addr, now, out)
+            return
+        key_ = (header.src, header.dst, header.session, header.ts, header.seq)
+        message, slot, reason = self.reassembly.add(key_, index, k, m, length, data[MASK_SIZE:], addr, now)
+        if reason is not None:
+            self.global_drops[reason] += 1
+        if message is None:
+            return
+        try:
+            plaintext = open_body(key, header, message)
+        except CryptoError:
+            self.global_drops[DropReason.AUTH_FAILURE] += 1
+            return
+        self._accept(header, mask, data, plaintext, slot.addrs, length, now, out)
+
+    def _accept(self, header: Header, mask: int, data: bytes, plaintext: bytes, addrs, size: int,
+                now: float, out: Output) -> None:
+        """An authenticated message (a whole datagram, or reassembled shards)."""
         src = self.table.get(header.src)
         for_me = header.dst == self.me
         charged = targets = None
         if not for_me:
             # what would not be relayed is dropped before it can open a replay window
             dst = self.table.get(header.dst)
-            targets = self._relay_targets_from(header, addr, src, dst, now)
+            targets = self._relay_targets_from(header, addrs[0], src, dst, now)
             if targets is None:
                 return
             # relay windows count against the pair's bigger ID, whose key
@@ -303,30 +393,46 @@ class Node:
                 # another copy over another path: it keeps that path alive,
                 # but only a first copy may add a path (a replay could come
                 # from anywhere)
-                src.refresh(addr, now)
+                for addr in addrs:
+                    src.refresh(addr, now)
             return
         if not for_me:
             self._relay(header, mask, data, plaintext, targets, src, out)
             return
-        if header.kind == KIND_DATA and header.src > self.me and self._spoofed(header.src, plaintext):
+        vnet = header.flags & FLAG_VNET
+        packet_head = plaintext[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD] if vnet else plaintext
+        if header.kind == KIND_DATA and header.src > self.me and self._spoofed(header.src, packet_head):
             src.drops[DropReason.SPOOFED] += 1
             return
         # Paths are learned only from datagrams addressed to us: a relayed
         # datagram "from src" may have been sealed by dst, who shares the key.
         relayed = header.path != PATH_DIRECT
-        if src.heard(addr, relayed, now):
-            self._path_notice(src.id, f"new {'relayed' if relayed else 'direct'} path {addr[0]}:{addr[1]}")
+        for addr in addrs:
+            if src.heard(addr, relayed, now):
+                self._path_notice(src.id, f"new {'relayed' if relayed else 'direct'} path {addr[0]}:{addr[1]}")
         if not src.up:
             src.up = True
             self.notices.append(f"peer {format_id(src.id)} up")
         src.rx_packets += 1
-        src.rx_bytes += len(data)
+        src.rx_bytes += size
         if header.kind == KIND_KEEPALIVE:
+            return
+        if header.kind == KIND_REPORT:
+            self._loss_report(src, plaintext)
             return
         if not self.settings.has_tun:
             src.drops[DropReason.NO_TUN] += 1
             return
-        out.tun.append(plaintext[:len(plaintext) - header.pad] if header.pad else plaintext)
+        if header.pad:
+            plaintext = plaintext[:len(plaintext) - header.pad]
+        if self.settings.vnet:
+            out.tun.append(plaintext if vnet else ZERO_VNET + plaintext)
+        elif not vnet:
+            out.tun.append(plaintext)
+        elif plaintext[:VNET_HDR_SIZE] == ZERO_VNET:
+            out.tun.append(plaintext[VNET_HDR_SIZE:])
+        else:
+            src.drops[DropReason.NEEDS_OFFLOAD] += 1     # only a TUN with a vnet header takes it
 
     def _spoofed(self, src: int, packet: bytes) -> bool:
         """A peer below us (a client of ours) may only use its own tunnel
@@ -366,14 +472,34 @@ class Node:
     def _relay(self, header: Header, mask: int, data: bytes, plaintext: bytes, targets: list[Addr],
                src: Peer, out: Output) -> None:
         """Forward (SPEC §3): same dst_id, TTL-1."""
-        relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
-        ends = inner.addresses(plaintext) if header.kind == KIND_DATA else None
-        if self._emit(out.sends, relay, targets, ends, src):
+        ends = None
+        if header.kind == KIND_DATA:
+            ends = inner.addresses(plaintext[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD]
+                                   if header.flags & FLAG_VNET else plaintext)
+        targets = self._guard(targets, ends, src)
+        if targets:
+            relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
+            out.sends.extend((relay, a) for a in targets)
             src.relayed_packets += 1
+
+    def _relay_shard(self, header: Header, mask: int, data: bytes, addr: Addr, now: float, out: Output) -> None:
+        """A shard for someone else: relayed on the strength of its header;
+        counted globally only, since it is not authenticated here."""
+        if header.ttl <= 1:
+            self.global_drops[DropReason.TTL] += 1
+            return
+        dst = self.table.get(header.dst)
+        targets = [a for a in self._relay_targets(header.src, dst, now) if a != addr]
+        if not targets:
+            self.global_drops[DropReason.NO_PATH] += 1
+            return
+        relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
+        out.sends.extend((relay, a) for a in targets)
+        self.relayed_shards += 1
 
     # ------------------------------------------------------------ timers
     def next_deadline(self) -> float:
-        due = min(self._next_keepalive, self._next_prune)
+        due = min(self._next_keepalive, self._next_prune, self._next_report)
         return min(due, self._timers[0][0]) if self._timers else due
 
     def tick(self, now: float) -> Output:
@@ -386,6 +512,9 @@ class Node:
             self._keepalives_sent += 1
             self._next_keepalive = now + (KEEPALIVE_INTERVAL if self._keepalives_sent > 3 else 1.0)
             self._keepalives(now, out)
+        if now >= self._next_report:
+            self._next_report = now + REPORT_INTERVAL
+            self._reassembly_tick(now, out)
         if now >= self._next_prune:
             self._next_prune = now + PRUNE_INTERVAL
             self._path_notices.clear()
@@ -397,6 +526,43 @@ class Node:
                     peer.up = False
                     self.notices.append(f"peer {format_id(peer.id)} down (silent for {PEER_LIFETIME:.0f} s)")
         return out
+
+    def _reassembly_tick(self, now: float, out: Output) -> None:
+        """Expire incomplete messages, and tell each peer that sent us shards
+        how many of them arrived (the sender picks its parity from that)."""
+        for key, slot in self.reassembly.expire(now):
+            self.global_drops[DropReason.INCOMPLETE] += 1
+            src = self.table.get(key[0])
+            if src is not None and src.up:      # only for a peer we authenticated
+                self.reassembly.count_lost(key[0], slot)
+        for peer_id, (received, sent) in self.reassembly.take_stats().items():
+            peer = self.table.get(peer_id)
+            key = self.table.pair_key(self.me, peer_id) if peer is not None else None
+            if key is None:
+                continue
+            datagram = self._seal(KIND_REPORT, peer_id, key, _REPORT.pack(received, sent), now)
+            out.sends.extend((datagram, a) for a in self._towards(peer, now))
+
+    def _loss_report(self, peer: Peer, payload: bytes) -> None:
+        """The peer counted what arrived of the shards we sent it: adapt the
+        parity (docs/protocol.md "Loss reports")."""
+        if len(payload) < _REPORT.size:
+            peer.drops[DropReason.MALFORMED_REPORT] += 1
+            return
+        received, sent = _REPORT.unpack_from(payload)
+        if not sent or received > sent:
+            peer.drops[DropReason.MALFORMED_REPORT] += 1
+            return
+        loss = 1 - received / sent
+        old = self._tx_loss.get(peer.id)
+        loss = loss if old is None else LOSS_SMOOTHING * loss + (1 - LOSS_SMOOTHING) * old
+        self._tx_loss[peer.id] = loss
+        k = fragments.shard_count(65535 + VNET_HDR_SIZE + 16, self.settings.max_datagram - MASK_SIZE)
+        parity = fragments.parity_for(loss, k)
+        if parity != self._tx_parity.get(peer.id, 0):
+            self.notices.append(f"peer {format_id(peer.id)}: {loss:.1%} of shards lost; "
+                                f"now {parity} parity shards per {k}")
+        self._tx_parity[peer.id] = parity
 
     def _keepalives(self, now: float, out: Output) -> None:
         """Keep our paths alive at the gateway (through every forwarder) and at
@@ -410,7 +576,7 @@ class Node:
                 continue
             datagram = self._seal(KIND_KEEPALIVE, peer_id, key, b"", now)
             addrs = self._towards(peer, now) if peer_id == gw else peer.direct_paths(now)
-            self._emit(out.sends, datagram, addrs, None, peer)
+            out.sends.extend((datagram, a) for a in addrs)
 
     # ------------------------------------------------------------ status
     def snapshot(self, now: float) -> dict:
@@ -431,8 +597,11 @@ class Node:
                 "rx_packets": peer.rx_packets, "rx_bytes": peer.rx_bytes,
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
                 "relayed_packets": peer.relayed_packets,
+                "shard_loss": round(self._tx_loss[peer.id], 4) if peer.id in self._tx_loss else None,
+                "parity": self._tx_parity.get(peer.id, 0),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
             })
         return {"id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,
-                "peers": peers,
+                "peers": peers, "relayed_shards": self.relayed_shards,
+                "reassembling": len(self.reassembly.slots),
                 "drops": {r.value: n for r, n in sorted(self.global_drops.items(), key=lambda x: x[0].value)}}

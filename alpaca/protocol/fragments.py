@@ -1,0 +1,221 @@
+"""Messages bigger than one datagram: shards, parity and reassembly.
+
+A TUN device with offloads hands us TCP super-packets of up to 64 KiB. Such a
+message is sealed with ONE AEAD call (the cost of a call, not of a byte, is
+what limits a Python datapath) and its ciphertext + tag is cut into k data
+shards of equal size (the last one shorter), optionally followed by m parity
+shards computed with zfec (Reed-Solomon over the zero-padded data shards).
+Each shard travels in its own datagram:
+
+    masked(header | sub-header) | shard
+    sub-header = index (1 byte) | k (1) | m (1) | message length (3, big-endian)
+
+The header is the message's header (same src, dst, session, ts, seq for every
+shard; flags has FLAG_FRAG), so a forwarder relays shards like any datagram
+without reassembling them. The receiver decodes from any k distinct shards,
+then authenticates the whole message once: a lost, forged or corrupted shard
+can only lose the message, never change it. docs/protocol.md "Fragments".
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import zfec
+
+from .constants import MAX_SHARDS, REASSEMBLY_PER_PEER, REASSEMBLY_TIMEOUT, REASSEMBLY_TOTAL, TAG_SIZE
+
+DONE_LIMIT = 8192          # decoded messages remembered (a few hundred bytes each)
+from .drops import DropReason
+
+def pack_sub(index: int, k: int, m: int, length: int) -> bytes:
+    return bytes((index, k, m)) + length.to_bytes(3, "big")
+
+
+def unpack_sub(sub: bytes) -> tuple[int, int, int, int]:
+    return sub[0], sub[1], sub[2], int.from_bytes(sub[3:6], "big")
+
+
+def shard_size(length: int, k: int) -> int:
+    """Every data shard but the last, and every parity shard, has this size."""
+    return -(-length // k)
+
+
+def shard_count(length: int, max_shard: int) -> int:
+    return max(2, -(-length // max_shard))
+
+
+_encoders: dict[tuple[int, int], zfec.Encoder] = {}
+_decoders: dict[tuple[int, int], zfec.Decoder] = {}
+
+
+def split(body, max_shard: int, parity: int) -> tuple[list, int, int]:
+    """Cut a sealed message into k data shards (balanced, so none is tiny:
+    each carries a 16-byte mask sample) and `parity` parity shards.
+    Returns (shards, k, m)."""
+    length = len(body)
+    k = shard_count(length, max_shard)
+    m = min(parity, MAX_SHARDS - k)
+    size = shard_size(length, k)
+    view = memoryview(body)
+    shards = [view[i * size:(i + 1) * size] for i in range(k)]
+    if m > 0:
+        last = bytes(shards[-1]).ljust(size, b"\0")
+        encoder = _encoders.get((k, m))
+        if encoder is None:
+            encoder = _encoders[(k, m)] = zfec.Encoder(k, k + m)
+        shards.extend(encoder.encode(tuple(shards[:-1]) + (last,), tuple(range(k, k + m))))
+    return shards, k, m
+
+
+def valid_sub(index: int, k: int, m: int, length: int, shard_len: int) -> bool:
+    """Is this sub-header self-consistent, and the shard of the size it implies?"""
+    if k < 2 or k + m > MAX_SHARDS or index >= k + m or length < TAG_SIZE * k:
+        return False
+    size = shard_size(length, k)
+    expected = length - (k - 1) * size if index == k - 1 else size
+    return shard_len == expected and expected >= TAG_SIZE
+
+
+class Reassembly:
+    __slots__ = ("k", "m", "length", "shards", "addrs", "born")
+
+    def __init__(self, k: int, m: int, length: int, now: float):
+        self.k, self.m, self.length = k, m, length
+        self.shards: dict[int, bytes] = {}
+        self.addrs: list = []
+        self.born = now
+
+
+Key = tuple  # (src, dst, session, ts, seq)
+
+
+class Reassembler:
+    """Shards in, whole messages (ciphertext + tag) out.
+
+    Bounded: at most REASSEMBLY_PER_PEER incomplete messages per (src, dst)
+    and REASSEMBLY_TOTAL in all, each dropped REASSEMBLY_TIMEOUT after its
+    first shard. A decoded message is remembered (which shards arrived, not
+    their bytes; at most DONE_LIMIT) for the same time, so its late parity
+    and duplicate shards are recognised and counted for the loss report, not
+    reassembled again."""
+
+    def __init__(self):
+        self.slots: collections.OrderedDict[Key, Reassembly] = collections.OrderedDict()
+        self.per_pair: collections.Counter[tuple[int, int]] = collections.Counter()
+        # decoded messages: key -> [bitmask of shard indices seen, k + m, born]
+        self.done: collections.OrderedDict[Key, list] = collections.OrderedDict()
+        # src -> [shards received, shards sent] of messages no longer tracked: the loss report
+        self.stats: dict[int, list[int]] = {}
+
+    def add(self, key: Key, index: int, k: int, m: int, length: int, shard: bytes, addr,
+            now: float) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
+        """Returns (message, its slot, None) when this shard completes a
+        message, (None, None, reason) when the shard is dropped, else (None, None, None)."""
+        seen = self.done.get(key)
+        if seen is not None:
+            bit = 1 << index
+            if seen[0] & bit:
+                return None, None, DropReason.DUPLICATE_SHARD
+            seen[0] |= bit              # a surplus shard (parity, or a copy's): for the loss report
+            return None, None, None
+        slot = self.slots.get(key)
+        if slot is None:
+            pair = key[:2]
+            if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
+                self.expire(now)
+                if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
+                    return None, None, DropReason.REASSEMBLY_FULL
+            slot = self.slots[key] = Reassembly(k, m, length, now)
+            self.per_pair[pair] += 1
+        elif (slot.k, slot.m, slot.length) != (k, m, length):
+            return None, None, DropReason.MALFORMED
+        if index in slot.shards:
+            return None, None, DropReason.DUPLICATE_SHARD
+        slot.shards[index] = shard
+        if addr not in slot.addrs:
+            slot.addrs.append(addr)
+        if len(slot.shards) < k:
+            return None, None, None
+        message = self._decode(slot)
+        self._forget(key)
+        mask = 0
+        for i in slot.shards:
+            mask |= 1 << i
+        if len(self.done) >= DONE_LIMIT:
+            self._retire(*self.done.popitem(last=False))
+        self.done[key] = [mask, k + m, slot.born]
+        return message, slot, None
+
+    def _forget(self, key: Key) -> None:
+        del self.slots[key]
+        pair = key[:2]
+        self.per_pair[pair] -= 1
+        if not self.per_pair[pair]:
+            del self.per_pair[pair]
+
+    def _retire(self, key: Key, seen: list) -> None:
+        counts = self.stats.setdefault(key[0], [0, 0])
+        counts[0] += seen[0].bit_count()
+        counts[1] += seen[1]
+
+    @staticmethod
+    def _decode(slot: Reassembly) -> bytes:
+        k, shards = slot.k, slot.shards
+        if all(i in shards for i in range(k)):
+            return b"".join([shards[i] for i in range(k)])
+        size = shard_size(slot.length, k)
+        nums = tuple(sorted(shards)[:k])
+        blocks = tuple(shards[i] if i != k - 1 else shards[i].ljust(size, b"\0") for i in nums)
+        decoder = _decoders.get((k, slot.m))
+        if decoder is None:
+            decoder = _decoders[(k, slot.m)] = zfec.Decoder(k, k + slot.m)
+        return b"".join(decoder.decode(blocks, nums))[:slot.length]
+
+    def expire(self, now: float) -> list[tuple[Key, Reassembly]]:
+        """Forget messages older than the timeout; returns those that never
+        completed (lost). Decoded ones go into the loss statistics here, when
+        no more of their shards are expected."""
+        lost = []
+        slots = self.slots
+        while slots:
+            key, slot = next(iter(slots.items()))
+            if now - slot.born < REASSEMBLY_TIMEOUT:
+                break
+            self._forget(key)
+            lost.append((key, slot))
+        done = self.done
+        while done:
+            key, seen = next(iter(done.items()))
+            if now - seen[2] < REASSEMBLY_TIMEOUT:
+                break
+            del done[key]
+            self._retire(key, seen)
+        return lost
+
+    def count_lost(self, src: int, slot: Reassembly) -> None:
+        """An incomplete message in the loss statistics (the caller decides
+        whether src is a peer it has authenticated)."""
+        counts = self.stats.setdefault(src, [0, 0])
+        counts[0] += len(slot.shards)
+        counts[1] += slot.k + slot.m
+
+    def take_stats(self) -> dict[int, list[int]]:
+        stats, self.stats = self.stats, {}
+        return stats
+
+
+def parity_for(loss: float, k: int, target: float = 0.002, limit: int = 16) -> int:
+    """Fewest parity shards m such that a message of k data shards is lost
+    (more than m of k+m shards lost, independent loss `loss`) with
+    probability <= target. 0 on a clean path; at most `limit`."""
+    if loss <= 0.0005:
+        return 0
+    loss = min(loss, 0.5)
+    for m in range(0, limit + 1):
+        n = k + m
+        ok = sum(math.comb(n, i) * loss ** i * (1 - loss) ** (n - i) for i in range(m + 1))
+        if 1 - ok <= target:
+            return m
+    return limit

@@ -1,0 +1,193 @@
+"""Tier 1: super-packets sealed once and carried as shards (docs/protocol.md "Fragments").
+
+The fast path must stay honest: shards arriving out of order and duplicated
+over two paths reassemble exactly once; a message with a shard lost never
+yields a corrupted packet; forwarders relay shards without reassembling them;
+peers with and without offloads interoperate; the sender's parity follows the
+receiver's loss reports.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+from protocol_helpers import T0, Wire, addr, header_of, make_node, pid, tcp, tun_ip, udp
+
+from alpaca.protocol import fragments
+from alpaca.protocol.constants import (FLAG_FRAG, FLAG_VNET, KIND_REPORT, MASK_SIZE, REASSEMBLY_TIMEOUT,
+                                       REPORT_INTERVAL, VNET_HDR_SIZE)
+from alpaca.protocol.crypto import peek_shard
+from alpaca.protocol.drops import DropReason
+from alpaca.protocol.node import ZERO_VNET
+
+GSO_TCPV4 = 1
+NEEDS_CSUM = 1
+
+
+def vnet_hdr(gso_type: int = GSO_TCPV4, gso_size: int = 1360, flags: int = NEEDS_CSUM) -> bytes:
+    """struct virtio_net_hdr, little-endian as on x86: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset."""
+    return struct.pack("<BBHHHH", flags, gso_type, 40, gso_size, 20, 16)
+
+
+def super_packet(size: int = 60_000, src: str = "16.1", dst: str = "1.1") -> bytes:
+    """A TSO super-packet as a TUN with offloads hands it over: virtio_net_hdr + one big TCP segment."""
+    payload = random.Random(size).randbytes(size)
+    return vnet_hdr() + tcp(tun_ip(src), tun_ip(dst), data=payload)
+
+
+def pair(**kw):
+    client = make_node("16.1", gateway="1.1", vnet=True, **kw)
+    server = make_node("1.1", vnet=True, **kw)
+    return client, server
+
+
+def shards_of(node, packet, now=T0):
+    return [d for d, _ in node.from_tun([packet], now).sends]
+
+
+def feed(node, datagrams, now=T0, frm=None):
+    out_tun = []
+    for d in datagrams:
+        out_tun.extend(node.from_udp([(d, frm or addr("16.1"))], now).tun)
+    return out_tun
+
+
+def test_a_super_packet_is_sealed_once_and_sent_as_full_size_shards():
+    client, _ = pair()
+    packet = super_packet()
+    shards = shards_of(client, packet)
+    assert len(shards) == fragments.shard_count(len(packet) + 16, client.settings.max_datagram - MASK_SIZE)
+    assert max(len(d) for d in shards) <= client.settings.max_datagram
+    headers = [peek_shard(client.group_key, d) for d in shards]
+    # one message: the same header (src, dst, session, ts, seq) on every shard
+    assert len({(h.src, h.dst, h.session, h.ts, h.seq, h.flags) for h, _, _ in headers}) == 1
+    assert headers[0][0].flags == FLAG_FRAG | FLAG_VNET
+    assert sorted(sub[0] for _, _, sub in headers) == list(range(len(shards)))
+
+
+def test_shards_out_of_order_and_duplicated_over_two_paths_reassemble_exactly_once():
+    client, server = pair()
+    packet = super_packet()
+    shards = shards_of(client, packet)
+    copies = [(d, addr("16.1")) for d in shards] + [(d, ("198.51.100.7", 1040)) for d in shards]
+    random.Random(7).shuffle(copies)
+    out = []
+    for d, frm in copies:
+        out.extend(server.from_udp([(d, frm)], T0).tun)
+    assert out == [packet]          # the virtio_net_hdr goes to the TUN with it
+    drops = server.global_drops
+    assert drops[DropReason.DUPLICATE_SHARD] + server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] <= len(shards)
+    # both paths were learned from the authenticated message
+    assert set(server.table.get(pid("16.1")).paths) >= {addr("16.1"), ("198.51.100.7", 1040)}
+
+
+def test_a_lost_shard_loses_the_message_and_never_corrupts_it():
+    client, server = pair()
+    packet = super_packet()
+    shards = shards_of(client, packet)
+    assert feed(server, shards[:5] + shards[6:]) == []
+    assert server.reassembly.slots             # waiting for the missing shard
+    server.tick(T0 + REASSEMBLY_TIMEOUT + REPORT_INTERVAL)
+    assert server.global_drops[DropReason.INCOMPLETE] == 1
+    assert not server.reassembly.slots
+
+
+def test_a_corrupted_shard_fails_authentication_of_the_whole_message():
+    client, server = pair()
+    shards = shards_of(client, super_packet())
+    bad = bytearray(shards[3])
+    bad[MASK_SIZE + 100] ^= 1                  # the body, not the mask sample
+    assert feed(server, shards[:3] + [bytes(bad)] + shards[4:]) == []
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 1
+
+
+def test_parity_shards_recover_lost_ones():
+    client, server = pair(parity=3)
+    packet = super_packet()
+    shards = shards_of(client, packet)
+    k = fragments.shard_count(len(packet) + 16, client.settings.max_datagram - MASK_SIZE)
+    assert len(shards) == k + 3
+    lost = {0, 7, len(shards) - 1}             # the last one sent is the short data shard
+    kept = [d for i, d in enumerate(shards) if i not in lost]
+    random.Random(3).shuffle(kept)
+    assert feed(server, kept) == [packet]
+    # one more lost than parity: no packet, and nothing corrupted
+    client2, server2 = pair(parity=2)
+    shards = shards_of(client2, packet)
+    lost = {0, 7, len(shards) - 1}
+    assert feed(server2, [d for i, d in enumerate(shards) if i not in lost]) == []
+
+
+def test_a_forwarder_relays_shards_without_reassembling_them():
+    client = make_node("16.1", gateway="1.1", forwarders=("1.2",), vnet=True)
+    forwarder = make_node("1.2", mode="forwarder")
+    server = make_node("1.1", vnet=True)
+    packet = super_packet()
+    wire = Wire(client, forwarder, server)
+    result = wire.originate(client, [packet], T0)
+    assert result.tun["1.1"] == [packet]
+    assert forwarder.relayed_shards == len(shards_of(make_node("16.1", gateway="1.1", vnet=True), packet))
+    assert not forwarder.reassembly.slots
+    # the forwarder changed no peer state for what it could not authenticate
+    assert forwarder.table.get(pid("16.1")).relayed_packets == 0
+
+
+def test_offloaded_and_plain_peers_interoperate():
+    plain = make_node("16.1", gateway="1.1")            # a TUN without virtio_net_hdr (core default)
+    offloaded = make_node("1.1", vnet=True)
+    small = udp(tun_ip("16.1"), tun_ip("1.1"))
+    out = feed(offloaded, shards_of(plain, small))
+    assert out == [ZERO_VNET + small]
+    # a plain packet from the offloaded side arrives plain
+    reply = udp(tun_ip("1.1"), tun_ip("16.1"))
+    datagrams = shards_of(offloaded, ZERO_VNET + reply)
+    assert header_of(datagrams[0]).flags == 0           # no header travels for a plain packet
+    assert feed(plain, datagrams, frm=addr("1.1")) == [reply]
+    # a super-packet cannot go to a TUN without offloads: counted, not corrupted
+    big = shards_of(offloaded, vnet_hdr() + tcp(tun_ip("1.1"), tun_ip("16.1"), data=bytes(30000)))
+    assert feed(plain, big, frm=addr("1.1")) == []
+    assert plain.table.get(pid("1.1")).drops[DropReason.NEEDS_OFFLOAD] == 1
+
+
+def test_a_packet_with_a_partial_checksum_travels_with_its_header_in_one_datagram():
+    client, server = pair()
+    packet = vnet_hdr(gso_type=0, gso_size=0) + tcp(tun_ip("16.1"), tun_ip("1.1"), data=bytes(1360))
+    datagrams = shards_of(client, packet)
+    assert len(datagrams) == 1 and header_of(datagrams[0]).flags == FLAG_VNET
+    assert feed(server, datagrams) == [packet]
+
+
+def test_loss_reports_set_the_senders_parity():
+    client, server = pair()
+    rng = random.Random(11)
+    now = T0
+    for _ in range(20):
+        shards = shards_of(client, super_packet(30_000), now)
+        feed(server, [d for d in shards if rng.random() > 0.05], now)
+    # after the reassembly timeout the server reports to 16.1 what arrived
+    now += REASSEMBLY_TIMEOUT + REPORT_INTERVAL
+    reports = [d for d, _ in server.tick(now).sends if header_of(d).kind == KIND_REPORT]
+    assert len(reports) == 1
+    feed(client, reports, now, frm=addr("1.1"))
+    loss = client.snapshot(now)["peers"]
+    row = next(p for p in loss if p["id"] == "1.1")
+    assert 0.02 < row["shard_loss"] < 0.1
+    assert row["parity"] >= 3
+    shards = shards_of(client, super_packet(), now)
+    assert len(shards) == fragments.shard_count(60_000 + 40 + VNET_HDR_SIZE + 16,
+                                                client.settings.max_datagram - MASK_SIZE) + row["parity"]
+
+
+@pytest.mark.parametrize("loss,k,expected", [(0.0, 47, 0), (0.01, 47, 3), (0.05, 47, 8)])
+def test_parity_for_loss(loss, k, expected):
+    assert fragments.parity_for(loss, k) == expected
+
+
+def test_reassembly_is_bounded_per_pair():
+    client, server = pair()
+    first = [shards_of(client, super_packet(20_000))[0] for _ in range(100)]
+    feed(server, first)
+    assert len(server.reassembly.slots) == 64
+    assert server.global_drops[DropReason.REASSEMBLY_FULL] == 36
