@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import os
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from nacl import bindings as sodium
 from nacl._sodium import ffi, lib
@@ -59,8 +59,8 @@ def genkey() -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
+    """A tuple, not a dataclass: one is built for every datagram received."""
     ttl: int
     path: int
     kind: int
@@ -134,10 +134,11 @@ def peek(group_key: bytes, datagram: bytes) -> tuple[Header, int]:
 def peek_shard(group_key: bytes, datagram: bytes) -> tuple[Header, int, bytes]:
     """Like peek, plus the unmasked fragment sub-header (meaningful only when
     the header has FLAG_FRAG)."""
-    full = _mask_bytes(group_key, datagram[-TAG_SIZE:])
-    mask = int.from_bytes(full[:HEADER_SIZE], "big")
-    sub = bytes(a ^ b for a, b in zip(datagram[HEADER_SIZE:MASK_SIZE], full[HEADER_SIZE:]))
-    return Header.unpack(_xor(datagram[:HEADER_SIZE], mask)), mask, sub
+    full = int.from_bytes(_mask_bytes(group_key, datagram[-TAG_SIZE:]), "big")
+    clear = (int.from_bytes(datagram[:MASK_SIZE], "big") ^ full).to_bytes(MASK_SIZE, "big")
+    ttl, path, vk, flags, src, dst, session, ts, seq, pad = _HEADER.unpack_from(clear)
+    return (Header(ttl, path, vk & 0x0F, src, dst, session, ts, seq, pad, flags, vk >> 4),
+            full >> (8 * FRAG_HEADER_SIZE), clear[HEADER_SIZE:])
 
 
 def seal_body(pair_key: bytes, raw: bytes, plaintext: bytes) -> bytearray:
@@ -150,12 +151,18 @@ def seal_body(pair_key: bytes, raw: bytes, plaintext: bytes) -> bytearray:
     return out
 
 
-def frame_shard(group_key: bytes, raw_and_sub: bytes, shard) -> bytes:
-    """One shard datagram: header and sub-header masked with the shard's last
-    16 bytes as the sample, as a whole datagram is masked with its tag."""
-    mask = _mask_bytes(group_key, bytes(shard[-TAG_SIZE:]))
-    head = (int.from_bytes(raw_and_sub, "big") ^ int.from_bytes(mask, "big")).to_bytes(MASK_SIZE, "big")
-    return head + shard
+def frame_shards(group_key: bytes, raw: bytes, shards: list, k: int, m: int, length: int) -> list[bytes]:
+    """The shard datagrams of one message: header and sub-header (index, k,
+    m, length) masked with each shard's last 16 bytes as the sample, as a
+    whole datagram is masked with its tag."""
+    base = int.from_bytes(raw, "big") << (8 * FRAG_HEADER_SIZE) | k << 32 | m << 24 | length
+    out = []
+    for index, shard in enumerate(shards):
+        lib.crypto_generichash_blake2b_salt_personal(_MASK_OUT, MASK_SIZE, bytes(shard[-TAG_SIZE:]), TAG_SIZE,
+                                                     group_key, len(group_key), _NO_SALT, _PERSON_MASK)
+        head = (base | index << 40) ^ int.from_bytes(_MASK_BYTES, "big")
+        out.append(head.to_bytes(MASK_SIZE, "big") + shard)
+    return out
 
 
 def open_body(pair_key: bytes, header: Header, body) -> bytes:
@@ -191,5 +198,5 @@ def rewrite_mutable(datagram: bytes, mask: int, ttl: int, path: int) -> bytes:
 
 
 __all__ = ["CryptoError", "Header", "seal", "peek", "peek_shard", "open_sealed", "seal_body",
-           "frame_shard", "open_body", "rewrite_mutable", "genkey",
+           "frame_shards", "open_body", "rewrite_mutable", "genkey",
            "derive_group_key", "derive_psk_key", "derive_pair_key", "MUTABLE_BYTES"]

@@ -40,7 +40,7 @@ from .constants import (DEFAULT_TTL, FLAG_FRAG, FLAG_VNET, KEEPALIVE_INTERVAL, K
                         KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
                         PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
                         VNET_HDR_SIZE, WIRE_VERSION)
-from .crypto import (CryptoError, Header, derive_group_key, frame_shard, open_body, open_sealed, peek_shard,
+from .crypto import (CryptoError, Header, derive_group_key, frame_shards, open_body, open_sealed, peek_shard,
                      rewrite_mutable, seal, seal_body)
 from .drops import DropReason
 from .ids import TunnelNet, format_id
@@ -302,10 +302,7 @@ class Node:
         if parity is None:
             parity = self._tx_parity.get(dst, 0)
         shards, k, m = fragments.split(body, self.settings.max_datagram - MASK_SIZE, parity)
-        length = len(body)
-        group_key = self.group_key
-        datagrams = [frame_shard(group_key, raw + fragments.pack_sub(i, k, m, length), shard)
-                     for i, shard in enumerate(shards)]
+        datagrams = frame_shards(self.group_key, raw, shards, k, m, len(body))
         if m:
             # full-size shards first and the short last data shard at the
             # end, so the kernel sends the run with one GSO call
