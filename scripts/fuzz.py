@@ -63,6 +63,7 @@ import protocol_helpers as ph  # tests/protocol_helpers.py
 from alpaca.protocol import crypto
 from alpaca.protocol.constants import (
     DEFAULT_TTL,
+    FLAG_FRAG,
     HEADER_SIZE,
     KIND_KEEPALIVE,
     MIN_DATAGRAM,
@@ -110,11 +111,23 @@ FAMILIES = (
     ("elsewhere", 8),    # a real datagram arriving from another source address
 )
 OUTCOMES = ("delivered", "relayed", "consumed", "dropped")
-UNAUTH_REASONS = (DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE)
+UNAUTH_REASONS = (DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE,
+                  # what a well-formed shard header can meet before any authentication
+                  DropReason.DUPLICATE_SHARD, DropReason.REASSEMBLY_FULL, DropReason.TTL, DropReason.NO_PATH)
+# an unauthenticated input whose header is a well-formed shard's (docs/protocol.md
+# "Fragments"): held for reassembly (counted as incomplete when it expires), or
+# relayed by header at a relay. Neither changes per-peer state.
+SHARD_OUTCOMES = ("held", "relayed_shard")
 OTHER_SOURCES = [("198.51.100.7", 1040), ("198.51.100.8", 51000), ("203.0.113.9", 5555),
                  ("2001:db8::9", 1040), ("2001:db8::a", 1040, 0, 0), ("0.0.0.0", 0),
                  ("192.0.2.200", 65535)]
 INTERNET = ("8.8.8.8", "203.0.113.7", "192.0.2.1")      # 192.0.2.1: the gateway's own address (loop)
+
+
+def held_shards(node: Node) -> int:
+    """Shards a node holds for reassembly, or remembers of decoded messages."""
+    return (sum(len(slot.shards) for slot in node.reassembly.slots.values())
+            + sum(seen[0].bit_count() for seen in node.reassembly.done.values()))
 
 
 class Violation(Exception):
@@ -297,7 +310,8 @@ class Harness:
         if h.src != ph.pid(sender):
             raise Violation(f"{sender} sealed a datagram with src {h.src}")
         if ident in self.idents:
-            raise Violation(f"nonce reused by {sender}: {ident!r}")
+            old = self.sealed[self.idents[ident]]
+            raise Violation(f"nonce reused by {sender}: {ident!r} kind {h.kind} flags {h.flags} len {len(datagram)}; before: kind {old.kind}")
         if h.kind == KIND_KEEPALIVE:
             inner = b""
         elif inner is None:
@@ -546,6 +560,7 @@ class Harness:
         if peer is not None:
             rx0, last0, rel0 = peer.rx_packets, peer.last_rx, peer.relayed_packets
             paths0 = {a: p.last_rx for a, p in peer.paths.items()}
+        held0, shards0 = held_shards(node), node.relayed_shards
         try:
             out = node.from_udp([(data, frm)], now)
         except Exception:  # noqa: BLE001  (any exception escaping is the violation)
@@ -566,7 +581,22 @@ class Harness:
             raise Violation(f"{klass} input at {name}: {what}; tun={len(out.tun)} sends={len(out.sends)} "
                             f"global drops {dict(gd)} peer drops {dict(pd)}")
 
-        if klass in ("unauth", "dup", "stale"):
+        if klass == "unauth" and not (ngd or npd) and not out.tun:
+            # a well-formed shard header: held, or relayed by header; nothing else changes
+            if out.sends:
+                m = crypto.header_mask(self.group_key, data[-TAG_SIZE:]).to_bytes(HEADER_SIZE, "big")
+                if node.relayed_shards != shards0 + 1 or not (data[3] ^ m[3]) & FLAG_FRAG:
+                    fail("relayed something that is not a shard, or did not count it")
+                if any(d[MUTABLE_BYTES:] != data[MUTABLE_BYTES:] or to == frm for d, to in out.sends):
+                    fail("a relayed shard is not the input, or went back where it came from")
+                outcome = "relayed_shard"
+            elif held_shards(node) == held0 + 1:
+                outcome = "held"
+            else:
+                fail("neither dropped, held nor relayed")
+            if fp0 is not None and self.fingerprint(node) != fp0:
+                fail("a shard changed per-peer state")
+        elif klass in ("unauth", "dup", "stale"):
             if out.tun or out.sends:
                 fail("produced output")
             if klass == "unauth":

@@ -2,8 +2,9 @@
 
 The invariant, for every input: it either yields an inner packet that was
 really sent (at the destination) or a relay of a datagram that was really sent
-(at a forwarder), or exactly one counted drop (global or per peer); never an
-exception, never anything else.
+(at a forwarder), or exactly one counted drop (global or per peer), or, when
+its header is a well-formed shard's, it is held for reassembly or relayed by
+header (docs/protocol.md "Fragments"); never an exception, never anything else.
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ from protocol_helpers import (
     udp,
 )
 
-from alpaca.protocol.constants import HEADER_SIZE
+from alpaca.protocol.constants import FLAG_FRAG, HEADER_SIZE
 from alpaca.protocol.crypto import MUTABLE_BYTES
+
+def held_shards(node) -> int:
+    return (sum(len(slot.shards) for slot in node.reassembly.slots.values())
+            + sum(seen[0].bit_count() for seen in node.reassembly.done.values()))
+
 
 # ---------------------------------------------------------------- what was really sent
 
@@ -62,12 +68,17 @@ def forwarder():
 def feed(node, data: bytes, source, now: float = T0) -> None:
     """Feed one input and check the invariant."""
     before = total_drops(node)
+    held, relayed_shards = held_shards(node), node.relayed_shards
     out = node.from_udp([(data, source)], now)
     after = total_drops(node)
     if out.tun:
         assert len(out.tun) == 1 and out.tun[0] in SENT_PACKETS, out.tun
         assert out.sends == [] and after == before
         assert node.me == pid("1.1")
+    elif out.sends and node.relayed_shards == relayed_shards + 1:
+        # a shard for someone else is relayed on the strength of its header
+        assert after == before and header_of(data).flags & FLAG_FRAG
+        assert all(d[MUTABLE_BYTES:] == data[MUTABLE_BYTES:] and to != source for d, to in out.sends)
     elif out.sends:
         assert after == before
         assert node.me != pid("1.1")
@@ -76,6 +87,10 @@ def feed(node, data: bytes, source, now: float = T0) -> None:
         assert len({d for d, _ in out.sends}) == 1
         h = header_of(out.sends[0][0])
         assert h.path == 1 and h.ttl >= 1
+    elif after == before and header_of(data).flags & FLAG_FRAG:
+        # a well-formed shard header cannot be authenticated alone: it is
+        # held for reassembly (counted as incomplete when it expires)
+        assert held_shards(node) == held + 1
     else:
         assert after == before + 1, (data.hex(), before, after)
 

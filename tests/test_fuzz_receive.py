@@ -167,14 +167,14 @@ def test_catches_a_silent_drop(monkeypatch):
 
 def test_catches_an_escaping_exception(monkeypatch):
     h = harness(5)
-    real_peek = node_module.peek
+    real_peek = node_module.peek_shard
 
     def fragile(group_key, datagram):
-        header, mask = real_peek(group_key, datagram)
+        header, mask, sub = real_peek(group_key, datagram)
         if header.flags == 0xEE:
             raise IndexError("planted")
-        return header, mask
-    monkeypatch.setattr(node_module, "peek", fragile)
+        return header, mask, sub
+    monkeypatch.setattr(node_module, "peek_shard", fragile)
     assert "exception escaped" in _must_catch(h, 20_000)
 
 

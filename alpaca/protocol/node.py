@@ -292,7 +292,9 @@ class Node:
                       now: float) -> list[bytes]:
         """One datagram, or the shards of a message too big for one
         (docs/protocol.md "Fragments"): one AEAD call either way."""
-        if len(plaintext) + OVERHEAD <= self.settings.max_datagram:
+        if not flags & FLAG_VNET or len(plaintext) + OVERHEAD <= self.settings.max_datagram:
+            # (a plain packet is never bigger than the TUN's MTU, unless the
+            # MTU changed under us: then it goes whole, as before offloads)
             return [self._seal(kind, dst, key, plaintext, now, flags)]
         ts, seq = self._stamp(now)
         raw = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
