@@ -238,8 +238,7 @@ def fingerprint(node: Node, mask: tuple | None = None) -> tuple:
             p.last_rx, p.up, p.rx_packets, p.rx_bytes, p.tx_packets, p.tx_bytes, p.relayed_packets,
             None if masked else dict(p.drops),
             p.replay_floor,
-            tuple((dst, w.floor, tuple((s, tuple((ts, bytes(b)) for ts, b in secs.items()))
-                                       for s, secs in w.sessions.items()))
+            tuple((dst, w.floor, tuple((s, ts, n, bytes(b)) for s, ts, n, b in w.bitmaps()))
                   for dst, w in p.replay.items()),
         ))
     return (tuple(peers), node.session, node._ts, node._seq, len(node.notices), len(node._timers))

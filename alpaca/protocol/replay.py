@@ -6,58 +6,106 @@ remember, for each session seen inside the window and each second of it, a
 bitmap of accepted sequence numbers. Only authenticated datagrams reach this
 module (the caller checks the AEAD first), so forged input cannot move it.
 
-Memory: a bitmap grows to the highest sequence seen in its second, at most
-2**20 bits = 128 KiB, so one session costs at most (2*REPLAY_WINDOW+1)*128 KiB
-and typically a few hundred bytes per second of traffic.
+Memory: the bitmap of a second is paged. A page covers PAGE_SEQS = 4096
+sequence numbers (at most PAGE_BYTES = 512 bytes), is made on first use and
+grows in powers of two up to the highest sequence seen in it. A second holds
+page 0 as a bare bytearray as long as no other page is used (every sender
+below 4096 datagrams/s), else a dict {seq >> PAGE_SHIFT: page}. So one
+datagram costs at most one page (seq = 2**20 - 1 costs 512 B, not 128 KiB),
+a second of r < 4096 datagrams about r/8 bytes, and a second at most 2**20
+bits = 128 KiB; one session at most (2*REPLAY_WINDOW+1) * 128 KiB.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from .constants import MAX_SESSIONS_PER_PEER, REPLAY_WINDOW, SEQ_LIMIT
 from .drops import DropReason
 
+PAGE_SHIFT = 12                   # 4096 sequence numbers per page
+PAGE_SEQS = 1 << PAGE_SHIFT
+PAGE_BYTES = PAGE_SEQS // 8       # 512
+
+Second = bytearray | dict[int, bytearray]     # page 0 alone, or pages by number
+
+
+def _pages(second: Second) -> Iterator[tuple[int, bytearray]]:
+    return iter(second.items()) if isinstance(second, dict) else iter(((0, second),))
+
 
 class ReplayWindow:
-    __slots__ = ("sessions", "floor", "charged")
+    __slots__ = ("sessions", "floor", "charged", "_hot_session", "_hot_ts", "_hot_number", "_hot_page")
 
     def __init__(self, charged: object = None) -> None:
         # the peer whose window slot this is (peers.Peer.relay_windows), or None
         self.charged = charged
-        # session -> {ts: bitmap}
-        self.sessions: dict[bytes, dict[int, bytearray]] = {}
+        # session -> {ts: page 0, or {page number: page}}
+        self.sessions: dict[bytes, dict[int, Second]] = {}
         # the newest second we have forgotten: anything at or below it is
         # refused, so a receiver clock that jumps ahead and back cannot
         # reopen seconds whose bitmaps are gone
         self.floor = -1
+        # the page used last and its (session, ts, page number): a sender's
+        # datagrams mostly land on one page after another. A page is only
+        # dropped with its second, which raises floor to at least its ts, so
+        # a forgotten page is never reached through this shortcut.
+        self._hot_session, self._hot_ts, self._hot_number = b"", -1, -1
+        self._hot_page = bytearray()
 
     def check_and_accept(self, session: bytes, ts: int, seq: int, now: float) -> DropReason | None:
         """None when (session, ts, seq) is new and inside the window (then it is recorded)."""
         now_s = int(now)
         if seq >= SEQ_LIMIT or ts <= self.floor or abs(ts - now_s) > REPLAY_WINDOW:
             return DropReason.REPLAY
+        number = seq >> 12               # PAGE_SHIFT: literals on this per-datagram path
+        if ts == self._hot_ts and number == self._hot_number and session == self._hot_session:
+            page = self._hot_page
+        else:
+            page = self._page(session, ts, number, now_s)
+            if page is None:
+                return DropReason.TOO_MANY_SESSIONS
+        index, bit = (seq >> 3) & 511, 1 << (seq & 7)
+        if index < len(page):
+            if page[index] & bit:
+                return DropReason.DUPLICATE
+        else:
+            # powers of two: a page is resized a few times at most and is
+            # never more than twice what its highest seq needs
+            page.extend(bytes((1 << index.bit_length()) - len(page)))
+        page[index] |= bit
+        return None
+
+    def _page(self, session: bytes, ts: int, number: int, now_s: int) -> bytearray | None:
+        """The page of (session, ts) for seq >> PAGE_SHIFT == number, made when
+        new; None when the session would be one too many."""
         seconds = self.sessions.get(session)
         if seconds is None:
             self._expire(now_s)
             if len(self.sessions) >= MAX_SESSIONS_PER_PEER:
                 # Refuse rather than evict: evicting would forget what an old
                 # session already delivered and let its datagrams be replayed.
-                return DropReason.TOO_MANY_SESSIONS
+                return None
             seconds = self.sessions[session] = {}
-        bitmap = seconds.get(ts)
-        if bitmap is None:
+        second = seconds.get(ts)
+        if second is None:
             if len(seconds) > 2 * REPLAY_WINDOW:
                 self._expire_session(seconds, now_s)
-            bitmap = seconds[ts] = bytearray()
-        index, bit = seq >> 3, 1 << (seq & 7)
-        if index < len(bitmap):
-            if bitmap[index] & bit:
-                return DropReason.DUPLICATE
+            page = bytearray(1)
+            seconds[ts] = page if number == 0 else {number: page}
+        elif isinstance(second, dict):
+            page = second.get(number)
+            if page is None:
+                page = second[number] = bytearray(1)
+        elif number == 0:
+            page = second
         else:
-            bitmap.extend(bytes(index + 1 - len(bitmap)))
-        bitmap[index] |= bit
-        return None
+            page = bytearray(1)
+            seconds[ts] = {0: second, number: page}
+        self._hot_session, self._hot_ts, self._hot_number, self._hot_page = session, ts, number, page
+        return page
 
-    def _expire_session(self, seconds: dict[int, bytearray], now_s: int) -> None:
+    def _expire_session(self, seconds: dict[int, Second], now_s: int) -> None:
         # Only seconds that fell out of the back of the window are forgotten.
         # Seconds "from the future" (the receiver's clock stepped back) stay
         # until the clock passes them again, so they cannot be replayed then.
@@ -76,5 +124,13 @@ class ReplayWindow:
         """Forget seconds (and whole sessions) that left the window."""
         self._expire(int(now))
 
+    def bitmaps(self) -> Iterator[tuple[bytes, int, int, bytearray]]:
+        """(session, ts, page number, page) of every page held."""
+        for session, seconds in self.sessions.items():
+            for ts, second in seconds.items():
+                for number, page in _pages(second):
+                    yield session, ts, number, page
+
     def memory_bytes(self) -> int:
-        return sum(len(b) for s in self.sessions.values() for b in s.values())
+        """Bytes of bitmap pages held (without the objects that hold them)."""
+        return sum(len(page) for *_, page in self.bitmaps())
