@@ -58,4 +58,4 @@ MAX_WINDOWS_PER_PEER = 16
 REASSEMBLY_TIMEOUT = 0.5  # a fragmented message still incomplete after this is dropped
 REASSEMBLY_PER_PEER = 64  # messages being reassembled per (src, dst)
 REASSEMBLY_TOTAL = 512    # ... and in all (each up to ~64 KiB + parity)
-REPORT_INTERVAL = 1.0     # loss reports to each peer that sent us shards
+REPORT_INTERVAL = 0.5     # loss reports to each peer that sent us shards
