@@ -167,14 +167,14 @@ def test_catches_a_silent_drop(monkeypatch):
 
 def test_catches_an_escaping_exception(monkeypatch):
     h = harness(5)
-    real_peek = node_module.peek_shard
+    real_unmask = node_module.unmask
 
     def fragile(group_key, datagram):
-        header, mask, sub = real_peek(group_key, datagram)
-        if header.flags == 0xEE:
+        fields, mask = real_unmask(group_key, datagram)
+        if fields[3] == 0xEE:           # the flags byte
             raise IndexError("planted")
-        return header, mask, sub
-    monkeypatch.setattr(node_module, "peek_shard", fragile)
+        return fields, mask
+    monkeypatch.setattr(node_module, "unmask", fragile)
     assert "exception escaped" in _must_catch(h, 20_000)
 
 

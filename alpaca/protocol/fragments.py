@@ -75,10 +75,12 @@ def valid_sub(index: int, k: int, m: int, length: int, shard_len: int) -> bool:
 
 
 class Reassembly:
-    __slots__ = ("k", "m", "length", "shards", "addrs", "born")
+    __slots__ = ("k", "m", "length", "size", "last", "shards", "addrs", "born")
 
     def __init__(self, k: int, m: int, length: int, now: float):
         self.k, self.m, self.length = k, m, length
+        self.size = shard_size(length, k)
+        self.last = length - (k - 1) * self.size     # the last data shard's size
         self.shards: dict[int, bytes] = {}
         self.addrs: list = []
         self.born = now
@@ -109,6 +111,12 @@ class Reassembler:
             now: float) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
         """Returns (message, its slot, None) when this shard completes a
         message, (None, None, reason) when the shard is dropped, else (None, None, None)."""
+        slot = self.slots.get(key)
+        if slot is not None:        # the hot path: the next shard of a message in progress
+            if (k != slot.k or m != slot.m or length != slot.length or index >= k + m
+                    or len(shard) != (slot.last if index == k - 1 else slot.size)):
+                return None, None, DropReason.MALFORMED
+            return self._add(slot, key, index, shard, addr)
         seen = self.done.get(key)
         if seen is not None:
             bit = 1 << index
@@ -116,23 +124,29 @@ class Reassembler:
                 return None, None, DropReason.DUPLICATE_SHARD
             seen[0] |= bit              # a surplus shard (parity, or a copy's): for the loss report
             return None, None, None
-        slot = self.slots.get(key)
-        if slot is None:
-            pair = key[:2]
-            if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
-                self.expire(now)
-                if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
-                    return None, None, DropReason.REASSEMBLY_FULL
-            slot = self.slots[key] = Reassembly(k, m, length, now)
-            self.per_pair[pair] += 1
-        elif (slot.k, slot.m, slot.length) != (k, m, length):
+        if not valid_sub(index, k, m, length, len(shard)):
             return None, None, DropReason.MALFORMED
+        pair = key[:2]
+        if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
+            self.expire(now)
+            if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
+                return None, None, DropReason.REASSEMBLY_FULL
+        slot = self.slots[key] = Reassembly(k, m, length, now)
+        self.per_pair[pair] += 1
+        return self._add(slot, key, index, shard, addr)
+
+    def knows(self, key: Key) -> bool:
+        """A message in progress or recently decoded."""
+        return key in self.slots or key in self.done
+
+    def _add(self, slot: Reassembly, key: Key, index: int, shard: bytes,
+             addr) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
         if index in slot.shards:
             return None, None, DropReason.DUPLICATE_SHARD
         slot.shards[index] = shard
         if addr not in slot.addrs:
             slot.addrs.append(addr)
-        if len(slot.shards) < k:
+        if len(slot.shards) < slot.k:
             return None, None, None
         message = self._decode(slot)
         self._forget(key)
@@ -141,7 +155,7 @@ class Reassembler:
             mask |= 1 << i
         if len(self.done) >= DONE_LIMIT:
             self._retire(*self.done.popitem(last=False))
-        self.done[key] = [mask, k + m, slot.born]
+        self.done[key] = [mask, slot.k + slot.m, slot.born]
         return message, slot, None
 
     def _forget(self, key: Key) -> None:
@@ -161,9 +175,8 @@ class Reassembler:
         k, shards = slot.k, slot.shards
         if all(i in shards for i in range(k)):
             return b"".join([shards[i] for i in range(k)])
-        size = shard_size(slot.length, k)
         nums = tuple(sorted(shards)[:k])
-        blocks = tuple(shards[i] if i != k - 1 else shards[i].ljust(size, b"\0") for i in nums)
+        blocks = tuple(shards[i] if i != k - 1 else shards[i].ljust(slot.size, b"\0") for i in nums)
         decoder = _decoders.get((k, slot.m))
         if decoder is None:
             decoder = _decoders[(k, slot.m)] = zfec.Decoder(k, k + slot.m)

@@ -40,8 +40,8 @@ from .constants import (DEFAULT_TTL, FLAG_FRAG, FLAG_VNET, KEEPALIVE_INTERVAL, K
                         KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
                         PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
                         VNET_HDR_SIZE, WIRE_VERSION)
-from .crypto import (CryptoError, Header, derive_group_key, frame_shards, open_body, open_sealed, peek_shard,
-                     rewrite_mutable, seal, seal_body)
+from .crypto import (CryptoError, Header, derive_group_key, frame_shards, open_body, open_sealed, rewrite_mutable,
+                     seal, seal_body, unmask)
 from .drops import DropReason
 from .ids import TunnelNet, format_id
 from .peers import Addr, Peer, PeerEntry, PeerTable
@@ -53,6 +53,13 @@ ZERO_VNET = bytes(VNET_HDR_SIZE)  # virtio_net_hdr of a plain packet: no GSO, ch
 INNER_HEAD = 64                   # bytes of an inner packet that routing looks at
 _REPORT = struct.Struct(">II")    # shards received, shards sent (of messages that expired)
 LOSS_SMOOTHING = 0.5              # weight of the newest loss report
+_DATA_V1 = WIRE_VERSION << 4 | KIND_DATA
+_SUB_BITS = 8 * (MASK_SIZE - 26)  # the header's mask is the top 26 of the 32 mask bytes
+
+
+def _header(f: tuple) -> Header:
+    """A Header from crypto.unmask's fields."""
+    return Header(f[0], f[1], f[2] & 0x0F, f[4], f[5], f[6], f[7], f[8], f[9], f[3], f[2] >> 4)
 
 
 @dataclass(frozen=True)
@@ -314,26 +321,60 @@ class Node:
     # ------------------------------------------------------------ inbound
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
         out = Output()
+        me, slots = self.me, self.reassembly.slots
         for data, addr in datagrams:
-            self._receive(data, addr, now, out)
+            if len(data) < MIN_DATAGRAM:
+                self.global_drops[DropReason.MALFORMED] += 1
+                continue
+            f, full = unmask(self.group_key, data)
+            # The hot path, inlined (a 64 KiB message is ~46 shards): the
+            # next shard of a message in progress, neither its first nor its
+            # last. Anything else takes _receive with the fields unmasked here.
+            if f[3] & FLAG_FRAG and f[5] == me and f[2] == _DATA_V1:
+                slot = slots.get((f[4], me, f[6], f[7], f[8]))
+                if slot is not None:
+                    index, shards = f[10], slot.shards
+                    if (index not in shards and len(shards) + 1 < slot.k and f[11] == slot.k
+                            and f[12] == slot.m and index < slot.k + slot.m
+                            and len(data) - MASK_SIZE == (slot.last if index == slot.k - 1 else slot.size)
+                            and f[13] << 16 | f[14] == slot.length):
+                        shards[index] = data[MASK_SIZE:]
+                        if addr not in slot.addrs:
+                            slot.addrs.append(addr)
+                        continue
+            self._receive(data, addr, now, out, f, full)
         return out
 
-    def _receive(self, data: bytes, addr: Addr, now: float, out: Output) -> None:
-        if len(data) < MIN_DATAGRAM:
-            self.global_drops[DropReason.MALFORMED] += 1
-            return
-        header, mask, sub = peek_shard(self.group_key, data)
-        if header.version != WIRE_VERSION or header.flags & ~KNOWN_FLAGS or header.kind > KIND_REPORT:
+    def _receive(self, data: bytes, addr: Addr, now: float, out: Output, f: tuple, full: int) -> None:
+        """One datagram whose 32 masked bytes are unmasked (f, full: crypto.unmask)."""
+        # (ttl, path, version<<4|kind, flags, src, dst, session, ts, seq, pad, index, k, m, len_hi, len_lo)
+        if f[3] & FLAG_FRAG and f[5] == self.me and f[2] == _DATA_V1:
+            rkey = (f[4], f[5], f[6], f[7], f[8])
+            if self.reassembly.knows(rkey):
+                # the hot path: the next shard of a message whose first shard passed the checks below
+                self._shard_for_me(rkey, f, full, data, addr, now, out)
+                return
+        vk, flags, src, dst = f[2], f[3], f[4], f[5]
+        if vk >> 4 != WIRE_VERSION or flags & ~KNOWN_FLAGS or vk & 0x0F > KIND_REPORT:
             self.global_drops[DropReason.MALFORMED] += 1
             return
         # src == me: our own datagram reflected back (or forged); never ours to take
-        key = self.table.pair_key(header.src, header.dst) if header.src != self.me else None
+        key = self.table.pair_key(src, dst) if src != self.me else None
         if key is None:
             self.global_drops[DropReason.UNKNOWN_PEER] += 1
             return
-        if header.flags & FLAG_FRAG:
-            self._receive_shard(header, mask, sub, key, data, addr, now, out)
+        if flags & FLAG_FRAG:
+            if vk != _DATA_V1 or f[9]:
+                self.global_drops[DropReason.MALFORMED] += 1
+            elif dst == self.me:
+                self._shard_for_me((src, dst, f[6], f[7], f[8]), f, full, data, addr, now, out)
+            else:
+                # relayed as it is, without reassembly: a shard cannot be
+                # authenticated alone, so it changes no peer state here
+                # (docs/protocol.md §12)
+                self._relay_shard(f, full, data, addr, now, out)
             return
+        header = _header(f)
         try:
             plaintext = open_sealed(key, header, data)
         except CryptoError:
@@ -342,33 +383,28 @@ class Node:
         if header.pad > len(plaintext):
             self.global_drops[DropReason.MALFORMED] += 1
             return
-        self._accept(header, mask, data, plaintext, (addr,), len(data), now, out)
+        self._accept(header, full >> _SUB_BITS, data, plaintext, (addr,), len(data), now, out)
 
-    def _receive_shard(self, header: Header, mask: int, sub: bytes, key: bytes, data: bytes, addr: Addr,
-                       now: float, out: Output) -> None:
-        index, k, m, length = fragments.unpack_sub(sub)
-        if (header.kind != KIND_DATA or header.pad
-                or not fragments.valid_sub(index, k, m, length, len(data) - MASK_SIZE)):
-            self.global_drops[DropReason.MALFORMED] += 1
-            return
-        if header.dst != self.me:
-            # relayed as it is, without reassembly: a shard cannot be
-            # authenticated alone, so it changes no peer state here
-            # (docs/protocol.md "Fragments")
-            self._relay_shard(header, mask, data, addr, now, out)
-            return
-        key_ = (header.src, header.dst, header.session, header.ts, header.seq)
-        message, slot, reason = self.reassembly.add(key_, index, k, m, length, data[MASK_SIZE:], addr, now)
+    def _shard_for_me(self, rkey: tuple, f: tuple, full: int, data: bytes, addr: Addr, now: float,
+                      out: Output) -> None:
+        length = f[13] << 16 | f[14]
+        message, slot, reason = self.reassembly.add(rkey, f[10], f[11], f[12], length, data[MASK_SIZE:],
+                                                    addr, now)
         if reason is not None:
             self.global_drops[reason] += 1
         if message is None:
+            return
+        header = _header(f)
+        key = self.table.pair_key(header.src, header.dst)
+        if key is None:         # the peer left secrets.txt while its message was in reassembly
+            self.global_drops[DropReason.UNKNOWN_PEER] += 1
             return
         try:
             plaintext = open_body(key, header, message)
         except CryptoError:
             self.global_drops[DropReason.AUTH_FAILURE] += 1
             return
-        self._accept(header, mask, data, plaintext, slot.addrs, length, now, out)
+        self._accept(header, full >> _SUB_BITS, data, plaintext, slot.addrs, length, now, out)
 
     def _accept(self, header: Header, mask: int, data: bytes, plaintext: bytes, addrs, size: int,
                 now: float, out: Output) -> None:
@@ -481,9 +517,13 @@ class Node:
             out.sends.extend((relay, a) for a in targets)
             src.relayed_packets += 1
 
-    def _relay_shard(self, header: Header, mask: int, data: bytes, addr: Addr, now: float, out: Output) -> None:
+    def _relay_shard(self, f: tuple, full: int, data: bytes, addr: Addr, now: float, out: Output) -> None:
         """A shard for someone else: relayed on the strength of its header;
         counted globally only, since it is not authenticated here."""
+        header, mask = _header(f), full >> _SUB_BITS
+        if not fragments.valid_sub(f[10], f[11], f[12], f[13] << 16 | f[14], len(data) - MASK_SIZE):
+            self.global_drops[DropReason.MALFORMED] += 1
+            return
         if header.ttl <= 1:
             self.global_drops[DropReason.TTL] += 1
             return
