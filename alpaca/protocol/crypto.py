@@ -154,13 +154,25 @@ def peek(group_key: bytes, datagram: bytes) -> tuple[Header, int]:
 _CLEAR = struct.Struct(">BBBBHH8sIIHBBBBH")
 
 
-def unmask(group_key: bytes, datagram: bytes) -> tuple[tuple, int]:
+def unmask(group_key: bytes, datagram: bytes, clear: int | None = None, full: int | None = None) -> tuple[tuple, int]:
     """The 32 masked bytes in clear, as fields (ttl, path, version<<4|kind,
     flags, src, dst, session, ts, seq, pad, index, k, m, length_hi,
-    length_lo), and the whole mask. No authentication yet."""
-    full = _masker(group_key).mask(datagram[-TAG_SIZE:])
-    clear = (int.from_bytes(datagram[:MASK_SIZE], "big") ^ full).to_bytes(MASK_SIZE, "big")
-    return _CLEAR.unpack(clear), full
+    length_lo), and the whole mask. No authentication yet. `clear` and
+    `full`: what the caller already computed (unmask_int)."""
+    if clear is None:
+        clear, full = unmask_int(_masker(group_key).mask, datagram)
+    return _CLEAR.unpack(clear.to_bytes(MASK_SIZE, "big")), full
+
+
+def mask_function(group_key: bytes):
+    """sample -> 32-byte mask as an int, for unmask_int."""
+    return _masker(group_key).mask
+
+
+def unmask_int(mask, datagram: bytes) -> tuple[int, int]:
+    """(the 32 masked bytes in clear, the mask), both as ints."""
+    full = mask(datagram[-TAG_SIZE:])
+    return int.from_bytes(datagram[:MASK_SIZE], "big") ^ full, full
 
 
 def peek_shard(group_key: bytes, datagram: bytes) -> tuple[Header, int, bytes]:
