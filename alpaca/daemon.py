@@ -22,6 +22,7 @@ import selectors
 import signal
 import socket
 import time
+from pathlib import Path
 
 from .check import cross_problems
 from .config import Config, ConfigError, load_config
@@ -50,6 +51,7 @@ RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (SPEC §5)
 RELOAD_DEBOUNCE = 0.3       # editors write in several steps
 ROUTES_DEBOUNCE = 0.5       # route changes come in bursts
 MAX_SLEEP = 1.0
+CAP_NET_ADMIN = 12          # linux/capability.h
 # the socket filter against garbage floods (_check_flood): on when, in one
 # check, garbage was read at FLOOD_RATE, or the kernel dropped datagrams and
 # at least FLOOD_MIN of what was read was garbage; off once the kernel has
@@ -505,7 +507,23 @@ class Daemon:
         return 0
 
 
+def has_net_admin() -> bool:
+    """Whether this process holds CAP_NET_ADMIN (True when it cannot tell)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
 def run_daemon(config: Config) -> int:
+    if not has_net_admin():
+        # before anything else fails on it less clearly (iptables, TUN, routes)
+        log.error("cannot start without CAP_NET_ADMIN: run alpaca-tunnel as root, "
+                  "or grant it the capability as the systemd unit does")
+        return 1
     try:
         return Daemon(config).run()
     except (StartError, TunError, UdpError, ControlError, ConfigError, HookError, NatError, RouteError,
