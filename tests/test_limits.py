@@ -12,8 +12,9 @@ Tier 3 (root) floods a real server's UDP port with garbage from a third
 namespace while a client moves TCP through the tunnel, and compares goodput
 with and without the flood.
 
-Tests marked xfail(strict=True) show a limit the product does not hold yet;
-docs/limits.md ("Open limits") names the product change that fixes each.
+A limit the product does not hold yet is shown by a test marked
+xfail(strict=True) and listed in docs/limits.md ("Open limits") with the
+product change that would fix it; none is open now.
 """
 
 from __future__ import annotations
