@@ -359,7 +359,8 @@ class Daemon:
         if drops is None:
             return
         garbage = sum(self.node.global_drops[r] for r in UNAUTHENTICATED)
-        new_drops, new_garbage = drops - self._kernel_drops, garbage - self._garbage
+        # the kernel's counter is 32 bits
+        new_drops, new_garbage = (drops - self._kernel_drops) % (1 << 32), garbage - self._garbage
         self._kernel_drops, self._garbage = drops, garbage
         if self._flood_seen is None:
             if new_garbage >= FLOOD_RATE * elapsed or (new_drops and new_garbage >= FLOOD_MIN):

@@ -54,6 +54,13 @@ class UdpError(Exception):
     pass
 
 
+def _is_ipv4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:           # an IPv6 address with a zone, or not an address
+        return False
+
+
 def filter_program(addresses: Iterable[str], unknown_one_in: int = UNKNOWN_ONE_IN,
                    v6_socket: bool = False) -> list[tuple[int, int, int, int]]:
     """A classic BPF program (code, jt, jf, k) that accepts every IPv4
@@ -62,8 +69,7 @@ def filter_program(addresses: Iterable[str], unknown_one_in: int = UNKNOWN_ONE_I
     one (v6_socket; an IPv6 socket carries IPv4 as mapped addresses, whose
     IP header is IPv4). Jump offsets are 8 bits, so the search branches
     with `ja`, whose offset is 32 bits."""
-    keys = sorted({int.from_bytes(ip.packed, "big") for ip in map(ipaddress.ip_address, addresses)
-                   if ip.version == 4})
+    keys = sorted({int.from_bytes(socket.inet_aton(host), "big") for host in addresses if _is_ipv4(host)})
     code: list = []          # instructions; a str k on a ja is a label resolved below
     labels: dict[str, int] = {}
 
