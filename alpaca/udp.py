@@ -57,7 +57,7 @@ class UdpError(Exception):
 def _is_ipv4(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).version == 4
-    except ValueError:           # an IPv6 address with a zone, or not an address
+    except ValueError:           # not an address
         return False
 
 
