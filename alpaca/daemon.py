@@ -22,6 +22,7 @@ import selectors
 import signal
 import socket
 import time
+from pathlib import Path
 
 from .check import cross_problems
 from .config import Config, ConfigError, load_config
@@ -29,7 +30,7 @@ from .control import ControlError, ControlServer, socket_path
 from .hooks import HookError, run_hooks
 from .nat import NatError
 from .notify import Notifier
-from .protocol.drops import DropReason
+from .protocol.drops import GLOBAL_DROPS, DropReason
 from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
@@ -37,7 +38,7 @@ from .routes import RouteError
 from .secrets import PeerSecret, load_secrets, resolve_host
 from .sysctl import IP_FORWARD, Sysctl
 from .tun import Tun, TunError
-from .udp import Udp, UdpError
+from .udp import MAX_FILTER_ADDRESSES, UNKNOWN_ONE_IN, Udp, UdpError
 from .watch import FileWatch
 
 log = logging.getLogger("alpaca")
@@ -50,6 +51,16 @@ RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (SPEC §5)
 RELOAD_DEBOUNCE = 0.3       # editors write in several steps
 ROUTES_DEBOUNCE = 0.5       # route changes come in bursts
 MAX_SLEEP = 1.0
+CAP_NET_ADMIN = 12          # linux/capability.h
+# the socket filter against garbage floods (_check_flood): on when, in one
+# check, garbage was read at FLOOD_RATE, or the kernel dropped datagrams and
+# at least FLOOD_MIN of what was read was garbage; off once the kernel has
+# dropped fewer than FLOOD_MIN per check for FLOOD_HOLD
+FLOOD_CHECK_INTERVAL = 0.5
+FLOOD_RATE = 10_000         # unauthenticated datagrams/s (the daemon reads 30,000-150,000/s at most)
+FLOOD_MIN = 100
+FLOOD_HOLD = 10.0
+UNAUTHENTICATED = tuple(r for r in GLOBAL_DROPS if r is not DropReason.NOT_ROUTABLE)
 
 # config keys that a SIGHUP can apply to the running daemon; the rest need a restart
 LIVE_KEYS = {"forwarders", "duplicate", "duplicate_delay_ms", "inactive_downward_static",
@@ -109,6 +120,18 @@ def underlay_hosts(config: Config, peers: dict[int, PeerEntry]) -> list[str]:
                    if e.static_addr is not None and i != config.id and (i < config.id or i in config.forwarders)})
 
 
+def known_hosts(node: Node, limit: int = MAX_FILTER_ADDRESSES) -> set[str] | None:
+    """Every peer address the node knows (static and learned paths); None
+    when there are more than `limit`."""
+    hosts: set[str] = set()
+    for peer in node.table.peers.values():
+        if peer.paths:
+            hosts.update(addr[0] for addr in peer.paths)
+            if len(hosts) > limit:
+                return None
+    return hosts
+
+
 def cleanup_leftovers(tun_name: str) -> int:
     """Remove what a previous run with this TUN name left behind (SIGKILL)."""
     from . import nat, routes, sysctl
@@ -135,6 +158,10 @@ class Daemon:
         self._routes_changed_at: float | None = None
         self._last_drops: dict[tuple[int | None, DropReason], int] = {}
         self._hook_env: dict[str, str] = {}
+        # the socket filter against garbage floods (_check_flood)
+        self._kernel_drops = self._garbage = 0
+        self._flood_seen: float | None = None      # last check with a flood; None: filter off
+        self._filter_hosts: set[str] | None = None
 
     # ------------------------------------------------------------ setup / teardown
     def start(self, stack: contextlib.ExitStack) -> None:
@@ -155,6 +182,7 @@ class Daemon:
 
         self.node = Node(settings_from(cfg), peers, now, gateway_for=self._gateway_for)
         self.udp = stack.enter_context(contextlib.closing(Udp(cfg.listen, cfg.port)))
+        self._kernel_drops = self.udp.kernel_drops() or 0
         if cfg.mode != "forwarder":
             self.tun = stack.enter_context(contextlib.closing(Tun(cfg.name, cfg.mtu, str(net.address(cfg.id)), offload=cfg.offload)))
         if cfg.mode == "server":
@@ -274,6 +302,8 @@ class Daemon:
             "net": "%d.%d" % self.config.net,
             "tun_write_errors": self.tun_write_errors,
             "udp_send_errors": self.udp.send_errors,
+            "udp_kernel_drops": self.udp.kernel_drops(),
+            "udp_socket_filter": self.udp.filtered,
         })
         return status
 
@@ -320,6 +350,54 @@ class Daemon:
                     total, reason.value, DROP_SUMMARY_INTERVAL, who)
         self._last_drops = current
 
+    def _check_flood(self, now: float, elapsed: float) -> None:
+        """A garbage flood (much unauthenticated input, or some while the
+        kernel drops datagrams for a full socket) turns the socket filter on
+        (udp.py): known peer addresses only, and 1 in UNKNOWN_ONE_IN of the
+        rest. It follows the known addresses while on, and goes once the
+        kernel has dropped little for FLOOD_HOLD seconds."""
+        drops = self.udp.kernel_drops()
+        if drops is None:
+            return
+        garbage = sum(self.node.global_drops[r] for r in UNAUTHENTICATED)
+        # the kernel's counter is 32 bits
+        new_drops, new_garbage = (drops - self._kernel_drops) % (1 << 32), garbage - self._garbage
+        self._kernel_drops, self._garbage = drops, garbage
+        if self._flood_seen is None:
+            if new_garbage >= FLOOD_RATE * elapsed or (new_drops and new_garbage >= FLOOD_MIN):
+                self._flood_seen = now
+                self._filter_hosts = None
+                self._refilter()
+                if self.udp.filtered is None:
+                    what = f"more than {MAX_FILTER_ADDRESSES} known peer addresses: no socket filter"
+                else:
+                    what = (f"the socket accepts only the {self.udp.filtered} known peer addresses "
+                            f"and 1 in {UNKNOWN_ONE_IN} datagrams from elsewhere")
+                log.warning("garbage flood: %d unauthenticated datagrams read and %d dropped by the kernel "
+                            "in %.1f s; %s", new_garbage, new_drops, elapsed, what)
+            return
+        if new_drops >= FLOOD_MIN:
+            self._flood_seen = now
+        if now - self._flood_seen >= FLOOD_HOLD:
+            self._flood_seen = None
+            self.udp.filter_known(None)
+            log.info("garbage flood over (fewer than %d kernel drops per %.1f s for %.0f s); socket filter removed",
+                     FLOOD_MIN, FLOOD_CHECK_INTERVAL, FLOOD_HOLD)
+        else:
+            self._refilter()
+
+    def _refilter(self) -> None:
+        """Re-attach the filter when the known addresses changed (a new or
+        roaming peer whose datagram got through, a reload)."""
+        hosts = known_hosts(self.node)
+        if hosts is None or hosts != self._filter_hosts:
+            self._filter_hosts = hosts
+            try:
+                self.udp.filter_known(hosts)
+            except OSError as e:         # the kernel refused the program: go on without it
+                log.warning("cannot attach the socket filter: %s", e.strerror or e)
+                self.udp.filter_known(None)
+
     def run(self) -> int:
         sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         wake_r, wake_w = socket.socketpair()
@@ -363,6 +441,7 @@ class Daemon:
         next_summary = now + DROP_SUMMARY_INTERVAL
         next_status = now + STATUS_INTERVAL
         next_resolve = now + RESOLVE_INTERVAL
+        next_flood_check = now + FLOOD_CHECK_INTERVAL
         while not self.stop_requested:
             now = time.time()
             timeout = min(max(node.next_deadline() - now, 0.0), MAX_SLEEP)
@@ -420,6 +499,9 @@ class Daemon:
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL
                 self.notifier.status(self.status_line())
+            if now >= next_flood_check:
+                self._check_flood(now, now - next_flood_check + FLOOD_CHECK_INTERVAL)
+                next_flood_check = now + FLOOD_CHECK_INTERVAL
             if now >= next_resolve:
                 next_resolve = now + RESOLVE_INTERVAL
                 self.reload_secrets()      # re-resolves host names; unchanged peers are untouched
@@ -427,7 +509,23 @@ class Daemon:
         return 0
 
 
+def has_net_admin() -> bool:
+    """Whether this process holds CAP_NET_ADMIN (True when it cannot tell)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
 def run_daemon(config: Config) -> int:
+    if not has_net_admin():
+        # before anything else fails on it less clearly (iptables, TUN, routes)
+        log.error("cannot start without CAP_NET_ADMIN: run alpaca-tunnel as root, "
+                  "or grant it the capability as the systemd unit does")
+        return 1
     try:
         return Daemon(config).run()
     except (StartError, TunError, UdpError, ControlError, ConfigError, HookError, NatError, RouteError,

@@ -5,13 +5,23 @@ and of the same size leave in one sendmsg with UDP_SEGMENT (GSO: the kernel
 cuts the buffer into datagrams), and UDP_GRO lets the kernel hand us such a
 train as one buffer plus its segment size. Both fall back to one syscall per
 datagram where the kernel or the device refuses them.
+
+Socket filter: while a garbage flood overflows the socket (the daemon
+decides when, daemon.py), a classic BPF program (SO_ATTACH_FILTER) makes the
+kernel accept every datagram from a known peer address and only a random
+1/UNKNOWN_ONE_IN of the rest, so garbage from elsewhere is dropped before it
+takes the socket buffer from tunnel traffic. The kernel counts what it drops
+in the socket's drop counter (kernel_drops, `ss -m`: d) and in UDP InErrors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import ipaddress
 import socket
 import struct
+from collections.abc import Iterable
 
 RECV_SIZE = 65535
 SOCKET_BUFFER = 4 << 20
@@ -23,8 +33,83 @@ _U16 = struct.Struct("=H")
 _CMSG_SPACE = socket.CMSG_SPACE(_U16.size * 2)
 
 
+# socket filters (linux/filter.h, asm-generic/socket.h)
+SO_ATTACH_FILTER = 26
+SO_DETACH_FILTER = 27
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8
+MAX_FILTER_ADDRESSES = 2000     # more known addresses than this: no filter (accept all)
+UNKNOWN_ONE_IN = 16             # with the filter on, 1 in this many datagrams from elsewhere passes
+BPF_MAXINSNS = 4096
+_BPF_LD_W_ABS, _BPF_LD_B_ABS = 0x20, 0x30
+_BPF_JA, _BPF_JEQ, _BPF_JGE, _BPF_RET = 0x05, 0x15, 0x35, 0x06
+_SKF_NET_OFF = -0x100000        # loads relative to the IP header (a UDP socket's data starts at UDP)
+_SKF_AD_RANDOM = -0x1000 + 56   # ancillary load: a random u32
+_LEAF = 8                       # addresses compared one by one at the end of the binary search
+_ACCEPT_ALL = 0xFFFFFFFF
+_INSN = struct.Struct("=HBBI")  # struct sock_filter
+
+
 class UdpError(Exception):
     pass
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:           # not an address
+        return False
+
+
+def filter_program(addresses: Iterable[str], unknown_one_in: int = UNKNOWN_ONE_IN,
+                   v6_socket: bool = False) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program (code, jt, jf, k) that accepts every IPv4
+    datagram whose source is one of `addresses` (a binary search over them),
+    one in `unknown_one_in` of the others at random (0: none), and every IPv6
+    one (v6_socket; an IPv6 socket carries IPv4 as mapped addresses, whose
+    IP header is IPv4). Jump offsets are 8 bits, so the search branches
+    with `ja`, whose offset is 32 bits."""
+    keys = sorted({int.from_bytes(socket.inet_aton(host), "big") for host in addresses if _is_ipv4(host)})
+    code: list = []          # instructions; a str k on a ja is a label resolved below
+    labels: dict[str, int] = {}
+
+    def search(lo: int, hi: int) -> None:
+        if hi - lo <= _LEAF:
+            for i in range(lo, hi):
+                code.append((_BPF_JEQ, hi - i, 0, keys[i]))     # to the "ja accept" below
+            code.extend([(_BPF_JA, 0, 0, "rest"), (_BPF_JA, 0, 0, "accept")])
+            return
+        mid = (lo + hi) // 2
+        right = f"r{len(labels)}"
+        labels[right] = -1
+        code.extend([(_BPF_JGE, 0, 1, keys[mid]), (_BPF_JA, 0, 0, right)])
+        search(lo, mid)
+        labels[right] = len(code)
+        search(mid, hi)
+
+    if v6_socket:
+        code.extend([(_BPF_LD_B_ABS, 0, 0, _SKF_NET_OFF), (_BPF_JGE, 0, 1, 0x60), (_BPF_JA, 0, 0, "accept")])
+    code.append((_BPF_LD_W_ABS, 0, 0, _SKF_NET_OFF + 12))      # IPv4 source address
+    search(0, len(keys))
+    labels["rest"] = len(code)
+    if unknown_one_in > 1:
+        limit = (1 << 32) // unknown_one_in
+        code.extend([(_BPF_LD_W_ABS, 0, 0, _SKF_AD_RANDOM), (_BPF_JGE, 0, 1, limit)])
+    code.append((_BPF_RET, 0, 0, 0 if unknown_one_in != 1 else _ACCEPT_ALL))
+    labels["accept"] = len(code)
+    code.append((_BPF_RET, 0, 0, _ACCEPT_ALL))
+    program = [(op, jt, jf, labels[k] - i - 1 if isinstance(k, str) else k & 0xFFFFFFFF)
+               for i, (op, jt, jf, k) in enumerate(code)]
+    if len(program) > BPF_MAXINSNS:
+        raise ValueError(f"{len(keys)} addresses need {len(program)} BPF instructions")
+    return program
+
+
+def attach_filter(sock: socket.socket, program: list[tuple[int, int, int, int]]) -> None:
+    """SO_ATTACH_FILTER: replaces the socket's filter, if any, at once."""
+    insns = ctypes.create_string_buffer(b"".join(_INSN.pack(*insn) for insn in program))
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(insns))   # struct sock_fprog
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 def _from_v6(addr: tuple) -> tuple:
@@ -57,12 +142,38 @@ class Udp:
         # compares addresses as plain (host, port) pairs, so translate here
         self.v6 = family == socket.AF_INET6
         self.send_errors = 0
+        self.filtered: int | None = None        # known addresses in the socket filter, None: no filter
         self.gso = True
         try:
             self.sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
             self.gro = True
         except OSError:
             self.gro = False
+
+    # ------------------------------------------------------------ socket filter
+    def filter_known(self, addresses: set[str] | None, unknown_one_in: int = UNKNOWN_ONE_IN) -> bool:
+        """Let the kernel accept only `addresses` and one in unknown_one_in of
+        the rest; None (or more than MAX_FILTER_ADDRESSES): accept all.
+        True when a filter is attached."""
+        if addresses is not None and len(addresses) <= MAX_FILTER_ADDRESSES:
+            attach_filter(self.sock, filter_program(addresses, unknown_one_in, self.v6))
+            self.filtered = len(addresses)
+            return True
+        if self.filtered is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
+            self.filtered = None
+        return False
+
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped for this socket (buffer full, or the
+        filter); None where SO_MEMINFO is missing."""
+        try:
+            info = self.sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+        except OSError:
+            return None
+        if len(info) < 4 * (SK_MEMINFO_DROPS + 1):
+            return None
+        return struct.unpack_from("=I", info, 4 * SK_MEMINFO_DROPS)[0]
 
     def recv_batch(self, limit: int) -> list[tuple[bytes, tuple]]:
         batch = []

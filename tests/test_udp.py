@@ -3,11 +3,15 @@ every datagram intact and in order, whatever the mix of sizes and addresses."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import random
 import socket
 import time
 
-from alpaca.udp import Udp
+import pytest
+
+from alpaca.udp import MAX_FILTER_ADDRESSES, Udp, filter_program
 
 
 def drain(udp: Udp, expected: int, timeout: float = 3.0) -> list[bytes]:
@@ -69,3 +73,100 @@ def test_ipv6_socket_speaks_plain_addresses_to_the_core():
     finally:
         rx.close()
         tx.close()
+
+
+# ---------------------------------------------------------------- socket filter (SO_ATTACH_FILTER)
+
+def run_bpf(program, source: str, random_u32: int = 0) -> int:
+    """What the kernel would return for a datagram from `source` (the classic
+    BPF subset filter_program emits)."""
+    ip = ipaddress.ip_address(source)
+    net = {0: 0x45 if ip.version == 4 else 0x60, 12: int.from_bytes(ip.packed[:4], "big")}
+    pc, a = 0, 0
+    while True:
+        code, jt, jf, k = program[pc]
+        k = k - (1 << 32) if k >= 1 << 31 else k
+        if code in (0x20, 0x30):                                  # ld / ldb [k]
+            a = random_u32 if k == -0x1000 + 56 else net[k + 0x100000]
+        elif code == 0x05:                                        # ja
+            pc += k
+        elif code in (0x15, 0x35):                                # jeq / jge #k
+            pc += jt if (a == k & 0xFFFFFFFF if code == 0x15 else a >= k & 0xFFFFFFFF) else jf
+        elif code == 0x06:
+            return k & 0xFFFFFFFF
+        else:
+            raise AssertionError(f"unexpected instruction {code:#x}")
+        pc += 1
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 8, 9, 100, MAX_FILTER_ADDRESSES])
+def test_filter_program_finds_exactly_the_known_addresses(count):
+    rng = random.Random(count)
+    known = {str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(count)}
+    others = {str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(300)} - known
+    program = filter_program(known, unknown_one_in=0)
+    assert len(program) <= 4096
+    assert all(run_bpf(program, host) for host in known)
+    assert not any(run_bpf(program, host) for host in others)
+    # one in 16 of the others: the random u32 decides
+    some = filter_program(known, unknown_one_in=16)
+    assert run_bpf(some, "192.0.2.1", random_u32=(1 << 28) - 1) and not run_bpf(some, "192.0.2.1", random_u32=1 << 28)
+    # an IPv6 socket: IPv6 datagrams all pass, IPv4 ones (mapped) are filtered
+    v6 = filter_program(known, unknown_one_in=0, v6_socket=True)
+    assert run_bpf(v6, "2001:db8::1") and all(run_bpf(v6, h) for h in known)
+    assert not any(run_bpf(v6, h) for h in others)
+
+
+def arrivals(rx: Udp, sources: list[str], count: int = 1) -> dict[str, int]:
+    """Send `count` datagrams from each loopback source address to rx; how
+    many of each arrived."""
+    port = rx.sock.getsockname()[1]
+    senders = {}
+    try:
+        for host in sources:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((host, 0))
+            senders[host] = s
+        got = {host: 0 for host in sources}
+        for _ in range(count):
+            for host, s in senders.items():
+                s.sendto(host.encode(), ("127.0.0.1", port))
+            time.sleep(0.0005)
+            for data, _ in rx.recv_batch(64):
+                got[data.decode()] += 1
+        time.sleep(0.05)
+        for data, _ in rx.recv_batch(1000):
+            got[data.decode()] += 1
+        return got
+    finally:
+        for s in senders.values():
+            s.close()
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "::"])
+def test_socket_filter_in_the_kernel(listen):
+    """The kernel takes the program and filters by source address: known ones
+    pass, the rest not at all (unknown_one_in=0), all of them (1), or about 1
+    in 16; the drops show in kernel_drops; removing the filter lets all in."""
+    if listen == "::" and not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    rx = Udp(listen, 0)
+    try:
+        many = {f"10.{i >> 8}.{i & 255}.1" for i in range(MAX_FILTER_ADDRESSES - 2)}
+        assert rx.filter_known(many | {"127.0.0.1", "127.0.0.5"}, unknown_one_in=0)
+        assert rx.filtered == MAX_FILTER_ADDRESSES
+        before = rx.kernel_drops()
+        assert arrivals(rx, ["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.5"], 5) == \
+            {"127.0.0.1": 5, "127.0.0.2": 0, "127.0.0.3": 0, "127.0.0.5": 5}
+        assert rx.kernel_drops() - before == 10
+        assert rx.filter_known({"127.0.0.2"}, unknown_one_in=1)
+        assert arrivals(rx, ["127.0.0.1", "127.0.0.2"], 3) == {"127.0.0.1": 3, "127.0.0.2": 3}
+        assert rx.filter_known({"127.0.0.2"})                      # the default: 1 in 16 of the others
+        got = arrivals(rx, ["127.0.0.1", "127.0.0.2"], 1600)
+        assert got["127.0.0.2"] == 1600 and 40 <= got["127.0.0.1"] <= 200, got
+        # more addresses than a filter takes: no filter, everything passes
+        assert not rx.filter_known(many | {f"127.0.1.{i}" for i in range(10)})
+        assert rx.filtered is None
+        assert arrivals(rx, ["127.0.0.1", "127.0.0.3"], 3) == {"127.0.0.1": 3, "127.0.0.3": 3}
+    finally:
+        rx.close()
