@@ -8,8 +8,12 @@ Keys (all BLAKE2b via PyNaCl's crypto_generichash):
 
 A datagram is  mask(header) | XChaCha20-Poly1305(plaintext) | tag.  The header
 is the AEAD's associated data except its first two bytes (TTL and path), which
-forwarders rewrite. The whole header is XORed with BLAKE2b(tag, key = group key)
-so that an outsider sees only random bytes.
+forwarders rewrite. The whole header is XORed with the first 26 bytes of
+BLAKE2b-256(tag, key = group key, person "alpaca-mask") so that an outsider
+sees only random bytes. A message too big for one datagram (a TUN
+super-packet) is sealed once and travels as shards, each masked the same way
+with its own last 16 bytes as the sample over header + 6-byte sub-header
+(docs/protocol.md §12, fragments.py).
 """
 
 from __future__ import annotations
