@@ -189,7 +189,9 @@ class Udp:
                         size = _U16.unpack_from(value)[0]
                 if size and len(data) > size:
                     # a coalesced train: cut it back into the datagrams it was
-                    batch.extend((data[i:i + size], addr) for i in range(0, len(data), size))
+                    # (views, not copies: a shard is copied once, when its message is joined)
+                    view = memoryview(data)
+                    batch.extend((view[i:i + size], addr) for i in range(0, len(data), size))
                 else:
                     batch.append((data, addr))
         except (BlockingIOError, InterruptedError):

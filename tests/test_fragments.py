@@ -191,3 +191,17 @@ def test_reassembly_is_bounded_per_pair():
     feed(server, first)
     assert len(server.reassembly.slots) == 64
     assert server.global_drops[DropReason.REASSEMBLY_FULL] == 36
+
+
+def test_shards_as_views_of_one_receive_buffer():
+    """alpaca/udp.py hands a UDP GRO train over as memoryviews of one buffer:
+    the core takes them like bytes, also when parity has to fill a gap."""
+    client, server = pair(parity=2)
+    packet = super_packet()
+    shards = shards_of(client, packet)
+    train = memoryview(b"".join(shards[:-1]))
+    size = len(shards[0])
+    views = [train[i:i + size] for i in range(0, len(train), size)]
+    assert feed(server, views[1:] + [memoryview(shards[-1])]) == [packet]    # shard 0 lost: decoded
+    small = udp(tun_ip("16.1"), tun_ip("1.1"))
+    assert feed(server, [memoryview(d) for d in shards_of(client, ZERO_VNET + small)]) == [ZERO_VNET + small]

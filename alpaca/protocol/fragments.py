@@ -176,7 +176,7 @@ class Reassembler:
         if all(i in shards for i in range(k)):
             return b"".join([shards[i] for i in range(k)])
         nums = tuple(sorted(shards)[:k])
-        blocks = tuple(shards[i] if i != k - 1 else shards[i].ljust(slot.size, b"\0") for i in nums)
+        blocks = tuple(shards[i] if i != k - 1 else bytes(shards[i]).ljust(slot.size, b"\0") for i in nums)
         decoder = _decoders.get((k, slot.m))
         if decoder is None:
             decoder = _decoders[(k, slot.m)] = zfec.Decoder(k, k + slot.m)
