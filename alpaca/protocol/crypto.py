@@ -101,13 +101,13 @@ class _Masker:
     hashlib's BLAKE2b (the same function as libsodium's) can hash the key
     block once and copy that state per datagram: 0.4 us instead of 1.4 us,
     once per shard on both ends."""
-    __slots__ = ("_keyed",)
+    __slots__ = ("keyed",)
 
     def __init__(self, group_key: bytes):
-        self._keyed = hashlib.blake2b(digest_size=MASK_SIZE, key=group_key, person=_PERSON_MASK)
+        self.keyed = hashlib.blake2b(digest_size=MASK_SIZE, key=group_key, person=_PERSON_MASK)
 
     def mask(self, sample) -> int:
-        h = self._keyed.copy()
+        h = self.keyed.copy()
         h.update(sample)
         return int.from_bytes(h.digest(), "big")
 
@@ -168,15 +168,16 @@ def unmask(group_key: bytes, datagram: bytes, clear: int | None = None, full: in
     return _CLEAR.unpack(clear.to_bytes(MASK_SIZE, "big")), full
 
 
-def mask_function(group_key: bytes):
-    """sample -> 32-byte mask as an int, for unmask_int."""
-    return _masker(group_key).mask
-
-
 def unmask_int(mask, datagram: bytes) -> tuple[int, int]:
     """(the 32 masked bytes in clear, the mask), both as ints."""
     full = mask(datagram[-TAG_SIZE:])
     return int.from_bytes(datagram[:MASK_SIZE], "big") ^ full, full
+
+
+def keyed_mask_state(group_key: bytes):
+    """The keyed BLAKE2b state masks start from (copy, update with the
+    sample, digest), for a loop that inlines _Masker.mask."""
+    return _masker(group_key).keyed
 
 
 def peek_shard(group_key: bytes, datagram: bytes) -> tuple[Header, int, bytes]:
@@ -203,9 +204,13 @@ def frame_shards(group_key: bytes, raw: bytes, shards: list, k: int, m: int, len
     m, length) masked with each shard's last 16 bytes as the sample, as a
     whole datagram is masked with its tag."""
     base = int.from_bytes(raw, "big") << (8 * FRAG_HEADER_SIZE) | k << 32 | m << 24 | length
-    mask = _masker(group_key).mask
-    return [((base | index << 40) ^ mask(shard[-TAG_SIZE:])).to_bytes(MASK_SIZE, "big") + shard
-            for index, shard in enumerate(shards)]
+    keyed, from_bytes = _masker(group_key).keyed, int.from_bytes
+    out = []
+    for index, shard in enumerate(shards):     # _Masker.mask inlined: once per shard
+        h = keyed.copy()
+        h.update(shard[-TAG_SIZE:])
+        out.append(((base | index << 40) ^ from_bytes(h.digest(), "big")).to_bytes(MASK_SIZE, "big") + shard)
+    return out
 
 
 def open_body(pair_key: bytes, header: Header, body) -> bytes:

@@ -36,12 +36,12 @@ from typing import Callable
 
 from . import inner
 from . import fragments
-from .constants import (DEFAULT_TTL, FLAG_FRAG, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA, KIND_KEEPALIVE,
+from .constants import (DEFAULT_TTL, FLAG_FRAG, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA, KIND_KEEPALIVE,
                         KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
                         PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
                         VNET_HDR_SIZE, WIRE_VERSION)
 from .crypto import (CryptoError, Header, derive_group_key, frame_shards, open_body, open_sealed, rewrite_mutable,
-                     mask_function, seal, seal_body, unmask, unmask_int)
+                     keyed_mask_state, seal, seal_body, unmask)
 from .drops import DropReason
 from .ids import TunnelNet, format_id
 from .peers import Addr, Peer, PeerEntry, PeerTable
@@ -322,7 +322,7 @@ class Node:
     # ------------------------------------------------------------ inbound
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
         out = Output()
-        me, slots, mask = self.me, self.reassembly.slots, mask_function(self.group_key)
+        me, slots, keyed, from_bytes = self.me, self.reassembly.slots, keyed_mask_state(self.group_key), int.from_bytes
         # The hot path (a 64 KiB message is ~46 shards, and UDP GRO hands
         # them over as a train): after two shards of a message, the next one
         # is predicted exactly (same header, index + 1), so one integer
@@ -332,7 +332,10 @@ class Node:
             if len(data) < MIN_DATAGRAM:
                 self.global_drops[DropReason.MALFORMED] += 1
                 continue
-            clear, full = unmask_int(mask, data)
+            h = keyed.copy()                # crypto.unmask_int, inlined
+            h.update(data[-TAG_SIZE:])
+            full = from_bytes(h.digest(), "big")
+            clear = from_bytes(data[:MASK_SIZE], "big") ^ full
             if clear == p_clear and addr == p_addr and len(data) == p_len:
                 shards = p_slot.shards
                 if p_index not in shards and len(shards) + 1 < p_slot.k:
