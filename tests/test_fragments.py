@@ -180,7 +180,8 @@ def test_loss_reports_set_the_senders_parity():
                                                 client.settings.max_datagram - MASK_SIZE) + row["parity"]
 
 
-@pytest.mark.parametrize("loss,k,expected", [(0.0, 47, 0), (0.01, 47, 3), (0.05, 47, 8)])
+@pytest.mark.parametrize("loss,k,expected", [(0.0, 47, 0), (0.01, 47, 3), (0.05, 47, 8), (0.3, 47, 38),
+                                             (0.6, 47, 47)])
 def test_parity_for_loss(loss, k, expected):
     assert fragments.parity_for(loss, k) == expected
 

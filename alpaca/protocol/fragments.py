@@ -215,12 +215,15 @@ class Reassembler:
         return stats
 
 
-def parity_for(loss: float, k: int, target: float = 0.002, limit: int = 16) -> int:
+def parity_for(loss: float, k: int, target: float = 0.002, limit: int | None = None) -> int:
     """Fewest parity shards m such that a message of k data shards is lost
     (more than m of k+m shards lost, independent loss `loss`) with
-    probability <= target. 0 on a clean path; at most `limit`."""
+    probability <= target. 0 on a clean path; at most `limit`, by default k
+    (half of what is sent is parity: enough for 30 % loss, docs/protocol.md §12)."""
     if loss <= 0.0005:
         return 0
+    if limit is None:
+        limit = min(k, MAX_SHARDS - k)
     loss = min(loss, 0.5)
     for m in range(0, limit + 1):
         n = k + m
