@@ -1,7 +1,8 @@
 """Side-by-side benchmark: raw veth, wireguard-go and alpaca-tunnel in one run.
 
     .venv/bin/python bench/run.py [--seconds 10] [--quick] [--loss 0,0.01,0.05]
-                                  [--tunnels raw,wireguard-go,alpaca] [--out FILE]
+                                  [--tunnels raw,wireguard-go,alpaca,wg-udpspeeder]
+                                  [--wan MS] [--out FILE]
 
 Two network namespaces (<prefix>-a, <prefix>-b) joined by one veth pair, no
 bridge, nothing in the root namespace:
@@ -25,10 +26,28 @@ is one datagram) for every loss level including 0, and an iptables-legacy
 is on the lossy link) arriving in each namespace. The drop ratio actually
 achieved is read back from the rule counters.
 
+WAN mode (--wan MS): a third namespace <prefix>-w sits between the two and
+does not route; bench/wan_relay.py in it is the only way between -a and -b,
+delaying every datagram MS ms each way and dropping it at random (--loss,
+default 0,0.01,0.05,0.3, independently in each direction). The tunnels'
+endpoints point at the relay's address on their own link:
+
+    <prefix>-a  eth0 172.30.1.1/24 <-veth-> eth0 172.30.1.254/24  <prefix>-w  eth1 172.30.3.254/24 <-veth-> eth0 172.30.3.2/24  <prefix>-b
+
+Offloads stay on (the relay cuts GSO trains into datagrams and drops each on
+its own); per loss level one TCP stream b2a for 20 s (--seconds) with the
+default congestion control and with CUBIC, and the idle ping. The raw column
+is skipped (raw TCP cannot cross a UDP relay). Before the tunnels, the
+relay's own capacity is measured with iperf3 UDP through it (-b sends
+1400-byte datagrams at rising rates until more than 1 % is lost).
+
 Writes a JSON file with every number, prints a compact table, and ends with
-the line `alpaca/wireguard-go throughput ratio: X.XX` (single stream, clean
-link, offloads on, b2a). Needs root, iperf3, ping, ethtool, iptables-legacy;
-wireguard-go and wg are optional (their column is skipped). Not a test.
+the line `alpaca/wireguard-go throughput ratio: X.XX` (single stream b2a,
+default congestion control; clean link with offloads on, or in WAN mode the
+0 % loss WAN). Needs root, iperf3, ping, ethtool, iptables-legacy;
+wireguard-go and wg are optional (their column is skipped), and so is
+speederv2 (UDPspeeder, not packaged in Debian) for the column "wireguard-go
+over UDPspeeder 20:10". Not a test.
 """
 
 from __future__ import annotations
@@ -39,6 +58,7 @@ import os
 import platform
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -55,11 +75,15 @@ if str(ROOT) not in sys.path:
 from alpaca.testbed import Testbed, wait_for, write_peer_config
 
 UNDER_A, UNDER_B = "172.30.1.1", "172.30.1.2"
+RELAY_A, RELAY_B = "172.30.1.254", "172.30.3.254"   # WAN mode: the relay on a's link and on b's
+WAN_B = "172.30.3.2"                                # WAN mode: b's underlay address
 WG_A, WG_B = "172.30.2.1", "172.30.2.2"
 ALPACA_NET = "10.17"
 ALPACA_A, ALPACA_B = "10.17.1.1", "10.17.16.1"
 ALPACA_PORT = 1040
 WG_PORT = 51820
+SPEEDER_PORT, SPEEDER_LOCAL = 4096, "127.0.0.1:3333"
+SPEEDER_FEC, SPEEDER_WG_MTU = "20:10", 1280
 IPERF_PORT = 5201
 IPT = "iptables-legacy"
 HZ = os.sysconf("SC_CLK_TCK")
@@ -76,7 +100,12 @@ CLEAN_RUNS = [(1, "b2a", "default", True), (1, "a2b", "default", False), (4, "b2
               (4, "a2b", "default", False), (1, "b2a", "cubic", False)]
 LOSS_RUNS = [(1, "b2a", "default", True), (1, "b2a", "cubic", False), (1, "a2b", "default", False)]
 QUICK_RUNS = [(1, "b2a", "default", True)]
-TUNNELS = ["raw", "wireguard-go", "alpaca"]
+WAN_RUNS = [(1, "b2a", "default", True), (1, "b2a", "cubic", False)]
+TUNNELS = ["raw", "wireguard-go", "alpaca", "wg-udpspeeder"]
+LABELS = {"wg-udpspeeder": f"wireguard-go over UDPspeeder {SPEEDER_FEC}"}
+WAN_LOSS = "0,0.01,0.05,0.3"
+CAPACITY_RATES = [100, 200, 300, 400, 500, 600, 800, 1000, 1250, 1500, 2000]   # Mbit/s
+CAPACITY_LEN, CAPACITY_MAX_LOSS = 1400, 1.0   # datagram payload bytes; % lost that still counts as forwarded
 
 
 def log(msg: str) -> None:
@@ -153,17 +182,29 @@ class Pair(Testbed):
     """Two namespaces <prefix>-a and <prefix>-b joined by one veth pair (eth0 on each side);
     unlike Testbed, no hub namespace and no bridge. Testbed's popen/run/stop/close are reused."""
 
+    ifaces = (("a", "eth0"), ("b", "eth0"))
+
     def __init__(self, prefix: str):   # deliberately not calling Testbed.__init__ (it builds a hub)
         self.prefix, self.subnet, self.hub = prefix, None, None
         self.hosts, self.namespaces, self.procs, self._ifcount = {}, [], [], 0
         try:
-            self.add_link("a", "b", UNDER_A, UNDER_B, 24)
-            self.hosts = {"a": UNDER_A, "b": UNDER_B}
-            if not wait_for(lambda: self.run("b", ["ping", "-c1", "-W1", "-q", UNDER_A]).returncode == 0, 5):
-                raise RuntimeError("underlay ping b -> a failed")
+            self.build()
         except BaseException:
             self.close()
             raise
+
+    def build(self) -> None:
+        self.add_link("a", "b", UNDER_A, UNDER_B, 24)
+        self.hosts = {"a": UNDER_A, "b": UNDER_B}
+        self.check_ping("b", UNDER_A)
+
+    def check_ping(self, side: str, dst: str) -> None:
+        if not wait_for(lambda: self.run(side, ["ping", "-c1", "-W1", "-q", dst]).returncode == 0, 5):
+            raise RuntimeError(f"underlay ping {side} -> {dst} failed")
+
+    def toward(self, side: str) -> str:
+        """The address a tunnel in `side` sends to, to reach the other side."""
+        return self.hosts["b" if side == "a" else "a"]
 
     def sh(self, side: str, argv: list[str], check: bool = True, timeout: float = 30) -> str:
         r = self.run(side, argv, timeout=timeout)
@@ -172,10 +213,10 @@ class Pair(Testbed):
         return r.stdout
 
     def offloads(self, on: bool) -> dict:
-        for side in ("a", "b"):
+        for side, dev in self.ifaces:
             # one feature per call: ethtool refuses the whole call if one is unknown
             for f in OFFLOAD_TX + ([] if on else OFFLOAD_RX):
-                self.sh(side, ["ethtool", "-K", "eth0", f, "on" if on else "off"], check=False)
+                self.sh(side, ["ethtool", "-K", dev, f, "on" if on else "off"], check=False)
         state = self.offload_state()
         if not on:
             left = {s: [k for k, v in feats.items() if v == "on"] for s, feats in state.items()}
@@ -184,14 +225,15 @@ class Pair(Testbed):
         return state
 
     def offload_state(self) -> dict:
+        """{"a": {feature: on/off}, ...}; keyed "<side>-<dev>" where a side has more than one device."""
         state = {}
-        for side in ("a", "b"):
+        for side, dev in self.ifaces:
             feats = {}
-            for line in self.sh(side, ["ethtool", "-k", "eth0"]).splitlines():
+            for line in self.sh(side, ["ethtool", "-k", dev]).splitlines():
                 name, _, value = line.strip().partition(":")
                 if name in OFFLOAD_SHOW:
                     feats[name] = value.split()[0] if value.split() else ""
-            state[side] = feats
+            state[side if dev == "eth0" and (side, "eth1") not in self.ifaces else f"{side}-{dev}"] = feats
         return state
 
     # ------------------------------------------------------------ loss emulation
@@ -230,11 +272,128 @@ class Pair(Testbed):
 
 def counter_delta(before: dict, after: dict) -> dict:
     d = {s: {k: after[s][k] - before[s][k] for k in after[s]} for s in after}
-    seen = sum(v["seen"] for v in d.values())
-    dropped = sum(v["dropped"] for v in d.values())
-    d["total"] = {"seen": seen, "dropped": dropped, "oversize": sum(v["oversize"] for v in d.values() if "seen" in v),
+    sides = [v for v in d.values() if "seen" in v]
+    seen = sum(v["seen"] for v in sides)
+    dropped = sum(v["dropped"] for v in sides)
+    d["total"] = {"seen": seen, "dropped": dropped, "oversize": sum(v.get("oversize", 0) for v in sides),
                   "drop_ratio": dropped / seen if seen else None}
     return d
+
+
+class WanPair(Pair):
+    """WAN mode: <prefix>-a <-veth-> <prefix>-w <-veth-> <prefix>-b. -w does not route
+    (ip_forward 0): bench/wan_relay.py in it is the only way between -a and -b. set_loss,
+    clear_loss and counters (re)start, stop and read the relay instead of iptables rules."""
+
+    ifaces = (("a", "eth0"), ("w", "eth0"), ("w", "eth1"), ("b", "eth0"))
+
+    def __init__(self, prefix: str, args, work: Path):
+        self.delay_ms, self.seed, self.rt_prio, self.work = args.wan, args.seed, args.relay_rt_prio, work
+        self.ports: tuple | None = None
+        self.relay_proc: subprocess.Popen | None = None
+        self.relay_starts = 0
+        self.snapshot: dict | None = None     # the relay's latest report
+        self.reports: list[dict] = []         # the final report of every relay run
+        super().__init__(prefix)
+
+    def build(self) -> None:
+        self.add_link("a", "w", UNDER_A, RELAY_A, 24)
+        self.add_link("w", "b", RELAY_B, WAN_B, 24)
+        self.hosts = {"a": UNDER_A, "b": WAN_B}
+        self.check_ping("a", RELAY_A)
+        self.check_ping("b", RELAY_B)
+
+    def toward(self, side: str) -> str:
+        return RELAY_A if side == "a" else RELAY_B
+
+    def forward_tcp(self, port: int) -> None:
+        """A TCP connection from -b to RELAY_B:port reaches UNDER_A:port through -w undelayed
+        (DNAT, SNAT to RELAY_A; only that TCP port is forwarded): iperf3's control connection,
+        while its UDP to the same address and port goes through the relay."""
+        for rule in (["-P", "FORWARD", "DROP"],
+                     ["-A", "FORWARD", "-i", "eth1", "-o", "eth0", "-p", "tcp", "--dport", str(port), "-j", "ACCEPT"],
+                     ["-A", "FORWARD", "-i", "eth0", "-o", "eth1", "-p", "tcp", "--sport", str(port), "-j", "ACCEPT"],
+                     ["-t", "nat", "-A", "PREROUTING", "-i", "eth1", "-d", RELAY_B, "-p", "tcp", "--dport", str(port),
+                      "-j", "DNAT", "--to-destination", f"{UNDER_A}:{port}"],
+                     ["-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-d", UNDER_A, "-p", "tcp", "--dport", str(port),
+                      "-j", "SNAT", "--to-source", RELAY_A]):
+            self.sh("w", [IPT, "-w", *rule])
+        self.sh("w", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+
+    # ------------------------------------------------------------ the relay
+    def relay(self, port: int, a_port: int | None, b_port: int | None) -> None:
+        """The relay listens on `port` on both links and talks to UNDER_A:a_port and
+        WAN_B:b_port (None: the peer's address is learned from what it sends)."""
+        self.ports = (port, a_port, b_port)
+
+    def start_relay(self, loss: float) -> None:
+        port, a_port, b_port = self.ports
+        self.relay_starts += 1
+        argv = [sys.executable, str(ROOT / "bench" / "wan_relay.py"), "--a-listen", f"{RELAY_A}:{port}",
+                "--b-listen", f"{RELAY_B}:{port}", "--delay-ms", f"{self.delay_ms:g}", "--loss", f"{loss:g}",
+                "--seed", str(self.seed + 2 * self.relay_starts), "--rt-prio", str(self.rt_prio)]
+        argv += ["--a-peer", f"{UNDER_A}:{a_port}"] if a_port else []
+        argv += ["--b-peer", f"{WAN_B}:{b_port}"] if b_port else []
+        logpath = self.work / f"{self.prefix}-relay-{self.relay_starts}.log"
+        with open(logpath, "wb") as logf:
+            self.relay_proc = self.popen("w", argv, stdout=subprocess.PIPE, stderr=logf, bufsize=0)
+        self._out = b""
+        proc = self.relay_proc
+        if not wait_for(lambda: "wan_relay: ready" in logpath.read_text(errors="replace")
+                        or proc.poll() is not None, 10, 0.05) or proc.poll() is not None:
+            raise RuntimeError(f"wan_relay did not start: {logpath.read_text(errors='replace')[-400:]}")
+
+    def stop_relay(self) -> dict | None:
+        proc, self.relay_proc = self.relay_proc, None
+        if proc is None:
+            return None
+        self.stop(proc, signal.SIGTERM, timeout=10)
+        self._out += proc.stdout.read()
+        proc.stdout.close()
+        lines = self._out.decode(errors="replace").strip().splitlines()
+        try:
+            final = json.loads(lines[-1])
+        except (IndexError, ValueError):
+            return None
+        self.snapshot = final
+        self.reports.append(final)
+        return final
+
+    def relay_report(self, timeout: float = 5) -> dict:
+        """SIGUSR1: the relay prints its counters as one JSON line."""
+        proc = self.relay_proc
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._out:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+                raise RuntimeError("wan_relay did not report its counters")
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"wan_relay exited ({proc.poll()})")
+            self._out += chunk
+        line, self._out = self._out.split(b"\n", 1)
+        self.snapshot = json.loads(line)
+        return self.snapshot
+
+    def set_loss(self, p: float, udp_only: bool) -> None:
+        """A fresh relay (fresh counters) dropping p of the datagrams in each direction."""
+        self.stop_relay()
+        self.start_relay(p)
+
+    def clear_loss(self) -> None:
+        self.stop_relay()
+
+    def counters(self) -> dict:
+        """Like Pair.counters: "a" = datagrams on their way to -a (b2a), "b" = to -b (a2b)."""
+        snap = self.relay_report()
+
+        def way(direction: str, src: str) -> dict:
+            c = snap[direction]
+            return {"seen": c["received"], "dropped": c["dropped"], "forwarded": c["forwarded"],
+                    "late": c["late"], "kernel_drops": snap["kernel_drops"][src] or 0,
+                    "lost": c["send_errors"] + c["no_peer"] + c["stray"]}
+        return {"a": way("b2a", "b"), "b": way("a2b", "a"), "relay": {"cpu_s": snap["cpu_s"]}}
 
 
 # ---------------------------------------------------------------- tunnels
@@ -243,6 +402,7 @@ class Tunnel:
     name = "?"
     dst = UNDER_A              # address of -a the traffic goes to
     udp_only = True            # loss rule matches tunnel datagrams only
+    relay_ports: tuple | None = None   # WAN mode: WanPair.relay(port, a_port, b_port); None: cannot cross it
 
     def available(self) -> str | None:
         return None
@@ -272,6 +432,8 @@ class Raw(Tunnel):
 class WireguardGo(Tunnel):
     name = "wireguard-go"
     dst = WG_A
+    mtu = 1420
+    relay_ports = (WG_PORT, WG_PORT, WG_PORT)
 
     def available(self) -> str | None:
         missing = [b for b in ("wireguard-go", "wg") if shutil.which(b) is None]
@@ -302,14 +464,18 @@ class WireguardGo(Tunnel):
             if not wait_for(lambda side=side: self._sock(side).exists(), 10):
                 raise RuntimeError(f"wireguard-go in {side} did not start: {self.log_tail()}")
         addr = {"a": WG_A, "b": WG_B}
-        under = {"a": UNDER_A, "b": UNDER_B}
         for side, other in (("a", "b"), ("b", "a")):
             dev = self.ifname[side]
+            endpoint = self.endpoint(pair, side)
             pair.sh(side, ["wg", "set", dev, "listen-port", str(WG_PORT), "private-key", str(keys[side]),
                            "peer", pubs[other], "allowed-ips", f"{addr[other]}/32",
-                           "endpoint", f"{under[other]}:{WG_PORT}"])
+                           *(["endpoint", endpoint] if endpoint else [])])
             pair.sh(side, ["ip", "addr", "add", f"{addr[side]}/24", "dev", dev])
-            pair.sh(side, ["ip", "link", "set", dev, "mtu", "1420", "up"])
+            pair.sh(side, ["ip", "link", "set", dev, "mtu", str(self.mtu), "up"])
+
+    def endpoint(self, pair: Pair, side: str) -> str | None:
+        """Where wireguard-go in `side` sends to (None: it learns the address from the handshake)."""
+        return f"{pair.toward(side)}:{WG_PORT}"
 
     def stop(self, pair: Pair) -> None:
         super().stop(pair)
@@ -327,6 +493,7 @@ class WireguardGo(Tunnel):
 class Alpaca(Tunnel):
     name = "alpaca"
     dst = ALPACA_A
+    relay_ports = (ALPACA_PORT, ALPACA_PORT, None)     # the server learns the client's address
 
     def versions(self) -> dict:
         def git(*argv):
@@ -339,7 +506,8 @@ class Alpaca(Tunnel):
     def start(self, pair: Pair, work: Path) -> None:
         self.daemons, self.work = {}, work
         keys = {i: secrets.token_urlsafe(32) for i in ("1.1", "16.1")}    # the format of `alpaca-tunnel genkey`
-        lines = [f"1.1 {keys['1.1']} {UNDER_A} null {ALPACA_PORT}", f"16.1 {keys['16.1']} null null null"]
+        # the client in -b reaches the server at toward("b"); a peer's own line gives only its key
+        lines = [f"1.1 {keys['1.1']} {pair.toward('b')} null {ALPACA_PORT}", f"16.1 {keys['16.1']} null null null"]
         cfgs = {"a": {"id": "1.1", "mode": "server"},
                 "b": {"id": "16.1", "mode": "client", "gateway": "1.1"}}
         for side, cfg in cfgs.items():
@@ -358,6 +526,49 @@ class Alpaca(Tunnel):
     def log_tail(self) -> str:
         return " | ".join((self.work / f"alpaca-{s}.log").read_text(errors="replace")[-400:]
                           for s in ("a", "b") if (self.work / f"alpaca-{s}.log").exists())
+
+
+class WgSpeeder(WireguardGo):
+    """wireguard-go through UDPspeeder (FEC 20:10), the recipe users stack today:
+    -b: wg -> SPEEDER_LOCAL speederv2 -c -> toward(b):SPEEDER_PORT; -a: speederv2 -s on
+    UNDER_A:SPEEDER_PORT -> 127.0.0.1:WG_PORT wg (which learns its peer's address).
+    WireGuard's MTU is lowered to 1280, as UDPspeeder's docs advise for a tunnel on top."""
+    name = "wg-udpspeeder"
+    mtu = SPEEDER_WG_MTU
+    relay_ports = (SPEEDER_PORT, SPEEDER_PORT, None)   # the speeder client sends from an ephemeral port
+
+    def available(self) -> str | None:
+        if shutil.which("speederv2") is None:
+            return "speederv2 (UDPspeeder) not on PATH; it is not packaged in Debian"
+        return super().available()
+
+    def versions(self) -> dict:
+        try:
+            r = subprocess.run(["speederv2", "-h"], capture_output=True, text=True, timeout=5, check=False)
+            lines = [x.strip() for x in (r.stdout + r.stderr).splitlines() if "version" in x.lower()]
+        except (OSError, subprocess.TimeoutExpired):
+            lines = []
+        return {**super().versions(), "speederv2": shutil.which("speederv2"),
+                "speederv2 version": lines[0] if lines else None, "fec": SPEEDER_FEC}
+
+    def endpoint(self, pair: Pair, side: str) -> str | None:
+        return SPEEDER_LOCAL if side == "b" else None
+
+    def start(self, pair: Pair, work: Path) -> None:
+        self.work, key = work, secrets.token_hex(8)
+        argv = {"a": ["-s", "-l", f"{UNDER_A}:{SPEEDER_PORT}", "-r", f"127.0.0.1:{WG_PORT}"],
+                "b": ["-c", "-l", SPEEDER_LOCAL, "-r", f"{pair.toward('b')}:{SPEEDER_PORT}"]}
+        speeders = {}
+        for side in ("a", "b"):
+            with open(work / f"speeder-{side}.log", "wb") as logf:
+                speeders[f"speeder-{side}"] = pair.popen(side, ["speederv2", *argv[side], f"-f{SPEEDER_FEC}",
+                                                                "-k", key], stdout=logf, stderr=logf)
+        super().start(pair, work)
+        self.daemons.update(speeders)
+
+    def log_tail(self) -> str:
+        return " | ".join([super().log_tail()] + [(self.work / f"speeder-{s}.log").read_text(errors="replace")[-300:]
+                                                  for s in ("a", "b") if (self.work / f"speeder-{s}.log").exists()])
 
 
 # ---------------------------------------------------------------- measurements
@@ -417,6 +628,8 @@ def iperf(pair: Pair, tunnel: Tunnel, args, streams: int, direction: str, cc: st
         except subprocess.TimeoutExpired:
             pair.stop(srv, signal.SIGKILL, 5)
     res["wall_s"] = round(t1 - t0, 3)
+    if "relay" in res.get("loss_counters", {}):
+        res["relay_cpu_pct"] = 100 * res["loss_counters"]["relay"]["cpu_s"] / max(1e-3, t1 - t0)
     try:
         j = json.loads(out)
     except ValueError:
@@ -471,33 +684,47 @@ def measure_condition(pair: Pair, tunnel: Tunnel, args, runs, lossy: bool, cond:
 def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict) -> None:
     """Fills res as it goes (an interrupted run keeps what was measured)."""
     why = tunnel.available()
+    if not why and args.wan is not None and tunnel.relay_ports is None:
+        why = "raw TCP cannot cross the UDP relay of WAN mode"
     if why:
         log(f"{tunnel.name}: skipped ({why})")
         res.update({"available": False, "reason": why})
         return
     res.update({"available": True, "versions": tunnel.versions(), "conditions": {}})
-    pair = Pair(prefix)
+    pair = Pair(prefix) if args.wan is None else WanPair(prefix, args, work)
     try:
         res["default_cc"] = {s: pair.sh(s, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).strip()
                              for s in ("a", "b")}
+        res["tcp_mem"] = {k: pair.sh("b", ["sysctl", "-n", f"net.ipv4.{k}"]).split() for k in ("tcp_wmem", "tcp_rmem")}
+        if args.wan is not None:
+            pair.relay(*tunnel.relay_ports)
+            pair.set_loss(0, True)
         t0 = time.monotonic()
         tunnel.start(pair, work)
         if not wait_for(lambda: pair.run("b", ["ping", "-c1", "-W1", "-q", tunnel.dst]).returncode == 0, 30, 0.2):
             raise RuntimeError(f"no ping through {tunnel.name} within 30 s: {tunnel.log_tail()}")
         res["setup_s"] = round(time.monotonic() - t0, 2)
         log(f"{tunnel.name}: up after {res['setup_s']} s")
-        clean = res["conditions"]["clean"] = {"offloads": "on", "loss": None, "offload_state": pair.offload_state()}
-        measure_condition(pair, tunnel, args, QUICK_RUNS if args.quick else CLEAN_RUNS, False, clean)
-        if args.loss:
-            state = pair.offloads(False)
-            for p in args.loss:
-                pair.set_loss(p, tunnel.udp_only)
-                log(f"{tunnel.name}: offloads off, loss {100 * p:g} % ({'UDP' if tunnel.udp_only else 'all'})")
-                cond = res["conditions"][f"loss-{p:g}"] = {
-                    "offloads": "off", "loss": p, "loss_matches": "udp" if tunnel.udp_only else "all",
-                    "offload_state": state}
-                measure_condition(pair, tunnel, args, QUICK_RUNS if args.quick else LOSS_RUNS, True, cond)
-            pair.clear_loss()
+        if args.wan is None:
+            clean = res["conditions"]["clean"] = {"offloads": "on", "loss": None, "offload_state": pair.offload_state()}
+            measure_condition(pair, tunnel, args, QUICK_RUNS if args.quick else CLEAN_RUNS, False, clean)
+            state = pair.offloads(False) if args.loss else None
+            runs, offloads, matches = LOSS_RUNS, "off", "udp" if tunnel.udp_only else "all"
+        else:   # the relay drops single datagrams whatever the offloads: leave them as they are
+            state = pair.offload_state()
+            runs, offloads, matches = WAN_RUNS, "on", "relay"
+        for p in args.loss:
+            pair.set_loss(p, tunnel.udp_only)
+            where = f"WAN {args.wan:g} ms" if args.wan is not None else f"offloads off, {matches.upper()}"
+            log(f"{tunnel.name}: {where}, loss {100 * p:g} %")
+            cond = res["conditions"][f"loss-{p:g}"] = {
+                "offloads": offloads, "loss": p, "loss_matches": matches, "offload_state": state}
+            if args.wan is not None:
+                cond["wan_delay_ms"] = args.wan
+            measure_condition(pair, tunnel, args, QUICK_RUNS if args.quick else runs, True, cond)
+            if args.wan is not None:
+                cond["relay"] = pair.snapshot
+        pair.clear_loss()
         tunnel.stop(pair)
         res["daemon_exit"] = {s: p.returncode for s, p in tunnel.daemons.items()}
     except Exception as e:   # noqa: BLE001 -- one tunnel failing must not lose the others' figures
@@ -509,6 +736,92 @@ def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict) -> No
         if isinstance(tunnel, WireguardGo) and hasattr(tunnel, "ifname"):
             tunnel.stop(pair)   # also removes the control sockets
         pair.close()
+
+
+def iperf_udp(pair: WanPair, rate: int, seconds: int) -> dict:
+    """iperf3 -u from -b to the relay's address on -b's link; the server in -a gets what the relay forwards."""
+    res: dict = {"target_mbit_s": rate, "seconds": seconds, "len": CAPACITY_LEN}
+    srv = pair.popen("a", ["iperf3", "-s", "-1", "-B", UNDER_A, "-p", str(IPERF_PORT)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not wait_for(lambda: pair.run("a", ["ss", "-Hltn", f"sport = :{IPERF_PORT}"]).stdout.strip(), 5, 0.05):
+            res["error"] = "iperf3 server did not listen"
+            return res
+        c0, m0 = pair.counters(), machine_ticks()
+        r = pair.run("b", ["iperf3", "-c", RELAY_B, "-p", str(IPERF_PORT), "-u", "-b", f"{rate}M",
+                           "-l", str(CAPACITY_LEN), "-w", "4M", "-t", str(seconds), "-J"], timeout=seconds + 30)
+        m1 = machine_ticks()
+        res["relay"] = counter_delta(c0, pair.counters())
+        res["machine_busy_pct"] = 100 * (m1["busy"] - m0["busy"]) / max(1, sum(m1.values()) - sum(m0.values()))
+    finally:
+        try:
+            srv.wait(5)
+        except subprocess.TimeoutExpired:
+            pair.stop(srv, signal.SIGKILL, 5)
+    try:
+        end = json.loads(r.stdout).get("end", {})
+    except ValueError:
+        res["error"] = f"iperf3 gave no JSON: {r.stderr.strip()[-300:]}"
+        return res
+    sent, got = end.get("sum_sent", {}), end.get("sum_received", {})    # UDP too (iperf3 3.12)
+    if not got.get("packets"):
+        res["error"] = f"iperf3 UDP result without packets: {sorted(end)}"
+        return res
+    res.update({"sender_mbit_s": sent.get("bits_per_second", 0) / 1e6, "packets": got["packets"],
+                "lost_packets": got.get("lost_packets"), "lost_pct": got.get("lost_percent"),
+                "mbit_s": got["bits_per_second"] / 1e6})
+    return res
+
+
+def relay_capacity(args, prefix: str, work: Path) -> dict:
+    """How many Mbit/s of CAPACITY_LEN-byte datagrams the relay (no loss, --wan delay) forwards,
+    from iperf3 -u at rising rates. A step passes when the relay itself lost at most
+    CAPACITY_MAX_LOSS % (its sockets' kernel drops, send errors): what the iperf3 server then
+    loses in its own socket buffer is the receiver's limit on a shared 2-core machine, reported
+    beside it (e2e)."""
+    out: dict = {"method": f"iperf3 -u -l {CAPACITY_LEN} -w 4M -b RATE -t {args.capacity_seconds}, "
+                           f"ns-b -> relay -> ns-a, delay {args.wan:g} ms, loss 0; pass = the relay lost at most "
+                           f"{CAPACITY_MAX_LOSS:g} %", "steps": []}
+    pair = WanPair(prefix, args, work)
+    try:
+        pair.forward_tcp(IPERF_PORT)
+        pair.relay(IPERF_PORT, IPERF_PORT, None)
+        pair.start_relay(0)
+        fails = 0
+        for rate in CAPACITY_RATES:
+            r = iperf_udp(pair, rate, args.capacity_seconds)
+            out["steps"].append(r)
+            if "error" in r:
+                log(f"relay capacity: {rate:5d} Mbit/s offered: ERROR {r['error']}")
+                break
+            way, cpu = r["relay"]["a"], r["relay"]["relay"]["cpu_s"]     # -b -> -a: on its way to -a
+            lost = way["kernel_drops"] + way["lost"]
+            r["relay_lost_pct"] = 100 * lost / max(1, way["seen"] + way["kernel_drops"])
+            r["relay_mbit_s"] = way["forwarded"] * CAPACITY_LEN * 8 / args.capacity_seconds / 1e6
+            r["relay_late_pct"] = 100 * way["late"] / max(1, way["seen"])
+            r["relay_cpu_pct"] = 100 * cpu / args.capacity_seconds
+            log(f"relay capacity: {rate:5d} Mbit/s offered: iperf3 sent {r['sender_mbit_s']:.0f}, relay forwarded "
+                f"{r['relay_mbit_s']:.0f} (lost {r['relay_lost_pct']:.2f} %, late {r['relay_late_pct']:.2f} %, "
+                f"CPU {r['relay_cpu_pct']:.0f} % of a core), iperf3 received {r['mbit_s']:.0f} "
+                f"(lost {r['lost_pct']:.2f} %)")
+            if r["relay_lost_pct"] <= CAPACITY_MAX_LOSS:
+                out["max_mbit_s"] = max(out.get("max_mbit_s", 0), r["relay_mbit_s"])
+                fails = 0
+            else:
+                fails += 1
+                out["saturated_at_mbit_s"] = out.get("saturated_at_mbit_s") or r["sender_mbit_s"]
+            if (r["lost_pct"] or 0) <= CAPACITY_MAX_LOSS:
+                out["e2e_max_mbit_s"] = max(out.get("e2e_max_mbit_s", 0), r["mbit_s"])
+            if fails == 2:
+                break
+        out["max_offered_mbit_s"] = max((r.get("sender_mbit_s", 0) for r in out["steps"]), default=0)
+        pair.stop_relay()
+    except Exception as e:   # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {e}"
+        log(f"relay capacity: FAILED: {out['error']}")
+    finally:
+        pair.close()
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -523,7 +836,10 @@ def get(res: dict, tunnel: str, cond: str, *path):
 
 
 def fmt(v, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
+    """spec "mbit": one decimal below 10 (a collapsed stream still shows), none above."""
+    if v is None:
+        return "-"
+    return format(v, (".1f" if abs(v) < 10 else ".0f") if spec == "mbit" else spec)
 
 
 def table(res: dict) -> str:
@@ -546,6 +862,9 @@ def table(res: dict) -> str:
             continue
         if cond == "clean":
             rows.append(("clean link, offloads on", None))
+        elif first.get("wan_delay_ms") is not None:
+            label = f"WAN {first['wan_delay_ms']:g} ms each way, {100 * first['loss']:g} % loss each way (relay)"
+            rows.append((label, None))
         else:
             rows.append((f"offloads off, {100 * first['loss']:g} % loss each way", None))
         def busy(key, cond=cond):
@@ -553,7 +872,7 @@ def table(res: dict) -> str:
                     for t in tunnels]
         run_keys = list(first["runs"])
         for key in run_keys:
-            add(f"  {key} Mbit/s", [get(res, t, cond, "runs", key, "mbit_s") for t in tunnels], ".0f",
+            add(f"  {key} Mbit/s", [get(res, t, cond, "runs", key, "mbit_s") for t in tunnels], "mbit",
                 busy=busy(key))
         key1 = run_key(1, "b2a", "default")
         add("  ping idle avg ms", [get(res, t, cond, "ping_idle", "avg_ms") for t in tunnels], ".3f")
@@ -563,15 +882,21 @@ def table(res: dict) -> str:
                                              for t in tunnels], ".1f", busy=busy(key1))
         add(f"  machine CPU s/GB ({key1})", [get(res, t, cond, "runs", key1, "machine_cpu_s_per_gb")
                                               for t in tunnels], ".1f", busy=busy(key1))
+        if first.get("wan_delay_ms") is not None:
+            add(f"  relay CPU % of a core ({key1})", [get(res, t, cond, "runs", key1, "relay_cpu_pct")
+                                                      for t in tunnels], ".0f", ratio=False)
         if cond != "clean":
             add("  ping idle lost %", [get(res, t, cond, "ping_idle", "loss_pct") for t in tunnels], ".0f",
                 ratio=False)
             add("  measured drop %", [None if (x := get(res, t, cond, "loss_counters", "total", "drop_ratio")) is None
                                       else 100 * x for t in tunnels], ".2f", ratio=False)
-    head = ["", *tunnels, "alpaca/wg"]
+    head = ["", *(LABELS.get(t, t) for t in tunnels), "alpaca/wg"]
     w0 = max(len(r[0]) for r in rows + [("", None)])
     widths = [max(len(head[i + 1]) + 1, 10) for i in range(len(head) - 1)]
     lines = [f"{'':{w0}}  " + "  ".join(f"{h + ' ':>{w}}" for h, w in zip(head[1:], widths))]
+    if res["args"].get("wan") is not None:
+        lines.insert(0, f"WAN mode: {res['args']['wan']:g} ms each way through bench/wan_relay.py; no raw column "
+                        "(raw TCP cannot cross a UDP relay)")
     for label, cells in rows:
         if cells is None:
             lines.append(label)
@@ -580,10 +905,15 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+def basis_condition(res: dict) -> str:
+    """The condition of the headline ratio: the clean link, or in WAN mode the WAN without loss."""
+    return "clean" if res["args"].get("wan") is None else "loss-0"
+
+
 def ratio(res: dict, field: str) -> float | None:
-    key = run_key(1, "b2a", "default")
-    a = get(res, "alpaca", "clean", "runs", key, field)
-    w = get(res, "wireguard-go", "clean", "runs", key, field)
+    key, cond = run_key(1, "b2a", "default"), basis_condition(res)
+    a = get(res, "alpaca", cond, "runs", key, field)
+    w = get(res, "wireguard-go", cond, "runs", key, field)
     return a / w if a is not None and w else None
 
 
@@ -591,11 +921,21 @@ def ratio(res: dict, field: str) -> float | None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=None, help="seconds per iperf3 run (default 10; 3 with --quick)")
+    ap.add_argument("--seconds", type=int, default=None,
+                    help="seconds per iperf3 run (default 10, 20 with --wan; 3 with --quick)")
     ap.add_argument("--quick", action="store_true",
                     help="one short single-stream run per tunnel (clean link only unless --loss is given)")
     ap.add_argument("--loss", default=None,
-                    help="comma-separated drop probabilities (default 0,0.01,0.05; none with --quick; '' = no loss runs)")
+                    help="comma-separated drop probabilities (default 0,0.01,0.05, with --wan 0,0.01,0.05,0.3; "
+                         "none with --quick unless --wan; '' = no loss runs)")
+    ap.add_argument("--wan", type=float, default=None, metavar="MS",
+                    help="WAN mode: a relay namespace between the two that delays every datagram MS ms each way "
+                         "and applies --loss (bench/wan_relay.py)")
+    ap.add_argument("--seed", type=int, default=1, help="WAN mode: seed of the relay's loss decisions (1)")
+    ap.add_argument("--relay-rt-prio", type=int, default=10,
+                    help="WAN mode: run the relay as SCHED_FIFO with this priority (10; 0 = normal)")
+    ap.add_argument("--capacity-seconds", type=int, default=5,
+                    help="WAN mode: seconds per iperf3 UDP step of the relay capacity test (5; 0 = skip it)")
     ap.add_argument("--tunnels", default=",".join(TUNNELS), help=f"subset of {','.join(TUNNELS)}")
     ap.add_argument("--out", default=None, help="JSON result (default bench/results/<timestamp>.json)")
     ap.add_argument("--quiet-pct", type=float, default=20.0,
@@ -605,9 +945,12 @@ def parse_args(argv=None):
                     help="total seconds of such waiting over the whole run (default 60)")
     args = ap.parse_args(argv)
     if args.seconds is None:
-        args.seconds = 3 if args.quick else 10
+        args.seconds = 3 if args.quick else 20 if args.wan is not None else 10
     if args.loss is None:
-        args.loss = "" if args.quick else "0,0.01,0.05"
+        args.loss = "0" if args.quick and args.wan is not None else "" if args.quick \
+            else WAN_LOSS if args.wan is not None else "0,0.01,0.05"
+    if args.wan is not None and args.wan < 0:
+        ap.error("--wan must be >= 0")
     args.loss = [float(x) for x in args.loss.split(",") if x.strip()]
     if any(not 0 <= p < 1 for p in args.loss):
         ap.error("--loss values must be in [0, 1)")
@@ -621,7 +964,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if os.geteuid() != 0:
         sys.exit("bench/run.py needs root (network namespaces)")
-    for tool in ("iperf3", "ping", "ip", "ss", "ethtool", "sysctl") + ((IPT,) if args.loss else ()):
+    for tool in ("iperf3", "ping", "ip", "ss", "ethtool", "sysctl") + ((IPT,) if args.loss or args.wan else ()):
         if shutil.which(tool) is None:
             sys.exit(f"missing {tool} (apt-get install iperf3 iputils-ping iproute2 ethtool iptables procps)")
 
@@ -641,7 +984,9 @@ def main(argv=None) -> int:
     res: dict = {
         "date": started.isoformat(timespec="seconds"),
         "args": {"seconds": args.seconds, "quick": args.quick, "loss": args.loss, "tunnels": args.tunnels,
-                 "quiet_pct": args.quiet_pct, "quiet_max": args.quiet_max, "quiet_budget": args.quiet_budget},
+                 "quiet_pct": args.quiet_pct, "quiet_max": args.quiet_max, "quiet_budget": args.quiet_budget,
+                 "wan": args.wan, "seed": args.seed, "relay_rt_prio": args.relay_rt_prio,
+                 "capacity_seconds": args.capacity_seconds},
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "machine": platform.machine(),
                  "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True,
                                           text=True, check=False).stdout.split("\n")[0].strip()},
@@ -649,12 +994,21 @@ def main(argv=None) -> int:
                      "alpaca": f"server 1.1 {ALPACA_A} (ns a) <-> client 16.1 {ALPACA_B} (ns b), default mtu"},
         "tunnels": {},
     }
+    if args.wan is not None:
+        res["topology"].update({
+            "underlay": f"{UNDER_A}/24 <-veth-> {RELAY_A}/24 relay ns {RELAY_B}/24 <-veth-> {WAN_B}/24, no routing",
+            "relay": f"bench/wan_relay.py, {args.wan:g} ms each way, loss in each direction, SCHED_FIFO "
+                     f"{args.relay_rt_prio}, tunnel endpoints at {RELAY_A} (from a) and {RELAY_B} (from b)",
+            "wg-udpspeeder": f"wireguard-go mtu {SPEEDER_WG_MTU} -> speederv2 -f{SPEEDER_FEC} on both sides"})
     prefix = f"ab{os.getpid() % 100000}"
     work = Path(tempfile.mkdtemp(prefix="alpaca-bench-"))
-    classes = {"raw": Raw, "wireguard-go": WireguardGo, "alpaca": Alpaca}
+    classes = {"raw": Raw, "wireguard-go": WireguardGo, "alpaca": Alpaca, "wg-udpspeeder": WgSpeeder}
     t_start = time.monotonic()
     interrupted = False
     try:
+        if args.wan is not None and args.capacity_seconds > 0:
+            log("== relay capacity")
+            res["relay_capacity"] = relay_capacity(args, f"{prefix}c", work)
         for i, name in enumerate(args.tunnels):
             log(f"== {name}")
             bench_tunnel(classes[name](), args, f"{prefix}{i}", work, res["tunnels"].setdefault(name, {}))
@@ -666,8 +1020,16 @@ def main(argv=None) -> int:
     res["elapsed_s"] = round(time.monotonic() - t_start, 1)
     res["ratios"] = {"alpaca/wireguard-go throughput": ratio(res, "mbit_s"),
                      "alpaca/wireguard-go daemon CPU s/GB": ratio(res, "daemon_cpu_s_per_gb"),
-                     "basis": f"{run_key(1, 'b2a', 'default')}, clean link, offloads on"}
+                     "basis": f"{run_key(1, 'b2a', 'default')}, " + (
+                         "clean link, offloads on" if args.wan is None else f"WAN {args.wan:g} ms each way, no loss")}
     print(table(res))
+    cap = res.get("relay_capacity")
+    if cap:
+        limit = (f"saturated at {cap['saturated_at_mbit_s']:.0f} offered" if cap.get("saturated_at_mbit_s")
+                 else f"not saturated: iperf3 offered at most {cap.get('max_offered_mbit_s', 0):.0f}")
+        print(f"relay capacity: forwards {fmt(cap.get('max_mbit_s'), '.0f')} Mbit/s of {CAPACITY_LEN}-byte datagrams "
+              f"losing at most {CAPACITY_MAX_LOSS:g} % ({limit}; end to end through iperf3 "
+              f"{fmt(cap.get('e2e_max_mbit_s'), '.0f')} Mbit/s)" + (f"; ERROR {cap['error']}" if cap.get("error") else ""))
     print(f"\n{res['date']}  {args.seconds} s per run, total {res['elapsed_s']} s; JSON: {out}")
     print("b2a = ns-b sends to ns-a, a2b = iperf3 -R; default cc = " +
           ", ".join(sorted({str(v.get('default_cc', {}).get('b')) for v in res["tunnels"].values()
