@@ -66,6 +66,7 @@ from alpaca.protocol.constants import (
     FLAG_FRAG,
     HEADER_SIZE,
     KIND_KEEPALIVE,
+    KIND_REPORT,
     MIN_DATAGRAM,
     PATH_RELAYED,
     REPLAY_WINDOW,
@@ -311,7 +312,7 @@ class Harness:
         if ident in self.idents:
             old = self.sealed[self.idents[ident]]
             raise Violation(f"nonce reused by {sender}: {ident!r} kind {h.kind} flags {h.flags} len {len(datagram)}; before: kind {old.kind}")
-        if h.kind == KIND_KEEPALIVE:
+        if h.kind in (KIND_KEEPALIVE, KIND_REPORT):
             inner = b""
         elif inner is None:
             raise Violation(f"{sender} sent a data datagram the harness never gave it: {datagram.hex()}")
@@ -627,9 +628,10 @@ class Harness:
                 if peer.rx_packets != rx0 + 1 or peer.last_rx != now or peer.paths.get(frm) is None \
                         or peer.paths[frm].last_rx != now:
                     fail("an accepted datagram for us did not count rx / learn its path")
-                if rec.kind == KIND_KEEPALIVE:
+                if rec.kind in (KIND_KEEPALIVE, KIND_REPORT):
+                    # a loss report may be malformed only if we sealed it so: never
                     if out.tun or npd:
-                        fail("a keepalive for us was not consumed silently")
+                        fail("a keepalive or loss report for us was not consumed silently")
                     outcome = "consumed"
                 elif not node.settings.has_tun:
                     if out.tun or npd != 1 or pd[DropReason.NO_TUN] != 1:

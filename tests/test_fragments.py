@@ -13,7 +13,7 @@ import random
 import struct
 
 import pytest
-from protocol_helpers import T0, Wire, addr, header_of, make_node, pid, tcp, tun_ip, udp
+from protocol_helpers import T0, Wire, addr, header_of, make_node, name, pid, tcp, tun_ip, udp
 
 from alpaca.protocol import fragments
 from alpaca.protocol.constants import (FLAG_FRAG, FLAG_VNET, KIND_REPORT, MASK_SIZE, REASSEMBLY_TIMEOUT,
@@ -159,25 +159,60 @@ def test_a_packet_with_a_partial_checksum_travels_with_its_header_in_one_datagra
     assert feed(server, datagrams) == [packet]
 
 
+def report_to(sender, receiver, now):
+    """Tick the receiver so it reports the complete seconds; feed the reports to the sender."""
+    reports = [d for d, _ in receiver.tick(now).sends if header_of(d).kind == KIND_REPORT]
+    feed(sender, reports, now, frm=addr(name(receiver)))
+    return reports
+
+
 def test_loss_reports_set_the_senders_parity():
     client, server = pair()
     rng = random.Random(11)
-    now = T0
     for _ in range(20):
-        shards = shards_of(client, super_packet(30_000), now)
-        feed(server, [d for d in shards if rng.random() > 0.05], now)
-    # after the reassembly timeout the server reports to 16.1 what arrived
-    now += REASSEMBLY_TIMEOUT + REPORT_INTERVAL
-    reports = [d for d, _ in server.tick(now).sends if header_of(d).kind == KIND_REPORT]
-    assert len(reports) == 1
-    feed(client, reports, now, frm=addr("1.1"))
-    loss = client.snapshot(now)["peers"]
-    row = next(p for p in loss if p["id"] == "1.1")
-    assert 0.02 < row["shard_loss"] < 0.1
-    assert row["parity"] >= 3
-    shards = shards_of(client, super_packet(), now)
+        shards = shards_of(client, super_packet(30_000), T0)
+        feed(server, [d for d in shards if rng.random() > 0.05], T0)
+    # once second T0 is complete and its messages expired, 1.1 reports what arrived
+    assert report_to(client, server, T0 + 1.9) == []
+    assert len(report_to(client, server, T0 + 2.5)) == 1
+    row = next(p for p in client.snapshot(T0 + 3)["peers"] if p["id"] == "1.1")
+    assert 0.02 < row["loss"] < 0.1
+    assert row["parity"] >= 3 and row["copies"] == 1
+    shards = shards_of(client, super_packet(), T0 + 3)
     assert len(shards) == fragments.shard_count(60_000 + 40 + VNET_HDR_SIZE + 16,
                                                 client.settings.max_datagram - MASK_SIZE) + row["parity"]
+
+
+def test_small_packets_get_copies_on_a_lossy_path_and_arrive_once():
+    client, server = pair()
+    rng = random.Random(5)
+    ping = ZERO_VNET + udp(tun_ip("16.1"), tun_ip("1.1"))
+    delivered = 0
+    for i in range(200):                      # 30 % loss: copies are added after the first report
+        now = T0 + i * 0.05
+        sends = shards_of(client, ping, now)
+        delivered += len(feed(server, [d for d in sends if rng.random() > 0.3], now))
+        if i % 10 == 9:
+            report_to(client, server, now)
+    row = next(p for p in client.snapshot(now)["peers"] if p["id"] == "1.1")
+    assert 0.2 < row["loss"] < 0.4 and row["copies"] == 4, row
+    # with copies every packet went 5 times and arrived once (the others are duplicates)
+    before = delivered
+    for i in range(200):
+        now = T0 + 10 + i * 0.01
+        delivered += len(feed(server, [d for d in shards_of(client, ping, now) if rng.random() > 0.3], now))
+    assert delivered - before >= 197
+    assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] > 0
+
+
+def test_a_malformed_report_is_counted_and_changes_nothing():
+    client, server = pair()
+    from alpaca.protocol.constants import KIND_REPORT as REPORT
+    key = server.table.pair_key(server.me, client.me)
+    datagram = server._seal(REPORT, client.me, key, b"\x00\x01", T0)
+    feed(client, [datagram], T0, frm=addr("1.1"))
+    assert client.table.get(pid("1.1")).drops[DropReason.MALFORMED_REPORT] == 1
+    assert client.snapshot(T0)["peers"][0]["loss"] is None
 
 
 @pytest.mark.parametrize("loss,k,expected", [(0.0, 47, 0), (0.01, 47, 3), (0.05, 47, 8), (0.3, 47, 38),

@@ -802,3 +802,14 @@ def test_a_client_cannot_use_another_peers_tunnel_address():
     # downward: the server forwards 16.1's packet to 16.2 with its own key
     relayed = s1.from_tun([udp(tun_ip("16.1"), tun_ip("16.2"))], T0)
     assert relayed.sends and len(c2.from_udp([(relayed.sends[0][0], addr("1.1"))], T0).tun) == 1
+
+
+def test_a_stale_datagram_opens_no_replay_window():
+    """Found by the fuzz run: a datagram outside the window must not leave an
+    empty window behind (nor charge a relay-window slot) on its way to REPLAY."""
+    relay = make_node("1.1")
+    relay.from_udp([(make_datagram("16.1", "1.2", udp(tun_ip("16.1"), tun_ip("1.2")), ts=T0 - 60),
+                     addr("16.1"))], T0)
+    peer = relay.table.get(pid("16.1"))
+    assert peer.drops == {DropReason.REPLAY: 1}
+    assert pid("1.2") not in peer.replay

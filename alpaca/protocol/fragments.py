@@ -104,8 +104,8 @@ class Reassembler:
         self.per_pair: collections.Counter[tuple[int, int]] = collections.Counter()
         # decoded messages: key -> [bitmask of shard indices seen, k + m, born]
         self.done: collections.OrderedDict[Key, list] = collections.OrderedDict()
-        # src -> [shards received, shards sent] of messages no longer tracked: the loss report
-        self.stats: dict[int, list[int]] = {}
+        # (src, ts) -> shards that arrived, of messages no longer tracked: for the loss report
+        self.arrivals: collections.Counter[tuple[int, int]] = collections.Counter()
 
     def add(self, key: Key, index: int, k: int, m: int, length: int, shard: bytes, addr,
             now: float) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
@@ -166,9 +166,7 @@ class Reassembler:
             del self.per_pair[pair]
 
     def _retire(self, key: Key, seen: list) -> None:
-        counts = self.stats.setdefault(key[0], [0, 0])
-        counts[0] += seen[0].bit_count()
-        counts[1] += seen[1]
+        self.arrivals[(key[0], key[3])] += seen[0].bit_count()
 
     @staticmethod
     def _decode(slot: Reassembly) -> bytes:
@@ -203,16 +201,14 @@ class Reassembler:
             self._retire(key, seen)
         return lost
 
-    def count_lost(self, src: int, slot: Reassembly) -> None:
-        """An incomplete message in the loss statistics (the caller decides
-        whether src is a peer it has authenticated)."""
-        counts = self.stats.setdefault(src, [0, 0])
-        counts[0] += len(slot.shards)
-        counts[1] += slot.k + slot.m
+    def count_lost(self, key: Key, slot: Reassembly) -> None:
+        """The shards of an incomplete message in the loss statistics (the
+        caller decides whether its src is a peer it has authenticated)."""
+        self.arrivals[(key[0], key[3])] += len(slot.shards)
 
-    def take_stats(self) -> dict[int, list[int]]:
-        stats, self.stats = self.stats, {}
-        return stats
+    def take_arrivals(self) -> collections.Counter:
+        arrivals, self.arrivals = self.arrivals, collections.Counter()
+        return arrivals
 
 
 def parity_for(loss: float, k: int, target: float = 0.002, limit: int | None = None) -> int:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import inner
-from . import fragments
+from . import fragments, loss
 from .constants import (DEFAULT_TTL, FLAG_FRAG, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA, KIND_KEEPALIVE,
                         KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
                         PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
@@ -51,8 +51,6 @@ PATH_NOTICES_PER_INTERVAL = 3     # per peer, then one line saying the rest are 
 HOST_CACHE_LIMIT = 1024           # packed forms of target hosts kept for the loop guard
 ZERO_VNET = bytes(VNET_HDR_SIZE)  # virtio_net_hdr of a plain packet: no GSO, checksum complete
 INNER_HEAD = 64                   # bytes of an inner packet that routing looks at
-_REPORT = struct.Struct(">II")    # shards received, shards sent (of messages that expired)
-LOSS_SMOOTHING = 0.5              # weight of the newest loss report
 _DATA_V1 = WIRE_VERSION << 4 | KIND_DATA
 _SUB_BITS = 8 * (MASK_SIZE - 26)  # the header's mask is the top 26 of the 32 mask bytes
 _INDEX_SHIFT = 40                 # the shard index in the 32 unmasked bytes as an int (5 bytes follow it)
@@ -132,8 +130,9 @@ class Node:
         self.started = now
         self.reassembly = fragments.Reassembler()
         self.relayed_shards = 0
-        self._tx_loss: dict[int, float] = {}     # peer -> shard loss it reported (smoothed)
+        self.loss = loss.LossMeter()
         self._tx_parity: dict[int, int] = {}     # peer -> parity shards per message we send it
+        self._tx_copies: dict[int, int] = {}     # peer -> extra copies of each small packet to it
         self._next_report = now + REPORT_INTERVAL
 
     # ------------------------------------------------------------ peers
@@ -282,6 +281,11 @@ class Node:
             return          # every target failed the loop guard (counted there)
         datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
         sends = [(d, a) for a in targets for d in datagrams]
+        copies = self._tx_copies.get(peer.id, 0) if len(packet) <= loss.SMALL_PACKET else 0
+        if copies:
+            # a lossy path: small packets (pings, ACKs, DNS) go several times;
+            # the receiver's dedup keeps one (docs/protocol.md §12)
+            sends *= 1 + copies
         out.sends.extend(sends)
         peer.tx_packets += 1
         peer.tx_bytes += sum(len(d) for d in datagrams)
@@ -293,8 +297,10 @@ class Node:
                 self._schedule(now + k * delay, sends)
             else:
                 out.sends.extend(sends)
-        if inner.wants_early_copy(head):
+        early = inner.wants_early_copy(head)
+        if early:
             self._schedule(now + SYN_DNS_COPY_DELAY, sends)
+        self.loss.count_sent(peer.id, self._ts, len(sends) * (1 + self.settings.duplicate + early))
 
     def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,
                       now: float) -> list[bytes]:
@@ -401,6 +407,8 @@ class Node:
         if header.pad > len(plaintext):
             self.global_drops[DropReason.MALFORMED] += 1
             return
+        if dst == self.me:
+            self.loss.count_arrived(src, header.ts)      # copies too: they arrived (the loss report)
         self._accept(header, full >> _SUB_BITS, data, plaintext, (addr,), len(data), now, out)
 
     def _shard_for_me(self, rkey: tuple, f: tuple, full: int, data: bytes, addr: Addr, now: float,
@@ -471,7 +479,7 @@ class Node:
         if header.kind == KIND_KEEPALIVE:
             return
         if header.kind == KIND_REPORT:
-            self._loss_report(src, plaintext)
+            self._loss_report(src, plaintext[:len(plaintext) - header.pad])
             return
         if not self.settings.has_tun:
             src.drops[DropReason.NO_TUN] += 1
@@ -577,6 +585,11 @@ class Node:
             self._path_notices.clear()
             if len(self._loop_noticed) > HOST_CACHE_LIMIT:
                 self._loop_noticed.clear()
+            self.loss.prune(now, self.table.peers)
+            for gone in [p for p in self._tx_parity if p not in self.table.peers]:
+                del self._tx_parity[gone]
+            for gone in [p for p in self._tx_copies if p not in self.table.peers]:
+                del self._tx_copies[gone]
             for peer in self.table.peers.values():
                 peer.prune(now)
                 if peer.up and now - peer.last_rx > PEER_LIFETIME:
@@ -585,41 +598,41 @@ class Node:
         return out
 
     def _reassembly_tick(self, now: float, out: Output) -> None:
-        """Expire incomplete messages, and tell each peer that sent us shards
-        how many of them arrived (the sender picks its parity from that)."""
+        """Expire incomplete messages, and tell each peer we heard from what
+        arrived of what it sent us, per second (loss.py)."""
         for key, slot in self.reassembly.expire(now):
             self.global_drops[DropReason.INCOMPLETE] += 1
             src = self.table.get(key[0])
             if src is not None and src.up:      # only for a peer we authenticated
-                self.reassembly.count_lost(key[0], slot)
-        for peer_id, (received, sent) in self.reassembly.take_stats().items():
+                self.reassembly.count_lost(key, slot)
+        for (src, ts), n in self.reassembly.take_arrivals().items():
+            self.loss.count_arrived(src, ts, n)
+        for peer_id, payload in self.loss.reports(now):
             peer = self.table.get(peer_id)
             key = self.table.pair_key(self.me, peer_id) if peer is not None else None
             if key is None:
                 continue
-            datagram = self._seal(KIND_REPORT, peer_id, key, _REPORT.pack(received, sent), now)
-            out.sends.extend((datagram, a) for a in self._towards(peer, now))
+            datagram = self._seal(KIND_REPORT, peer_id, key, payload, now)
+            targets = self._towards(peer, now)
+            out.sends.extend((datagram, a) for a in targets)
+            self.loss.count_sent(peer_id, self._ts, len(targets))
 
     def _loss_report(self, peer: Peer, payload: bytes) -> None:
-        """The peer counted what arrived of the shards we sent it: adapt the
-        parity (docs/protocol.md "Loss reports")."""
-        if len(payload) < _REPORT.size:
+        """What arrived of what we sent the peer: adapt parity and copies."""
+        try:
+            estimate = self.loss.on_report(peer.id, payload)
+        except loss.BadReport:
             peer.drops[DropReason.MALFORMED_REPORT] += 1
             return
-        received, sent = _REPORT.unpack_from(payload)
-        if not sent or received > sent:
-            peer.drops[DropReason.MALFORMED_REPORT] += 1
+        if estimate is None:
             return
-        loss = 1 - received / sent
-        old = self._tx_loss.get(peer.id)
-        loss = loss if old is None else LOSS_SMOOTHING * loss + (1 - LOSS_SMOOTHING) * old
-        self._tx_loss[peer.id] = loss
         k = fragments.shard_count(65535 + VNET_HDR_SIZE + 16, self.settings.max_datagram - MASK_SIZE)
-        parity = fragments.parity_for(loss, k)
-        if parity != self._tx_parity.get(peer.id, 0):
-            self.notices.append(f"peer {format_id(peer.id)}: {loss:.1%} of shards lost; "
-                                f"now {parity} parity shards per {k}")
+        parity, copies = fragments.parity_for(estimate, k), loss.copies_for(estimate)
+        if (parity, copies) != (self._tx_parity.get(peer.id, 0), self._tx_copies.get(peer.id, 0)):
+            self.notices.append(f"peer {format_id(peer.id)}: {estimate:.1%} of datagrams lost; now "
+                                f"{parity} parity shards per {k}, {copies} extra copies of small packets")
         self._tx_parity[peer.id] = parity
+        self._tx_copies[peer.id] = copies
 
     def _keepalives(self, now: float, out: Output) -> None:
         """Keep our paths alive at the gateway (through every forwarder) and at
@@ -634,6 +647,7 @@ class Node:
             datagram = self._seal(KIND_KEEPALIVE, peer_id, key, b"", now)
             addrs = self._towards(peer, now) if peer_id == gw else peer.direct_paths(now)
             out.sends.extend((datagram, a) for a in addrs)
+            self.loss.count_sent(peer_id, self._ts, len(addrs))
 
     # ------------------------------------------------------------ status
     def snapshot(self, now: float) -> dict:
@@ -654,8 +668,9 @@ class Node:
                 "rx_packets": peer.rx_packets, "rx_bytes": peer.rx_bytes,
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
                 "relayed_packets": peer.relayed_packets,
-                "shard_loss": round(self._tx_loss[peer.id], 4) if peer.id in self._tx_loss else None,
+                "loss": round(self.loss.loss[peer.id], 4) if peer.id in self.loss.loss else None,
                 "parity": self._tx_parity.get(peer.id, 0),
+                "copies": self._tx_copies.get(peer.id, 0),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
             })
         return {"id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,

@@ -16,7 +16,7 @@ import collections
 import math
 from dataclasses import dataclass
 
-from .constants import MAX_PATHS_PER_PEER, MAX_WINDOWS_PER_PEER, PATH_LIFETIME, PEER_LIFETIME
+from .constants import MAX_PATHS_PER_PEER, MAX_WINDOWS_PER_PEER, PATH_LIFETIME, PEER_LIFETIME, REPLAY_WINDOW, SEQ_LIMIT
 from .crypto import derive_pair_key, derive_psk_key
 from .drops import DropReason
 from .replay import ReplayWindow
@@ -77,6 +77,8 @@ class Peer:
             return DropReason.REPLAY
         window = self.replay.get(dst)
         if window is None:
+            if seq >= SEQ_LIMIT or abs(ts - int(now)) > REPLAY_WINDOW:
+                return DropReason.REPLAY        # what the window would say: never open one for it
             if charged is not None:
                 if charged.relay_windows >= MAX_WINDOWS_PER_PEER:
                     return DropReason.TOO_MANY_SESSIONS     # a slot frees when a window expires
