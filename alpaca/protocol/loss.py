@@ -2,10 +2,11 @@
 (docs/protocol.md §12 "Loss reports").
 
 Every datagram carries its sender's clock second (`ts`). The sender counts
-its transmissions to each peer per second (every datagram on every path,
-copies included); the receiver counts, per source peer and second, what
-arrived (authenticated datagrams, duplicates included, and the shards of
-messages that decoded or expired). Every REPORT_INTERVAL the receiver sends
+its data transmissions to each peer per second (every data datagram or
+shard on every path, copies included); the receiver counts, per source peer
+and second, what data arrived (authenticated datagrams, duplicates
+included, and the shards of messages that decoded or expired). Keepalives
+and reports are not counted, so two idle peers never report to each other. Every REPORT_INTERVAL the receiver sends
 each peer it heard from a report for the complete seconds it has not
 reported yet, zeros included; the sender divides. Both ends keep a few
 counters per peer and second, pruned after REPORT_HORIZON seconds.

@@ -407,8 +407,10 @@ class Node:
         if header.pad > len(plaintext):
             self.global_drops[DropReason.MALFORMED] += 1
             return
-        if dst == self.me:
-            self.loss.count_arrived(src, header.ts)      # copies too: they arrived (the loss report)
+        if dst == self.me and header.kind == KIND_DATA:
+            # copies too: they arrived. Data only: keepalives and reports
+            # must not make the other end report back (loss.py)
+            self.loss.count_arrived(src, header.ts)
         self._accept(header, full >> _SUB_BITS, data, plaintext, (addr,), len(data), now, out)
 
     def _shard_for_me(self, rkey: tuple, f: tuple, full: int, data: bytes, addr: Addr, now: float,
@@ -613,9 +615,7 @@ class Node:
             if key is None:
                 continue
             datagram = self._seal(KIND_REPORT, peer_id, key, payload, now)
-            targets = self._towards(peer, now)
-            out.sends.extend((datagram, a) for a in targets)
-            self.loss.count_sent(peer_id, self._ts, len(targets))
+            out.sends.extend((datagram, a) for a in self._towards(peer, now))
 
     def _loss_report(self, peer: Peer, payload: bytes) -> None:
         """What arrived of what we sent the peer: adapt parity and copies."""
@@ -647,7 +647,6 @@ class Node:
             datagram = self._seal(KIND_KEEPALIVE, peer_id, key, b"", now)
             addrs = self._towards(peer, now) if peer_id == gw else peer.direct_paths(now)
             out.sends.extend((datagram, a) for a in addrs)
-            self.loss.count_sent(peer_id, self._ts, len(addrs))
 
     # ------------------------------------------------------------ status
     def snapshot(self, now: float) -> dict:
