@@ -28,12 +28,12 @@ def test_a_report_covers_complete_seconds_with_zeros_and_only_once():
 
 def test_estimates_need_a_sample_and_are_smoothed():
     rx, tx = LossMeter(), LossMeter()
-    tx.count_sent(1, T, 10)
-    rx.count_arrived(1, T, 5)
+    tx.count_sent(1, T, 6)
+    rx.count_arrived(1, T, 3)
     (_, payload), = rx.reports(T + 2)
-    assert tx.on_report(1, payload) is None                # 10 transmissions: not enough yet
-    tx.count_sent(1, T + 1, 10)
-    rx.count_arrived(1, T + 1, 10)
+    assert tx.on_report(1, payload) is None                # 6 transmissions: not enough yet
+    tx.count_sent(1, T + 1, 14)
+    rx.count_arrived(1, T + 1, 12)
     (_, payload), = rx.reports(T + 3)
     assert tx.on_report(1, payload) == pytest.approx(0.25)  # 15 of 20
     tx.count_sent(1, T + 2, 100)

@@ -24,7 +24,7 @@ import struct
 REPORT_DELAY = 2          # a second is reported once it is this far behind: its shards have all expired
 REPORT_MAX_SECONDS = 16   # seconds per report
 REPORT_HORIZON = 30       # counters older than this are forgotten unreported
-MIN_SAMPLE = 20           # transmissions before a loss estimate moves
+MIN_SAMPLE = 10           # transmissions before a loss estimate moves
 SMOOTHING = 0.5           # weight of the newest sample
 SMALL_PACKET = 256        # plaintext bytes up to which a packet gets copies on a lossy path
 MAX_COPIES = 4            # extra copies of a small packet
