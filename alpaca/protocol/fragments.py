@@ -29,10 +29,6 @@ from .constants import MAX_SHARDS, REASSEMBLY_PER_PEER, REASSEMBLY_TIMEOUT, REAS
 DONE_LIMIT = 8192          # decoded messages remembered (a few hundred bytes each)
 from .drops import DropReason
 
-def unpack_sub(sub: bytes) -> tuple[int, int, int, int]:
-    return sub[0], sub[1], sub[2], int.from_bytes(sub[3:6], "big")
-
-
 def shard_size(length: int, k: int) -> int:
     """Every data shard but the last, and every parity shard, has this size."""
     return -(-length // k)
