@@ -137,6 +137,12 @@ def mesh4(tmp_path_factory):
         # the first keepalives teach the servers where the clients are
         assert wait_for(lambda: all(p["up"] for p in mesh.peers["s1"].status()["peers"]
                                     if p["id"] in ("16.1", "16.2")), 10), mesh.peers["s1"].status()
+        # ... and a client takes the server's datagrams only from the second
+        # after its own start on (replay_floor, docs/protocol.md §5): wait
+        # for a round trip, so no test loses its first pings to that
+        for client in ("c1", "c2"):
+            assert wait_for(lambda: mesh.peers[client].run(
+                ["ping", "-n", "-c", "1", "-W", "1", "10.17.1.1"]).returncode == 0, 10), client
         yield mesh
     finally:
         mesh.close()

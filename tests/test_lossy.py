@@ -72,12 +72,14 @@ def test_tcp_over_a_lossy_path_arrives_intact_and_the_sender_adapts(lossy):
         if sink.poll() is None:
             lossy.tb.stop(sink)
     assert line == [str(len(data)), hashlib.sha256(data).hexdigest()]
+    # reports cover complete seconds, 2 s behind: the last ones arrive after the transfer
+    assert wait_for(lambda: lossy.peers["s1"].peer_status("16.1")["loss"] is not None, 6)
     row = lossy.peers["c1"].peer_status("1.1")
     print(f"\n16.1 -> 1.1: loss {row['loss']}, parity {row['parity']}, copies {row['copies']}")
     assert 0.05 < row["loss"] < 0.2, row
     assert row["parity"] >= 8 and row["copies"] >= 1, row
     back = lossy.peers["s1"].peer_status("16.1")        # what 1.1 learned of its ACKs to 16.1
-    assert back["loss"] is not None and back["copies"] >= 1, back
+    assert back["copies"] >= 1, back
 
 
 def test_pings_over_the_lossy_path_are_answered(lossy):
