@@ -241,3 +241,11 @@ def test_shards_as_views_of_one_receive_buffer():
     assert feed(server, views[1:] + [memoryview(shards[-1])]) == [packet]    # shard 0 lost: decoded
     small = udp(tun_ip("16.1"), tun_ip("1.1"))
     assert feed(server, [memoryview(d) for d in shards_of(client, ZERO_VNET + small)]) == [ZERO_VNET + small]
+
+
+def test_a_fixed_parity_is_what_status_shows_and_what_is_sent():
+    client, _ = pair(parity=5)
+    shards = shards_of(client, super_packet())
+    k = fragments.shard_count(len(super_packet()) + 16, client.settings.max_datagram - MASK_SIZE)
+    assert len(shards) == k + 5
+    assert next(p for p in client.snapshot(T0)["peers"] if p["id"] == "1.1")["parity"] == 5

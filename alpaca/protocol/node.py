@@ -668,7 +668,8 @@ class Node:
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
                 "relayed_packets": peer.relayed_packets,
                 "loss": round(self.loss.loss[peer.id], 4) if peer.id in self.loss.loss else None,
-                "parity": self._tx_parity.get(peer.id, 0),
+                "parity": (self._tx_parity.get(peer.id, 0) if self.settings.parity is None
+                           else self.settings.parity),
                 "copies": self._tx_copies.get(peer.id, 0),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
             })
