@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from alpaca.testbed import Testbed, wait_for, write_peer_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+TOOLS = Path(__file__).parent / "tools"
 _counter = itertools.count()
 
 
@@ -106,6 +110,25 @@ class Mesh:
             ok = wait_for(lambda: Path(json.loads(peer.config_path.read_text())["control_socket"]).exists(), 10)
             assert ok, f"{peer.name} did not start:\n{peer.log_text()}"
 
+    def transfer(self, sender: str, receiver: str, address: str, size: int = 16 << 20) -> None:
+        """`size` random bytes over TCP from `sender` to a sink on `receiver`
+        at `address`; the sink's length and SHA-256 must match."""
+        data = os.urandom(size)
+        src = self.workdir / f"payload-{sender}.bin"
+        src.write_bytes(data)
+        sink = self.tb.popen(receiver, [PY, str(TOOLS / "tcp_sink.py"), address, "5201"],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            assert sink.stdout.readline().strip() == "ready"
+            r = self.peers[sender].run([PY, str(TOOLS / "tcp_send.py"), address, "5201", str(src)], timeout=120)
+            assert r.returncode == 0, r.stderr
+            line = sink.stdout.readline().split()
+            sink.wait(30)
+        finally:
+            if sink.poll() is None:
+                self.tb.stop(sink)
+        assert line == [str(len(data)), hashlib.sha256(data).hexdigest()]
+
     def close(self) -> None:
         for peer in self.peers.values():
             if peer.proc is not None:
@@ -113,14 +136,15 @@ class Mesh:
         self.tb.close()
 
 
-@pytest.fixture(scope="module")
-def mesh4(tmp_path_factory):
+@contextlib.contextmanager
+def mesh4_world(tmp_path_factory, name: str = "mesh4", c1: dict | None = None, c2: dict | None = None):
     """SPEC test mesh: servers 1.1 and 1.2, client 16.1 (gateway 1.1, forwarders
-    1.1 and 1.2), client 16.2 (gateway 1.1). Clients know only the servers."""
+    1.1 and 1.2), client 16.2 (gateway 1.1). Clients know only the servers.
+    `c1`, `c2`: extra config keys of the clients."""
     if can_run_tier3():
         pytest.skip(can_run_tier3())
     tb = Testbed(unique_prefix())
-    mesh = Mesh(tb, tmp_path_factory.mktemp("mesh4"))
+    mesh = Mesh(tb, tmp_path_factory.mktemp(name))
     try:
         ip = {"s1": tb.add_host("s1", 1), "s2": tb.add_host("s2", 2),
               "c1": tb.add_host("c1", 16), "c2": tb.add_host("c2", 17)}
@@ -128,9 +152,9 @@ def mesh4(tmp_path_factory):
         everyone = servers + [mesh.line("16.1", None), mesh.line("16.2", None)]
         mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, everyone)
         mesh.add("s2", 2, {"id": "1.2", "mode": "server"}, everyone)
-        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1", "forwarders": ["1.1", "1.2"]},
-                 servers + [mesh.line("16.1", None)])
-        mesh.add("c2", 17, {"id": "16.2", "mode": "client", "gateway": "1.1"},
+        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1", "forwarders": ["1.1", "1.2"],
+                            **(c1 or {})}, servers + [mesh.line("16.1", None)])
+        mesh.add("c2", 17, {"id": "16.2", "mode": "client", "gateway": "1.1", **(c2 or {})},
                  servers + [mesh.line("16.2", None)])
         mesh.ip = ip
         mesh.start_all()
@@ -146,3 +170,9 @@ def mesh4(tmp_path_factory):
         yield mesh
     finally:
         mesh.close()
+
+
+@pytest.fixture(scope="module")
+def mesh4(tmp_path_factory):
+    with mesh4_world(tmp_path_factory) as mesh:
+        yield mesh
