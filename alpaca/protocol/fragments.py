@@ -25,9 +25,10 @@ import math
 import zfec
 
 from .constants import MAX_SHARDS, REASSEMBLY_PER_PEER, REASSEMBLY_TIMEOUT, REASSEMBLY_TOTAL, TAG_SIZE
+from .drops import DropReason
 
 DONE_LIMIT = 8192          # decoded messages remembered (a few hundred bytes each)
-from .drops import DropReason
+
 
 def shard_size(length: int, k: int) -> int:
     """Every data shard but the last, and every parity shard, has this size."""
@@ -106,7 +107,9 @@ class Reassembler:
     def add(self, key: Key, index: int, k: int, m: int, length: int, shard: bytes, addr,
             now: float) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
         """Returns (message, its slot, None) when this shard completes a
-        message, (None, None, reason) when the shard is dropped, else (None, None, None)."""
+        message, (None, slot, None) when it was filed in a message still
+        incomplete, (None, None, reason) when it is dropped, and (None, None,
+        None) for a surplus shard of a message already decoded."""
         slot = self.slots.get(key)
         if slot is not None:        # the hot path: the next shard of a message in progress
             if (k != slot.k or m != slot.m or length != slot.length or index >= k + m
@@ -143,7 +146,7 @@ class Reassembler:
         if addr not in slot.addrs:
             slot.addrs.append(addr)
         if len(slot.shards) < slot.k:
-            return None, None, None
+            return None, slot, None
         message = self._decode(slot)
         self._forget(key)
         mask = 0

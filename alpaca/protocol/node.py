@@ -30,7 +30,6 @@ import heapq
 import ipaddress
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -328,10 +327,10 @@ class Node:
     # ------------------------------------------------------------ inbound
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
         out = Output()
-        me, slots, keyed, from_bytes = self.me, self.reassembly.slots, keyed_mask_state(self.group_key), int.from_bytes
+        keyed, from_bytes = keyed_mask_state(self.group_key), int.from_bytes
         # The hot path (a 64 KiB message is ~46 shards, and UDP GRO hands
-        # them over as a train): after two shards of a message, the next one
-        # is predicted exactly (same header, index + 1), so one integer
+        # them over as a train): after a shard is filed, the next one is
+        # predicted exactly (same header, index + 1), so one integer
         # comparison of its unmasked bytes files it. Anything else is parsed.
         p_slot, p_clear, p_addr, p_len, p_index = None, -1, None, 0, 0
         for data, addr in datagrams:
@@ -351,33 +350,24 @@ class Node:
                     p_len = MASK_SIZE + (p_slot.last if p_index == p_slot.k - 1 else p_slot.size)
                     continue
             f, full = unmask(self.group_key, data, clear, full)
-            if f[3] & FLAG_FRAG and f[5] == me and f[2] == _DATA_V1:
-                slot = slots.get((f[4], me, f[6], f[7], f[8]))
-                if slot is not None:
-                    index, shards = f[10], slot.shards
-                    if (index not in shards and len(shards) + 1 < slot.k and f[11] == slot.k
-                            and f[12] == slot.m and index < slot.k + slot.m
-                            and len(data) - MASK_SIZE == (slot.last if index == slot.k - 1 else slot.size)
-                            and f[13] << 16 | f[14] == slot.length):
-                        shards[index] = data[MASK_SIZE:]
-                        if addr not in slot.addrs:
-                            slot.addrs.append(addr)
-                        p_slot, p_addr, p_index = slot, addr, index + 1
-                        p_clear = clear + (1 << _INDEX_SHIFT)
-                        p_len = MASK_SIZE + (slot.last if p_index == slot.k - 1 else slot.size)
-                        continue
-            self._receive(data, addr, now, out, f, full)
+            slot = self._receive(data, addr, now, out, f, full)
+            if slot is not None:            # a shard filed, its message still incomplete: predict the next
+                p_slot, p_addr, p_index = slot, addr, f[10] + 1
+                p_clear = clear + (1 << _INDEX_SHIFT)
+                p_len = MASK_SIZE + (slot.last if p_index == slot.k - 1 else slot.size)
         return out
 
-    def _receive(self, data: bytes, addr: Addr, now: float, out: Output, f: tuple, full: int) -> None:
-        """One datagram whose 32 masked bytes are unmasked (f, full: crypto.unmask)."""
+    def _receive(self, data: bytes, addr: Addr, now: float, out: Output, f: tuple,
+                 full: int) -> fragments.Reassembly | None:
+        """One datagram whose 32 masked bytes are unmasked (f, full: crypto.unmask).
+        Returns the message it was filed in when it is a shard of a message
+        still incomplete (from_udp predicts the next shard from it)."""
         # (ttl, path, version<<4|kind, flags, src, dst, session, ts, seq, pad, index, k, m, len_hi, len_lo)
         if f[3] & FLAG_FRAG and f[5] == self.me and f[2] == _DATA_V1:
             rkey = (f[4], f[5], f[6], f[7], f[8])
             if self.reassembly.knows(rkey):
-                # the hot path: the next shard of a message whose first shard passed the checks below
-                self._shard_for_me(rkey, f, full, data, addr, now, out)
-                return
+                # the next shard of a message whose first shard passed the checks below
+                return self._shard_for_me(rkey, f, full, data, addr, now, out)
         vk, flags, src, dst = f[2], f[3], f[4], f[5]
         if vk >> 4 != WIRE_VERSION or flags & ~KNOWN_FLAGS or vk & 0x0F > KIND_REPORT:
             self.global_drops[DropReason.MALFORMED] += 1
@@ -391,13 +381,13 @@ class Node:
             if vk != _DATA_V1 or f[9]:
                 self.global_drops[DropReason.MALFORMED] += 1
             elif dst == self.me:
-                self._shard_for_me((src, dst, f[6], f[7], f[8]), f, full, data, addr, now, out)
+                return self._shard_for_me((src, dst, f[6], f[7], f[8]), f, full, data, addr, now, out)
             else:
                 # relayed as it is, without reassembly: a shard cannot be
                 # authenticated alone, so it changes no peer state here
                 # (docs/protocol.md §12)
                 self._relay_shard(f, full, data, addr, now, out)
-            return
+            return None
         header = _header(f)
         try:
             plaintext = open_sealed(key, header, data)
@@ -414,14 +404,14 @@ class Node:
         self._accept(header, full >> _SUB_BITS, data, plaintext, (addr,), len(data), now, out)
 
     def _shard_for_me(self, rkey: tuple, f: tuple, full: int, data: bytes, addr: Addr, now: float,
-                      out: Output) -> None:
+                      out: Output) -> fragments.Reassembly | None:
         length = f[13] << 16 | f[14]
         message, slot, reason = self.reassembly.add(rkey, f[10], f[11], f[12], length, data[MASK_SIZE:],
                                                     addr, now)
         if reason is not None:
             self.global_drops[reason] += 1
         if message is None:
-            return
+            return slot         # filed in a message still incomplete, or None
         header = _header(f)
         key = self.table.pair_key(header.src, header.dst)
         if key is None:         # the peer left secrets.txt while its message was in reassembly
