@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from alpaca.protocol import loss
+from alpaca.protocol.fragments import parity_for
 from alpaca.protocol.loss import BadReport, LossMeter, copies_for
 
 T = 1_700_000_000
 
 
 def test_a_report_covers_complete_seconds_with_zeros_and_only_once():
-    rx, tx = LossMeter(), LossMeter()
+    rx, tx = LossMeter(47), LossMeter(47)
     for ts, sent, arrived in ((T, 100, 90), (T + 1, 100, 0), (T + 2, 100, 80)):
         tx.count_sent(7, ts, sent)
         if arrived:
@@ -27,7 +28,7 @@ def test_a_report_covers_complete_seconds_with_zeros_and_only_once():
 
 
 def test_estimates_need_a_sample_and_are_smoothed():
-    rx, tx = LossMeter(), LossMeter()
+    rx, tx = LossMeter(47), LossMeter(47)
     tx.count_sent(1, T, 6)
     rx.count_arrived(1, T, 3)
     (_, payload), = rx.reports(T + 2)
@@ -40,17 +41,18 @@ def test_estimates_need_a_sample_and_are_smoothed():
     rx.count_arrived(1, T + 2, 100)
     (_, payload), = rx.reports(T + 4)
     assert tx.on_report(1, payload) == pytest.approx(0.125)  # half way to 0
+    assert (tx.parity[1], tx.copies[1]) == (parity_for(0.125, 47), copies_for(0.125))
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00" * 4, b"\x00\x00\x00\x01\x00", b"\x00\x00\x00\x01\x02" + b"\x00" * 4,
                                      b"\x00\x00\x00\x01\x11" + b"\x00" * 68])
 def test_malformed_reports_are_refused(payload):
     with pytest.raises(BadReport):
-        LossMeter().on_report(1, payload)
+        LossMeter(47).on_report(1, payload)
 
 
 def test_state_is_bounded_in_time_and_by_the_table():
-    m = LossMeter()
+    m = LossMeter(47)
     for ts in range(T, T + 100):
         m.count_sent(1, ts, 1)
         m.count_arrived(2, ts, 1)

@@ -21,6 +21,8 @@ import collections
 import math
 import struct
 
+from .fragments import parity_for
+
 REPORT_DELAY = 2          # a second is reported once it is this far behind: its shards have all expired
 REPORT_MAX_SECONDS = 16   # seconds per report
 REPORT_HORIZON = 30       # counters older than this are forgotten unreported
@@ -47,12 +49,18 @@ class BadReport(ValueError):
 
 
 class LossMeter:
-    def __init__(self):
+    """k: data shards of the biggest super-packet, what parity is sized for."""
+
+    def __init__(self, k: int):
+        self.k = k
         self.sent: dict[int, collections.Counter] = {}       # peer -> {ts: transmissions}
         self.arrived: dict[int, collections.Counter] = {}    # peer -> {ts: arrivals}
         self.reported: dict[int, int] = {}                   # peer -> last second reported to it
         self._sample: dict[int, list[int]] = {}              # peer -> [arrivals, transmissions] so far
         self.loss: dict[int, float] = {}                     # peer -> smoothed loss of what we send it
+        # derived from `loss` when it moves (parity_for sums a binomial tail: not per message)
+        self.parity: dict[int, int] = {}                     # peer -> parity shards per super-packet
+        self.copies: dict[int, int] = {}                     # peer -> extra copies of a small packet
 
     # ------------------------------------------------------------ counting
     def count_sent(self, peer: int, ts: int, n: int) -> None:
@@ -104,8 +112,10 @@ class LossMeter:
         loss = max(0.0, 1 - sample[0] / sample[1])
         self._sample[peer] = [0, 0]
         old = self.loss.get(peer)
-        self.loss[peer] = loss if old is None else SMOOTHING * loss + (1 - SMOOTHING) * old
-        return self.loss[peer]
+        self.loss[peer] = estimate = loss if old is None else SMOOTHING * loss + (1 - SMOOTHING) * old
+        self.parity[peer] = parity_for(estimate, self.k)
+        self.copies[peer] = copies_for(estimate)
+        return estimate
 
     # ------------------------------------------------------------ upkeep
     def prune(self, now: float, peers) -> None:
@@ -121,6 +131,6 @@ class LossMeter:
                     del counter[ts]
                 if not counter:
                     del table[peer]
-        for table in (self.reported, self._sample, self.loss):
+        for table in (self.reported, self._sample, self.loss, self.parity, self.copies):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]

@@ -129,9 +129,8 @@ class Node:
         self.started = now
         self.reassembly = fragments.Reassembler()
         self.relayed_shards = 0
-        self.loss = loss.LossMeter()
-        self._tx_parity: dict[int, int] = {}     # peer -> parity shards per message we send it
-        self._tx_copies: dict[int, int] = {}     # peer -> extra copies of each small packet to it
+        self.loss = loss.LossMeter(fragments.shard_count(65535 + VNET_HDR_SIZE + TAG_SIZE,
+                                                         settings.max_datagram - MASK_SIZE))
         self._next_report = now + REPORT_INTERVAL
 
     # ------------------------------------------------------------ peers
@@ -280,7 +279,7 @@ class Node:
             return          # every target failed the loop guard (counted there)
         datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
         sends = [(d, a) for a in targets for d in datagrams]
-        copies = self._tx_copies.get(peer.id, 0) if len(packet) <= loss.SMALL_PACKET else 0
+        copies = self.loss.copies.get(peer.id, 0) if len(packet) <= loss.SMALL_PACKET else 0
         if copies:
             # a lossy path: small packets (pings, ACKs, DNS) go several times;
             # the receiver's dedup keeps one (docs/protocol.md §12)
@@ -315,7 +314,7 @@ class Node:
         body = seal_body(key, raw, plaintext)
         parity = self.settings.parity
         if parity is None:
-            parity = self._tx_parity.get(dst, 0)
+            parity = self.loss.parity.get(dst, 0)
         shards, k, m = fragments.split(body, self.settings.max_datagram - MASK_SIZE, parity)
         datagrams = frame_shards(self.group_key, raw, shards, k, m, len(body))
         if m:
@@ -578,10 +577,6 @@ class Node:
             if len(self._loop_noticed) > HOST_CACHE_LIMIT:
                 self._loop_noticed.clear()
             self.loss.prune(now, self.table.peers)
-            for gone in [p for p in self._tx_parity if p not in self.table.peers]:
-                del self._tx_parity[gone]
-            for gone in [p for p in self._tx_copies if p not in self.table.peers]:
-                del self._tx_copies[gone]
             for peer in self.table.peers.values():
                 peer.prune(now)
                 if peer.up and now - peer.last_rx > PEER_LIFETIME:
@@ -609,20 +604,17 @@ class Node:
 
     def _loss_report(self, peer: Peer, payload: bytes) -> None:
         """What arrived of what we sent the peer: adapt parity and copies."""
+        meter = self.loss
+        before = (meter.parity.get(peer.id, 0), meter.copies.get(peer.id, 0))
         try:
-            estimate = self.loss.on_report(peer.id, payload)
+            estimate = meter.on_report(peer.id, payload)
         except loss.BadReport:
             peer.drops[DropReason.MALFORMED_REPORT] += 1
             return
-        if estimate is None:
-            return
-        k = fragments.shard_count(65535 + VNET_HDR_SIZE + 16, self.settings.max_datagram - MASK_SIZE)
-        parity, copies = fragments.parity_for(estimate, k), loss.copies_for(estimate)
-        if (parity, copies) != (self._tx_parity.get(peer.id, 0), self._tx_copies.get(peer.id, 0)):
+        after = (meter.parity.get(peer.id, 0), meter.copies.get(peer.id, 0))
+        if estimate is not None and after != before:
             self.notices.append(f"peer {format_id(peer.id)}: {estimate:.1%} of datagrams lost; now "
-                                f"{parity} parity shards per {k}, {copies} extra copies of small packets")
-        self._tx_parity[peer.id] = parity
-        self._tx_copies[peer.id] = copies
+                                f"{after[0]} parity shards per {meter.k}, {after[1]} extra copies of small packets")
 
     def _keepalives(self, now: float, out: Output) -> None:
         """Keep our paths alive at the gateway (through every forwarder) and at
@@ -658,9 +650,9 @@ class Node:
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
                 "relayed_packets": peer.relayed_packets,
                 "loss": round(self.loss.loss[peer.id], 4) if peer.id in self.loss.loss else None,
-                "parity": (self._tx_parity.get(peer.id, 0) if self.settings.parity is None
+                "parity": (self.loss.parity.get(peer.id, 0) if self.settings.parity is None
                            else self.settings.parity),
-                "copies": self._tx_copies.get(peer.id, 0),
+                "copies": self.loss.copies.get(peer.id, 0),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
             })
         return {"id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,
