@@ -20,9 +20,11 @@ from pathlib import Path
 import jsonschema
 from jsonschema import Draft202012Validator
 
+from alpaca.protocol.fragments import parse_fec
 from alpaca.protocol.ids import IdError, format_id, parse_id, parse_net
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.json"
+RENAMED = {"parity": "fec"}     # keys of earlier versions
 
 # Keys whose form (a.b / x.y) is checked by parse_id/parse_net, which give a
 # better sentence than the schema's pattern.
@@ -72,7 +74,8 @@ class Config:
     padding: int
     control_socket: str | None
     offload: bool = True
-    parity: int | str = "auto"
+    fec: str = "auto"
+    peers: tuple[tuple[int, str], ...] = ()         # per-peer settings: (peer ID, fec)
 
     @property
     def is_server(self) -> bool:
@@ -150,7 +153,7 @@ def _schema_problems(error) -> list[tuple[str, str]]:
         known = list(schema.get("properties", {}))
         out = []
         for key in sorted(set(value) - set(known)):
-            hint = difflib.get_close_matches(key, known, n=1)
+            hint = [RENAMED[key]] if key in RENAMED and not path else difflib.get_close_matches(key, known, n=1)
             text = f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             out.append((path, text))
         return out
@@ -264,6 +267,22 @@ def _semantic_problems(data: dict) -> list[tuple[str, str]]:
                     out.append((f"local_routes[{i}]",
                                 f"{text!r} is not an IPv4 network like 192.168.1.0/24"))
 
+    def fec(key: str, text) -> None:
+        if isinstance(text, str):
+            try:
+                parse_fec(text)
+            except ValueError as e:
+                out.append((key, str(e)))
+
+    fec("fec", data.get("fec"))
+    peers = data.get("peers")
+    if isinstance(peers, dict):
+        for text, entry in peers.items():
+            if peer_id(f"peers.{text}", text) == my_id and my_id is not None:
+                out.append((f"peers.{text}", "this is this peer's own id"))
+            if isinstance(entry, dict):
+                fec(f"peers.{text}.fec", entry.get("fec"))
+
     chn = data.get("chnroute")
     if isinstance(chn, dict) and isinstance(chn.get("gateway"), str):
         try:
@@ -357,7 +376,8 @@ def load_config(path: str | Path) -> Config:
         padding=d["padding"],
         control_socket=d["control_socket"],
         offload=d["offload"],
-        parity=d["parity"],
+        fec=d["fec"],
+        peers=tuple(sorted((parse_id(k), v["fec"]) for k, v in d["peers"].items() if "fec" in v)),
     )
 
 

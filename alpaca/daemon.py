@@ -31,6 +31,7 @@ from .hooks import HookError, run_hooks
 from .nat import NatError
 from .notify import Notifier
 from .protocol.drops import GLOBAL_DROPS, DropReason
+from .protocol.fragments import parse_fec
 from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
@@ -63,7 +64,7 @@ FLOOD_HOLD = 10.0
 UNAUTHENTICATED = tuple(r for r in GLOBAL_DROPS if r is not DropReason.NOT_ROUTABLE)
 
 # config keys that a SIGHUP can apply to the running daemon; the rest need a restart
-LIVE_KEYS = {"forwarders", "duplicate", "duplicate_delay_ms", "inactive_downward_static",
+LIVE_KEYS = {"forwarders", "duplicate", "fec", "peers", "duplicate_delay_ms", "inactive_downward_static",
              "padding", "log_level", "secret_file", "pre_up_cmds", "post_up_cmds",
              "pre_down_cmds", "post_down_cmds", "virtual_net", "local_routes", "chnroute"}
 
@@ -77,8 +78,8 @@ def settings_from(config: Config) -> NodeSettings:
                         gateway=config.gateway, forwarders=config.forwarders,
                         duplicate=config.duplicate, duplicate_delay=config.duplicate_delay_ms / 1000,
                         inactive_downward_static=config.inactive_downward_static,
-                        padding=config.padding, vnet=True, mtu=config.mtu,
-                        parity=None if config.parity == "auto" else config.parity)
+                        padding=config.padding, vnet=True, mtu=config.mtu, fec=parse_fec(config.fec),
+                        peer_fec={peer: parse_fec(fec) for peer, fec in config.peers})
 
 
 def peer_entries(secrets: dict[int, PeerSecret], default_port: int) -> dict[int, PeerEntry]:

@@ -241,3 +241,23 @@ def test_example_config_is_valid():
 
 def test_schema_ships_in_package():
     assert SCHEMA_PATH.parent.name == "schema" and SCHEMA_PATH.parent.parent.name == "alpaca"
+
+
+def test_fec_values():
+    for good in ("auto", "off", "20:10", "1:3", "64:64", "8:0"):
+        assert problems(fec=good) == [], good
+    assert problems(fec="20/10") == ['config.json: fec: \'20/10\' is not "auto", "off" or "K:M" with K 1..64 '
+                                     'and M 0..64 (e.g. "20:10")']
+    assert problems(fec="0:5")[0].startswith("config.json: fec: '0:5' is not")
+    assert problems(parity=3) == ["config.json: unknown key 'parity' (did you mean 'fec'?)"]
+
+
+def test_fec_per_peer(tmp_path):
+    assert problems(peers={"1.1": {"fec": "20:10"}, "1.2": {"fec": "off"}}) == []
+    assert problems(peers={"1.x": {"fec": "auto"}}) == [
+        "config.json: peers.1.x: peer ID '1.x' is not of the form a.b (e.g. 16.1)"]
+    assert problems(peers={"1.1": {"fec": "lots"}})[0].startswith("config.json: peers.1.1.fec: 'lots' is not")
+    assert problems(peers={"1.1": {"parity": 3}}) == ["config.json: peers.1.1: unknown key 'parity'"]
+    assert problems(peers={"16.1": {"fec": "off"}}) == ["config.json: peers.16.1: this is this peer's own id"]
+    config = load_config(write(tmp_path, {**GOOD, "fec": "off", "peers": {"1.2": {"fec": "4:1"}, "1.1": {}}}))
+    assert (config.fec, config.peers) == ("off", ((0x0102, "4:1"),))

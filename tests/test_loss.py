@@ -6,7 +6,7 @@ import pytest
 
 from alpaca.protocol import loss
 from alpaca.protocol.fragments import parity_for
-from alpaca.protocol.loss import BadReport, LossMeter, copies_for
+from alpaca.protocol.loss import BadReport, LossMeter
 
 T = 1_700_000_000
 
@@ -41,7 +41,8 @@ def test_estimates_need_a_sample_and_are_smoothed():
     rx.count_arrived(1, T + 2, 100)
     (_, payload), = rx.reports(T + 4)
     assert tx.on_report(1, payload) == pytest.approx(0.125)  # half way to 0
-    assert (tx.parity[1], tx.copies[1]) == (parity_for(0.125, 47), copies_for(0.125))
+    assert (tx.parity(1, 47), tx.parity(1, 1)) == (parity_for(0.125, 47), parity_for(0.125, 1))
+    assert tx.parity(2, 47) == 0                           # no report from peer 2: no parity
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00" * 4, b"\x00\x00\x00\x01\x00", b"\x00\x00\x00\x01\x02" + b"\x00" * 4,
@@ -62,8 +63,3 @@ def test_state_is_bounded_in_time_and_by_the_table():
     assert 3 not in m.arrived
     (_, payload), = m.reports(T + 100)
     assert len(payload) == 5 + 4 * loss.REPORT_MAX_SECONDS
-
-
-@pytest.mark.parametrize("p,expected", [(0.0, 0), (0.01, 0), (0.05, 1), (0.1, 2), (0.3, 4), (0.5, 4)])
-def test_copies_for(p, expected):
-    assert copies_for(p) == expected

@@ -16,7 +16,8 @@ MIN_DATAGRAM = OVERHEAD   # a keepalive: header + empty ciphertext + tag
 # flags byte of the header
 FLAG_VNET = 0x80          # the plaintext starts with a virtio_net_hdr (TUN offloads)
 FLAG_FRAG = 0x40          # this datagram is one shard of a fragmented message
-KNOWN_FLAGS = FLAG_VNET | FLAG_FRAG
+FLAG_BATCH = 0x20         # the plaintext is several packets, each after its 2-byte length (FEC on)
+KNOWN_FLAGS = FLAG_VNET | FLAG_FRAG | FLAG_BATCH
 VNET_HDR_SIZE = 10        # struct virtio_net_hdr
 FRAG_HEADER_SIZE = 6      # shard index, data shards k, parity shards m, message length (24 bits)
 MASK_SIZE = HEADER_SIZE + FRAG_HEADER_SIZE

@@ -25,6 +25,7 @@ class DropReason(enum.Enum):
     NO_TUN = "no_tun"                # for me, but this node has no TUN (forwarder)
     NEEDS_OFFLOAD = "needs_offload"  # a super-packet for a TUN without a virtio_net_hdr
     MALFORMED_REPORT = "malformed_report"  # a loss report that makes no sense
+    MALFORMED_BATCH = "malformed_batch"    # a FEC batch whose packet lengths overrun it
     SPOOFED = "spoofed"              # a client's packet with another peer's tunnel address as source
 
 

@@ -36,7 +36,7 @@ def shard_size(length: int, k: int) -> int:
 
 
 def shard_count(length: int, max_shard: int) -> int:
-    return max(2, -(-length // max_shard))
+    return max(1, -(-length // max_shard))
 
 
 _encoders: dict[tuple[int, int], zfec.Encoder] = {}
@@ -52,6 +52,10 @@ def split(body, max_shard: int, parity: int) -> tuple[list, int, int]:
     m = min(parity, MAX_SHARDS - k)
     size = shard_size(length, k)
     view = memoryview(body)
+    if k == 1:
+        # Reed-Solomon of one shard is repetition: every parity shard is the
+        # message itself (with its own index, so the receiver counts each)
+        return [view] * (1 + m), 1, m
     shards = [view[i * size:(i + 1) * size] for i in range(k)]
     if m > 0:
         last = bytes(shards[-1]).ljust(size, b"\0")
@@ -64,7 +68,7 @@ def split(body, max_shard: int, parity: int) -> tuple[list, int, int]:
 
 def valid_sub(index: int, k: int, m: int, length: int, shard_len: int) -> bool:
     """Is this sub-header self-consistent, and the shard of the size it implies?"""
-    if k < 2 or k + m > MAX_SHARDS or index >= k + m or length < TAG_SIZE * k:
+    if k < 1 or k + m > MAX_SHARDS or index >= k + m or length < TAG_SIZE * k:
         return False
     size = shard_size(length, k)
     expected = length - (k - 1) * size if index == k - 1 else size
@@ -170,6 +174,8 @@ class Reassembler:
     @staticmethod
     def _decode(slot: Reassembly) -> bytes:
         k, shards = slot.k, slot.shards
+        if k == 1:
+            return bytes(next(iter(shards.values())))      # repetition (split)
         if all(i in shards for i in range(k)):
             return b"".join([shards[i] for i in range(k)])
         nums = tuple(sorted(shards)[:k])
@@ -210,15 +216,19 @@ class Reassembler:
         return arrivals
 
 
+SMALL_LIMIT = 12           # parity shards a message of few shards may get (what it costs is small)
+
+
 def parity_for(loss: float, k: int, target: float = 0.002, limit: int | None = None) -> int:
     """Fewest parity shards m such that a message of k data shards is lost
     (more than m of k+m shards lost, independent loss `loss`) with
-    probability <= target. 0 on a clean path; at most `limit`, by default k
-    (half of what is sent is parity: enough for 30 % loss, docs/protocol.md §12)."""
+    probability <= target. 0 on a clean path; at most `limit`, by default
+    max(k, SMALL_LIMIT) (half of what is sent is parity: enough for 30 %
+    loss, docs/protocol.md §12)."""
     if loss <= 0.0005:
         return 0
     if limit is None:
-        limit = min(k, MAX_SHARDS - k)
+        limit = min(max(k, SMALL_LIMIT), MAX_SHARDS - k)
     loss = min(loss, 0.5)
     for m in range(0, limit + 1):
         n = k + m
@@ -226,3 +236,31 @@ def parity_for(loss: float, k: int, target: float = 0.002, limit: int | None = N
         if 1 - ok <= target:
             return m
     return limit
+
+
+# ---------------------------------------------------------------- FEC policy (config `fec`)
+AUTO = "auto"
+FEC_MAX = 64               # K and M of a fixed "K:M" ratio
+
+
+def parse_fec(value: str) -> str | tuple[int, int] | None:
+    """`fec` as config.json writes it: "auto" (follow the loss reports),
+    "off" (None), or "K:M": M parity shards per K data shards, as
+    UDPspeeder's -fK:M (a message of k shards gets ceil(k * M / K)).
+    Raises ValueError with a sentence for anything else."""
+    if value in (AUTO, "off"):
+        return None if value == "off" else AUTO
+    k, sep, m = str(value).partition(":")
+    if not (sep and k.isdigit() and m.isdigit() and 1 <= int(k) <= FEC_MAX and 0 <= int(m) <= FEC_MAX):
+        raise ValueError(f'{value!r} is not "auto", "off" or "K:M" with K 1..{FEC_MAX} and M 0..{FEC_MAX} '
+                         f'(e.g. "20:10")')
+    return None if int(m) == 0 else (int(k), int(m))
+
+
+def format_fec(policy: str | tuple[int, int] | None) -> str:
+    return "off" if policy is None else policy if policy == AUTO else f"{policy[0]}:{policy[1]}"
+
+
+def ratio_parity(ratio: tuple[int, int], k: int) -> int:
+    """Parity shards of a k-shard message under a fixed K:M ratio (at least one)."""
+    return min(-(-k * ratio[1] // ratio[0]), MAX_SHARDS - k)

@@ -1,24 +1,29 @@
 """Loss per peer, measured by the receiver and told to the sender
 (docs/protocol.md §12 "Loss reports").
 
-Every datagram carries its sender's clock second (`ts`). The sender counts
-its data transmissions to each peer per second (every data datagram or
-shard on every path, copies included); the receiver counts, per source peer
-and second, what data arrived (authenticated datagrams, duplicates
-included, and the shards of messages that decoded or expired). Keepalives
-and reports are not counted, so two idle peers never report to each other. Every REPORT_INTERVAL the receiver sends
-each peer it heard from a report for the complete seconds it has not
-reported yet, zeros included; the sender divides. Both ends keep a few
-counters per peer and second, pruned after REPORT_HORIZON seconds.
+Every datagram carries its sender's clock second (`ts`). Both ends count
+DISTINCT data datagrams per peer and second: the sender each whole datagram
+and each shard (data and parity) once, however many paths, `duplicate`
+copies or early copies carry it; the receiver each one once, the first copy
+to arrive (an authenticated datagram that passed the replay check, or a shard
+index of a message that decoded or expired). So the loss measured is that of
+the union of the paths: what FEC has to repair. A clean second path makes it
+~0 and parity goes away (multi-path and FEC are not paid twice); two paths
+of 30 % loss each make it ~9 %.
 
-The sender turns the smoothed loss into parity shards for super-packets
-(fragments.parity_for) and into extra copies of small packets (copies_for).
+Keepalives and reports are not counted, so two idle peers never report to
+each other. Every REPORT_INTERVAL the receiver sends each peer it heard
+from a report for the complete seconds it has not reported yet, zeros
+included; the sender divides. Both ends keep a few counters per peer and
+second, pruned after REPORT_HORIZON seconds.
+
+The sender turns the smoothed loss into parity shards per message size k
+(fragments.parity_for, cached per peer until the estimate moves).
 """
 
 from __future__ import annotations
 
 import collections
-import math
 import struct
 
 from .fragments import parity_for
@@ -28,20 +33,9 @@ REPORT_MAX_SECONDS = 16   # seconds per report
 REPORT_HORIZON = 30       # counters older than this are forgotten unreported
 MIN_SAMPLE = 10           # transmissions before a loss estimate moves
 SMOOTHING = 0.5           # weight of the newest sample
-SMALL_PACKET = 256        # plaintext bytes up to which a packet gets copies on a lossy path
-MAX_COPIES = 4            # extra copies of a small packet
-COPY_TARGET = 0.005       # each small packet lost (all copies) with at most this probability
 
 _HEAD = struct.Struct(">IB")   # first second, number of seconds
 _COUNT = struct.Struct(">I")
-
-
-def copies_for(loss: float) -> int:
-    """Extra copies of a small packet so that all of them are lost with
-    probability <= COPY_TARGET at independent loss `loss`; 0 below 2 %."""
-    if loss < 0.02:
-        return 0
-    return min(MAX_COPIES, math.ceil(math.log(COPY_TARGET) / math.log(min(loss, 0.9))) - 1)
 
 
 class BadReport(ValueError):
@@ -58,9 +52,19 @@ class LossMeter:
         self.reported: dict[int, int] = {}                   # peer -> last second reported to it
         self._sample: dict[int, list[int]] = {}              # peer -> [arrivals, transmissions] so far
         self.loss: dict[int, float] = {}                     # peer -> smoothed loss of what we send it
-        # derived from `loss` when it moves (parity_for sums a binomial tail: not per message)
-        self.parity: dict[int, int] = {}                     # peer -> parity shards per super-packet
-        self.copies: dict[int, int] = {}                     # peer -> extra copies of a small packet
+        # derived from `loss` per message size k, and forgotten when it moves
+        # (parity_for sums binomial tails: not once per message)
+        self._parity: dict[int, dict[int, int]] = {}         # peer -> {k: parity shards}
+
+    def parity(self, peer: int, k: int) -> int:
+        """Parity shards for a message of k data shards to peer (0 before any report)."""
+        table = self._parity.get(peer)
+        if table is None:
+            return 0
+        m = table.get(k)
+        if m is None:
+            m = table[k] = parity_for(self.loss[peer], k)
+        return m
 
     # ------------------------------------------------------------ counting
     def count_sent(self, peer: int, ts: int, n: int) -> None:
@@ -113,8 +117,7 @@ class LossMeter:
         self._sample[peer] = [0, 0]
         old = self.loss.get(peer)
         self.loss[peer] = estimate = loss if old is None else SMOOTHING * loss + (1 - SMOOTHING) * old
-        self.parity[peer] = parity_for(estimate, self.k)
-        self.copies[peer] = copies_for(estimate)
+        self._parity[peer] = {}
         return estimate
 
     # ------------------------------------------------------------ upkeep
@@ -131,6 +134,6 @@ class LossMeter:
                     del counter[ts]
                 if not counter:
                     del table[peer]
-        for table in (self.reported, self._sample, self.loss, self.parity, self.copies):
+        for table in (self.reported, self._sample, self.loss, self._parity):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]

@@ -35,7 +35,7 @@ from typing import Callable
 
 from . import inner
 from . import fragments, loss
-from .constants import (DEFAULT_TTL, FLAG_FRAG, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA, KIND_KEEPALIVE,
+from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA, KIND_KEEPALIVE,
                         KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
                         PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
                         VNET_HDR_SIZE, WIRE_VERSION)
@@ -53,6 +53,8 @@ INNER_HEAD = 64                   # bytes of an inner packet that routing looks 
 _DATA_V1 = WIRE_VERSION << 4 | KIND_DATA
 _SUB_BITS = 8 * (MASK_SIZE - 26)  # the header's mask is the top 26 of the 32 mask bytes
 _INDEX_SHIFT = 40                 # the shard index in the 32 unmasked bytes as an int (5 bytes follow it)
+BATCH_LIMIT = 65535               # plaintext bytes of one FEC batch (about 47 shards at MTU 1400)
+_ENTRY = 2                        # the length before each packet of a batch
 
 
 def _header(f: tuple) -> Header:
@@ -77,7 +79,10 @@ class NodeSettings:
     # does; offloads on or off): super-packets are sealed whole and sent as shards
     vnet: bool = False
     mtu: int = 1400
-    parity: int | None = None             # parity shards per message; None: from the peer's loss reports
+    # FEC (docs/protocol.md §12): fragments.AUTO (parity from the peer's loss
+    # reports), None (off) or a fixed (K, M) ratio; per peer ID in peer_fec
+    fec: str | tuple[int, int] | None = fragments.AUTO
+    peer_fec: dict = field(default_factory=dict)
 
     @property
     def max_datagram(self) -> int:
@@ -97,6 +102,17 @@ class Output:
     def extend(self, other: "Output") -> None:
         self.sends.extend(other.sends)
         self.tun.extend(other.tun)
+
+
+class _Batch:
+    """Packets to one peer read in one TUN batch, sealed together when FEC is on."""
+    __slots__ = ("peer", "key", "targets", "packets", "size", "early")
+
+    def __init__(self, peer: Peer, key: bytes, targets: list[Addr]):
+        self.peer, self.key, self.targets = peer, key, targets
+        self.packets: list[bytes] = []
+        self.size = 0
+        self.early = False
 
 
 class Node:
@@ -251,11 +267,14 @@ class Node:
 
     def from_tun(self, packets: list[bytes], now: float) -> Output:
         out = Output()
+        batches: dict[int, _Batch] = {}
         for packet in packets:
-            self._originate(packet, now, out)
+            self._originate(packet, now, out, batches)
+        for batch in batches.values():
+            self._flush(batch, now, out)
         return out
 
-    def _originate(self, data: bytes, now: float, out: Output) -> None:
+    def _originate(self, data: bytes, now: float, out: Output, batches: dict[int, "_Batch"]) -> None:
         flags = 0
         if not self.settings.vnet:
             packet = head = data
@@ -277,15 +296,46 @@ class Node:
         targets = self._guard(targets, ends, peer)
         if not targets:
             return          # every target failed the loop guard (counted there)
+        batch = batches.get(peer.id)
+        if len(packet) + OVERHEAD <= self.settings.max_datagram and self._parity(peer.id, 1):
+            # FEC on and not a super-packet: it joins the peer's batch, which
+            # is sealed once and sent with parity when this read batch ends
+            # (no packet waits for another read)
+            if batch is not None and (batch.targets != targets or batch.size + _ENTRY + len(data) > BATCH_LIMIT):
+                self._flush(batches.pop(peer.id), now, out)
+                batch = None
+            if batch is None:
+                batch = batches[peer.id] = _Batch(peer, key, targets)
+            batch.packets.append(data)
+            batch.size += _ENTRY + len(data)
+            batch.early = batch.early or inner.wants_early_copy(head)
+            return
+        if batch is not None:
+            self._flush(batches.pop(peer.id), now, out)     # keep the peer's packets in order
         datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
+        self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), now, out)
+
+    def _flush(self, batch: "_Batch", now: float, out: Output) -> None:
+        """Seal a peer's FEC batch: its packets each after a 2-byte length,
+        zero-padded to `padding` (a zero length ends the batch)."""
+        parts = []
+        for packet in batch.packets:
+            parts.append(len(packet).to_bytes(_ENTRY, "big"))
+            parts.append(packet)
+        plaintext = b"".join(parts)
+        if len(plaintext) < self.settings.padding:
+            plaintext += bytes(self.settings.padding - len(plaintext))
+        flags = FLAG_BATCH | (FLAG_VNET if self.settings.vnet else 0)
+        datagrams = self._seal_message(KIND_DATA, batch.peer.id, batch.key, plaintext, flags, now)
+        self._emit(batch.peer, datagrams, batch.targets, len(batch.packets), batch.early, now, out)
+
+    def _emit(self, peer: Peer, datagrams: list[bytes], targets: list[Addr], packets: int, early: bool,
+              now: float, out: Output) -> None:
+        """Send a message's datagrams on every target, now and as the
+        `duplicate` and SYN/DNS copies (SPEC §3)."""
         sends = [(d, a) for a in targets for d in datagrams]
-        copies = self.loss.copies.get(peer.id, 0) if len(packet) <= loss.SMALL_PACKET else 0
-        if copies:
-            # a lossy path: small packets (pings, ACKs, DNS) go several times;
-            # the receiver's dedup keeps one (docs/protocol.md §12)
-            sends *= 1 + copies
         out.sends.extend(sends)
-        peer.tx_packets += 1
+        peer.tx_packets += packets
         peer.tx_bytes += sum(len(d) for d in datagrams)
         # SPEC §3 duplicate sends: same datagram (same seq), later, so the
         # receiver's dedup removes whichever copy arrives second
@@ -295,16 +345,29 @@ class Node:
                 self._schedule(now + k * delay, sends)
             else:
                 out.sends.extend(sends)
-        early = inner.wants_early_copy(head)
         if early:
             self._schedule(now + SYN_DNS_COPY_DELAY, sends)
-        self.loss.count_sent(peer.id, self._ts, len(sends) * (1 + self.settings.duplicate + early))
+        # distinct datagrams, not copies: the receiver counts the union of
+        # the paths (loss.py)
+        self.loss.count_sent(peer.id, self._ts, len(datagrams))
+
+    def _policy(self, peer_id: int) -> str | tuple[int, int] | None:
+        fec = self.settings.fec
+        return self.settings.peer_fec.get(peer_id, fec) if self.settings.peer_fec else fec
+
+    def _parity(self, peer_id: int, k: int) -> int:
+        """Parity shards for a k-shard message to peer_id under its FEC policy."""
+        policy = self._policy(peer_id)
+        if policy == fragments.AUTO:
+            return self.loss.parity(peer_id, k)
+        return 0 if policy is None else fragments.ratio_parity(policy, k)
 
     def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,
                       now: float) -> list[bytes]:
-        """One datagram, or the shards of a message too big for one
-        (docs/protocol.md "Fragments"): one AEAD call either way."""
-        if not flags & FLAG_VNET or len(plaintext) + OVERHEAD <= self.settings.max_datagram:
+        """One datagram, or the shards (with parity) of a message too big for
+        one or of a FEC batch (docs/protocol.md §12): one AEAD call either way."""
+        if not flags & (FLAG_VNET | FLAG_BATCH) or (not flags & FLAG_BATCH
+                                                    and len(plaintext) + OVERHEAD <= self.settings.max_datagram):
             # (a plain packet is never bigger than the TUN's MTU, unless the
             # MTU changed under us: then it goes whole, as before offloads)
             return [self._seal(kind, dst, key, plaintext, now, flags)]
@@ -312,12 +375,11 @@ class Node:
         raw = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
                      flags | FLAG_FRAG).pack()
         body = seal_body(key, raw, plaintext)
-        parity = self.settings.parity
-        if parity is None:
-            parity = self.loss.parity.get(dst, 0)
-        shards, k, m = fragments.split(body, self.settings.max_datagram - MASK_SIZE, parity)
+        max_shard = self.settings.max_datagram - MASK_SIZE
+        shards, k, m = fragments.split(body, max_shard,
+                                       self._parity(dst, fragments.shard_count(len(body), max_shard)))
         datagrams = frame_shards(self.group_key, raw, shards, k, m, len(body))
-        if m:
+        if m and k > 1:
             # full-size shards first and the short last data shard at the
             # end, so the kernel sends the run with one GSO call
             datagrams.append(datagrams.pop(k - 1))
@@ -368,7 +430,8 @@ class Node:
                 # the next shard of a message whose first shard passed the checks below
                 return self._shard_for_me(rkey, f, full, data, addr, now, out)
         vk, flags, src, dst = f[2], f[3], f[4], f[5]
-        if vk >> 4 != WIRE_VERSION or flags & ~KNOWN_FLAGS or vk & 0x0F > KIND_REPORT:
+        if (vk >> 4 != WIRE_VERSION or flags & ~KNOWN_FLAGS or vk & 0x0F > KIND_REPORT
+                or (flags & FLAG_BATCH and vk != _DATA_V1)):
             self.global_drops[DropReason.MALFORMED] += 1
             return
         # src == me: our own datagram reflected back (or forged); never ours to take
@@ -396,10 +459,6 @@ class Node:
         if header.pad > len(plaintext):
             self.global_drops[DropReason.MALFORMED] += 1
             return
-        if dst == self.me and header.kind == KIND_DATA:
-            # copies too: they arrived. Data only: keepalives and reports
-            # must not make the other end report back (loss.py)
-            self.loss.count_arrived(src, header.ts)
         self._accept(header, full >> _SUB_BITS, data, plaintext, (addr,), len(data), now, out)
 
     def _shard_for_me(self, rkey: tuple, f: tuple, full: int, data: bytes, addr: Addr, now: float,
@@ -451,11 +510,16 @@ class Node:
         if not for_me:
             self._relay(header, mask, data, plaintext, targets, src, out)
             return
-        vnet = header.flags & FLAG_VNET
-        packet_head = plaintext[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD] if vnet else plaintext
-        if header.kind == KIND_DATA and header.src > self.me and self._spoofed(header.src, packet_head):
-            src.drops[DropReason.SPOOFED] += 1
-            return
+        batch = header.flags & FLAG_BATCH
+        if header.kind == KIND_DATA:
+            if not header.flags & FLAG_FRAG:
+                # a first copy (shards are counted by the reassembly): the
+                # union of the paths. Data only: keepalives and reports must
+                # not make the other end report back (loss.py)
+                self.loss.count_arrived(src.id, header.ts)
+            if not batch and header.src > self.me and self._spoofed(header.src, plaintext, header.flags):
+                src.drops[DropReason.SPOOFED] += 1
+                return
         # Paths are learned only from datagrams addressed to us: a relayed
         # datagram "from src" may have been sealed by dst, who shares the key.
         relayed = header.path != PATH_DIRECT
@@ -465,34 +529,67 @@ class Node:
         if not src.up:
             src.up = True
             self.notices.append(f"peer {format_id(src.id)} up")
-        src.rx_packets += 1
         src.rx_bytes += size
         if header.kind == KIND_KEEPALIVE:
+            src.rx_packets += 1
             return
         if header.kind == KIND_REPORT:
+            src.rx_packets += 1
             self._loss_report(src, plaintext[:len(plaintext) - header.pad])
             return
         if not self.settings.has_tun:
+            src.rx_packets += 1
             src.drops[DropReason.NO_TUN] += 1
             return
         if header.pad:
             plaintext = plaintext[:len(plaintext) - header.pad]
+        vnet = header.flags & FLAG_VNET
+        if not batch:
+            src.rx_packets += 1
+            self._deliver(src, plaintext, vnet, out)
+            return
+        # a FEC batch: packets each after a 2-byte length; a zero length
+        # (padding) ends it. Sealed by src, so a bad length is src's bug.
+        at, end = 0, len(plaintext)
+        bounds = []
+        while at + _ENTRY <= end:
+            n = plaintext[at] << 8 | plaintext[at + 1]
+            if n == 0:
+                break
+            at += _ENTRY
+            bounds.append((at, at + n))
+            at += n
+        if at > end:
+            src.drops[DropReason.MALFORMED_BATCH] += 1      # all or nothing
+            return
+        spoof_check = header.src > self.me
+        for start, stop in bounds:
+            packet = plaintext[start:stop]
+            src.rx_packets += 1
+            if spoof_check and self._spoofed(header.src, packet, header.flags):
+                src.drops[DropReason.SPOOFED] += 1
+                continue
+            self._deliver(src, packet, vnet, out)
+
+    def _deliver(self, src: Peer, packet: bytes, vnet: int, out: Output) -> None:
+        """One packet to the TUN device, with or without its virtio_net_hdr
+        as the device and the packet have them."""
         if self.settings.vnet:
-            out.tun.append(plaintext if vnet else ZERO_VNET + plaintext)
+            out.tun.append(packet if vnet else ZERO_VNET + packet)
         elif not vnet:
-            out.tun.append(plaintext)
-        elif plaintext[:VNET_HDR_SIZE] == ZERO_VNET:
-            out.tun.append(plaintext[VNET_HDR_SIZE:])
+            out.tun.append(packet)
+        elif packet[:VNET_HDR_SIZE] == ZERO_VNET:
+            out.tun.append(packet[VNET_HDR_SIZE:])
         else:
             src.drops[DropReason.NEEDS_OFFLOAD] += 1     # only a TUN with a vnet header takes it
 
-    def _spoofed(self, src: int, packet: bytes) -> bool:
+    def _spoofed(self, src: int, packet: bytes, flags: int) -> bool:
         """A peer below us (a client of ours) may only use its own tunnel
         address as the source of a tunnel-net packet, so one member cannot
         pass for another at the IP level (like WireGuard's allowed IPs).
         Peers above us route for others (client to client through a
         server), so their packets are not checked."""
-        ends = inner.addresses(packet)
+        ends = inner.addresses(packet[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD] if flags & FLAG_VNET else packet)
         if ends is None or len(ends[0]) != 4:
             return False
         owner = self.net.id_of(ends[0])
@@ -525,7 +622,7 @@ class Node:
                src: Peer, out: Output) -> None:
         """Forward (SPEC §3): same dst_id, TTL-1."""
         ends = None
-        if header.kind == KIND_DATA:
+        if header.kind == KIND_DATA and not header.flags & FLAG_BATCH:     # (batches: shards, relayed by header)
             ends = inner.addresses(plaintext[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD]
                                    if header.flags & FLAG_VNET else plaintext)
         targets = self._guard(targets, ends, src)
@@ -605,16 +702,16 @@ class Node:
     def _loss_report(self, peer: Peer, payload: bytes) -> None:
         """What arrived of what we sent the peer: adapt parity and copies."""
         meter = self.loss
-        before = (meter.parity.get(peer.id, 0), meter.copies.get(peer.id, 0))
+        before = (meter.parity(peer.id, meter.k), meter.parity(peer.id, 1))
         try:
             estimate = meter.on_report(peer.id, payload)
         except loss.BadReport:
             peer.drops[DropReason.MALFORMED_REPORT] += 1
             return
-        after = (meter.parity.get(peer.id, 0), meter.copies.get(peer.id, 0))
-        if estimate is not None and after != before:
+        after = (meter.parity(peer.id, meter.k), meter.parity(peer.id, 1))
+        if estimate is not None and after != before and self._policy(peer.id) == fragments.AUTO:
             self.notices.append(f"peer {format_id(peer.id)}: {estimate:.1%} of datagrams lost; now "
-                                f"{after[0]} parity shards per {meter.k}, {after[1]} extra copies of small packets")
+                                f"{after[0]} parity shards per {meter.k}, {after[1]} per single datagram")
 
     def _keepalives(self, now: float, out: Output) -> None:
         """Keep our paths alive at the gateway (through every forwarder) and at
@@ -650,9 +747,9 @@ class Node:
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
                 "relayed_packets": peer.relayed_packets,
                 "loss": round(self.loss.loss[peer.id], 4) if peer.id in self.loss.loss else None,
-                "parity": (self.loss.parity.get(peer.id, 0) if self.settings.parity is None
-                           else self.settings.parity),
-                "copies": self.loss.copies.get(peer.id, 0),
+                "fec": fragments.format_fec(self._policy(peer.id)),
+                "parity": self._parity(peer.id, self.loss.k),
+                "copies": self._parity(peer.id, 1),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
             })
         return {"id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,
