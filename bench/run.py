@@ -1,15 +1,21 @@
-"""Side-by-side benchmark: raw veth, wireguard-go and alpaca-tunnel in one run.
+"""Side-by-side benchmark: raw veth, wireguard-go, OpenVPN and alpaca-tunnel in one run.
 
-    .venv/bin/python bench/run.py [--seconds 10] [--quick] [--loss 0,0.01,0.05]
-                                  [--tunnels raw,wireguard-go,alpaca,wg-udpspeeder]
-                                  [--wan MS] [--out FILE]
+    .venv/bin/python bench/run.py [--seconds 10] [--quick] [--loss 0,0.01,0.05,0.3]
+                                  [--tunnels raw,wireguard-go,openvpn,alpaca,wg-udpspeeder]
+                                  [--wan MS] [--paths 2] [--out FILE]
 
 Two network namespaces (<prefix>-a, <prefix>-b) joined by one veth pair, no
 bridge, nothing in the root namespace:
 
     <prefix>-a  eth0 172.30.1.1/24  <---- veth ---->  eth0 172.30.1.2/24  <prefix>-b
     wireguard-go  wg 172.30.2.1/24                     wg 172.30.2.2/24
+    openvpn       tun 172.30.6.1 (peer 172.30.6.2)     tun 172.30.6.2 (peer 172.30.6.1)
     alpaca        server 1.1 = 10.17.1.1/16            client 16.1 = 10.17.16.1/16 (gateway 1.1)
+
+OpenVPN is 2.6 point to point as in /work/shared/bench/anchors.sh (run_ovpn):
+UDP 1194, a tun device, TLS with throw-away P-256 certificates pinned with
+peer-fingerprint (-a tls-server, -b tls-client), data channel AES-256-GCM,
+no DCO (disable-dco), everything else at its defaults.
 
 The tunnels are measured one after the other (each on a freshly built pair,
 torn down before the next, so they never share the CPU). For each tunnel:
@@ -19,12 +25,31 @@ and CUBIC (-C cubic); ping -b -> -a (50 x 0.01 s) idle and during the
 single-stream b2a run; CPU seconds (utime+stime from /proc/<pid>/stat) of the
 tunnel daemons at both ends and of the whole machine per GB received.
 
-Then the same tunnel is measured with per-datagram loss: veth offloads off
-on both ends (GSO/TSO/GRO/UDP GSO/GSO and GRO lists, so one iptables verdict
-is one datagram) for every loss level including 0, and an iptables-legacy
-`statistic --mode random` DROP on UDP (raw veth: on every packet, TCP itself
-is on the lossy link) arriving in each namespace. The drop ratio actually
-achieved is read back from the rule counters.
+Then the same tunnel is measured with per-datagram loss (--loss, default
+0,0.01,0.05,0.3): veth offloads off on both ends (GSO/TSO/GRO/UDP GSO/GSO and
+GRO lists, so one iptables verdict is one datagram) for every loss level
+including 0, and an iptables-legacy `statistic --mode random` DROP on UDP
+(raw veth: on every packet, TCP itself is on the lossy link) arriving in each
+namespace. The drop ratio actually achieved is read back from the rule
+counters.
+
+Dual path (--paths 2): after a tunnel's usual single-path measurements, the
+same runs again on a pair joined by TWO veth pairs, alpaca only (the other
+tunnels have one peer address and no multi-path: their "-2paths" entry is
+skipped with that reason):
+
+    <prefix>-a  eth0 172.30.1.1/24  <---- veth 1 ---->  eth0 172.30.1.2/24  <prefix>-b
+                eth1 172.30.4.1/24  <---- veth 2 ---->  eth1 172.30.4.2/24
+
+The static addresses are crossed: -a's secrets.txt gives the client 16.1 at
+172.30.4.2 (link 2), -b's gives the server 1.1 at 172.30.1.1 (link 1); each
+end learns the other link from the source address of the other's
+authenticated datagrams, so both send every datagram on both links. The
+harness waits until `alpaca-tunnel status --json` lists two live paths at
+both ends (recorded in the JSON at the start and at the end). The loss
+rules sit on both links' interfaces, each drawing independently; their
+counters are read back per link, and per-link rx counters of the interfaces
+are recorded for every dual-path run.
 
 WAN mode (--wan MS): a third namespace <prefix>-w sits between the two and
 does not route; bench/wan_relay.py in it is the only way between -a and -b,
@@ -33,6 +58,13 @@ default 0,0.01,0.05,0.3, independently in each direction). The tunnels'
 endpoints point at the relay's address on their own link:
 
     <prefix>-a  eth0 172.30.1.1/24 <-veth-> eth0 172.30.1.254/24  <prefix>-w  eth1 172.30.3.254/24 <-veth-> eth0 172.30.3.2/24  <prefix>-b
+
+With --paths 2 a second pair of links joins the same -w, with a second relay
+(same delay, same loss level, its own random draws) between them; the static
+addresses are crossed as above (-b: 1.1 at 172.30.3.254, -a: 16.1 at
+172.30.4.254):
+
+    <prefix>-a  eth1 172.30.4.1/24 <-veth-> eth2 172.30.4.254/24  <prefix>-w  eth3 172.30.5.254/24 <-veth-> eth1 172.30.5.2/24  <prefix>-b
 
 Offloads stay on (the relay cuts GSO trains into datagrams and drops each on
 its own); per loss level one TCP stream b2a for 20 s (--seconds) with the
@@ -44,10 +76,13 @@ relay's own capacity is measured with iperf3 UDP through it (-b sends
 Writes a JSON file with every number, prints a compact table, and ends with
 the line `alpaca/wireguard-go throughput ratio: X.XX` (single stream b2a,
 default congestion control; clean link with offloads on, or in WAN mode the
-0 % loss WAN). Needs root, iperf3, ping, ethtool, iptables-legacy;
-wireguard-go and wg are optional (their column is skipped), and so is
-speederv2 (UDPspeeder, not packaged in Debian) for the column "wireguard-go
-over UDPspeeder 20:10". Not a test.
+0 % loss WAN). With --paths 2 a line before it compares alpaca's dual-path
+b2a stream at each loss level with its single-path one without loss (same
+offloads, same RTT). Needs root, iperf3, ping, ethtool, iptables-legacy;
+wireguard-go and wg are optional (their column is skipped), so are openvpn
+and openssl (apt-get install openvpn), and so is speederv2 (UDPspeeder, not
+packaged in Debian) for the column "wireguard-go over UDPspeeder 20:10".
+Not a test.
 """
 
 from __future__ import annotations
@@ -75,9 +110,14 @@ if str(ROOT) not in sys.path:
 from alpaca.testbed import Testbed, wait_for, write_peer_config
 
 UNDER_A, UNDER_B = "172.30.1.1", "172.30.1.2"
+UNDER2_A, UNDER2_B = "172.30.4.1", "172.30.4.2"     # --paths 2: the second link
 RELAY_A, RELAY_B = "172.30.1.254", "172.30.3.254"   # WAN mode: the relay on a's link and on b's
 WAN_B = "172.30.3.2"                                # WAN mode: b's underlay address
+RELAY2_A, RELAY2_B = "172.30.4.254", "172.30.5.254"  # WAN mode, --paths 2: the second relay's addresses
+WAN2_B = "172.30.5.2"                               # WAN mode, --paths 2: b's address on the second link
 WG_A, WG_B = "172.30.2.1", "172.30.2.2"
+OVPN_A, OVPN_B = "172.30.6.1", "172.30.6.2"
+OVPN_PORT = 1194
 ALPACA_NET = "10.17"
 ALPACA_A, ALPACA_B = "10.17.1.1", "10.17.16.1"
 ALPACA_PORT = 1040
@@ -101,9 +141,10 @@ CLEAN_RUNS = [(1, "b2a", "default", True), (1, "a2b", "default", False), (4, "b2
 LOSS_RUNS = [(1, "b2a", "default", True), (1, "b2a", "cubic", False), (1, "a2b", "default", False)]
 QUICK_RUNS = [(1, "b2a", "default", True)]
 WAN_RUNS = [(1, "b2a", "default", True), (1, "b2a", "cubic", False)]
-TUNNELS = ["raw", "wireguard-go", "alpaca", "wg-udpspeeder"]
-LABELS = {"wg-udpspeeder": f"wireguard-go over UDPspeeder {SPEEDER_FEC}"}
-WAN_LOSS = "0,0.01,0.05,0.3"
+TUNNELS = ["raw", "wireguard-go", "openvpn", "alpaca", "wg-udpspeeder"]
+DUAL = "-2paths"              # suffix of a tunnel's --paths 2 entry in the results (e.g. "alpaca-2paths")
+LABELS = {"wg-udpspeeder": f"wireguard-go over UDPspeeder {SPEEDER_FEC}", "alpaca" + DUAL: "alpaca 2 paths"}
+LOSS = "0,0.01,0.05,0.3"      # default loss levels, low RTT and --wan alike
 CAPACITY_RATES = [100, 200, 300, 400, 500, 600, 800, 1000, 1250, 1500, 2000]   # Mbit/s
 CAPACITY_LEN, CAPACITY_MAX_LOSS = 1400, 1.0   # datagram payload bytes; % lost that still counts as forwarded
 
@@ -179,22 +220,30 @@ def wait_quiet(args) -> float:
 # ---------------------------------------------------------------- topology
 
 class Pair(Testbed):
-    """Two namespaces <prefix>-a and <prefix>-b joined by one veth pair (eth0 on each side);
-    unlike Testbed, no hub namespace and no bridge. Testbed's popen/run/stop/close are reused."""
+    """Two namespaces <prefix>-a and <prefix>-b joined by one veth pair (eth0 on each side), or
+    with paths=2 by two (eth0: link 1, eth1: link 2); unlike Testbed, no hub namespace and no
+    bridge. Testbed's popen/run/stop/close are reused."""
 
-    ifaces = (("a", "eth0"), ("b", "eth0"))
-
-    def __init__(self, prefix: str):   # deliberately not calling Testbed.__init__ (it builds a hub)
+    def __init__(self, prefix: str, paths: int = 1):   # deliberately not calling Testbed.__init__ (it builds a hub)
         self.prefix, self.subnet, self.hub = prefix, None, None
         self.hosts, self.namespaces, self.procs, self._ifcount = {}, [], [], 0
+        self.paths = paths
+        self.ifaces = self.interfaces()
         try:
             self.build()
         except BaseException:
             self.close()
             raise
 
+    def interfaces(self) -> tuple:
+        """(namespace, device) of every veth end (whose offloads are switched and shown)."""
+        return tuple((side, f"eth{i}") for i in range(self.paths) for side in ("a", "b"))
+
     def build(self) -> None:
         self.add_link("a", "b", UNDER_A, UNDER_B, 24)
+        if self.paths == 2:
+            self.add_link("a", "b", UNDER2_A, UNDER2_B, 24)
+            self.check_ping("b", UNDER2_A)
         self.hosts = {"a": UNDER_A, "b": UNDER_B}
         self.check_ping("b", UNDER_A)
 
@@ -202,9 +251,27 @@ class Pair(Testbed):
         if not wait_for(lambda: self.run(side, ["ping", "-c1", "-W1", "-q", dst]).returncode == 0, 5):
             raise RuntimeError(f"underlay ping {side} -> {dst} failed")
 
-    def toward(self, side: str) -> str:
-        """The address a tunnel in `side` sends to, to reach the other side."""
-        return self.hosts["b" if side == "a" else "a"]
+    def toward(self, side: str, link: int = 1) -> str:
+        """The address a tunnel in `side` sends to, to reach the other side over `link`."""
+        a, b = (UNDER_A, UNDER_B) if link == 1 else (UNDER2_A, UNDER2_B)
+        return b if side == "a" else a
+
+    def loss_ifaces(self) -> list[tuple[str, str, str]]:
+        """(counter key, namespace, device) of every interface the loss applies to: "a", "b" on
+        link 1, "a-link2", "b-link2" on link 2 (where the datagrams arrive in -a and -b)."""
+        return [(side + ("" if i == 0 else f"-link{i + 1}"), side, f"eth{i}")
+                for i in range(self.paths) for side in ("a", "b")]
+
+    def link_rx(self) -> dict:
+        """{"link1": {"a": {"packets", "bytes"}, "b": ...}, ...}: what each end received on each link
+        (the interface counters; with --paths 2, shows that both links carry the tunnel)."""
+        out = {}
+        for i in range(self.paths):
+            out[f"link{i + 1}"] = {}
+            for side in ("a", "b"):
+                st = self.link_stats(side, f"eth{i}")
+                out[f"link{i + 1}"][side] = {"packets": st.get("rx_packets", 0), "bytes": st.get("rx_bytes", 0)}
+        return out
 
     def sh(self, side: str, argv: list[str], check: bool = True, timeout: float = 30) -> str:
         r = self.run(side, argv, timeout=timeout)
@@ -238,16 +305,18 @@ class Pair(Testbed):
 
     # ------------------------------------------------------------ loss emulation
     def set_loss(self, p: float, udp_only: bool) -> None:
-        """Counting rules (+ a DROP when p > 0) on packets arriving on eth0 in both namespaces."""
+        """Counting rules (+ a DROP when p > 0) on packets arriving on each link's interface in both
+        namespaces; every DROP rule draws on its own, so the links lose independently."""
         self.clear_loss()
         m = ["-p", "udp"] if udp_only else []
         self._rules = []
-        for side in ("a", "b"):
-            specs = [["-i", "eth0", *m, "-m", "comment", "--comment", CNT],
-                     ["-i", "eth0", *m, "-m", "length", "--length", "1501:65535", "-m", "comment", "--comment", BIG]]
+        for key, side, dev in self.loss_ifaces():
+            tag = "" if dev == "eth0" else f"-{dev}"
+            specs = [["-i", dev, *m, "-m", "comment", "--comment", CNT + tag],
+                     ["-i", dev, *m, "-m", "length", "--length", "1501:65535", "-m", "comment", "--comment", BIG + tag]]
             if p > 0:
-                specs.append(["-i", "eth0", *m, "-m", "statistic", "--mode", "random", "--probability", f"{p:.6f}",
-                              "-m", "comment", "--comment", DROP, "-j", "DROP"])
+                specs.append(["-i", dev, *m, "-m", "statistic", "--mode", "random", "--probability", f"{p:.6f}",
+                              "-m", "comment", "--comment", DROP + tag, "-j", "DROP"])
             for spec in specs:
                 self.sh(side, [IPT, "-w", "-A", "INPUT", *spec])
                 self._rules.append((side, spec))
@@ -258,15 +327,19 @@ class Pair(Testbed):
         self._rules = []
 
     def counters(self) -> dict:
-        """{"a": {"seen", "oversize", "dropped"}, "b": {...}} packets counted by our rules."""
-        out = {}
-        for side in ("a", "b"):
+        """{"a": {"seen", "oversize", "dropped"}, "b": {...}} packets counted by our rules on link 1
+        (arriving in -a, in -b); "a-link2", "b-link2" the same on link 2 with --paths 2."""
+        out, listing = {}, {}
+        for key, side, dev in self.loss_ifaces():
+            if side not in listing:
+                listing[side] = self.sh(side, [IPT, "-w", "-L", "INPUT", "-v", "-n", "-x"]).splitlines()
+            tag = "" if dev == "eth0" else f"-{dev}"
             c = {"seen": 0, "oversize": 0, "dropped": 0}
-            for line in self.sh(side, [IPT, "-w", "-L", "INPUT", "-v", "-n", "-x"]).splitlines():
-                for key, comment in (("seen", CNT), ("oversize", BIG), ("dropped", DROP)):
-                    if f"/* {comment} */" in line:
-                        c[key] = int(line.split()[0])
-            out[side] = c
+            for line in listing[side]:
+                for k, comment in (("seen", CNT), ("oversize", BIG), ("dropped", DROP)):
+                    if f"/* {comment + tag} */" in line:
+                        c[k] = int(line.split()[0])
+            out[key] = c
         return out
 
 
@@ -277,34 +350,64 @@ def counter_delta(before: dict, after: dict) -> dict:
     dropped = sum(v["dropped"] for v in sides)
     d["total"] = {"seen": seen, "dropped": dropped, "oversize": sum(v.get("oversize", 0) for v in sides),
                   "drop_ratio": dropped / seen if seen else None}
+    links: dict[str, dict] = {}
+    for key, v in d.items():
+        if "seen" in v and key != "total":
+            link = links.setdefault("link" + (key.split("-link")[1] if "-link" in key else "1"),
+                                    {"seen": 0, "dropped": 0})
+            link["seen"] += v["seen"]
+            link["dropped"] += v["dropped"]
+    if len(links) > 1:      # --paths 2: each link's own figures (both directions)
+        for link in links.values():
+            link["drop_ratio"] = link["dropped"] / link["seen"] if link["seen"] else None
+        d["links"] = links
     return d
 
 
 class WanPair(Pair):
     """WAN mode: <prefix>-a <-veth-> <prefix>-w <-veth-> <prefix>-b. -w does not route
     (ip_forward 0): bench/wan_relay.py in it is the only way between -a and -b. set_loss,
-    clear_loss and counters (re)start, stop and read the relay instead of iptables rules."""
+    clear_loss and counters (re)start, stop and read the relay instead of iptables rules.
+    paths=2: a second pair of links through -w (-a eth1 <-> -w eth2, -w eth3 <-> -b eth1) with
+    a second relay process of its own between them (same delay and loss, its own seed)."""
 
-    ifaces = (("a", "eth0"), ("w", "eth0"), ("w", "eth1"), ("b", "eth0"))
-
-    def __init__(self, prefix: str, args, work: Path):
+    def __init__(self, prefix: str, args, work: Path, paths: int = 1):
         self.delay_ms, self.seed, self.rt_prio, self.work = args.wan, args.seed, args.relay_rt_prio, work
-        self.ports: tuple | None = None
-        self.relay_proc: subprocess.Popen | None = None
+        self.ports: dict[int, tuple] = {}                 # link -> (port, a_port, b_port)
+        self.relays: dict[int, subprocess.Popen] = {}     # link -> running relay
+        self._out: dict[int, bytes] = {}
         self.relay_starts = 0
-        self.snapshot: dict | None = None     # the relay's latest report
+        self.snapshots: dict[int, dict] = {}  # link -> that relay's latest report
         self.reports: list[dict] = []         # the final report of every relay run
-        super().__init__(prefix)
+        super().__init__(prefix, paths)
+
+    def interfaces(self) -> tuple:
+        one = (("a", "eth0"), ("w", "eth0"), ("w", "eth1"), ("b", "eth0"))
+        return one + ((("a", "eth1"), ("w", "eth2"), ("w", "eth3"), ("b", "eth1")) if self.paths == 2 else ())
 
     def build(self) -> None:
         self.add_link("a", "w", UNDER_A, RELAY_A, 24)
         self.add_link("w", "b", RELAY_B, WAN_B, 24)
+        if self.paths == 2:
+            self.add_link("a", "w", UNDER2_A, RELAY2_A, 24)
+            self.add_link("w", "b", RELAY2_B, WAN2_B, 24)
+            self.check_ping("a", RELAY2_A)
+            self.check_ping("b", RELAY2_B)
         self.hosts = {"a": UNDER_A, "b": WAN_B}
         self.check_ping("a", RELAY_A)
         self.check_ping("b", RELAY_B)
 
-    def toward(self, side: str) -> str:
-        return RELAY_A if side == "a" else RELAY_B
+    def toward(self, side: str, link: int = 1) -> str:
+        if link == 1:
+            return RELAY_A if side == "a" else RELAY_B
+        return RELAY2_A if side == "a" else RELAY2_B
+
+    @property
+    def snapshot(self) -> dict | None:
+        """The latest report of the relay (with two links: {"link1": ..., "link2": ...})."""
+        if len(self.snapshots) <= 1:
+            return self.snapshots.get(1)
+        return {f"link{k}": v for k, v in sorted(self.snapshots.items())}
 
     def forward_tcp(self, port: int) -> None:
         """A TCP connection from -b to RELAY_B:port reaches UNDER_A:port through -w undelayed
@@ -321,63 +424,69 @@ class WanPair(Pair):
         self.sh("w", ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
 
     # ------------------------------------------------------------ the relay
-    def relay(self, port: int, a_port: int | None, b_port: int | None) -> None:
-        """The relay listens on `port` on both links and talks to UNDER_A:a_port and
-        WAN_B:b_port (None: the peer's address is learned from what it sends)."""
-        self.ports = (port, a_port, b_port)
+    def relay(self, port: int, a_port: int | None, b_port: int | None, link: int = 1) -> None:
+        """The relay of `link` listens on `port` on both of that link's sides and talks to -a's and
+        -b's address on that link at a_port and b_port (None: the peer's address is learned
+        from what it sends)."""
+        self.ports[link] = (port, a_port, b_port)
 
     def start_relay(self, loss: float) -> None:
-        port, a_port, b_port = self.ports
+        for link in sorted(self.ports):
+            self._start_relay(link, loss)
+
+    def _start_relay(self, link: int, loss: float) -> None:
+        port, a_port, b_port = self.ports[link]
+        listen_a, listen_b = (RELAY_A, RELAY_B) if link == 1 else (RELAY2_A, RELAY2_B)
+        peer_a, peer_b = (UNDER_A, WAN_B) if link == 1 else (UNDER2_A, WAN2_B)
         self.relay_starts += 1
-        argv = [sys.executable, str(ROOT / "bench" / "wan_relay.py"), "--a-listen", f"{RELAY_A}:{port}",
-                "--b-listen", f"{RELAY_B}:{port}", "--delay-ms", f"{self.delay_ms:g}", "--loss", f"{loss:g}",
+        argv = [sys.executable, str(ROOT / "bench" / "wan_relay.py"), "--a-listen", f"{listen_a}:{port}",
+                "--b-listen", f"{listen_b}:{port}", "--delay-ms", f"{self.delay_ms:g}", "--loss", f"{loss:g}",
                 "--seed", str(self.seed + 2 * self.relay_starts), "--rt-prio", str(self.rt_prio)]
-        argv += ["--a-peer", f"{UNDER_A}:{a_port}"] if a_port else []
-        argv += ["--b-peer", f"{WAN_B}:{b_port}"] if b_port else []
+        argv += ["--a-peer", f"{peer_a}:{a_port}"] if a_port else []
+        argv += ["--b-peer", f"{peer_b}:{b_port}"] if b_port else []
         logpath = self.work / f"{self.prefix}-relay-{self.relay_starts}.log"
         with open(logpath, "wb") as logf:
-            self.relay_proc = self.popen("w", argv, stdout=subprocess.PIPE, stderr=logf, bufsize=0)
-        self._out = b""
-        proc = self.relay_proc
+            proc = self.relays[link] = self.popen("w", argv, stdout=subprocess.PIPE, stderr=logf, bufsize=0)
+        self._out[link] = b""
         if not wait_for(lambda: "wan_relay: ready" in logpath.read_text(errors="replace")
                         or proc.poll() is not None, 10, 0.05) or proc.poll() is not None:
             raise RuntimeError(f"wan_relay did not start: {logpath.read_text(errors='replace')[-400:]}")
 
     def stop_relay(self) -> dict | None:
-        proc, self.relay_proc = self.relay_proc, None
-        if proc is None:
-            return None
-        self.stop(proc, signal.SIGTERM, timeout=10)
-        self._out += proc.stdout.read()
-        proc.stdout.close()
-        lines = self._out.decode(errors="replace").strip().splitlines()
-        try:
-            final = json.loads(lines[-1])
-        except (IndexError, ValueError):
-            return None
-        self.snapshot = final
-        self.reports.append(final)
-        return final
+        """Stops every relay; returns the final report (as `snapshot`), None if there was none."""
+        relays, self.relays = self.relays, {}
+        for link, proc in sorted(relays.items()):
+            self.stop(proc, signal.SIGTERM, timeout=10)
+            self._out[link] += proc.stdout.read()
+            proc.stdout.close()
+            lines = self._out[link].decode(errors="replace").strip().splitlines()
+            try:
+                final = json.loads(lines[-1])
+            except (IndexError, ValueError):
+                continue
+            self.snapshots[link] = final
+            self.reports.append({**final, "link": link} if self.paths > 1 else final)
+        return self.snapshot if relays else None
 
-    def relay_report(self, timeout: float = 5) -> dict:
+    def relay_report(self, link: int = 1, timeout: float = 5) -> dict:
         """SIGUSR1: the relay prints its counters as one JSON line."""
-        proc = self.relay_proc
+        proc = self.relays[link]
         proc.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + timeout
-        while b"\n" not in self._out:
+        while b"\n" not in self._out[link]:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
                 raise RuntimeError("wan_relay did not report its counters")
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 raise RuntimeError(f"wan_relay exited ({proc.poll()})")
-            self._out += chunk
-        line, self._out = self._out.split(b"\n", 1)
-        self.snapshot = json.loads(line)
-        return self.snapshot
+            self._out[link] += chunk
+        line, self._out[link] = self._out[link].split(b"\n", 1)
+        self.snapshots[link] = json.loads(line)
+        return self.snapshots[link]
 
     def set_loss(self, p: float, udp_only: bool) -> None:
-        """A fresh relay (fresh counters) dropping p of the datagrams in each direction."""
+        """Fresh relays (fresh counters) dropping p of the datagrams in each direction."""
         self.stop_relay()
         self.start_relay(p)
 
@@ -385,15 +494,25 @@ class WanPair(Pair):
         self.stop_relay()
 
     def counters(self) -> dict:
-        """Like Pair.counters: "a" = datagrams on their way to -a (b2a), "b" = to -b (a2b)."""
-        snap = self.relay_report()
+        """Like Pair.counters: "a" = datagrams on their way to -a (b2a), "b" = to -b (a2b), through
+        the relay of link 1; "a-link2", "b-link2" through that of link 2; "relay": CPU seconds."""
+        out: dict = {}
+        cpu = {}
+        for link in sorted(self.relays):
+            snap = self.relay_report(link)
+            tag = "" if link == 1 else f"-link{link}"
 
-        def way(direction: str, src: str) -> dict:
-            c = snap[direction]
-            return {"seen": c["received"], "dropped": c["dropped"], "forwarded": c["forwarded"],
-                    "late": c["late"], "kernel_drops": snap["kernel_drops"][src] or 0,
-                    "lost": c["send_errors"] + c["no_peer"] + c["stray"]}
-        return {"a": way("b2a", "b"), "b": way("a2b", "a"), "relay": {"cpu_s": snap["cpu_s"]}}
+            def way(direction: str, src: str, snap=snap) -> dict:
+                c = snap[direction]
+                return {"seen": c["received"], "dropped": c["dropped"], "forwarded": c["forwarded"],
+                        "late": c["late"], "kernel_drops": snap["kernel_drops"][src] or 0,
+                        "lost": c["send_errors"] + c["no_peer"] + c["stray"]}
+            out["a" + tag], out["b" + tag] = way("b2a", "b"), way("a2b", "a")
+            cpu[link] = snap["cpu_s"]
+        out["relay"] = {"cpu_s": sum(cpu.values())}
+        if len(cpu) > 1:
+            out["relay"].update({f"cpu_s_link{k}": v for k, v in cpu.items()})
+        return out
 
 
 # ---------------------------------------------------------------- tunnels
@@ -403,9 +522,22 @@ class Tunnel:
     dst = UNDER_A              # address of -a the traffic goes to
     udp_only = True            # loss rule matches tunnel datagrams only
     relay_ports: tuple | None = None   # WAN mode: WanPair.relay(port, a_port, b_port); None: cannot cross it
+    multipath = False          # --paths 2 measures it (sends on both links); others are skipped
+    relay_ports2: tuple | None = None  # WAN mode, --paths 2: the second relay's ports
 
     def available(self) -> str | None:
         return None
+
+    def state(self, pair: Pair) -> dict | None:
+        """The daemons' own view (JSON), recorded when the tunnel is up and after the runs."""
+        return None
+
+    def check_alive(self) -> None:
+        """After each condition: a daemon that died fails the tunnel (with its log) instead of
+        letting every later run time out."""
+        dead = {side: p.returncode for side, p in self.daemons.items() if p.poll() is not None}
+        if dead:
+            raise RuntimeError(f"{self.name} daemon(s) exited {dead}: {self.log_tail()}")
 
     def start(self, pair: Pair, work: Path) -> None:
         self.daemons: dict[str, object] = {}
@@ -490,10 +622,70 @@ class WireguardGo(Tunnel):
                           for s in ("a", "b") if (self.work / f"wg-{s}.log").exists())
 
 
+class OpenVPN(Tunnel):
+    """OpenVPN 2.6 point to point, as run_ovpn in /work/shared/bench/anchors.sh: UDP, a tun device,
+    TLS with throw-away self-signed P-256 certificates pinned with peer-fingerprint (-a is the
+    TLS server), data channel AES-256-GCM, DCO off (the userspace data path; the VM has no DCO
+    module anyway), everything else OpenVPN's defaults (tun-mtu 1500, mssfix 1492). Each end's
+    remote is toward(side): the other end, or in WAN mode the relay on its own link."""
+    name = "openvpn"
+    dst = OVPN_A
+    relay_ports = (OVPN_PORT, OVPN_PORT, OVPN_PORT)
+
+    def available(self) -> str | None:
+        missing = [b for b in ("openvpn", "openssl") if shutil.which(b) is None]
+        return f"not installed: {', '.join(missing)} (apt-get install openvpn openssl)" if missing else None
+
+    def versions(self) -> dict:
+        out = {}
+        for tool, argv in (("openvpn", ["openvpn", "--version"]), ("openssl", ["openssl", "version"])):
+            r = subprocess.run(argv, capture_output=True, text=True, check=False)
+            out[tool] = (r.stdout.split("\n")[0] or r.stderr.strip()).strip()
+        return out
+
+    def start(self, pair: Pair, work: Path) -> None:
+        self.daemons, self.work = {}, work
+        fingerprint = {}
+        for side in ("a", "b"):
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-keyout", str(work / f"ovpn-{side}.key"), "-out", str(work / f"ovpn-{side}.crt"),
+                            "-days", "30", "-subj", f"/CN=bench-{side}"], capture_output=True, check=True)
+            r = subprocess.run(["openssl", "x509", "-in", str(work / f"ovpn-{side}.crt"), "-noout", "-fingerprint",
+                                "-sha256"], capture_output=True, text=True, check=True)
+            fingerprint[side] = r.stdout.strip().split("=", 1)[1]
+        addr = {"a": OVPN_A, "b": OVPN_B}
+        for side, other in (("a", "b"), ("b", "a")):
+            conf = work / f"ovpn-{side}.conf"
+            conf.write_text("\n".join([
+                f"dev ovpn{side}", "dev-type tun", "proto udp",
+                f"local {pair.hosts[side]}", f"lport {OVPN_PORT}", f"remote {pair.toward(side)} {OVPN_PORT}",
+                f"ifconfig {addr[side]} {addr[other]}",
+                *(["tls-server", "dh none"] if side == "a" else ["tls-client"]),
+                f"cert {work / f'ovpn-{side}.crt'}", f"key {work / f'ovpn-{side}.key'}",
+                f"peer-fingerprint {fingerprint[other]}", "data-ciphers AES-256-GCM", "disable-dco", "verb 3", ""]))
+            with open(work / f"ovpn-{side}.log", "wb") as logf:
+                self.daemons[side] = pair.popen(side, ["openvpn", "--config", str(conf)], stdout=logf, stderr=logf)
+
+        def ready(side: str) -> bool:
+            log_text = (work / f"ovpn-{side}.log").read_text(errors="replace")
+            return "Initialization Sequence Completed" in log_text or self.daemons[side].poll() is not None
+        for side in ("a", "b"):
+            if not wait_for(lambda side=side: ready(side), 30, 0.2) or self.daemons[side].poll() is not None:
+                raise RuntimeError(f"openvpn in {side} did not come up: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return " | ".join((self.work / f"ovpn-{s}.log").read_text(errors="replace")[-400:]
+                          for s in ("a", "b") if (self.work / f"ovpn-{s}.log").exists())
+
+
 class Alpaca(Tunnel):
+    """alpaca-tunnel's daemon (python -m alpaca) at both ends: server 1.1 in -a, client 16.1 in -b.
+    --paths 2: static addresses crossed between the links (see the module docstring)."""
     name = "alpaca"
     dst = ALPACA_A
     relay_ports = (ALPACA_PORT, ALPACA_PORT, None)     # the server learns the client's address
+    multipath = True
+    relay_ports2 = (ALPACA_PORT, ALPACA_PORT, ALPACA_PORT)   # -a sends first on link 2: both ends fixed
 
     def versions(self) -> dict:
         def git(*argv):
@@ -506,14 +698,23 @@ class Alpaca(Tunnel):
     def start(self, pair: Pair, work: Path) -> None:
         self.daemons, self.work = {}, work
         keys = {i: secrets.token_urlsafe(32) for i in ("1.1", "16.1")}    # the format of `alpaca-tunnel genkey`
-        # the client in -b reaches the server at toward("b"); a peer's own line gives only its key
-        lines = [f"1.1 {keys['1.1']} {pair.toward('b')} null {ALPACA_PORT}", f"16.1 {keys['16.1']} null null null"]
+        server, client = f"1.1 {keys['1.1']}", f"16.1 {keys['16.1']}"
+        if pair.paths == 1:
+            # the client in -b reaches the server at toward("b"); a peer's own line gives only its key
+            both = [f"{server} {pair.toward('b')} null {ALPACA_PORT}", f"{client} null null null"]
+            lines = {"a": both, "b": both}
+        else:
+            # crossed: -b knows the server on link 1, -a knows the client on link 2; each end learns
+            # the other link from the source of the other's datagrams, so both send on both links
+            lines = {"a": [f"{server} null null null", f"{client} {pair.toward('a', 2)} null {ALPACA_PORT}"],
+                     "b": [f"{server} {pair.toward('b', 1)} null {ALPACA_PORT}", f"{client} null null null"]}
         cfgs = {"a": {"id": "1.1", "mode": "server"},
                 "b": {"id": "16.1", "mode": "client", "gateway": "1.1"}}
+        self.config = {}
         for side, cfg in cfgs.items():
-            path = write_peer_config(work / f"alpaca-{side}", {
+            path = self.config[side] = write_peer_config(work / f"alpaca-{side}", {
                 **cfg, "group": "bench", "net": ALPACA_NET, "port": ALPACA_PORT, "log_level": "warning",
-                "control_socket": str(work / f"alpaca-{side}.sock")}, lines)
+                "control_socket": str(work / f"alpaca-{side}.sock")}, lines[side])
             with open(work / f"alpaca-{side}.log", "wb") as logf:
                 self.daemons[side] = pair.popen(side, [sys.executable, "-m", "alpaca", "-C", str(path)],
                                                 stdout=logf, stderr=logf, cwd=str(ROOT))
@@ -522,6 +723,44 @@ class Alpaca(Tunnel):
                             or self.daemons[side].poll() is not None, 20) \
                     or self.daemons[side].poll() is not None:
                 raise RuntimeError(f"alpaca in {side} did not start: {self.log_tail()}")
+
+    def status(self, pair: Pair, side: str) -> dict:
+        """`alpaca-tunnel -C <config> status --json` of the daemon in `side`."""
+        r = pair.run(side, [sys.executable, "-m", "alpaca", "-C", str(self.config[side]), "status", "--json"],
+                     timeout=15, cwd=str(ROOT))
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return {"error": (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}")[-300:]}
+
+    def state(self, pair: Pair) -> dict:
+        """Per end: the peer it talks to, as `status --json` has it (paths, loss, parity, drops...)."""
+        out = {}
+        for side in ("a", "b"):
+            st = self.status(pair, side)
+            out[side] = st if "error" in st else {k: st.get(k) for k in ("id", "mode", "peers", "drops")}
+        return out
+
+    @staticmethod
+    def live_paths(state: dict, side: str, max_age: float = 5.0) -> list[str]:
+        """Addresses of the paths on which `side` heard its peer within max_age seconds."""
+        peers = (state.get(side) or {}).get("peers") or []
+        return [p["address"] for peer in peers for p in peer.get("paths", [])
+                if p.get("last_rx_age") is not None and p["last_rx_age"] <= max_age]
+
+    def wait_paths(self, pair: Pair, n: int, timeout: float = 15) -> dict:
+        """Wait until both ends list n live paths to each other (keepalives and pings flow meanwhile)."""
+        last: dict = {}
+
+        def ok() -> bool:
+            nonlocal last
+            pair.run("b", ["ping", "-c1", "-W1", "-q", self.dst])
+            last = self.state(pair)
+            return all(len(self.live_paths(last, s)) >= n for s in ("a", "b"))
+        if not wait_for(ok, timeout, 0.5):
+            raise RuntimeError(f"alpaca: not {n} live paths at both ends within {timeout:g} s: "
+                               f"a {self.live_paths(last, 'a')}, b {self.live_paths(last, 'b')}")
+        return last
 
     def log_tail(self) -> str:
         return " | ".join((self.work / f"alpaca-{s}.log").read_text(errors="replace")[-400:]
@@ -571,6 +810,9 @@ class WgSpeeder(WireguardGo):
                                                   for s in ("a", "b") if (self.work / f"speeder-{s}.log").exists()])
 
 
+CLASSES = {"raw": Raw, "wireguard-go": WireguardGo, "openvpn": OpenVPN, "alpaca": Alpaca, "wg-udpspeeder": WgSpeeder}
+
+
 # ---------------------------------------------------------------- measurements
 
 PING_RE = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
@@ -606,6 +848,7 @@ def iperf(pair: Pair, tunnel: Tunnel, args, streams: int, direction: str, cc: st
         argv += ["-C", cc] if cc != "default" else []
         pids = {side: descendants(p.pid) for side, p in tunnel.daemons.items()}
         c0 = pair.counters() if lossy else None
+        rx0 = pair.link_rx() if pair.paths > 1 else None
         cpu0 = {side: cpu_seconds(p) for side, p in pids.items()}
         m0, t0 = machine_ticks(), time.monotonic()
         cli = pair.popen("b", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -622,6 +865,10 @@ def iperf(pair: Pair, tunnel: Tunnel, args, streams: int, direction: str, cc: st
         cpu1 = {side: cpu_seconds(p) for side, p in pids.items()}
         if lossy:
             res["loss_counters"] = counter_delta(c0, pair.counters())
+        if rx0 is not None:     # what each end received on each link's interface during the run
+            rx1 = pair.link_rx()
+            res["link_rx"] = {link: {side: {k: rx1[link][side][k] - v for k, v in c.items()}
+                                     for side, c in sides.items()} for link, sides in rx0.items()}
     finally:
         try:
             srv.wait(5)
@@ -676,13 +923,19 @@ def measure_condition(pair: Pair, tunnel: Tunnel, args, runs, lossy: bool, cond:
         if r.get("loss_counters"):
             tot = r["loss_counters"]["total"]
             txt += f", dropped {100 * (tot['drop_ratio'] or 0):.2f} % of {tot['seen']}"
+            links = r["loss_counters"].get("links") or {}
+            txt += "".join(f" ({k} {100 * (v['drop_ratio'] or 0):.2f} % of {v['seen']})" for k, v in links.items())
+        elif r.get("link_rx"):
+            txt += ", rx packets " + ", ".join(f"{k} {sum(c['packets'] for c in v.values())}"
+                                               for k, v in r["link_rx"].items())
         log(f"  {tunnel.name:12s} {key:16s} {txt}" + (f"  ERROR {r['error']}" if "error" in r else ""))
     if lossy:
         cond["loss_counters"] = counter_delta(c0, pair.counters())
 
 
-def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict) -> None:
-    """Fills res as it goes (an interrupted run keeps what was measured)."""
+def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict, paths: int = 1) -> None:
+    """Fills res as it goes (an interrupted run keeps what was measured). paths=2: the dual-path
+    pair (only for a multipath tunnel)."""
     why = tunnel.available()
     if not why and args.wan is not None and tunnel.relay_ports is None:
         why = "raw TCP cannot cross the UDP relay of WAN mode"
@@ -690,24 +943,33 @@ def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict) -> No
         log(f"{tunnel.name}: skipped ({why})")
         res.update({"available": False, "reason": why})
         return
-    res.update({"available": True, "versions": tunnel.versions(), "conditions": {}})
-    pair = Pair(prefix) if args.wan is None else WanPair(prefix, args, work)
+    res.update({"available": True, "paths": paths, "versions": tunnel.versions(), "conditions": {}})
+    pair = Pair(prefix, paths) if args.wan is None else WanPair(prefix, args, work, paths)
     try:
         res["default_cc"] = {s: pair.sh(s, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).strip()
                              for s in ("a", "b")}
         res["tcp_mem"] = {k: pair.sh("b", ["sysctl", "-n", f"net.ipv4.{k}"]).split() for k in ("tcp_wmem", "tcp_rmem")}
         if args.wan is not None:
             pair.relay(*tunnel.relay_ports)
+            if paths == 2:
+                pair.relay(*tunnel.relay_ports2, link=2)
             pair.set_loss(0, True)
         t0 = time.monotonic()
         tunnel.start(pair, work)
         if not wait_for(lambda: pair.run("b", ["ping", "-c1", "-W1", "-q", tunnel.dst]).returncode == 0, 30, 0.2):
             raise RuntimeError(f"no ping through {tunnel.name} within 30 s: {tunnel.log_tail()}")
         res["setup_s"] = round(time.monotonic() - t0, 2)
+        if paths == 2:
+            res["state_up"] = tunnel.wait_paths(pair, 2)
+            log(f"{tunnel.name}: 2 paths live: -a {', '.join(Alpaca.live_paths(res['state_up'], 'a'))}; "
+                f"-b {', '.join(Alpaca.live_paths(res['state_up'], 'b'))}")
+        elif (st := tunnel.state(pair)) is not None:
+            res["state_up"] = st
         log(f"{tunnel.name}: up after {res['setup_s']} s")
         if args.wan is None:
             clean = res["conditions"]["clean"] = {"offloads": "on", "loss": None, "offload_state": pair.offload_state()}
             measure_condition(pair, tunnel, args, QUICK_RUNS if args.quick else CLEAN_RUNS, False, clean)
+            tunnel.check_alive()
             state = pair.offloads(False) if args.loss else None
             runs, offloads, matches = LOSS_RUNS, "off", "udp" if tunnel.udp_only else "all"
         else:   # the relay drops single datagrams whatever the offloads: leave them as they are
@@ -724,6 +986,9 @@ def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict) -> No
             measure_condition(pair, tunnel, args, QUICK_RUNS if args.quick else runs, True, cond)
             if args.wan is not None:
                 cond["relay"] = pair.snapshot
+            tunnel.check_alive()
+        if (st := tunnel.state(pair)) is not None:
+            res["state_end"] = st
         pair.clear_loss()
         tunnel.stop(pair)
         res["daemon_exit"] = {s: p.returncode for s, p in tunnel.daemons.items()}
@@ -842,8 +1107,14 @@ def fmt(v, spec: str) -> str:
     return format(v, (".1f" if abs(v) < 10 else ".0f") if spec == "mbit" else spec)
 
 
+def columns(res: dict) -> list[str]:
+    """The measured entries of res["tunnels"], in table order (a tunnel's 2-path entry after it)."""
+    return [c for t in TUNNELS for c in (t, t + DUAL) if res["tunnels"].get(c, {}).get("available")]
+
+
 def table(res: dict) -> str:
-    tunnels = [t for t in TUNNELS if res["tunnels"].get(t, {}).get("available")]
+    tunnels = columns(res)
+    dual = "alpaca" + DUAL in tunnels
     rows: list[tuple[str, list]] = []
 
     def add(label, values, spec, ratio=True, busy=None):
@@ -852,7 +1123,11 @@ def table(res: dict) -> str:
         r = "-"
         if ratio and a.get("alpaca") is not None and a.get("wireguard-go"):
             r = f"{a['alpaca'] / a['wireguard-go']:.2f}"
-        rows.append((label, cells + [r]))
+        extra = []
+        if dual:
+            extra = ["-" if not ratio or a.get("alpaca" + DUAL) is None or not a.get("alpaca")
+                     else f"{a['alpaca' + DUAL] / a['alpaca']:.2f}"]
+        rows.append((label, cells + [r] + extra))
 
     conds = [c for c in ["clean"] + [f"loss-{p:g}" for p in res["args"]["loss"]]]
     for cond in conds:
@@ -890,13 +1165,23 @@ def table(res: dict) -> str:
                 ratio=False)
             add("  measured drop %", [None if (x := get(res, t, cond, "loss_counters", "total", "drop_ratio")) is None
                                       else 100 * x for t in tunnels], ".2f", ratio=False)
-    head = ["", *(LABELS.get(t, t) for t in tunnels), "alpaca/wg"]
+            for link in ("link1", "link2") if dual else ():
+                add(f"  measured drop % {link[:4]} {link[4:]}",
+                    [None if (x := get(res, t, cond, "loss_counters", "links", link, "drop_ratio")) is None
+                     else 100 * x for t in tunnels], ".2f", ratio=False)
+    head = ["", *(LABELS.get(t, t) for t in tunnels), "alpaca/wg"] + (["2p/1p"] if dual else [])
     w0 = max(len(r[0]) for r in rows + [("", None)])
     widths = [max(len(head[i + 1]) + 1, 10) for i in range(len(head) - 1)]
     lines = [f"{'':{w0}}  " + "  ".join(f"{h + ' ':>{w}}" for h, w in zip(head[1:], widths))]
     if res["args"].get("wan") is not None:
         lines.insert(0, f"WAN mode: {res['args']['wan']:g} ms each way through bench/wan_relay.py; no raw column "
                         "(raw TCP cannot cross a UDP relay)")
+    if res["args"].get("paths", 1) > 1:
+        skipped = [t for t in TUNNELS if not CLASSES[t].multipath and t + DUAL in res["tunnels"]]
+        lines.insert(0, "alpaca 2 paths: two links (" + ("two relays" if res["args"].get("wan") is not None
+                                                         else "two veth pairs") +
+                     "), each with the loss level of its row, every datagram sent on both; 2p/1p = alpaca 2 paths "
+                     "/ alpaca" + (f"; no 2-path run for {', '.join(skipped)} (no multi-path)" if skipped else ""))
     for label, cells in rows:
         if cells is None:
             lines.append(label)
@@ -917,6 +1202,25 @@ def ratio(res: dict, field: str) -> float | None:
     return a / w if a is not None and w else None
 
 
+def dual_ratios(res: dict) -> dict | None:
+    """--paths 2: alpaca's single b2a stream (default cc) at each loss level, with 2 paths and with
+    1, divided by its 1-path figure without loss (the 0 % loss level: same offloads and RTT; the
+    clean link when no 0 % level was measured). The goal: 2 paths at 30 % loss each >= 0.70."""
+    if not res["tunnels"].get("alpaca" + DUAL, {}).get("available"):
+        return None
+    key = run_key(1, "b2a", "default")
+    cond0 = "loss-0" if get(res, "alpaca", "loss-0", "runs", key, "mbit_s") is not None else "clean"
+    base = get(res, "alpaca", cond0, "runs", key, "mbit_s")
+    out: dict = {"basis": f"alpaca 1 path, {key}, {cond0}", "basis_condition": cond0, "basis_mbit_s": base,
+                 "goal": "2 paths at 30 % >= 0.70",
+                 "2 paths": {}, "1 path": {}}
+    for cond in (["clean"] if res["args"].get("wan") is None else []) + [f"loss-{p:g}" for p in res["args"]["loss"]]:
+        for col, label in (("alpaca" + DUAL, "2 paths"), ("alpaca", "1 path")):
+            v = get(res, col, cond, "runs", key, "mbit_s")
+            out[label][cond] = v / base if v is not None and base else None
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -926,8 +1230,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true",
                     help="one short single-stream run per tunnel (clean link only unless --loss is given)")
     ap.add_argument("--loss", default=None,
-                    help="comma-separated drop probabilities (default 0,0.01,0.05, with --wan 0,0.01,0.05,0.3; "
-                         "none with --quick unless --wan; '' = no loss runs)")
+                    help=f"comma-separated drop probabilities (default {LOSS}, also with --wan; "
+                         "none with --quick, 0 with --quick --wan; '' = no loss runs)")
     ap.add_argument("--wan", type=float, default=None, metavar="MS",
                     help="WAN mode: a relay namespace between the two that delays every datagram MS ms each way "
                          "and applies --loss (bench/wan_relay.py)")
@@ -936,7 +1240,14 @@ def parse_args(argv=None):
                     help="WAN mode: run the relay as SCHED_FIFO with this priority (10; 0 = normal)")
     ap.add_argument("--capacity-seconds", type=int, default=5,
                     help="WAN mode: seconds per iperf3 UDP step of the relay capacity test (5; 0 = skip it)")
-    ap.add_argument("--tunnels", default=",".join(TUNNELS), help=f"subset of {','.join(TUNNELS)}")
+    ap.add_argument("--paths", type=int, default=1, choices=(1, 2),
+                    help="2: after each tunnel's usual runs, measure it again on two links (two veth pairs, or "
+                         "with --wan two relays), loss applied to each link on its own; alpaca only, it sends "
+                         "on every path (static addresses crossed between the links); the other tunnels have no "
+                         "multi-path and their 2-path entry is skipped (1)")
+    ap.add_argument("--tunnels", default=",".join(TUNNELS),
+                    help=f"subset of {','.join(TUNNELS)} (default all; openvpn and wg-udpspeeder are skipped when "
+                         "not installed)")
     ap.add_argument("--out", default=None, help="JSON result (default bench/results/<timestamp>.json)")
     ap.add_argument("--quiet-pct", type=float, default=20.0,
                     help="before each run wait until the machine is under this busy %% ...")
@@ -947,8 +1258,7 @@ def parse_args(argv=None):
     if args.seconds is None:
         args.seconds = 3 if args.quick else 20 if args.wan is not None else 10
     if args.loss is None:
-        args.loss = "0" if args.quick and args.wan is not None else "" if args.quick \
-            else WAN_LOSS if args.wan is not None else "0,0.01,0.05"
+        args.loss = "0" if args.quick and args.wan is not None else "" if args.quick else LOSS
     if args.wan is not None and args.wan < 0:
         ap.error("--wan must be >= 0")
     args.loss = [float(x) for x in args.loss.split(",") if x.strip()]
@@ -986,11 +1296,13 @@ def main(argv=None) -> int:
         "args": {"seconds": args.seconds, "quick": args.quick, "loss": args.loss, "tunnels": args.tunnels,
                  "quiet_pct": args.quiet_pct, "quiet_max": args.quiet_max, "quiet_budget": args.quiet_budget,
                  "wan": args.wan, "seed": args.seed, "relay_rt_prio": args.relay_rt_prio,
-                 "capacity_seconds": args.capacity_seconds},
+                 "capacity_seconds": args.capacity_seconds, "paths": args.paths},
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "machine": platform.machine(),
                  "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True,
                                           text=True, check=False).stdout.split("\n")[0].strip()},
         "topology": {"underlay": f"{UNDER_A}/24 <-veth-> {UNDER_B}/24", "wireguard-go": f"{WG_A} <-> {WG_B}, mtu 1420",
+                     "openvpn": f"{OVPN_A} <-> {OVPN_B} (point to point), UDP {OVPN_PORT}, AES-256-GCM, no DCO, "
+                                "tun-mtu 1500",
                      "alpaca": f"server 1.1 {ALPACA_A} (ns a) <-> client 16.1 {ALPACA_B} (ns b), default mtu"},
         "tunnels": {},
     }
@@ -1000,9 +1312,16 @@ def main(argv=None) -> int:
             "relay": f"bench/wan_relay.py, {args.wan:g} ms each way, loss in each direction, SCHED_FIFO "
                      f"{args.relay_rt_prio}, tunnel endpoints at {RELAY_A} (from a) and {RELAY_B} (from b)",
             "wg-udpspeeder": f"wireguard-go mtu {SPEEDER_WG_MTU} -> speederv2 -f{SPEEDER_FEC} on both sides"})
+    if args.paths == 2:
+        res["topology"]["alpaca" + DUAL] = (
+            f"link 1 {UNDER_A}/24 <-veth-> {UNDER_B}/24, link 2 {UNDER2_A}/24 <-veth-> {UNDER2_B}/24; "
+            f"secrets.txt in a: 16.1 at {UNDER2_B}, in b: 1.1 at {UNDER_A}; loss rules on both links"
+            if args.wan is None else
+            f"link 1 through relay {RELAY_A} / {RELAY_B}, link 2 {UNDER2_A}/24 <-veth-> {RELAY2_A}/24 relay 2 "
+            f"{RELAY2_B}/24 <-veth-> {WAN2_B}/24; secrets.txt in a: 16.1 at {RELAY2_A}, in b: 1.1 at {RELAY_B}; "
+            "each relay drops on its own")
     prefix = f"ab{os.getpid() % 100000}"
     work = Path(tempfile.mkdtemp(prefix="alpaca-bench-"))
-    classes = {"raw": Raw, "wireguard-go": WireguardGo, "alpaca": Alpaca, "wg-udpspeeder": WgSpeeder}
     t_start = time.monotonic()
     interrupted = False
     try:
@@ -1011,7 +1330,15 @@ def main(argv=None) -> int:
             res["relay_capacity"] = relay_capacity(args, f"{prefix}c", work)
         for i, name in enumerate(args.tunnels):
             log(f"== {name}")
-            bench_tunnel(classes[name](), args, f"{prefix}{i}", work, res["tunnels"].setdefault(name, {}))
+            bench_tunnel(CLASSES[name](), args, f"{prefix}{i}", work, res["tunnels"].setdefault(name, {}))
+            if args.paths == 2:
+                entry = res["tunnels"].setdefault(name + DUAL, {})
+                if CLASSES[name].multipath:
+                    log(f"== {name}, 2 paths")
+                    bench_tunnel(CLASSES[name](), args, f"{prefix}{i}p", work, entry, paths=2)
+                else:
+                    entry.update({"available": False, "paths": 2,
+                                  "reason": "no multi-path (one peer address per tunnel): --paths 2 measures alpaca only"})
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: cleaned up; partial results follow")
@@ -1022,6 +1349,8 @@ def main(argv=None) -> int:
                      "alpaca/wireguard-go daemon CPU s/GB": ratio(res, "daemon_cpu_s_per_gb"),
                      "basis": f"{run_key(1, 'b2a', 'default')}, " + (
                          "clean link, offloads on" if args.wan is None else f"WAN {args.wan:g} ms each way, no loss")}
+    if (dual := dual_ratios(res)) is not None:
+        res["ratios"]["alpaca 2 paths"] = dual
     print(table(res))
     cap = res.get("relay_capacity")
     if cap:
@@ -1045,10 +1374,18 @@ def main(argv=None) -> int:
         for cname, c in t.get("conditions", {}).items():
             if (c.get("loss_counters") or {}).get("total", {}).get("oversize"):
                 print(f"warning: {name} {cname}: packets over 1500 B reached the loss rule (offloads not off?)")
-        if t.get("available") is False:
+        if t.get("available") is False and not (name.endswith(DUAL) and not CLASSES[name[:-len(DUAL)]].multipath):
             print(f"{name}: skipped ({t['reason']})")
         if t.get("error"):
             print(f"{name}: ERROR {t['error']}")
+    if dual is not None:
+        def pct(cond: str) -> str:
+            return "clean" if cond == "clean" else f"{100 * float(cond[5:]):g} %"
+        print(f"alpaca {run_key(1, 'b2a', 'default')} / its 1-path {pct(dual['basis_condition'])} figure "
+              f"({fmt(dual['basis_mbit_s'], 'mbit')} Mbit/s): 2 paths " +
+              ", ".join(f"{pct(c)} {fmt(v, '.2f')}" for c, v in dual["2 paths"].items()) + "; 1 path " +
+              ", ".join(f"{pct(c)} {fmt(v, '.2f')}" for c, v in dual["1 path"].items()) +
+              " (goal: 2 paths at 30 % >= 0.70)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     cpu = res["ratios"]["alpaca/wireguard-go daemon CPU s/GB"]
