@@ -141,7 +141,7 @@ CLEAN_RUNS = [(1, "b2a", "default", True), (1, "a2b", "default", False), (4, "b2
 LOSS_RUNS = [(1, "b2a", "default", True), (1, "b2a", "cubic", False), (1, "a2b", "default", False)]
 QUICK_RUNS = [(1, "b2a", "default", True)]
 WAN_RUNS = [(1, "b2a", "default", True), (1, "b2a", "cubic", False)]
-TUNNELS = ["raw", "wireguard-go", "openvpn", "alpaca", "wg-udpspeeder"]
+TUNNELS = ["raw", "wireguard-go", "openvpn", "alpaca", "alpaca-fec-off", "alpaca-fec-20:10", "wg-udpspeeder"]
 DUAL = "-2paths"              # suffix of a tunnel's --paths 2 entry in the results (e.g. "alpaca-2paths")
 LABELS = {"wg-udpspeeder": f"wireguard-go over UDPspeeder {SPEEDER_FEC}", "alpaca" + DUAL: "alpaca 2 paths"}
 LOSS = "0,0.01,0.05,0.3"      # default loss levels, low RTT and --wan alike
@@ -682,6 +682,7 @@ class Alpaca(Tunnel):
     """alpaca-tunnel's daemon (python -m alpaca) at both ends: server 1.1 in -a, client 16.1 in -b.
     --paths 2: static addresses crossed between the links (see the module docstring)."""
     name = "alpaca"
+    fec = "auto"               # config `fec` of both ends
     dst = ALPACA_A
     relay_ports = (ALPACA_PORT, ALPACA_PORT, None)     # the server learns the client's address
     multipath = True
@@ -714,6 +715,7 @@ class Alpaca(Tunnel):
         for side, cfg in cfgs.items():
             path = self.config[side] = write_peer_config(work / f"alpaca-{side}", {
                 **cfg, "group": "bench", "net": ALPACA_NET, "port": ALPACA_PORT, "log_level": "warning",
+                "fec": self.fec,
                 "control_socket": str(work / f"alpaca-{side}.sock")}, lines[side])
             with open(work / f"alpaca-{side}.log", "wb") as logf:
                 self.daemons[side] = pair.popen(side, [sys.executable, "-m", "alpaca", "-C", str(path)],
@@ -810,7 +812,18 @@ class WgSpeeder(WireguardGo):
                                                   for s in ("a", "b") if (self.work / f"speeder-{s}.log").exists()])
 
 
-CLASSES = {"raw": Raw, "wireguard-go": WireguardGo, "openvpn": OpenVPN, "alpaca": Alpaca, "wg-udpspeeder": WgSpeeder}
+class AlpacaFecOff(Alpaca):
+    """alpaca with `fec: "off"`: what FEC's adaptive mode costs on a clean link, and does on a lossy one."""
+    name, fec, multipath = "alpaca-fec-off", "off", False
+
+
+class AlpacaFec2010(Alpaca):
+    """alpaca with a fixed `fec: "20:10"` (UDPspeeder's recipe): protected from the first packet."""
+    name, fec, multipath = "alpaca-fec-20:10", "20:10", False
+
+
+CLASSES = {"raw": Raw, "wireguard-go": WireguardGo, "openvpn": OpenVPN, "alpaca": Alpaca,
+           "alpaca-fec-off": AlpacaFecOff, "alpaca-fec-20:10": AlpacaFec2010, "wg-udpspeeder": WgSpeeder}
 
 
 # ---------------------------------------------------------------- measurements
@@ -930,6 +943,9 @@ def measure_condition(pair: Pair, tunnel: Tunnel, args, runs, lossy: bool, cond:
                                                for k, v in r["link_rx"].items())
         log(f"  {tunnel.name:12s} {key:16s} {txt}" + (f"  ERROR {r['error']}" if "error" in r else ""))
     if lossy:
+        # after traffic: what a lossy path does to pings once the tunnel has
+        # had data to measure it by (alpaca's `fec: "auto"` needs that)
+        cond["ping_after"] = ping(pair, tunnel.dst, count=200)
         cond["loss_counters"] = counter_delta(c0, pair.counters())
 
 
@@ -1161,6 +1177,9 @@ def table(res: dict) -> str:
             add(f"  relay CPU % of a core ({key1})", [get(res, t, cond, "runs", key1, "relay_cpu_pct")
                                                       for t in tunnels], ".0f", ratio=False)
         if cond != "clean":
+            add("  ping after load lost %", [get(res, t, cond, "ping_after", "loss_pct") for t in tunnels], ".1f",
+                ratio=False)
+            add("  ping after load avg ms", [get(res, t, cond, "ping_after", "avg_ms") for t in tunnels], ".3f")
             add("  ping idle lost %", [get(res, t, cond, "ping_idle", "loss_pct") for t in tunnels], ".0f",
                 ratio=False)
             add("  measured drop %", [None if (x := get(res, t, cond, "loss_counters", "total", "drop_ratio")) is None

@@ -62,4 +62,16 @@ def test_state_is_bounded_in_time_and_by_the_table():
     assert len(m.sent[1]) == loss.REPORT_HORIZON and len(m.arrived[2]) == loss.REPORT_HORIZON
     assert 3 not in m.arrived
     (_, payload), = m.reports(T + 100)
-    assert len(payload) == 5 + 4 * loss.REPORT_MAX_SECONDS
+    assert len(payload) == 5 + 4 * loss.REPORT_MAX_SECONDS + 8
+
+
+def test_shard_tallies_are_reported_at_once_and_need_no_seconds():
+    rx, tx = LossMeter(47), LossMeter(47)
+    rx.count_shards(5, 85, 60)
+    rx.count_shards(5, 47, 33)
+    (peer, payload), = rx.reports(T + 0.5)                 # no complete second needed
+    assert peer == 5 and rx.reports(T + 1.0) == []
+    assert tx.on_report(5, payload) == pytest.approx(1 - 93 / 132)
+    assert tx.parity(5, 47) == parity_for(1 - 93 / 132, 47)
+    with pytest.raises(BadReport):                         # more arrived than sent
+        tx.on_report(5, payload[:5] + (10).to_bytes(4, "big") + (11).to_bytes(4, "big"))

@@ -105,8 +105,9 @@ class Reassembler:
         self.per_pair: collections.Counter[tuple[int, int]] = collections.Counter()
         # decoded messages: key -> [bitmask of shard indices seen, k + m, born]
         self.done: collections.OrderedDict[Key, list] = collections.OrderedDict()
-        # (src, ts) -> shards that arrived, of messages no longer tracked: for the loss report
-        self.arrivals: collections.Counter[tuple[int, int]] = collections.Counter()
+        # src -> [shards sent, distinct shards arrived] of messages no longer
+        # tracked (decoded or expired): for the loss report (loss.py)
+        self.tally: dict[int, list[int]] = {}
 
     def add(self, key: Key, index: int, k: int, m: int, length: int, shard: bytes, addr,
             now: float) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
@@ -169,7 +170,14 @@ class Reassembler:
             del self.per_pair[pair]
 
     def _retire(self, key: Key, seen: list) -> None:
-        self.arrivals[(key[0], key[3])] += seen[0].bit_count()
+        self._count(key[0], seen[1], seen[0].bit_count())
+
+    def _count(self, src: int, sent: int, arrived: int) -> None:
+        tally = self.tally.get(src)
+        if tally is None:
+            tally = self.tally[src] = [0, 0]
+        tally[0] += sent
+        tally[1] += arrived
 
     @staticmethod
     def _decode(slot: Reassembly) -> bytes:
@@ -207,13 +215,13 @@ class Reassembler:
         return lost
 
     def count_lost(self, key: Key, slot: Reassembly) -> None:
-        """The shards of an incomplete message in the loss statistics (the
-        caller decides whether its src is a peer it has authenticated)."""
-        self.arrivals[(key[0], key[3])] += len(slot.shards)
+        """The shards of an incomplete message in the loss tally (the node
+        passes on only the tallies of peers it has authenticated)."""
+        self._count(key[0], slot.k + slot.m, len(slot.shards))
 
-    def take_arrivals(self) -> collections.Counter:
-        arrivals, self.arrivals = self.arrivals, collections.Counter()
-        return arrivals
+    def take_tally(self) -> dict[int, list[int]]:
+        tally, self.tally = self.tally, {}
+        return tally
 
 
 SMALL_LIMIT = 12           # parity shards a message of few shards may get (what it costs is small)

@@ -1,21 +1,27 @@
 """Loss per peer, measured by the receiver and told to the sender
 (docs/protocol.md §12 "Loss reports").
 
-Every datagram carries its sender's clock second (`ts`). Both ends count
-DISTINCT data datagrams per peer and second: the sender each whole datagram
-and each shard (data and parity) once, however many paths, `duplicate`
-copies or early copies carry it; the receiver each one once, the first copy
-to arrive (an authenticated datagram that passed the replay check, or a shard
-index of a message that decoded or expired). So the loss measured is that of
-the union of the paths: what FEC has to repair. A clean second path makes it
-~0 and parity goes away (multi-path and FEC are not paid twice); two paths
-of 30 % loss each make it ~9 %.
+What is measured is the loss of the union of the paths (what FEC has to
+repair): every datagram and every shard counts once, when its first copy
+arrives, however many paths, `duplicate` copies or early copies carry it. A
+clean second path makes it ~0 and parity goes away (multi-path and FEC are
+not paid twice); two paths of 30 % loss each make it ~9 %. Two counts:
+
+- Shards: each carries its message's k and m, so the receiver alone knows
+  what was sent. When a message leaves reassembly (decoded, or expired
+  incomplete from a peer we have authenticated) it adds k + m shards sent
+  and its distinct shard indices arrived to the source's tally. A tally is
+  reported every REPORT_INTERVAL, so the sender hears of loss ~1 s after it
+  starts (a message leaves reassembly REASSEMBLY_TIMEOUT after its first
+  shard).
+- Whole datagrams: every datagram carries its sender's clock second (`ts`);
+  both ends count them per peer and second (the receiver a first copy that
+  passed the replay check), and the receiver reports the complete seconds,
+  REPORT_DELAY behind, zeros included; the sender divides.
 
 Keepalives and reports are not counted, so two idle peers never report to
-each other. Every REPORT_INTERVAL the receiver sends each peer it heard
-from a report for the complete seconds it has not reported yet, zeros
-included; the sender divides. Both ends keep a few counters per peer and
-second, pruned after REPORT_HORIZON seconds.
+each other. Both ends keep a few counters per peer (and second), pruned
+after REPORT_HORIZON seconds or when the peer leaves.
 
 The sender turns the smoothed loss into parity shards per message size k
 (fragments.parity_for, cached per peer until the estimate moves).
@@ -36,6 +42,7 @@ SMOOTHING = 0.5           # weight of the newest sample
 
 _HEAD = struct.Struct(">IB")   # first second, number of seconds
 _COUNT = struct.Struct(">I")
+_TALLY = struct.Struct(">II")  # shards sent, shards arrived (after the seconds)
 
 
 class BadReport(ValueError):
@@ -50,6 +57,7 @@ class LossMeter:
         self.sent: dict[int, collections.Counter] = {}       # peer -> {ts: transmissions}
         self.arrived: dict[int, collections.Counter] = {}    # peer -> {ts: arrivals}
         self.reported: dict[int, int] = {}                   # peer -> last second reported to it
+        self.tally: dict[int, list[int]] = {}                # peer -> [shards sent, arrived] unreported
         self._sample: dict[int, list[int]] = {}              # peer -> [arrivals, transmissions] so far
         self.loss: dict[int, float] = {}                     # peer -> smoothed loss of what we send it
         # derived from `loss` per message size k, and forgotten when it moves
@@ -73,6 +81,13 @@ class LossMeter:
             counter = self.sent[peer] = collections.Counter()
         counter[ts] += n
 
+    def count_shards(self, peer: int, sent: int, arrived: int) -> None:
+        tally = self.tally.get(peer)
+        if tally is None:
+            tally = self.tally[peer] = [0, 0]
+        tally[0] += sent
+        tally[1] += arrived
+
     def count_arrived(self, peer: int, ts: int, n: int = 1) -> None:
         counter = self.arrived.get(peer)
         if counter is None:
@@ -81,21 +96,26 @@ class LossMeter:
 
     # ------------------------------------------------------------ receiver side
     def reports(self, now: float) -> list[tuple[int, bytes]]:
-        """(peer, payload) for every peer that has complete seconds to report."""
+        """(peer, payload) for every peer with complete seconds or a shard tally to report:
+        first second (u32) | n (u8) | n x arrivals (u32) | shards sent (u32) | shards arrived (u32)."""
         last = int(now) - REPORT_DELAY
         out = []
-        for peer, counter in list(self.arrived.items()):
-            first = max(self.reported.get(peer, min(counter) - 1) + 1, last - REPORT_MAX_SECONDS + 1)
-            if first > last:
-                continue
-            counts = [counter.pop(ts, 0) for ts in range(first, last + 1)]
-            for ts in [t for t in counter if t < first]:
-                del counter[ts]             # too old to report
-            if not counter:
-                del self.arrived[peer]
-            self.reported[peer] = last
-            if any(counts):
-                out.append((peer, _HEAD.pack(first, len(counts)) + b"".join(_COUNT.pack(c) for c in counts)))
+        for peer in set(self.arrived) | set(self.tally):
+            counts, first = [], 0
+            counter = self.arrived.get(peer)
+            if counter is not None:
+                first = max(self.reported.get(peer, min(counter) - 1) + 1, last - REPORT_MAX_SECONDS + 1)
+                if first <= last:
+                    counts = [counter.pop(ts, 0) for ts in range(first, last + 1)]
+                    for ts in [t for t in counter if t < first]:
+                        del counter[ts]             # too old to report
+                    if not counter:
+                        del self.arrived[peer]
+                    self.reported[peer] = last
+            tally = self.tally.pop(peer, (0, 0))
+            if any(counts) or tally[0]:
+                out.append((peer, _HEAD.pack(first, len(counts)) + b"".join(_COUNT.pack(c) for c in counts)
+                            + _TALLY.pack(*tally)))
         return out
 
     # ------------------------------------------------------------ sender side
@@ -104,10 +124,15 @@ class LossMeter:
         if len(payload) < _HEAD.size:
             raise BadReport("short")
         first, n = _HEAD.unpack_from(payload)
-        if n == 0 or n > REPORT_MAX_SECONDS or len(payload) != _HEAD.size + n * _COUNT.size:
+        if n > REPORT_MAX_SECONDS or len(payload) != _HEAD.size + n * _COUNT.size + _TALLY.size:
             raise BadReport("length")
+        shards_sent, shards_arrived = _TALLY.unpack_from(payload, _HEAD.size + n * _COUNT.size)
+        if shards_arrived > shards_sent:
+            raise BadReport("more shards arrived than were sent")
         sent = self.sent.get(peer, {})
         sample = self._sample.setdefault(peer, [0, 0])
+        sample[0] += shards_arrived
+        sample[1] += shards_sent
         for i in range(n):
             sample[0] += _COUNT.unpack_from(payload, _HEAD.size + i * _COUNT.size)[0]
             sample[1] += sent.pop(first + i, 0) if sent else 0
@@ -134,6 +159,6 @@ class LossMeter:
                     del counter[ts]
                 if not counter:
                     del table[peer]
-        for table in (self.reported, self._sample, self.loss, self._parity):
+        for table in (self.reported, self.tally, self._sample, self.loss, self._parity):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]

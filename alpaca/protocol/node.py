@@ -313,7 +313,7 @@ class Node:
         if batch is not None:
             self._flush(batches.pop(peer.id), now, out)     # keep the peer's packets in order
         datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
-        self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), now, out)
+        self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), len(datagrams) == 1, now, out)
 
     def _flush(self, batch: "_Batch", now: float, out: Output) -> None:
         """Seal a peer's FEC batch: its packets each after a 2-byte length,
@@ -327,10 +327,10 @@ class Node:
             plaintext += bytes(self.settings.padding - len(plaintext))
         flags = FLAG_BATCH | (FLAG_VNET if self.settings.vnet else 0)
         datagrams = self._seal_message(KIND_DATA, batch.peer.id, batch.key, plaintext, flags, now)
-        self._emit(batch.peer, datagrams, batch.targets, len(batch.packets), batch.early, now, out)
+        self._emit(batch.peer, datagrams, batch.targets, len(batch.packets), batch.early, False, now, out)
 
     def _emit(self, peer: Peer, datagrams: list[bytes], targets: list[Addr], packets: int, early: bool,
-              now: float, out: Output) -> None:
+              whole: bool, now: float, out: Output) -> None:
         """Send a message's datagrams on every target, now and as the
         `duplicate` and SYN/DNS copies (SPEC §3)."""
         sends = [(d, a) for a in targets for d in datagrams]
@@ -347,9 +347,11 @@ class Node:
                 out.sends.extend(sends)
         if early:
             self._schedule(now + SYN_DNS_COPY_DELAY, sends)
-        # distinct datagrams, not copies: the receiver counts the union of
-        # the paths (loss.py)
-        self.loss.count_sent(peer.id, self._ts, len(datagrams))
+        if whole:
+            # one datagram, once (not its copies): the receiver counts the
+            # first copy, so the loss is that of the union of the paths.
+            # Shards are counted by the receiver alone (loss.py)
+            self.loss.count_sent(peer.id, self._ts, 1)
 
     def _policy(self, peer_id: int) -> str | tuple[int, int] | None:
         fec = self.settings.fec
@@ -686,11 +688,11 @@ class Node:
         arrived of what it sent us, per second (loss.py)."""
         for key, slot in self.reassembly.expire(now):
             self.global_drops[DropReason.INCOMPLETE] += 1
-            src = self.table.get(key[0])
-            if src is not None and src.up:      # only for a peer we authenticated
-                self.reassembly.count_lost(key, slot)
-        for (src, ts), n in self.reassembly.take_arrivals().items():
-            self.loss.count_arrived(src, ts, n)
+            self.reassembly.count_lost(key, slot)
+        for src, (sent, arrived) in self.reassembly.take_tally().items():
+            peer = self.table.get(src)
+            if peer is not None and peer.up:        # a peer we have authenticated
+                self.loss.count_shards(src, sent, arrived)
         for peer_id, payload in self.loss.reports(now):
             peer = self.table.get(peer_id)
             key = self.table.pair_key(self.me, peer_id) if peer is not None else None
