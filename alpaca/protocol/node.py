@@ -10,6 +10,9 @@ Outbound (a packet read from the TUN device):
      forwarder's direct path when forwarders are configured, else dst's direct path.
   4. emit on each target (loop guard), then schedule the delayed copies
      (`duplicate`, and one early extra copy of TCP SYN / DNS).
+  With FEC on for the peer (docs/protocol.md §13), the packets of one TUN
+  read to it are sealed together as one batch and sent as shards with
+  parity; super-packets get parity of their own.
 
 Inbound (a datagram from UDP):
   1. unmask header (group key) -> pair key -> AEAD open. Any failure is a
@@ -35,8 +38,8 @@ from typing import Callable
 
 from . import inner
 from . import fragments, loss
-from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA, KIND_KEEPALIVE,
-                        KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
+from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA,
+                        KIND_KEEPALIVE, KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
                         PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
                         VNET_HDR_SIZE, WIRE_VERSION)
 from .crypto import (CryptoError, Header, derive_group_key, frame_shards, open_body, open_sealed, rewrite_mutable,
