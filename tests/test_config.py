@@ -249,6 +249,7 @@ def test_fec_values():
     assert problems(fec="20/10") == ['config.json: fec: \'20/10\' is not "auto", "off" or "K:M" with K 1..64 '
                                      'and M 0..64 (e.g. "20:10")']
     assert problems(fec="0:5")[0].startswith("config.json: fec: '0:5' is not")
+    assert problems(fec="2²:1")[0].startswith("config.json: fec: '2²:1' is not")   # not int()-able
     assert problems(parity=3) == ["config.json: unknown key 'parity' (did you mean 'fec'?)"]
 
 

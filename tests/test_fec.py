@@ -128,3 +128,19 @@ def test_two_lossy_paths_get_parity_for_their_joint_loss():
     # 0.3 * 0.3 = 9 % of the union lost, not 30 % (nor 50 %+ from counting copies)
     assert 0.04 < row["loss"] < 0.16, row
     assert 0 < row["parity"] < fragments.parity_for(0.3, 47), row
+
+
+def test_duplicate_copies_count_once_too():
+    """`duplicate = 1` on one 30 % path: each shard goes twice, so 9 % of
+    them are lost for good, and that is what parity is sized for."""
+    client = make_node("16.1", gateway="1.1", vnet=True, duplicate=1, duplicate_delay=0.0)
+    server = make_node("1.1", vnet=True)
+    rng = random.Random(6)
+    for i in range(80):
+        now = T0 + i * 0.05
+        sends = client.from_tun([super_packet(30_000)], now).sends
+        server.from_udp([(d, addr("16.1")) for d, _ in sends if rng.random() >= 0.3], now)
+        reports = [d for d, _ in server.tick(now).sends if header_of(d).kind == KIND_REPORT]
+        client.from_udp([(d, addr("1.1")) for d in reports], now)
+    row = next(p for p in client.snapshot(now)["peers"] if p["id"] == "1.1")
+    assert 0.04 < row["loss"] < 0.16, row

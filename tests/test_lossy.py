@@ -5,7 +5,8 @@ in each direction (veth offloads off, so one verdict drops one datagram).
 A TCP transfer arrives intact, the sender learns the loss from the
 receiver's reports and adds parity (FEC batches; one-datagram messages are
 repeated), and then nearly every ping is answered although ~19 % of plain
-round trips would lose a packet.
+round trips would lose a packet. 1.1 sends to 16.1 with a fixed per-peer
+`fec: "20:10"`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def lossy(tmp_path_factory):
     try:
         ip = {"s1": tb.add_host("s1", 1), "c1": tb.add_host("c1", 16)}
         servers = [mesh.line("1.1", ip["s1"])]
-        mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, servers + [mesh.line("16.1", None)])
+        # 1.1 protects what it sends 16.1 with a fixed ratio from the first packet (per-peer `fec`)
+        mesh.add("s1", 1, {"id": "1.1", "mode": "server", "peers": {"16.1": {"fec": "20:10"}}},
+                 servers + [mesh.line("16.1", None)])
         mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1"}, servers + [mesh.line("16.1", None)])
         for host in ("s1", "c1"):
             tb.run(host, ["ethtool", "-K", "eth0", "gso", "off", "tso", "off", "gro", "off",
@@ -62,18 +65,19 @@ def test_tcp_over_a_lossy_path_arrives_intact_and_the_sender_adapts(lossy):
     # a short transfer: the last samples are small, so the smoothed estimate is noisy
     assert 0.02 < row["loss"] < 0.25, row
     assert row["parity"] >= 3 and row["copies"] >= 1, row
-    # and the other way: 1.1 learns the loss of what it sends to 16.1
+    # and the other way, with 1.1's fixed 20:10 for 16.1: it still measures the loss
     lossy.transfer("s1", "c1", "10.17.16.1")
-    assert wait_for(lambda: lossy.peers["s1"].peer_status("16.1")["copies"] >= 1, 6), \
+    assert wait_for(lambda: (lossy.peers["s1"].peer_status("16.1")["loss"] or 0) > 0.02, 6), \
         lossy.peers["s1"].peer_status("16.1")
+    back = lossy.peers["s1"].peer_status("16.1")
+    assert (back["fec"], back["copies"]) == ("20:10", 1), back
 
 
 def test_pings_over_the_lossy_path_are_answered(lossy):
     # keep data flowing long enough for both ends to have an estimate (the test above ran first)
     r = lossy.peers["c1"].run(["ping", "-n", "-c", "100", "-i", "0.05", "-W", "1", "10.17.1.1"], timeout=60)
     received = int(re.search(r"(\d+) received", r.stdout).group(1))
-    # without copies ~19 of 100 round trips would lose a packet; with 2-3 extra copies ~0.2
+    # without FEC ~19 of 100 round trips would lose a packet; with the
+    # requests repeated 2-3 times (auto) and the replies once (1.1's 20:10) ~1
     print(f"\n{received} of 100 pings answered at {LOSS:.0%} loss each way")
     assert received >= 97, r.stdout
-    # the echo replies too went with parity: one-datagram messages repeated
-    assert lossy.peers["s1"].peer_status("16.1")["copies"] >= 1

@@ -231,8 +231,7 @@ def parity_for(loss: float, k: int, target: float = 0.002, limit: int | None = N
     """Fewest parity shards m such that a message of k data shards is lost
     (more than m of k+m shards lost, independent loss `loss`) with
     probability <= target. 0 on a clean path; at most `limit`, by default
-    max(k, SMALL_LIMIT) (half of what is sent is parity: enough for 30 %
-    loss, docs/protocol.md §12)."""
+    max(k, SMALL_LIMIT): enough for 30 % loss at any k (docs/protocol.md §13)."""
     if loss <= 0.0005:
         return 0
     if limit is None:
@@ -259,7 +258,8 @@ def parse_fec(value: str) -> str | tuple[int, int] | None:
     if value in (AUTO, "off"):
         return None if value == "off" else AUTO
     k, sep, m = str(value).partition(":")
-    if not (sep and k.isdigit() and m.isdigit() and 1 <= int(k) <= FEC_MAX and 0 <= int(m) <= FEC_MAX):
+    digits = sep and k.isascii() and m.isascii() and k.isdigit() and m.isdigit()
+    if not (digits and 1 <= int(k) <= FEC_MAX and 0 <= int(m) <= FEC_MAX):
         raise ValueError(f'{value!r} is not "auto", "off" or "K:M" with K 1..{FEC_MAX} and M 0..{FEC_MAX} '
                          f'(e.g. "20:10")')
     return None if int(m) == 0 else (int(k), int(m))
