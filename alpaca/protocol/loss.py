@@ -34,10 +34,10 @@ import struct
 
 from .fragments import parity_for
 
-REPORT_DELAY = 2          # a second is reported once it is this far behind: its shards have all expired
+REPORT_DELAY = 2          # a second of whole datagrams is reported once it is this far behind (late copies in)
 REPORT_MAX_SECONDS = 16   # seconds per report
 REPORT_HORIZON = 30       # counters older than this are forgotten unreported
-MIN_SAMPLE = 10           # transmissions before a loss estimate moves
+MIN_SAMPLE = 10           # datagrams and shards sent before a loss estimate moves
 SMOOTHING = 0.5           # weight of the newest sample
 
 _HEAD = struct.Struct(">IB")   # first second, number of seconds
@@ -50,15 +50,15 @@ class BadReport(ValueError):
 
 
 class LossMeter:
-    """k: data shards of the biggest super-packet, what parity is sized for."""
+    """k: data shards of the biggest message (64 KiB), whose parity status shows."""
 
     def __init__(self, k: int):
         self.k = k
-        self.sent: dict[int, collections.Counter] = {}       # peer -> {ts: transmissions}
-        self.arrived: dict[int, collections.Counter] = {}    # peer -> {ts: arrivals}
+        self.sent: dict[int, collections.Counter] = {}       # peer -> {ts: whole datagrams sent}
+        self.arrived: dict[int, collections.Counter] = {}    # peer -> {ts: whole datagrams arrived}
         self.reported: dict[int, int] = {}                   # peer -> last second reported to it
         self.tally: dict[int, list[int]] = {}                # peer -> [shards sent, arrived] unreported
-        self._sample: dict[int, list[int]] = {}              # peer -> [arrivals, transmissions] so far
+        self._sample: dict[int, list[int]] = {}              # peer -> [arrived, sent] so far
         self.loss: dict[int, float] = {}                     # peer -> smoothed loss of what we send it
         # derived from `loss` per message size k, and forgotten when it moves
         # (parity_for sums binomial tails: not once per message)
