@@ -28,6 +28,19 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _fec_line(peer: dict) -> str | None:
+    """What the peer reports losing of what we send it, and the FEC we add
+    (docs/protocol.md §13); nothing for a peer with `fec: "auto"` that has
+    not reported loss."""
+    loss, fec = peer.get("loss"), peer.get("fec", "auto")
+    if loss is None and fec == "auto":
+        return None
+    told = "loss not reported yet" if loss is None else f"loss {100 * loss:.1f} % (reported)"
+    if not peer.get("copies"):
+        return f"  {told}; fec {fec}: no parity now"
+    return f"  {told}; fec {fec}: {peer['parity']} parity per 64 KiB, {peer['copies']} per datagram"
+
+
 def format_status(status: dict) -> str:
     lines = [f"alpaca-tunnel {status['id']} ({status['mode']}), group {status['group']}, "
              f"up {_age(status['uptime'])}",
@@ -41,6 +54,9 @@ def format_status(status: dict) -> str:
         lines.append(f"peer {peer['id']} ({peer['address']}) {state}, {heard}")
         lines.append(f"  rx {peer['rx_packets']} pkts {_size(peer['rx_bytes'])}, "
                      f"tx {peer['tx_packets']} pkts {_size(peer['tx_bytes'])}, relayed {peer['relayed_packets']}")
+        fec = _fec_line(peer)
+        if fec:
+            lines.append(fec)
         for path in peer["paths"]:
             heard = "never" if path["last_rx_age"] is None else f"{_age(path['last_rx_age'])} ago"
             lines.append(f"  path {path['address']:<22} {path['learned']:<8} last packet {heard}")

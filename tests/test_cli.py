@@ -116,3 +116,19 @@ def test_genkey():
     r = run("genkey")
     keys = {run("genkey").stdout.strip() for _ in range(2)} | {r.stdout.strip()}
     assert r.returncode == 0 and len(keys) == 3 and all(len(k) == 43 for k in keys)
+
+
+def test_status_table_shows_loss_and_fec_within_80_columns():
+    from alpaca.status import format_status
+    peer = {"id": "1.1", "address": "10.17.1.1", "up": True, "last_rx_age": 0.2, "paths": [],
+            "rx_packets": 1, "rx_bytes": 2, "tx_packets": 3, "tx_bytes": 4, "relayed_packets": 0, "drops": {},
+            "loss": 0.3, "fec": "auto", "parity": 38, "copies": 5}
+    status = {"id": "16.1", "mode": "client", "group": "g", "uptime": 5, "net": "10.17", "tun": "alpaca",
+              "listen": "0.0.0.0:1040", "drops": {}, "peers": [peer]}
+    table = format_status(status)
+    assert "  loss 30.0 % (reported); fec auto: 38 parity per 64 KiB, 5 per datagram" in table.splitlines()
+    assert max(len(line) for line in table.splitlines()) <= 80
+    clean = format_status({**status, "peers": [{**peer, "loss": None, "parity": 0, "copies": 0}]})
+    assert "fec" not in clean                 # auto mode, nothing reported: no line
+    fixed = format_status({**status, "peers": [{**peer, "loss": 0.0, "fec": "off", "parity": 0, "copies": 0}]})
+    assert "  loss 0.0 % (reported); fec off: no parity now" in fixed.splitlines()
