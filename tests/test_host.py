@@ -144,10 +144,12 @@ def test_sighup_applies_live_config_and_names_the_rest(world):
     original = dict(cfg)
     cfg["local_routes"] = cfg["local_routes"] + ["198.51.100.0/24"]
     cfg["mtu"] = 1300
+    cfg["peers"] = {"1.1": {"fec": "4:1"}}
     c1.config_path.write_text(json.dumps(cfg))
     try:
         c1.proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: f"via {ORIG_GW} dev eth0" in route_get(tb, "c1", "198.51.100.7"), 5)
+        assert wait_for(lambda: c1.peer_status("1.1")["fec"] == "4:1", 5)
         assert wait_for(lambda: "need a restart (not applied): mtu" in c1.log_text(), 5), c1.log_text()[-2000:]
         assert "mtu 1400" in tb.run("c1", ["ip", "link", "show", "alpaca"]).stdout
     finally:
