@@ -31,6 +31,7 @@ from .hooks import HookError, run_hooks
 from .nat import NatError
 from .notify import Notifier
 from .protocol.drops import GLOBAL_DROPS, DropReason
+from .protocol import fragments
 from .protocol.fragments import parse_fec
 from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
@@ -173,6 +174,9 @@ class Daemon:
             log.warning("undid %d changes (rules, routes, sysctls) left by an earlier run that did not stop cleanly",
                     removed)
         peers = read_secrets(cfg, at_start=True)
+        codec = fragments.codec_problem()
+        if codec:
+            raise StartError(codec)
         if cfg.virtual_net is not None:
             log.warning("virtual_net is accepted for compatibility but has no effect yet")
         net = TunnelNet(cfg.net)

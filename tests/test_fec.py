@@ -1,7 +1,7 @@
 """Tier 1: forward error correction (docs/protocol.md §12 "FEC").
 
 With FEC on, the packets of one TUN read to one peer are sealed together as
-a batch and sent as shards with zfec parity; super-packets get parity for
+a batch and sent as shards with Reed-Solomon parity; super-packets get parity for
 their own size. What the tests hold the core to: shards lost, reordered and
 duplicated across two paths decode to exactly the original packets, in
 order, once; a peer with FEC on and one with it off interoperate (receiving

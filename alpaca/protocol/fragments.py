@@ -4,7 +4,8 @@ A TUN device with offloads hands us TCP super-packets of up to 64 KiB. Such a
 message is sealed with ONE AEAD call (the cost of a call, not of a byte, is
 what limits a Python datapath) and its ciphertext + tag is cut into k data
 shards of equal size (the last one shorter), optionally followed by m parity
-shards computed with zfec (Reed-Solomon over the zero-padded data shards).
+shards computed with ISA-L's Cauchy Reed-Solomon through pyeclib (over the
+zero-padded data shards).
 Each shard travels in its own datagram:
 
     masked(header | sub-header) | shard
@@ -22,7 +23,7 @@ from __future__ import annotations
 import collections
 import math
 
-import zfec
+from pyeclib.ec_iface import ECDriver
 
 from .constants import MAX_SHARDS, REASSEMBLY_PER_PEER, REASSEMBLY_TIMEOUT, REASSEMBLY_TOTAL, TAG_SIZE
 from .drops import DropReason
@@ -39,8 +40,62 @@ def shard_count(length: int, max_shard: int) -> int:
     return max(1, -(-length // max_shard))
 
 
-_encoders: dict[tuple[int, int], zfec.Encoder] = {}
-_decoders: dict[tuple[int, int], zfec.Decoder] = {}
+EC_TYPE = "isa_l_rs_cauchy"  # Cauchy Reed-Solomon: MDS for any k + m <= 255 (ISA-L's Vandermonde is not)
+FRAGMENT_HEADER = 80       # liberasurecode's header before each fragment: never sent
+HEADER_CACHE = 256         # message lengths whose fragment headers are kept
+
+
+class _Codec:
+    """Reed-Solomon for one (k, m): ISA-L through pyeclib. liberasurecode
+    frames every fragment with a header; it depends only on (k, m, index,
+    message length), so it is never sent: the receiver makes the headers by
+    encoding zeros of the message's length (cached), and what it passes to
+    the library beyond them is shard bytes of the sizes valid_sub checked."""
+
+    def __init__(self, k: int, m: int):
+        self.k = k
+        self.driver = ECDriver(k=k, m=m, ec_type=EC_TYPE)
+        self._headers: collections.OrderedDict[int, list[bytes]] = collections.OrderedDict()
+
+    def parity(self, body) -> list:
+        """The m parity shards of a body cut into k zero-padded data shards (systematic)."""
+        return [memoryview(f)[FRAGMENT_HEADER:] for f in self.driver.encode(bytes(body))[self.k:]]
+
+    def decode(self, shards: dict, size: int, length: int) -> bytes:
+        """The body from any k of its shards (the last data shard zero-padded to size)."""
+        headers = self._headers.get(length)
+        if headers is None:
+            headers = [f[:FRAGMENT_HEADER] for f in self.driver.encode(bytes(length))]
+            if len(self._headers) >= HEADER_CACHE:
+                self._headers.popitem(last=False)
+            self._headers[length] = headers
+        k = self.k
+        fragments = [headers[i] + (bytes(shards[i]).ljust(size, b"\0") if i == k - 1 else shards[i])
+                     for i in sorted(shards)[:k]]
+        return self.driver.decode(fragments)
+
+
+_codecs: dict[tuple[int, int], _Codec] = {}
+
+
+def codec_problem() -> str | None:
+    """None when the Reed-Solomon backend works; else one line saying why
+    (an old pyeclib or a liberasurecode built without ISA-L)."""
+    try:
+        codec, body = _Codec(2, 1), bytes(range(40))
+        if codec.decode({1: body[20:], 2: codec.parity(body)[0]}, 20, 40) != body:
+            raise ValueError("a decoded message differs from the one encoded")
+    except Exception as e:  # noqa: BLE001  (any failure of the library means no FEC)
+        return (f"the Reed-Solomon backend {EC_TYPE} does not work ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:120]}); install pyeclib >= 1.8 from PyPI, whose wheel includes ISA-L")
+    return None
+
+
+def _codec(k: int, m: int) -> _Codec:
+    codec = _codecs.get((k, m))
+    if codec is None:
+        codec = _codecs[(k, m)] = _Codec(k, m)
+    return codec
 
 
 def split(body, max_shard: int, parity: int) -> tuple[list, int, int]:
@@ -58,11 +113,7 @@ def split(body, max_shard: int, parity: int) -> tuple[list, int, int]:
         return [view] * (1 + m), 1, m
     shards = [view[i * size:(i + 1) * size] for i in range(k)]
     if m > 0:
-        last = bytes(shards[-1]).ljust(size, b"\0")
-        encoder = _encoders.get((k, m))
-        if encoder is None:
-            encoder = _encoders[(k, m)] = zfec.Encoder(k, k + m)
-        shards.extend(encoder.encode(tuple(shards[:-1]) + (last,), tuple(range(k, k + m))))
+        shards.extend(_codec(k, m).parity(view))
     return shards, k, m
 
 
@@ -186,12 +237,7 @@ class Reassembler:
             return bytes(next(iter(shards.values())))      # repetition (split)
         if all(i in shards for i in range(k)):
             return b"".join([shards[i] for i in range(k)])
-        nums = tuple(sorted(shards)[:k])
-        blocks = tuple(shards[i] if i != k - 1 else bytes(shards[i]).ljust(slot.size, b"\0") for i in nums)
-        decoder = _decoders.get((k, slot.m))
-        if decoder is None:
-            decoder = _decoders[(k, slot.m)] = zfec.Decoder(k, k + slot.m)
-        return b"".join(decoder.decode(blocks, nums))[:slot.length]
+        return _codec(k, slot.m).decode(shards, slot.size, slot.length)
 
     def expire(self, now: float) -> list[tuple[Key, Reassembly]]:
         """Forget messages older than the timeout; returns those that never
