@@ -278,3 +278,19 @@ def test_any_k_shards_decode_the_message_and_no_header_comes_from_the_wire():
             slot.shards = {i: bytes(shards[i]) for i in keep}
             assert fragments.Reassembler._decode(slot) == body, (k, m, length, sorted(keep))
     assert fragments.codec_problem() is None
+
+
+def test_codec_caches_are_bounded_whatever_sub_headers_say():
+    """(k, m) and the length come from unauthenticated sub-headers: many
+    distinct ones keep at most CODEC_CACHE codecs and HEADER_CACHE header sets."""
+    rng = random.Random(10)
+    for i in range(fragments.CODEC_CACHE + 40):
+        k, m = 2 + i % 60, 1 + i // 60
+        length = (20 + rng.randrange(50)) * k          # sizes valid_sub lets through
+        size = fragments.shard_size(length, k)
+        slot = fragments.Reassembly(k, m, length, T0)
+        assert fragments.valid_sub(k - 1, k, m, length, slot.last)
+        slot.shards = {i: bytes(size if i != k - 1 else slot.last) for i in range(1, k + 1)}
+        fragments.Reassembler._decode(slot)
+    assert len(fragments._codecs) <= fragments.CODEC_CACHE
+    assert len(fragments._headers) <= fragments.HEADER_CACHE

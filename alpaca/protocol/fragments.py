@@ -42,7 +42,11 @@ def shard_count(length: int, max_shard: int) -> int:
 
 EC_TYPE = "isa_l_rs_cauchy"  # Cauchy Reed-Solomon: MDS for any k + m <= 255 (ISA-L's Vandermonde is not)
 FRAGMENT_HEADER = 80       # liberasurecode's header before each fragment: never sent
-HEADER_CACHE = 256         # message lengths whose fragment headers are kept
+# Both caches are keyed by what an unauthenticated sub-header says, so both
+# are bounded (least recently used out): codecs by (k, m), headers by (k, m, length)
+CODEC_CACHE = 128
+HEADER_CACHE = 256         # <= 255 x 80 bytes each: <= 5 MiB in all
+_headers: collections.OrderedDict[tuple[int, int, int], list[bytes]] = collections.OrderedDict()
 
 
 class _Codec:
@@ -53,9 +57,8 @@ class _Codec:
     the library beyond them is shard bytes of the sizes valid_sub checked."""
 
     def __init__(self, k: int, m: int):
-        self.k = k
+        self.k, self.m = k, m
         self.driver = ECDriver(k=k, m=m, ec_type=EC_TYPE)
-        self._headers: collections.OrderedDict[int, list[bytes]] = collections.OrderedDict()
 
     def parity(self, body) -> list:
         """The m parity shards of a body cut into k zero-padded data shards (systematic)."""
@@ -63,19 +66,22 @@ class _Codec:
 
     def decode(self, shards: dict, size: int, length: int) -> bytes:
         """The body from any k of its shards (the last data shard zero-padded to size)."""
-        headers = self._headers.get(length)
+        key = (self.k, self.m, length)
+        headers = _headers.get(key)
         if headers is None:
             headers = [f[:FRAGMENT_HEADER] for f in self.driver.encode(bytes(length))]
-            if len(self._headers) >= HEADER_CACHE:
-                self._headers.popitem(last=False)
-            self._headers[length] = headers
+            if len(_headers) >= HEADER_CACHE:
+                _headers.popitem(last=False)
+        else:
+            _headers.move_to_end(key)
+        _headers[key] = headers
         k = self.k
         fragments = [headers[i] + (bytes(shards[i]).ljust(size, b"\0") if i == k - 1 else shards[i])
                      for i in sorted(shards)[:k]]
         return self.driver.decode(fragments)
 
 
-_codecs: dict[tuple[int, int], _Codec] = {}
+_codecs: collections.OrderedDict[tuple[int, int], _Codec] = collections.OrderedDict()
 
 
 def codec_problem() -> str | None:
@@ -94,7 +100,11 @@ def codec_problem() -> str | None:
 def _codec(k: int, m: int) -> _Codec:
     codec = _codecs.get((k, m))
     if codec is None:
+        if len(_codecs) >= CODEC_CACHE:
+            _codecs.popitem(last=False)
         codec = _codecs[(k, m)] = _Codec(k, m)
+    else:
+        _codecs.move_to_end((k, m))
     return codec
 
 
