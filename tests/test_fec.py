@@ -18,7 +18,7 @@ from protocol_helpers import T0, addr, header_of, make_node, pid, tun_ip, udp
 from test_fragments import super_packet
 
 from alpaca.protocol import fragments
-from alpaca.protocol.constants import FLAG_BATCH, FLAG_FRAG, FLAG_VNET, KIND_REPORT
+from alpaca.protocol.constants import FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_REPORT
 from alpaca.protocol.crypto import peek_shard
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.node import ZERO_VNET
@@ -61,9 +61,10 @@ def test_a_batch_is_one_message_with_parity():
     assert len(direct) * 2 == len(sends)                  # the same datagrams on both paths
     headers = [peek_shard(client.group_key, d) for d in direct]
     assert len({(h.src, h.dst, h.session, h.ts, h.seq) for h, _, _ in headers}) == 1
-    assert headers[0][0].flags == FLAG_FRAG | FLAG_BATCH | FLAG_VNET
     _, k, m = headers[0][2][:3]
     assert len(direct) == k + m and m == fragments.ratio_parity((20, 10), k)
+    # 50 % parity is heavy: ISA-L's codec (docs/protocol.md §12)
+    assert headers[0][0].flags == FLAG_FRAG | FLAG_BATCH | FLAG_VNET | FLAG_ISAL
 
 
 def test_shards_lost_reordered_and_duplicated_over_two_paths_decode_exactly_once():
@@ -144,3 +145,26 @@ def test_duplicate_copies_count_once_too():
         client.from_udp([(d, addr("1.1")) for d in reports], now)
     row = next(p for p in client.snapshot(now)["peers"] if p["id"] == "1.1")
     assert 0.04 < row["loss"] < 0.16, row
+
+
+def test_light_parity_uses_zfec_heavy_parity_isal_and_both_decode():
+    rng = random.Random(12)
+    for ratio, isal in (((20, 1), False), ((20, 10), True), ((4, 4), True)):
+        client, _, server = mesh(client_fec=ratio)
+        sent = packets(40, seed=ratio[1])
+        sends = [d for d, to in client.from_tun(sent, T0).sends if to == addr("1.1")]
+        header, _, sub = peek_shard(client.group_key, sends[0])
+        k, m = sub[1], sub[2]
+        assert bool(header.flags & FLAG_ISAL) == isal == fragments.uses_isal(k, m), (ratio, k, m)
+        lost = set(rng.sample(range(k), min(m, k)))           # data shards lost: parity must fill in
+        assert server.from_udp([(d, addr("16.1")) for i, d in enumerate(sends) if i not in lost], T0).tun == sent
+
+
+def test_a_shard_claiming_the_other_codec_is_malformed():
+    client, _, server = mesh(client_fec=(20, 10))
+    sends = [d for d, to in client.from_tun(packets(40), T0).sends if to == addr("1.1")]
+    server.from_udp([(sends[0], addr("16.1"))], T0)
+    forged = bytearray(sends[1])
+    forged[3] ^= FLAG_ISAL          # the header is XOR-masked: this flips the flag itself
+    server.from_udp([(bytes(forged), addr("16.1"))], T0)
+    assert server.global_drops[DropReason.MALFORMED] == 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import math
 
+import zfec
 from pyeclib.ec_iface import ECDriver
 
 from .constants import MAX_SHARDS, REASSEMBLY_PER_PEER, REASSEMBLY_TIMEOUT, REASSEMBLY_TOTAL, TAG_SIZE
@@ -49,7 +50,34 @@ HEADER_CACHE = 256         # <= 255 x 80 bytes each: <= 5 MiB in all
 _headers: collections.OrderedDict[tuple[int, int, int], list[bytes]] = collections.OrderedDict()
 
 
-class _Codec:
+def uses_isal(k: int, m: int) -> bool:
+    """Which Reed-Solomon a k + m message uses (FLAG_ISAL, docs/protocol.md §12).
+    zfec's decode costs ~30 us per missing data shard but its encode ~40 us
+    per parity shard (k = 47); ISA-L encodes all parity in ~40 us but its
+    decode costs ~0.45 ms whatever is missing (it inverts a k x k matrix).
+    So ISA-L where parity is heavy (high loss), zfec where it is light."""
+    return k > 1 and 4 * m > k
+
+
+class _Zfec:
+    """zfec (Rizzo's Vandermonde Reed-Solomon) for one (k, m)."""
+
+    def __init__(self, k: int, m: int):
+        self.k, self.m = k, m
+        self.encoder, self.decoder = zfec.Encoder(k, k + m), zfec.Decoder(k, k + m)
+
+    def parity(self, shards: list, size: int) -> list:
+        last = bytes(shards[-1]).ljust(size, b"\0")
+        return self.encoder.encode(tuple(shards[:-1]) + (last,), tuple(range(self.k, self.k + self.m)))
+
+    def decode(self, shards: dict, size: int, length: int) -> bytes:
+        k = self.k
+        nums = tuple(sorted(shards)[:k])
+        blocks = tuple(shards[i] if i != k - 1 else bytes(shards[i]).ljust(size, b"\0") for i in nums)
+        return b"".join(self.decoder.decode(blocks, nums))[:length]
+
+
+class _Isal:
     """Reed-Solomon for one (k, m): ISA-L through pyeclib. liberasurecode
     frames every fragment with a header; it depends only on (k, m, index,
     message length), so it is never sent: the receiver makes the headers by
@@ -63,6 +91,7 @@ class _Codec:
     def parity(self, body) -> list:
         """The m parity shards of a body cut into k zero-padded data shards (systematic)."""
         return [memoryview(f)[FRAGMENT_HEADER:] for f in self.driver.encode(bytes(body))[self.k:]]
+
 
     def decode(self, shards: dict, size: int, length: int) -> bytes:
         """The body from any k of its shards (the last data shard zero-padded to size)."""
@@ -81,14 +110,14 @@ class _Codec:
         return self.driver.decode(fragments)
 
 
-_codecs: collections.OrderedDict[tuple[int, int], _Codec] = collections.OrderedDict()
+_codecs: collections.OrderedDict[tuple[int, int, bool], _Zfec | _Isal] = collections.OrderedDict()
 
 
 def codec_problem() -> str | None:
     """None when the Reed-Solomon backend works; else one line saying why
     (an old pyeclib or a liberasurecode built without ISA-L)."""
     try:
-        codec, body = _Codec(2, 1), bytes(range(40))
+        codec, body = _Isal(2, 1), bytes(range(40))
         if codec.decode({1: body[20:], 2: codec.parity(body)[0]}, 20, 40) != body:
             raise ValueError("a decoded message differs from the one encoded")
     except Exception as e:  # noqa: BLE001  (any failure of the library means no FEC)
@@ -97,18 +126,19 @@ def codec_problem() -> str | None:
     return None
 
 
-def _codec(k: int, m: int) -> _Codec:
-    codec = _codecs.get((k, m))
+def _codec(k: int, m: int, isal: bool) -> _Zfec | _Isal:
+    key = (k, m, isal)
+    codec = _codecs.get(key)
     if codec is None:
         if len(_codecs) >= CODEC_CACHE:
             _codecs.popitem(last=False)
-        codec = _codecs[(k, m)] = _Codec(k, m)
+        codec = _codecs[key] = (_Isal if isal else _Zfec)(k, m)
     else:
-        _codecs.move_to_end((k, m))
+        _codecs.move_to_end(key)
     return codec
 
 
-def split(body, max_shard: int, parity: int) -> tuple[list, int, int]:
+def split(body, max_shard: int, parity: int, isal: bool = False) -> tuple[list, int, int]:
     """Cut a sealed message into k data shards (balanced, so none is tiny:
     each carries a 16-byte mask sample) and `parity` parity shards.
     Returns (shards, k, m)."""
@@ -123,7 +153,7 @@ def split(body, max_shard: int, parity: int) -> tuple[list, int, int]:
         return [view] * (1 + m), 1, m
     shards = [view[i * size:(i + 1) * size] for i in range(k)]
     if m > 0:
-        shards.extend(_codec(k, m).parity(view))
+        shards.extend(_codec(k, m, True).parity(view) if isal else _codec(k, m, False).parity(shards, size))
     return shards, k, m
 
 
@@ -137,10 +167,10 @@ def valid_sub(index: int, k: int, m: int, length: int, shard_len: int) -> bool:
 
 
 class Reassembly:
-    __slots__ = ("k", "m", "length", "size", "last", "shards", "addrs", "born")
+    __slots__ = ("k", "m", "length", "isal", "size", "last", "shards", "addrs", "born")
 
-    def __init__(self, k: int, m: int, length: int, now: float):
-        self.k, self.m, self.length = k, m, length
+    def __init__(self, k: int, m: int, length: int, now: float, isal: bool = False):
+        self.k, self.m, self.length, self.isal = k, m, length, isal
         self.size = shard_size(length, k)
         self.last = length - (k - 1) * self.size     # the last data shard's size
         self.shards: dict[int, bytes] = {}
@@ -171,14 +201,14 @@ class Reassembler:
         self.tally: dict[int, list[int]] = {}
 
     def add(self, key: Key, index: int, k: int, m: int, length: int, shard: bytes, addr,
-            now: float) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
+            now: float, isal: bool = False) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
         """Returns (message, its slot, None) when this shard completes a
         message, (None, slot, None) when it was filed in a message still
         incomplete, (None, None, reason) when it is dropped, and (None, None,
         None) for a surplus shard of a message already decoded."""
         slot = self.slots.get(key)
         if slot is not None:        # the hot path: the next shard of a message in progress
-            if (k != slot.k or m != slot.m or length != slot.length or index >= k + m
+            if (k != slot.k or m != slot.m or length != slot.length or index >= k + m or isal != slot.isal
                     or len(shard) != (slot.last if index == k - 1 else slot.size)):
                 return None, None, DropReason.MALFORMED
             return self._add(slot, key, index, shard, addr)
@@ -196,7 +226,7 @@ class Reassembler:
             self.expire(now)
             if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
                 return None, None, DropReason.REASSEMBLY_FULL
-        slot = self.slots[key] = Reassembly(k, m, length, now)
+        slot = self.slots[key] = Reassembly(k, m, length, now, isal)
         self.per_pair[pair] += 1
         return self._add(slot, key, index, shard, addr)
 
@@ -247,7 +277,7 @@ class Reassembler:
             return bytes(next(iter(shards.values())))      # repetition (split)
         if all(i in shards for i in range(k)):
             return b"".join([shards[i] for i in range(k)])
-        return _codec(k, slot.m).decode(shards, slot.size, slot.length)
+        return _codec(k, slot.m, slot.isal).decode(shards, slot.size, slot.length)
 
     def expire(self, now: float) -> list[tuple[Key, Reassembly]]:
         """Forget messages older than the timeout; returns those that never

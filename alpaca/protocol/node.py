@@ -38,8 +38,8 @@ from typing import Callable
 
 from . import inner
 from . import fragments, loss
-from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL, KIND_DATA,
-                        KIND_KEEPALIVE, KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
+from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL,
+                        KIND_DATA, KIND_KEEPALIVE, KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
                         PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
                         VNET_HDR_SIZE, WIRE_VERSION)
 from .crypto import (CryptoError, Header, derive_group_key, frame_shards, open_body, open_sealed, rewrite_mutable,
@@ -376,13 +376,15 @@ class Node:
             # (a plain packet is never bigger than the TUN's MTU, unless the
             # MTU changed under us: then it goes whole, as before offloads)
             return [self._seal(kind, dst, key, plaintext, now, flags)]
+        max_shard = self.settings.max_datagram - MASK_SIZE
+        k = fragments.shard_count(len(plaintext) + TAG_SIZE, max_shard)
+        parity = self._parity(dst, k)
+        isal = fragments.uses_isal(k, parity)       # in the authenticated header: the receiver decodes by it
         ts, seq = self._stamp(now)
         raw = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
-                     flags | FLAG_FRAG).pack()
+                     flags | FLAG_FRAG | (FLAG_ISAL if isal else 0)).pack()
         body = seal_body(key, raw, plaintext)
-        max_shard = self.settings.max_datagram - MASK_SIZE
-        shards, k, m = fragments.split(body, max_shard,
-                                       self._parity(dst, fragments.shard_count(len(body), max_shard)))
+        shards, k, m = fragments.split(body, max_shard, parity, isal)
         datagrams = frame_shards(self.group_key, raw, shards, k, m, len(body))
         if m and k > 1:
             # full-size shards first and the short last data shard at the
@@ -436,7 +438,7 @@ class Node:
                 return self._shard_for_me(rkey, f, full, data, addr, now, out)
         vk, flags, src, dst = f[2], f[3], f[4], f[5]
         if (vk >> 4 != WIRE_VERSION or flags & ~KNOWN_FLAGS or vk & 0x0F > KIND_REPORT
-                or (flags & FLAG_BATCH and vk != _DATA_V1)):
+                or (flags & FLAG_BATCH and vk != _DATA_V1) or (flags & FLAG_ISAL and not flags & FLAG_FRAG)):
             self.global_drops[DropReason.MALFORMED] += 1
             return
         # src == me: our own datagram reflected back (or forged); never ours to take
@@ -470,7 +472,7 @@ class Node:
                       out: Output) -> fragments.Reassembly | None:
         length = f[13] << 16 | f[14]
         message, slot, reason = self.reassembly.add(rkey, f[10], f[11], f[12], length, data[MASK_SIZE:],
-                                                    addr, now)
+                                                    addr, now, bool(f[3] & FLAG_ISAL))
         if reason is not None:
             self.global_drops[reason] += 1
         if message is None:
