@@ -74,7 +74,7 @@ class Config:
     padding: int
     control_socket: str | None
     offload: bool = True
-    fec: str = "auto"
+    fec: str = "off"                                # FEC is opt-in (docs/configuration.md)
     peers: tuple[tuple[int, str], ...] = ()         # per-peer settings: (peer ID, fec)
 
     @property

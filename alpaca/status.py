@@ -30,10 +30,10 @@ def _size(n: int) -> str:
 
 def _fec_line(peer: dict) -> str | None:
     """What the peer reports losing of what we send it, and the FEC we add
-    (docs/protocol.md §13); nothing for a peer with `fec: "auto"` that has
-    not reported loss."""
-    loss, fec = peer.get("loss"), peer.get("fec", "auto")
-    if loss is None and fec == "auto":
+    (docs/protocol.md §13); nothing for a peer with `fec` "auto" or "off"
+    that has not reported loss."""
+    loss, fec = peer.get("loss"), peer.get("fec", "off")
+    if loss is None and fec in ("auto", "off"):
         return None
     told = "loss not reported yet" if loss is None else f"loss {100 * loss:.1f} % (reported)"
     if not peer.get("copies"):

@@ -130,5 +130,7 @@ def test_status_table_shows_loss_and_fec_within_80_columns():
     assert max(len(line) for line in table.splitlines()) <= 80
     clean = format_status({**status, "peers": [{**peer, "loss": None, "parity": 0, "copies": 0}]})
     assert "fec" not in clean                 # auto mode, nothing reported: no line
+    default = format_status({**status, "peers": [{**peer, "loss": None, "fec": "off", "parity": 0, "copies": 0}]})
+    assert "fec" not in default               # the default (off), nothing reported: no line
     fixed = format_status({**status, "peers": [{**peer, "loss": 0.0, "fec": "off", "parity": 0, "copies": 0}]})
     assert "  loss 0.0 % (reported); fec off: no parity now" in fixed.splitlines()

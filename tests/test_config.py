@@ -243,6 +243,11 @@ def test_schema_ships_in_package():
     assert SCHEMA_PATH.parent.name == "schema" and SCHEMA_PATH.parent.parent.name == "alpaca"
 
 
+def test_fec_is_off_unless_asked_for(tmp_path):
+    """Like UDPspeeder, FEC is opt-in: parity costs bandwidth (docs/configuration.md)."""
+    assert load_config(write(tmp_path, GOOD)).fec == "off"
+
+
 def test_fec_values():
     for good in ("auto", "off", "20:10", "1:3", "64:64", "8:0"):
         assert problems(fec=good) == [], good

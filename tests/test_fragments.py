@@ -172,8 +172,7 @@ def report_to(sender, receiver, now):
     return reports
 
 
-def test_loss_reports_set_the_senders_parity():
-    client, server = pair()
+def lose_5_percent_and_report(client, server):
     rng = random.Random(11)
     for _ in range(20):
         shards = shards_of(client, super_packet(30_000), T0)
@@ -181,7 +180,12 @@ def test_loss_reports_set_the_senders_parity():
     # once its messages leave reassembly (0.5 s), 1.1 reports what arrived of their shards
     assert report_to(client, server, T0 + 0.2) == []
     assert len(report_to(client, server, T0 + 0.8)) == 1
-    row = next(p for p in client.snapshot(T0 + 3)["peers"] if p["id"] == "1.1")
+    return next(p for p in client.snapshot(T0 + 3)["peers"] if p["id"] == "1.1")
+
+
+def test_loss_reports_set_the_senders_parity():
+    client, server = pair(fec=fragments.AUTO)
+    row = lose_5_percent_and_report(client, server)
     assert 0.02 < row["loss"] < 0.1
     assert row["parity"] >= 3 and row["copies"] >= 1
     shards = shards_of(client, super_packet(), T0 + 3)
@@ -189,8 +193,17 @@ def test_loss_reports_set_the_senders_parity():
                                                 client.settings.max_datagram - MASK_SIZE) + row["parity"]
 
 
-def test_small_packets_get_copies_on_a_lossy_path_and_arrive_once():
+def test_fec_is_off_by_default_yet_the_loss_is_reported():
     client, server = pair()
+    row = lose_5_percent_and_report(client, server)
+    assert 0.02 < row["loss"] < 0.1            # status shows it, so an operator can turn FEC on
+    assert (row["fec"], row["parity"], row["copies"]) == ("off", 0, 0)
+    ping = ZERO_VNET + udp(tun_ip("16.1"), tun_ip("1.1"))
+    assert len(shards_of(client, ping, T0 + 3)) == 1
+
+
+def test_small_packets_get_copies_on_a_lossy_path_and_arrive_once():
+    client, server = pair(fec=fragments.AUTO)
     rng = random.Random(5)
     ping = ZERO_VNET + udp(tun_ip("16.1"), tun_ip("1.1"))
     delivered = 0

@@ -5,8 +5,8 @@ in each direction (veth offloads off, so one verdict drops one datagram).
 A TCP transfer arrives intact, the sender learns the loss from the
 receiver's reports and adds parity (FEC batches; one-datagram messages are
 repeated), and then nearly every ping is answered although ~19 % of plain
-round trips would lose a packet. 1.1 sends to 16.1 with a fixed per-peer
-`fec: "20:10"`.
+round trips would lose a packet. 16.1 has `fec: "auto"`; 1.1 sends to
+16.1 with a fixed per-peer `fec: "20:10"`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def lossy(tmp_path_factory):
         # 1.1 protects what it sends 16.1 with a fixed ratio from the first packet (per-peer `fec`)
         mesh.add("s1", 1, {"id": "1.1", "mode": "server", "peers": {"16.1": {"fec": "20:10"}}},
                  servers + [mesh.line("16.1", None)])
-        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1"}, servers + [mesh.line("16.1", None)])
+        # 16.1 sizes parity from 1.1's loss reports (`fec: "auto"`; the default is "off")
+        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1", "fec": "auto"},
+                 servers + [mesh.line("16.1", None)])
         for host in ("s1", "c1"):
             tb.run(host, ["ethtool", "-K", "eth0", "gso", "off", "tso", "off", "gro", "off",
                           "tx-udp-segmentation", "off"])

@@ -82,9 +82,9 @@ class NodeSettings:
     # does; offloads on or off): super-packets are sealed whole and sent as shards
     vnet: bool = False
     mtu: int = 1400
-    # FEC (docs/protocol.md §12): fragments.AUTO (parity from the peer's loss
-    # reports), None (off) or a fixed (K, M) ratio; per peer ID in peer_fec
-    fec: str | tuple[int, int] | None = fragments.AUTO
+    # FEC (docs/protocol.md §13): None (off, the default), fragments.AUTO (parity
+    # from the peer's loss reports) or a fixed (K, M) ratio; per peer ID in peer_fec
+    fec: str | tuple[int, int] | None = None
     peer_fec: dict = field(default_factory=dict)
 
     @property
