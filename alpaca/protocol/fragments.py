@@ -311,9 +311,12 @@ class Reassembler:
 
 
 SMALL_LIMIT = 12           # parity shards a message of few shards may get (what it costs is small)
+# A lost message is one congestion event for TCP (a hole of up to 47 segments):
+# CUBIC at tens of ms RTT needs them rarer than 1 a second (docs/protocol.md §13)
+MESSAGE_LOSS_TARGET = 0.0001
 
 
-def parity_for(loss: float, k: int, target: float = 0.002, limit: int | None = None) -> int:
+def parity_for(loss: float, k: int, target: float = MESSAGE_LOSS_TARGET, limit: int | None = None) -> int:
     """Fewest parity shards m such that a message of k data shards is lost
     (more than m of k+m shards lost, independent loss `loss`) with
     probability <= target. 0 on a clean path; at most `limit`, by default
