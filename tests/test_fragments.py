@@ -189,8 +189,9 @@ def test_loss_reports_set_the_senders_parity():
     assert 0.02 < row["loss"] < 0.1
     assert row["parity"] >= 3 and row["copies"] >= 1
     shards = shards_of(client, super_packet(), T0 + 3)
-    assert len(shards) == fragments.shard_count(60_000 + 40 + VNET_HDR_SIZE + 16,
-                                                client.settings.max_datagram - MASK_SIZE) + row["parity"]
+    k = fragments.shard_count(60_000 + 40 + VNET_HDR_SIZE + 16, client.settings.max_datagram - MASK_SIZE)
+    assert len(shards) == k + fragments.parity_for(row["loss"], k) and row["parity"] == client.loss.parity(
+        pid("1.1"), client.loss.k)
 
 
 def test_fec_is_off_by_default_yet_the_loss_is_reported():
@@ -236,9 +237,10 @@ def test_a_malformed_report_is_counted_and_changes_nothing():
     assert client.snapshot(T0)["peers"][0]["loss"] is None
 
 
-@pytest.mark.parametrize("loss,k,expected", [(0.0, 47, 0), (0.01, 47, 3), (0.05, 47, 8), (0.3, 47, 38),
-                                             (0.6, 47, 47), (0.0003, 1, 0), (0.01, 1, 1), (0.05, 1, 2),
-                                             (0.3, 1, 5), (0.09, 47, 12), (0.3, 8, 12), (0.5, 1, 8)])
+# docs/protocol.md §13's table: P(message lost) <= 0.01 %, within max(k, 12)
+@pytest.mark.parametrize("loss,k,expected", [(0.0, 47, 0), (0.01, 47, 5), (0.05, 47, 11), (0.3, 47, 44),
+                                             (0.6, 47, 47), (0.0003, 1, 0), (0.01, 1, 1), (0.05, 1, 3),
+                                             (0.3, 1, 7), (0.09, 47, 15), (0.3, 8, 12), (0.5, 1, 12)])
 def test_parity_for_loss(loss, k, expected):
     assert fragments.parity_for(loss, k) == expected
 
