@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, config_warnings, load_config
 from .protocol.ids import TunnelNet, format_id
 from .secrets import PeerSecret, load_secrets
 
@@ -68,6 +68,8 @@ def run_check(config_path: Path) -> int:
         config = None
     secrets: dict[int, PeerSecret] = {}
     if config is not None:
+        for warning in config_warnings(config):
+            print(f"warning: {warning}")
         try:
             secrets, secret_problems, warnings = load_secrets(config.secret_file)
             problems += [str(p) for p in secret_problems]

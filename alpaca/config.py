@@ -20,7 +20,7 @@ from pathlib import Path
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from alpaca.protocol.fragments import parse_fec
+from alpaca.protocol.fec import parse_fec
 from alpaca.protocol.ids import IdError, format_id, parse_id, parse_net
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.json"
@@ -379,6 +379,20 @@ def load_config(path: str | Path) -> Config:
         fec=d["fec"],
         peers=tuple(sorted((parse_id(k), v["fec"]) for k, v in d["peers"].items() if "fec" in v)),
     )
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What is allowed but worth changing, one line each: the daemon logs these at
+    start and `alpaca-tunnel check` prints them."""
+    out = []
+    if config.group == schema_defaults()["group"]:
+        # every datagram is authenticated by a pair key whatever the group; the group
+        # name only hides the headers, so a guessable one is a privacy loss, not a hole
+        out.append(f'{config.path}: group is "{config.group}": anyone who guesses it can read the peer IDs '
+                   "and timing in packet headers (not their contents); set a group name of your own")
+    if config.virtual_net is not None:
+        out.append(f"{config.path}: virtual_net is accepted for compatibility but has no effect yet")
+    return out
 
 
 def default_config_path(executable: str) -> Path:

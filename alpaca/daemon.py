@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 
 from .check import cross_problems
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, config_warnings, load_config
 from .control import ControlError, ControlServer, socket_path
 from .hooks import HookError, run_hooks
 from .nat import NatError
 from .notify import Notifier
 from .protocol.drops import GLOBAL_DROPS, DropReason
-from .protocol import fragments
-from .protocol.fragments import parse_fec
+from .protocol import fec
+from .protocol.fec import parse_fec
 from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
@@ -174,11 +174,11 @@ class Daemon:
             log.warning("undid %d changes (rules, routes, sysctls) left by an earlier run that did not stop cleanly",
                     removed)
         peers = read_secrets(cfg, at_start=True)
-        codec = fragments.codec_problem()
+        codec = fec.codec_problem()
         if codec:
             raise StartError(codec)
-        if cfg.virtual_net is not None:
-            log.warning("virtual_net is accepted for compatibility but has no effect yet")
+        for warning in config_warnings(cfg):
+            log.warning("%s", warning)
         net = TunnelNet(cfg.net)
         self._hook_env = {"ALPACA_TUN": cfg.name, "ALPACA_ID": format_id(cfg.id), "ALPACA_MODE": cfg.mode,
                           "ALPACA_NET": str(net.network)}

@@ -8,7 +8,7 @@
 #                                       the project and its PyPI dependencies
 #   /usr/bin/alpaca-tunnel              -> /opt/alpaca-tunnel/bin/alpaca-tunnel
 #   /lib/systemd/system/alpaca-tunnel.service, alpaca-tunnel@.service
-#   /etc/alpaca-tunnel.d/config.json, secrets.txt (0600)      conffiles
+#   /etc/alpaca-tunnel.d/config.json (0640), secrets.txt (0600)    conffiles, root:root
 #   /usr/share/doc/alpaca-tunnel/       README.md, docs/, README.Debian, copyright
 #
 # The venv is created at its final path, /opt/alpaca-tunnel, inside a private mount namespace
@@ -134,7 +134,8 @@ mkdir -p "$STAGE/usr/bin" "$STAGE/lib/systemd/system" "$STAGE/etc/alpaca-tunnel.
 ln -s "$PREFIX/bin/alpaca-tunnel" "$STAGE/usr/bin/alpaca-tunnel"
 install -m 0644 "$SRC/systemd/alpaca-tunnel.service" "$SRC/systemd/alpaca-tunnel@.service" \
     "$STAGE/lib/systemd/system/"
-install -m 0644 "$SRC/etc/alpaca-tunnel.d/config.json" "$STAGE/etc/alpaca-tunnel.d/config.json"
+# not a key, but it names the group, which hides the packet headers: not for every local user
+install -m 0640 "$SRC/etc/alpaca-tunnel.d/config.json" "$STAGE/etc/alpaca-tunnel.d/config.json"
 install -m 0600 "$SRC/etc/alpaca-tunnel.d/secrets.txt" "$STAGE/etc/alpaca-tunnel.d/secrets.txt"
 DOC=$STAGE/usr/share/doc/$PKG
 install -m 0644 "$SRC/README.md" "$DOC/README.md"
@@ -213,19 +214,24 @@ printf '%s\n' /etc/alpaca-tunnel.d/config.json /etc/alpaca-tunnel.d/secrets.txt 
 
 cat > "$STAGE/DEBIAN/postinst" <<'EOF'
 #!/bin/sh
-# alpaca-tunnel postinst: keep the keys private, tell systemd about the units.
+# alpaca-tunnel postinst: keep the keys and the group name private, tell systemd about the units.
 # The service is NOT enabled or started: the shipped config holds example keys.
 set -e
-SECRETS=/etc/alpaca-tunnel.d/secrets.txt
-if [ "$1" = configure ]; then
-    if [ -f "$SECRETS" ]; then
-        if [ -z "$2" ]; then
-            chown root:root "$SECRETS"          # first install: exactly root:root 0600
-            chmod 0600 "$SECRETS"
-        else
-            chmod go-rwx "$SECRETS"             # upgrade: never loosen an admin's choice
-        fi
+# private FILE MODE TIGHTER PREVIOUS_VERSION: on first install exactly root:root MODE;
+# on an upgrade only chmod TIGHTER: never loosen an admin's choice
+private() {
+    [ -f "$1" ] || return 0
+    if [ -z "$4" ]; then
+        chown root:root "$1"
+        chmod "$2" "$1"
+    else
+        chmod "$3" "$1"
     fi
+}
+if [ "$1" = configure ]; then
+    private /etc/alpaca-tunnel.d/secrets.txt 0600 go-rwx "$2"
+    # not a key, but it names the group, which hides the packet headers
+    private /etc/alpaca-tunnel.d/config.json 0640 o-rwx "$2"
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload >/dev/null 2>&1 || true
         if [ -n "$2" ]; then

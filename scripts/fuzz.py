@@ -60,7 +60,7 @@ for _p in (ROOT, ROOT / "tests"):
 
 import protocol_helpers as ph  # tests/protocol_helpers.py
 
-from alpaca.protocol import crypto
+from alpaca.protocol import crypto, wire
 from alpaca.protocol.constants import (
     DEFAULT_TTL,
     FLAG_FRAG,
@@ -73,7 +73,7 @@ from alpaca.protocol.constants import (
     SEQ_LIMIT,
     TAG_SIZE,
 )
-from alpaca.protocol.crypto import MUTABLE_BYTES, Header
+from alpaca.protocol.wire import MUTABLE_BYTES, Header
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.node import Node, NodeSettings
 from alpaca.protocol.peers import PeerEntry
@@ -114,7 +114,7 @@ FAMILIES = (
 OUTCOMES = ("delivered", "relayed", "consumed", "dropped")
 UNAUTH_REASONS = (DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE,
                   # what a well-formed shard header can meet before any authentication
-                  DropReason.DUPLICATE_SHARD, DropReason.REASSEMBLY_FULL, DropReason.TTL, DropReason.NO_PATH)
+                  DropReason.REASSEMBLY_FULL, DropReason.TTL, DropReason.NO_PATH)
 # an unauthenticated input whose header is a well-formed shard's (docs/protocol.md
 # "Fragments"): held for reassembly (counted as incomplete when it expires), or
 # relayed by header at a relay. Neither changes per-peer state.
@@ -307,7 +307,7 @@ class Harness:
         tail = datagram[MUTABLE_BYTES:]
         if tail in self.sealed:
             return                       # a delayed or multi-path copy: same bytes
-        h, _ = crypto.peek(self.group_key, datagram)
+        h, _ = wire.peek(self.group_key, datagram)
         ident = (h.src, h.dst, h.session, h.ts, h.seq)
         if h.src != ph.pid(sender):
             raise Violation(f"{sender} sealed a datagram with src {h.src}")
@@ -458,7 +458,7 @@ class Harness:
                 pair = crypto.derive_pair_key(self.other_group_key, self.psk_keys[bigger], header.src, header.dst)
             else:                # the right pair key, masked with the wrong group key
                 pair = crypto.derive_pair_key(self.group_key, self.psk_keys[bigger], header.src, header.dst)
-            data = crypto.seal(self.other_group_key, pair, header, payload)
+            data = wire.seal(self.other_group_key, pair, header, payload)
             return self._receiver(s, ADDR[dst]), data, ADDR[src], None
         if family == "wrong_key":
             src, dst = self._pair(s)
@@ -479,12 +479,12 @@ class Harness:
                 wrong += "!"
             pair = crypto.derive_pair_key(self.group_key, crypto.derive_psk_key(wrong), header.src, header.dst)
             name = self._receiver(s, ADDR[dst])
-            return name, crypto.seal(self.group_key, pair, header, payload), ADDR[src], self._no_key_reason(
+            return name, wire.seal(self.group_key, pair, header, payload), ADDR[src], self._no_key_reason(
                 name, header.src, header.dst, DropReason.AUTH_FAILURE)
         if family == "bad_body":
             if s.chance(0.5):      # the exact header of a real datagram
                 datagram, frm, to = self._some_real(s)
-                header = crypto.peek(self.group_key, datagram)[0]
+                header = wire.peek(self.group_key, datagram)[0]
                 length = len(datagram) - HEADER_SIZE
                 name = self._receiver(s, to)
             else:                  # a fresh valid header

@@ -99,6 +99,16 @@ def test_check_world_readable_secrets_warns(tmp_path):
     assert "world-readable" in r.stdout and "chmod 600" in r.stdout
 
 
+def test_check_warns_about_the_default_group(tmp_path):
+    r = check(tmp_path, {k: v for k, v in GOOD.items() if k != "group"})
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stdout.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f'warning: {tmp_path / "config.json"}: group is "default": anyone who guesses it can '
+                        "read the peer IDs and timing in packet headers (not their contents); "
+                        "set a group name of your own"], r.stdout
+    assert "warning" not in check(tmp_path, GOOD).stdout
+
+
 def test_status_without_daemon(tmp_path):
     r = run("status", "-C", str(write(tmp_path, {**GOOD, "control_socket": str(tmp_path / "none.sock")})))
     assert r.returncode == 1

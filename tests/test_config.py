@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
-from alpaca.config import (ChnRoute, ConfigError, SCHEMA_PATH, default_config_path,
+from alpaca.config import (ChnRoute, ConfigError, SCHEMA_PATH, config_warnings, default_config_path,
                            load_config, load_schema, schema_defaults, validate_config)
 
 GOOD = {"id": "16.1", "gateway": "1.1"}
@@ -241,6 +241,19 @@ def test_example_config_is_valid():
 
 def test_schema_ships_in_package():
     assert SCHEMA_PATH.parent.name == "schema" and SCHEMA_PATH.parent.parent.name == "alpaca"
+
+
+def test_default_group_warns_once(tmp_path):
+    """The group name only hides headers (pair keys authenticate everything), so a
+    guessable one is worth a warning, not a refusal."""
+    path = write(tmp_path, GOOD)
+    warning = (f'{path}: group is "default": anyone who guesses it can read the peer IDs and timing '
+               "in packet headers (not their contents); set a group name of your own")
+    assert config_warnings(load_config(path)) == [warning]                      # key missing
+    assert config_warnings(load_config(write(tmp_path, {**GOOD, "group": "default"}))) == [warning]
+    assert config_warnings(load_config(write(tmp_path, {**GOOD, "group": "Yx3-home"}))) == []
+    assert config_warnings(load_config(write(tmp_path, {**GOOD, "group": "g", "virtual_net": "10.18"}))) == [
+        f"{path}: virtual_net is accepted for compatibility but has no effect yet"]
 
 
 def test_fec_is_off_unless_asked_for(tmp_path):

@@ -23,19 +23,8 @@ from alpaca.protocol.constants import (
     TAG_SIZE,
     WIRE_VERSION,
 )
-from alpaca.protocol.crypto import (
-    MUTABLE_BYTES,
-    CryptoError,
-    Header,
-    derive_group_key,
-    derive_pair_key,
-    derive_psk_key,
-    genkey,
-    open_sealed,
-    peek,
-    rewrite_mutable,
-    seal,
-)
+from alpaca.protocol.crypto import CryptoError, derive_group_key, derive_pair_key, derive_psk_key, genkey
+from alpaca.protocol.wire import MUTABLE_BYTES, Header, open_sealed, peek, rewrite_mutable, seal
 
 # ---------------------------------------------------------------- known vectors
 V_GROUP = "example"

@@ -17,9 +17,9 @@ import random
 from protocol_helpers import T0, addr, header_of, make_node, pid, tun_ip, udp
 from test_fragments import super_packet
 
-from alpaca.protocol import fragments
+from alpaca.protocol import fec as fragments
 from alpaca.protocol.constants import FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_REPORT
-from alpaca.protocol.crypto import peek_shard
+from alpaca.protocol.wire import peek_shard
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.node import ZERO_VNET
 

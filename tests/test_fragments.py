@@ -15,10 +15,10 @@ import struct
 import pytest
 from protocol_helpers import T0, Wire, addr, header_of, make_node, name, pid, tcp, tun_ip, udp
 
-from alpaca.protocol import fragments
+from alpaca.protocol import fec as fragments
 from alpaca.protocol.constants import (FLAG_FRAG, FLAG_VNET, KIND_REPORT, MASK_SIZE, REASSEMBLY_TIMEOUT,
                                        REPORT_INTERVAL, VNET_HDR_SIZE)
-from alpaca.protocol.crypto import peek_shard
+from alpaca.protocol.wire import peek_shard
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.node import ZERO_VNET
 

@@ -28,7 +28,7 @@ from protocol_helpers import (
 )
 
 from alpaca.protocol.constants import FLAG_FRAG, HEADER_SIZE
-from alpaca.protocol.crypto import MUTABLE_BYTES
+from alpaca.protocol.wire import MUTABLE_BYTES
 
 def held_shards(node) -> int:
     return (sum(len(slot.shards) for slot in node.reassembly.slots.values())

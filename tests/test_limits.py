@@ -43,14 +43,8 @@ from alpaca.protocol.constants import (
     REPLAY_WINDOW,
     SEQ_LIMIT,
 )
-from alpaca.protocol.crypto import (
-    Header,
-    derive_group_key,
-    derive_pair_key,
-    derive_psk_key,
-    genkey,
-    seal,
-)
+from alpaca.protocol.crypto import derive_group_key, derive_pair_key, derive_psk_key, genkey
+from alpaca.protocol.wire import Header, seal
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.ids import format_id
 from alpaca.protocol.node import Node, NodeSettings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from alpaca.protocol import loss
-from alpaca.protocol.fragments import parity_for
+from alpaca.protocol.fec import parity_for
 from alpaca.protocol.loss import BadReport, LossMeter
 
 T = 1_700_000_000

@@ -54,7 +54,8 @@ from alpaca.protocol.constants import (
     REPLAY_WINDOW,
     SYN_DNS_COPY_DELAY,
 )
-from alpaca.protocol.crypto import Header, derive_group_key, seal
+from alpaca.protocol.crypto import derive_group_key
+from alpaca.protocol.wire import Header, seal
 from alpaca.protocol.drops import DropReason
 
 UP = udp(tun_ip("16.1"), INTERNET)                  # a client's packet to the internet

@@ -282,6 +282,8 @@ def test_deb_in_clean_debian(debian):
         "#!/opt/alpaca-tunnel/bin/python")
     st = ct.ctl("stat", "-c", "%a %U %G", "/etc/alpaca-tunnel.d/secrets.txt").stdout.split()
     assert st == ["600", "root", "root"], st
+    st = ct.ctl("stat", "-c", "%a %U %G", "/etc/alpaca-tunnel.d/config.json").stdout.split()
+    assert st == ["640", "root", "root"], st      # names the group: not for every local user
     conffiles = ct.ctl("dpkg-query", "-W", "-f=${Conffiles}", "alpaca-tunnel").stdout
     assert "/etc/alpaca-tunnel.d/config.json" in conffiles and "/etc/alpaca-tunnel.d/secrets.txt" in conffiles
     # postinst reloaded systemd but neither enabled nor started the service (example keys)
@@ -321,11 +323,14 @@ def test_deb_in_clean_debian(debian):
     assert ct.ctl("systemctl", "reload", "alpaca-tunnel").returncode == 0
     assert wait_for(lambda: ct.show("ActiveState") == "active", 10) and ct.show("MainPID") == pid
 
-    # reinstalling (as an upgrade would) keeps the edited conffiles and restarts a running daemon
+    # reinstalling (as an upgrade would) keeps the edited conffiles and restarts a running daemon;
+    # it never loosens the modes an admin chose
+    assert ct.ctl("chmod", "600", "/etc/alpaca-tunnel.d/config.json").returncode == 0
     r = ct.ctl("dpkg", "-i", debian["deb"], timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert json.loads(ct.ctl("cat", "/etc/alpaca-tunnel.d/config.json").stdout) == config
     assert ct.ctl("stat", "-c", "%a", "/etc/alpaca-tunnel.d/secrets.txt").stdout.strip() == "600"
+    assert ct.ctl("stat", "-c", "%a", "/etc/alpaca-tunnel.d/config.json").stdout.strip() == "600"
     assert wait_for(lambda: ct.show("ActiveState") == "active" and ct.show("MainPID") not in ("0", pid), 30), \
         ct.journal()[-3000:]
 

@@ -39,7 +39,8 @@ from conftest import PY, Mesh, can_run_tier3, unique_prefix
 
 from alpaca.control import ControlError, query
 from alpaca.protocol.constants import KIND_DATA, REPLAY_WINDOW
-from alpaca.protocol.crypto import derive_group_key, peek
+from alpaca.protocol.crypto import derive_group_key
+from alpaca.protocol.wire import peek
 from alpaca.protocol.ids import parse_id
 from alpaca.testbed import Testbed, wait_for
 

@@ -6,7 +6,9 @@ this implementation behaves and may be adjusted freely.
 """
 
 # ---------------------------------------------------------------- protocol
-WIRE_VERSION = 1
+# 2: shards carry their own sequence number and an 8-byte MAC (docs/protocol.md §12);
+# a datagram of another version is dropped as wrong_version and logged once a minute
+WIRE_VERSION = 2
 
 HEADER_SIZE = 26          # see docs/protocol.md for the byte layout
 TAG_SIZE = 16             # Poly1305 tag, last bytes of every datagram
@@ -23,11 +25,14 @@ VNET_HDR_SIZE = 10        # struct virtio_net_hdr
 FRAG_HEADER_SIZE = 6      # shard index, data shards k, parity shards m, message length (24 bits)
 MASK_SIZE = HEADER_SIZE + FRAG_HEADER_SIZE
 MAX_SHARDS = 255          # k + m, one byte each on the wire
+MAX_DATA_SHARDS = 128     # k: the cost of a decode grows with it (at mtu 576 a 64 KiB message is ~120)
+MAX_MESSAGE = 65536 + 64  # bytes of a message sealed as shards: 64 KiB, virtio_net_hdr and tag
 
 SEQ_BITS = 20             # per-second sequence number (SPEC §4)
 SEQ_LIMIT = 1 << SEQ_BITS  # datagrams per second per sender before borrowing the next second
 
 DEFAULT_TTL = 8           # hops a datagram may take; forwarders decrement it
+MAX_TTL = 16              # a relay never sends a datagram on with more hops left than this
 PATH_DIRECT = 0           # path byte set by the origin
 PATH_RELAYED = 1          # path byte set by a forwarder that relayed the datagram
 
@@ -47,6 +52,9 @@ REPLAY_WINDOW = 5
 KIND_DATA = 0
 KIND_KEEPALIVE = 1
 KIND_REPORT = 2           # receiver -> sender: shards received / expected (loss)
+KIND_CHALLENGE = 3        # "prove your session is live": 16 random bytes (docs/protocol.md §5)
+KIND_RESPONSE = 4         # the challenge's 16 bytes, sealed with the responder's current session
+KIND_MAX = KIND_RESPONSE
 
 # ---------------------------------------------------------------- tuning
 KEEPALIVE_INTERVAL = 4.0  # < PATH_LIFETIME so an idle client's paths stay live
@@ -58,6 +66,8 @@ MAX_SESSIONS_PER_PEER = 8  # sender restarts remembered inside the replay window
 # so without a cap it could make a relay keep a window per peer in the table
 MAX_WINDOWS_PER_PEER = 16
 REASSEMBLY_TIMEOUT = 0.5  # a fragmented message still incomplete after this is dropped
-REASSEMBLY_PER_PEER = 64  # messages being reassembled per (src, dst)
+REASSEMBLY_PER_PEER = 64  # messages being reassembled per source peer
 REASSEMBLY_TOTAL = 512    # ... and in all (each up to ~64 KiB + parity)
+REASSEMBLY_PEER_BYTES = 8 << 20   # chunk bytes held per source peer
+REASSEMBLY_BYTES = 32 << 20       # ... and in all
 REPORT_INTERVAL = 0.5     # loss reports to each peer that sent us shards

@@ -1,19 +1,16 @@
-"""Key derivation and the sealed datagram (docs/protocol.md).
+"""Keys and the cryptographic primitives of the protocol (docs/protocol.md §3-4).
 
 Keys (all BLAKE2b via PyNaCl's crypto_generichash):
   group key  = BLAKE2b(group name, person "alpaca-group")         hides headers
   psk key    = BLAKE2b(whole secrets.txt key string, "alpaca-psk")
   pair key   = BLAKE2b(group key | min ID | max ID,
                        key = psk key of the bigger ID, "alpaca-pair")
+  shard key  = BLAKE2b-128(pair key, person "alpaca-shard")       per-shard MACs
 
-A datagram is  mask(header) | XChaCha20-Poly1305(plaintext) | tag.  The header
-is the AEAD's associated data except its first two bytes (TTL and path), which
-forwarders rewrite. The whole header is XORed with the first 26 bytes of
-BLAKE2b-256(tag, key = group key, person "alpaca-mask") so that an outsider
-sees only random bytes. A message too big for one datagram (a TUN
-super-packet) is sealed once and travels as shards, each masked the same way
-with its own last 16 bytes as the sample over header + 6-byte sub-header
-(docs/protocol.md §12, fragments.py).
+Primitives: XChaCha20-Poly1305 (every whole datagram and every message sent
+as shards), SipHash-2-4 (the 8-byte MAC of each shard, checked before the
+shard is kept, counted or relayed) and keyed BLAKE2b-256 (header masks).
+How they are laid out in a datagram is wire.py's business.
 """
 
 from __future__ import annotations
@@ -22,23 +19,21 @@ import base64
 import hashlib
 import os
 import struct
-from typing import NamedTuple
 
 from nacl import bindings as sodium
 from nacl._sodium import ffi, lib
 from nacl.exceptions import CryptoError
 
-from .constants import FRAG_HEADER_SIZE, HEADER_SIZE, MASK_SIZE, TAG_SIZE, WIRE_VERSION
-
 _PERSON_GROUP = b"alpaca-group".ljust(16, b"\0")
 _PERSON_PSK = b"alpaca-psk".ljust(16, b"\0")
 _PERSON_PAIR = b"alpaca-pair".ljust(16, b"\0")
 _PERSON_MASK = b"alpaca-mask".ljust(16, b"\0")
+_PERSON_SHARD = b"alpaca-shard".ljust(16, b"\0")
 
-_HEADER = struct.Struct(">BBBBHH8sIIH")
-assert _HEADER.size == HEADER_SIZE
-MUTABLE_BYTES = 2   # TTL and path: the only header bytes a forwarder may change
-_NONCE_PAD = bytes(sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES - 20)
+TAG_SIZE = 16                # Poly1305
+MAC_SIZE = 8                 # SipHash-2-4
+MASK_BYTES = 32              # one BLAKE2b-256 output masks header and shard sub-header
+NONCE_SIZE = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 
 
 def _blake2b(data: bytes, person: bytes, key: bytes = b"", size: int = 32) -> bytes:
@@ -59,33 +54,15 @@ def derive_pair_key(group_key: bytes, psk_key_of_bigger: bytes, id_a: int, id_b:
     return _blake2b(group_key + struct.pack(">HH", lo, hi), _PERSON_PAIR, key=psk_key_of_bigger)
 
 
+def derive_shard_key(pair_key: bytes) -> bytes:
+    """The SipHash key of a pair's shard MACs: one key per purpose, so a MAC
+    can never be confused with anything the AEAD computes."""
+    return _blake2b(b"", _PERSON_SHARD, key=pair_key, size=16)
+
+
 def genkey() -> str:
     """A new pre-shared key: 32 random bytes, base64url without padding (43 chars)."""
     return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode()
-
-
-class Header(NamedTuple):
-    """A tuple, not a dataclass: one is built for every datagram received."""
-    ttl: int
-    path: int
-    kind: int
-    src: int
-    dst: int
-    session: bytes   # 8 random bytes chosen by the sender at start
-    ts: int          # sender's clock, whole seconds
-    seq: int         # per-second sequence, < 2**20
-    pad: int = 0     # padding bytes at the end of the plaintext
-    flags: int = 0   # FLAG_VNET | FLAG_FRAG (constants.py)
-    version: int = WIRE_VERSION
-
-    def pack(self) -> bytes:
-        return _HEADER.pack(self.ttl, self.path, (self.version << 4) | self.kind, self.flags,
-                            self.src, self.dst, self.session, self.ts, self.seq, self.pad)
-
-    @classmethod
-    def unpack(cls, raw: bytes) -> "Header":
-        ttl, path, vk, flags, src, dst, session, ts, seq, pad = _HEADER.unpack(raw)
-        return cls(ttl, path, vk & 0x0F, src, dst, session, ts, seq, pad, flags, vk >> 4)
 
 
 # The per-datagram calls go straight to libsodium through PyNaCl's own cffi
@@ -94,157 +71,52 @@ class Header(NamedTuple):
 # (docs/benchmarks.md). Same functions, same results (tests/test_crypto.py
 # pins vectors made with nacl.bindings).
 _LEN_OUT = ffi.new("unsigned long long *")
+_MAC_OUT = ffi.new("unsigned char[8]")
+_MAC_VIEW = ffi.buffer(_MAC_OUT)
 
 
-class _Masker:
-    """Header masks under one group key: keyed BLAKE2b-256 of the sample.
-    hashlib's BLAKE2b (the same function as libsodium's) can hash the key
-    block once and copy that state per datagram: 0.4 us instead of 1.4 us,
-    once per shard on both ends."""
-    __slots__ = ("keyed",)
-
-    def __init__(self, group_key: bytes):
-        self.keyed = hashlib.blake2b(digest_size=MASK_SIZE, key=group_key, person=_PERSON_MASK)
-
-    def mask(self, sample) -> int:
-        h = self.keyed.copy()
-        h.update(sample)
-        return int.from_bytes(h.digest(), "big")
-
-
-_maskers: dict[bytes, _Masker] = {}
-
-
-def _masker(group_key: bytes) -> _Masker:
-    masker = _maskers.get(group_key)
-    if masker is None:
-        if len(_maskers) > 16:
-            _maskers.clear()
-        masker = _maskers[group_key] = _Masker(group_key)
-    return masker
-
-
-def header_mask(group_key: bytes, tag: bytes) -> int:
-    """The mask of the 26-byte header: the first 26 of the 32 mask bytes."""
-    return _masker(group_key).mask(tag) >> (8 * FRAG_HEADER_SIZE)
-
-
-def _xor(raw: bytes, mask: int) -> bytes:
-    return (int.from_bytes(raw, "big") ^ mask).to_bytes(HEADER_SIZE, "big")
-
-
-def seal(group_key: bytes, pair_key: bytes, header: Header, plaintext: bytes) -> bytes:
-    return seal_raw(group_key, pair_key, header.pack(), plaintext)
-
-
-def seal_raw(group_key: bytes, pair_key: bytes, raw: bytes, plaintext: bytes) -> bytes:
-    """raw: the packed, unmasked header."""
-    nonce = raw[4:24] + _NONCE_PAD      # src, dst, session, ts, seq: unique per key
-    out = bytearray(HEADER_SIZE + len(plaintext) + TAG_SIZE)
+def aead_seal_into(out, offset: int, plaintext, aad: bytes, nonce: bytes, key: bytes) -> None:
+    """XChaCha20-Poly1305: ciphertext + tag written into out[offset:]."""
     lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        ffi.from_buffer(out) + HEADER_SIZE, _LEN_OUT, plaintext, len(plaintext),
-        raw[MUTABLE_BYTES:], HEADER_SIZE - MUTABLE_BYTES, ffi.NULL, nonce, pair_key)
-    out[:HEADER_SIZE] = _xor(raw, header_mask(group_key, bytes(out[-TAG_SIZE:])))
-    return bytes(out)
+        ffi.from_buffer(out) + offset, _LEN_OUT, plaintext, len(plaintext),
+        aad, len(aad), ffi.NULL, nonce, key)
 
 
-def peek(group_key: bytes, datagram: bytes) -> tuple[Header, int]:
-    """Unmask the header (no authentication yet). Returns it and the mask."""
-    header, mask, _ = peek_shard(group_key, datagram)
-    return header, mask
-
-
-# header and sub-header as one struct; the 24-bit length is hi byte + lo u16
-_CLEAR = struct.Struct(">BBBBHH8sIIHBBBBH")
-
-
-def unmask(group_key: bytes, datagram: bytes, clear: int | None = None, full: int | None = None) -> tuple[tuple, int]:
-    """The 32 masked bytes in clear, as fields (ttl, path, version<<4|kind,
-    flags, src, dst, session, ts, seq, pad, index, k, m, length_hi,
-    length_lo), and the whole mask. No authentication yet. `clear` and
-    `full`: what the caller already computed (unmask_int)."""
-    if clear is None:
-        clear, full = unmask_int(_masker(group_key).mask, datagram)
-    return _CLEAR.unpack(clear.to_bytes(MASK_SIZE, "big")), full
-
-
-def unmask_int(mask, datagram: bytes) -> tuple[int, int]:
-    """(the 32 masked bytes in clear, the mask), both as ints."""
-    full = mask(datagram[-TAG_SIZE:])
-    return int.from_bytes(datagram[:MASK_SIZE], "big") ^ full, full
-
-
-def keyed_mask_state(group_key: bytes):
-    """The keyed BLAKE2b state masks start from (copy, update with the
-    sample, digest), for a loop that inlines _Masker.mask."""
-    return _masker(group_key).keyed
-
-
-def peek_shard(group_key: bytes, datagram: bytes) -> tuple[Header, int, bytes]:
-    """Like peek, plus the unmasked fragment sub-header (meaningful only when
-    the header has FLAG_FRAG)."""
-    f, full = unmask(group_key, datagram)
-    header = Header(f[0], f[1], f[2] & 0x0F, f[4], f[5], f[6], f[7], f[8], f[9], f[3], f[2] >> 4)
-    sub = bytes((f[10], f[11], f[12], f[13])) + f[14].to_bytes(2, "big")
-    return header, full >> (8 * FRAG_HEADER_SIZE), sub
-
-
-def seal_body(pair_key: bytes, raw: bytes, plaintext: bytes) -> bytearray:
-    """Ciphertext and tag of a message that will travel as shards (one AEAD
-    call for the whole message; the header is not attached)."""
-    out = bytearray(len(plaintext) + TAG_SIZE)
-    lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        ffi.from_buffer(out), _LEN_OUT, plaintext, len(plaintext),
-        raw[MUTABLE_BYTES:], HEADER_SIZE - MUTABLE_BYTES, ffi.NULL, raw[4:24] + _NONCE_PAD, pair_key)
-    return out
-
-
-def frame_shards(group_key: bytes, raw: bytes, shards: list, k: int, m: int, length: int) -> list[bytes]:
-    """The shard datagrams of one message: header and sub-header (index, k,
-    m, length) masked with each shard's last 16 bytes as the sample, as a
-    whole datagram is masked with its tag."""
-    base = int.from_bytes(raw, "big") << (8 * FRAG_HEADER_SIZE) | k << 32 | m << 24 | length
-    keyed, from_bytes = _masker(group_key).keyed, int.from_bytes
-    out = []
-    for index, shard in enumerate(shards):     # _Masker.mask inlined: once per shard
-        h = keyed.copy()
-        h.update(shard[-TAG_SIZE:])
-        out.append(((base | index << 40) ^ from_bytes(h.digest(), "big")).to_bytes(MASK_SIZE, "big") + shard)
-    return out
-
-
-def open_body(pair_key: bytes, header: Header, body) -> bytes:
-    """Authenticate and decrypt a reassembled message (ciphertext + tag)."""
-    raw = header.pack()
+def aead_open(body, aad: bytes, nonce: bytes, key: bytes) -> bytes:
+    """Authenticate and decrypt ciphertext + tag; raises CryptoError when the tag fails."""
     clen = len(body)
     if clen < TAG_SIZE:
         raise CryptoError("Decryption failed. Ciphertext failed verification")
     out = bytearray(clen - TAG_SIZE)
     if lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
             ffi.from_buffer(out), _LEN_OUT, ffi.NULL, ffi.from_buffer(body), clen,
-            raw[MUTABLE_BYTES:], HEADER_SIZE - MUTABLE_BYTES, raw[4:24] + _NONCE_PAD, pair_key) != 0:
+            aad, len(aad), nonce, key) != 0:
         raise CryptoError("Decryption failed. Ciphertext failed verification")
     return bytes(out)
 
 
-def open_sealed(pair_key: bytes, header: Header, datagram: bytes) -> bytes:
-    """Authenticate and decrypt; raises nacl CryptoError when the tag fails."""
-    raw = header.pack()
-    clen = len(datagram) - HEADER_SIZE
-    out = bytearray(clen - TAG_SIZE)
-    if lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            ffi.from_buffer(out), _LEN_OUT, ffi.NULL, ffi.from_buffer(datagram) + HEADER_SIZE, clen,
-            raw[MUTABLE_BYTES:], HEADER_SIZE - MUTABLE_BYTES, raw[4:24] + _NONCE_PAD, pair_key) != 0:
-        raise CryptoError("Decryption failed. Ciphertext failed verification")
-    return bytes(out)
+def mac(key: bytes, data) -> bytes:
+    """SipHash-2-4 of data under a 16-byte key: 8 bytes (~0.6 us for 1.4 KB)."""
+    lib.crypto_shorthash_siphash24(_MAC_OUT, ffi.from_buffer(data), len(data), key)
+    return _MAC_VIEW[:]
 
 
-def rewrite_mutable(datagram: bytes, mask: int, ttl: int, path: int) -> bytes:
-    """What a forwarder changes: TTL and path, re-masked; the rest stays bit-identical."""
-    m = mask.to_bytes(HEADER_SIZE, "big")
-    return bytes((ttl ^ m[0], path ^ m[1])) + datagram[MUTABLE_BYTES:]
+def mask_state(group_key: bytes):
+    """The keyed BLAKE2b-256 state header masks start from (copy it, update
+    with the sample, digest). hashlib's BLAKE2b is libsodium's function, and
+    copying a state that has absorbed the key block costs 0.4 us against
+    1.4 us for a fresh keyed hash through cffi."""
+    state = _mask_states.get(group_key)
+    if state is None:
+        if len(_mask_states) > 16:
+            _mask_states.clear()
+        state = _mask_states[group_key] = hashlib.blake2b(digest_size=MASK_BYTES, key=group_key,
+                                                          person=_PERSON_MASK)
+    return state
 
 
-__all__ = ["CryptoError", "Header", "seal", "peek", "peek_shard", "unmask", "open_sealed", "seal_body",
-           "frame_shards", "open_body", "rewrite_mutable", "genkey",
-           "derive_group_key", "derive_psk_key", "derive_pair_key", "MUTABLE_BYTES"]
+_mask_states: dict[bytes, object] = {}
+
+__all__ = ["CryptoError", "TAG_SIZE", "MAC_SIZE", "MASK_BYTES", "NONCE_SIZE", "genkey", "derive_group_key",
+           "derive_psk_key", "derive_pair_key", "derive_shard_key", "aead_seal_into", "aead_open", "mac",
+           "mask_state"]

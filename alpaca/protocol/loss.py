@@ -24,7 +24,7 @@ each other. Both ends keep a few counters per peer (and second), pruned
 after REPORT_HORIZON seconds or when the peer leaves.
 
 The sender turns the smoothed loss into parity shards per message size k
-(fragments.parity_for, cached per peer until the estimate moves).
+(fec.parity_for, cached per peer until the estimate moves).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import struct
 
-from .fragments import parity_for
+from .fec import parity_for
 
 REPORT_DELAY = 2          # a second of whole datagrams is reported once it is this far behind (late copies in)
 REPORT_MAX_SECONDS = 16   # seconds per report

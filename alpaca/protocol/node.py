@@ -1,26 +1,31 @@
-"""The forwarding engine of one peer (SPEC §3), free of sockets and clocks.
+"""The forwarding engine of one peer, free of sockets and clocks (docs/protocol.md §6).
 
 Outbound (a packet read from the TUN device):
   1. dst_id = the ID inside the destination address when it is in the tunnel
      net, else the gateway the route lookup names (gateway_for);
      a tunnel peer we hold no key or path for is reached via our gateway,
      whose kernel routes it back into the tunnel (client to client).
-  2. seal: header(src, dst, session, ts, seq) + XChaCha20-Poly1305 with the pair key.
+  2. seal: header(src, dst, session, ts, seq) + XChaCha20-Poly1305 with the
+     pair key; a message too big for one datagram (a super-packet, a FEC
+     batch) is sealed once and sent as shards (wire.py).
   3. targets: downward (dst > me) every live path of dst; upward, every
      forwarder's direct path when forwarders are configured, else dst's direct path.
-  4. emit on each target (loop guard), then schedule the delayed copies
-     (`duplicate`, and one early extra copy of TCP SYN / DNS).
+  4. emit on each target (loop guard, and no more to an unproven path than
+     it sent us), then schedule the delayed copies (`duplicate`, and one
+     early extra copy of TCP SYN / DNS).
   With FEC on for the peer (docs/protocol.md §13), the packets of one TUN
   read to it are sealed together as one batch and sent as shards with
   parity; super-packets get parity of their own.
 
 Inbound (a datagram from UDP):
-  1. unmask header (group key) -> pair key -> AEAD open. Any failure is a
-     global drop and changes nothing else.
-  2. replay/dedup window of the source peer; then learn the path it came on.
-  3. dst is me: write to TUN (keepalives stop here). Otherwise forward the
-     same datagram with TTL-1 and path=relayed, never back to where it came
-     from (split horizon), dst_id unchanged.
+  1. unmask header (group key) -> pair key -> AEAD open, or for a shard its
+     MAC. Any failure is a global drop and changes nothing else.
+  2. for someone else: TTL, targets, the relay window (each datagram and
+     each shard is relayed at most once), then the same datagram goes on
+     with TTL-1 and path=relayed, never back where it came from.
+  3. for me: a session proven live by a challenge, the replay window, then
+     learn the path it came on; a shard goes to reassembly, a whole message
+     to the TUN (keepalives, reports, challenges and answers stop here).
 
 Everything takes batches (`from_tun`, `from_udp`) and returns an Output of
 datagrams to send and packets to write, so the daemon can batch syscalls.
@@ -36,33 +41,32 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import inner
-from . import fragments, loss
-from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, TAG_SIZE, FLAG_VNET, KEEPALIVE_INTERVAL,
-                        KIND_DATA, KIND_KEEPALIVE, KIND_REPORT, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT,
-                        PATH_RELAYED, PEER_LIFETIME, REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY,
-                        VNET_HDR_SIZE, WIRE_VERSION)
-from .crypto import (CryptoError, Header, derive_group_key, frame_shards, open_body, open_sealed, rewrite_mutable,
-                     keyed_mask_state, seal, seal_body, unmask)
+from . import fec, inner, loss
+from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KEEPALIVE_INTERVAL,
+                        KIND_CHALLENGE, KIND_DATA, KIND_KEEPALIVE, KIND_MAX, KIND_REPORT, KIND_RESPONSE, KNOWN_FLAGS,
+                        MASK_SIZE, MAX_TTL, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT, PATH_RELAYED, PEER_LIFETIME,
+                        REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY, TAG_SIZE, VNET_HDR_SIZE, WIRE_VERSION)
+from .crypto import MAC_SIZE, CryptoError, derive_group_key, mask_state
 from .drops import DropReason
 from .ids import TunnelNet, format_id
 from .peers import Addr, Peer, PeerEntry, PeerTable
+from .reassembly import Reassembler
+from .wire import (SHARD_OVERHEAD, Header, fields, frame_shards, open_message, open_sealed, rewrite_mutable, seal,
+                   seal_message, shard_authentic, unmask)
 
 PRUNE_INTERVAL = 5.0
 PATH_NOTICES_PER_INTERVAL = 3     # per peer, then one line saying the rest are not logged
 HOST_CACHE_LIMIT = 1024           # packed forms of target hosts kept for the loop guard
 ZERO_VNET = bytes(VNET_HDR_SIZE)  # virtio_net_hdr of a plain packet: no GSO, checksum complete
 INNER_HEAD = 64                   # bytes of an inner packet that routing looks at
-_DATA_V1 = WIRE_VERSION << 4 | KIND_DATA
-_SUB_BITS = 8 * (MASK_SIZE - 26)  # the header's mask is the top 26 of the 32 mask bytes
-_INDEX_SHIFT = 40                 # the shard index in the 32 unmasked bytes as an int (5 bytes follow it)
 BATCH_LIMIT = 65535               # plaintext bytes of one FEC batch (about 47 shards at MTU 1400)
 _ENTRY = 2                        # the length before each packet of a batch
-
-
-def _header(f: tuple) -> Header:
-    """A Header from crypto.unmask's fields."""
-    return Header(f[0], f[1], f[2] & 0x0F, f[4], f[5], f[6], f[7], f[8], f[9], f[3], f[2] >> 4)
+NONCE_SIZE = 16                   # of a challenge
+CHALLENGE_INTERVAL = 0.25         # challenges to one peer at most this often
+RESPONSE_LIMIT = 20               # answers to one peer's challenges per second
+VERSION_NOTICE_INTERVAL = 60.0    # one line about datagrams of another wire version
+MESSAGE_WINDOW = -2               # the replay window of reassembled messages (peers.Peer.replay)
+OWN_WINDOW = -1                   # ... of datagrams and shards for this node
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class NodeSettings:
     # does; offloads on or off): super-packets are sealed whole and sent as shards
     vnet: bool = False
     mtu: int = 1400
-    # FEC (docs/protocol.md §13): None (off, the default), fragments.AUTO (parity
+    # FEC (docs/protocol.md §13): None (off, the default), fec.AUTO (parity
     # from the peer's loss reports) or a fixed (K, M) ratio; per peer ID in peer_fec
     fec: str | tuple[int, int] | None = None
     peer_fec: dict = field(default_factory=dict)
@@ -126,6 +130,7 @@ class Node:
         self.me = settings.my_id
         self.net = TunnelNet(settings.net)
         self.group_key = derive_group_key(settings.group)
+        self._mask_state = mask_state(self.group_key)
         self.table = PeerTable(self.me, self.group_key)
         self.table.apply(peers, now)
         self._random_bytes = random_bytes
@@ -146,25 +151,33 @@ class Node:
         self._loop_noticed: set[Addr] = set()
         self._path_notices: dict[int, int] = {}
         self.started = now
-        self.reassembly = fragments.Reassembler()
-        self.relayed_shards = 0
-        self.loss = loss.LossMeter(fragments.shard_count(65535 + VNET_HDR_SIZE + TAG_SIZE,
-                                                         settings.max_datagram - MASK_SIZE))
+        self.reassembly = Reassembler()
+        self.loss = loss.LossMeter(fec.shard_count(65535 + VNET_HDR_SIZE + TAG_SIZE, self.max_chunk))
         self._next_report = now + REPORT_INTERVAL
+        self._next_version_notice = -math.inf
+
+    @property
+    def max_chunk(self) -> int:
+        """The largest chunk of a message in one shard datagram."""
+        return self.settings.max_datagram - SHARD_OVERHEAD
 
     # ------------------------------------------------------------ peers
     def apply_peers(self, peers: dict[int, PeerEntry], now: float) -> tuple[list[int], list[int], list[int]]:
         added, changed, removed = self.table.apply(peers, now)
+        for peer_id in changed + removed:
+            self.reassembly.forget_peer(peer_id)
         for verb, ids in (("added", added), ("changed", changed), ("removed", removed)):
             if ids:
                 self.notices.append(f"peers {verb}: {', '.join(format_id(i) for i in ids)}")
         return added, changed, removed
 
     # ------------------------------------------------------------ sequence numbers
-    def _stamp(self, now: float) -> tuple[int, int]:
-        """Next (ts, seq). Unique per session: ts never goes back; when the clock
-        steps back by more than a second a new random session starts instead,
-        so timestamps stay close to real time and nonces stay unique."""
+    def _stamp(self, now: float, n: int = 1) -> tuple[int, int]:
+        """Next (ts, seq), and n - 1 more sequence numbers after it reserved
+        (a message's shards). Unique per session: ts never goes back; when
+        the clock steps back by more than a second a new random session
+        starts instead, so timestamps stay close to real time and nonces
+        stay unique."""
         s = int(now)
         if s > self._ts:
             self._ts, self._seq = s, 0
@@ -172,10 +185,10 @@ class Node:
             self.session = self._random_bytes(8)
             self._ts, self._seq = s, 0
             self.notices.append("clock stepped back: new session")
-        if self._seq >= SEQ_LIMIT:        # more than 2**20 this second: borrow the next one
+        if self._seq + n > SEQ_LIMIT:     # more than 2**20 this second: borrow the next one
             self._ts, self._seq = self._ts + 1, 0
         seq = self._seq
-        self._seq += 1
+        self._seq += n
         return self._ts, seq
 
     def _seal(self, kind: int, dst: int, key: bytes, payload: bytes, now: float, flags: int = 0) -> bytes:
@@ -189,24 +202,19 @@ class Node:
         peer = self.table.get(peer_id)
         return peer.direct_paths(now) if peer else []
 
-    def _towards(self, peer: Peer, now: float) -> list[Addr]:
-        """SPEC §3: downward on every live path; upward via the forwarders when
-        configured (each on its direct path), else on the peer's direct path."""
-        if peer.id > self.me:
+    def _targets(self, origin: int, peer: Peer, now: float) -> list[Addr]:
+        """Where a datagram from `origin` (this node, or the source of one we
+        relay) to `peer` goes: downward (peer > origin) on every live path of
+        the peer; upward via our forwarders when configured (each on its
+        direct path), else on the peer's direct path."""
+        if peer.id > origin:
             return peer.live_paths(now, self.settings.inactive_downward_static)
         if self.settings.forwarders:
             return [a for f in self.settings.forwarders for a in self._direct(f, now)]
         return peer.direct_paths(now)
 
-    def _relay_targets(self, src: int, dst: Peer, now: float) -> list[Addr]:
-        """SPEC §3 for a datagram that is not for us: downward (dst > src) to
-        every live path of dst, never via forwarders; upward via our
-        forwarders when configured, else to dst's direct path."""
-        if dst.id > src:
-            return dst.live_paths(now, self.settings.inactive_downward_static)
-        if self.settings.forwarders:
-            return [a for f in self.settings.forwarders for a in self._direct(f, now)]
-        return dst.direct_paths(now)
+    def _towards(self, peer: Peer, now: float) -> list[Addr]:
+        return self._targets(self.me, peer, now)
 
     def _packed_host(self, host: str) -> bytes | None:
         packed = self._packed.get(host, b"")
@@ -335,12 +343,15 @@ class Node:
     def _emit(self, peer: Peer, datagrams: list[bytes], targets: list[Addr], packets: int, early: bool,
               whole: bool, now: float, out: Output) -> None:
         """Send a message's datagrams on every target, now and as the
-        `duplicate` and SYN/DNS copies (SPEC §3)."""
+        `duplicate` and SYN/DNS copies (docs/protocol.md §7). An unproven
+        path gets them only while its credit lasts."""
+        copies = 1 + self.settings.duplicate + (1 if early else 0)
+        targets = peer.sendable(targets, copies * sum(len(d) for d in datagrams))
         sends = [(d, a) for a in targets for d in datagrams]
         out.sends.extend(sends)
         peer.tx_packets += packets
         peer.tx_bytes += sum(len(d) for d in datagrams)
-        # SPEC §3 duplicate sends: same datagram (same seq), later, so the
+        # duplicate sends: same datagram (same seq), later, so the
         # receiver's dedup removes whichever copy arrives second
         delay = self.settings.duplicate_delay
         for k in range(1, self.settings.duplicate + 1):
@@ -363,9 +374,9 @@ class Node:
     def _parity(self, peer_id: int, k: int) -> int:
         """Parity shards for a k-shard message to peer_id under its FEC policy."""
         policy = self._policy(peer_id)
-        if policy == fragments.AUTO:
+        if policy == fec.AUTO:
             return self.loss.parity(peer_id, k)
-        return 0 if policy is None else fragments.ratio_parity(policy, k)
+        return 0 if policy is None else fec.ratio_parity(policy, k)
 
     def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,
                       now: float) -> list[bytes]:
@@ -376,16 +387,16 @@ class Node:
             # (a plain packet is never bigger than the TUN's MTU, unless the
             # MTU changed under us: then it goes whole, as before offloads)
             return [self._seal(kind, dst, key, plaintext, now, flags)]
-        max_shard = self.settings.max_datagram - MASK_SIZE
-        k = fragments.shard_count(len(plaintext) + TAG_SIZE, max_shard)
-        parity = self._parity(dst, k)
-        isal = fragments.uses_isal(k, parity)       # in the authenticated header: the receiver decodes by it
-        ts, seq = self._stamp(now)
-        raw = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
-                     flags | FLAG_FRAG | (FLAG_ISAL if isal else 0)).pack()
-        body = seal_body(key, raw, plaintext)
-        shards, k, m = fragments.split(body, max_shard, parity, isal)
-        datagrams = frame_shards(self.group_key, raw, shards, k, m, len(body))
+        max_chunk = self.max_chunk
+        k = fec.shard_count(len(plaintext) + TAG_SIZE, max_chunk)
+        m = min(self._parity(dst, k), fec.MAX_SHARDS - k)
+        isal = fec.uses_isal(k, m)          # in the authenticated header: the receiver decodes by it
+        ts, seq = self._stamp(now, k + m)   # shard i carries seq + i
+        header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
+                        flags | FLAG_FRAG | (FLAG_ISAL if isal else 0))
+        body = seal_message(key, header, plaintext)
+        chunks, k, m = fec.split(body, max_chunk, m, isal)
+        datagrams = frame_shards(self.group_key, self.table.shard_key(key), header, chunks, k, m, len(body))
         if m and k > 1:
             # full-size shards first and the short last data shard at the
             # end, so the kernel sends the run with one GSO call
@@ -395,148 +406,136 @@ class Node:
     # ------------------------------------------------------------ inbound
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
         out = Output()
-        keyed, from_bytes = keyed_mask_state(self.group_key), int.from_bytes
-        # The hot path (a 64 KiB message is ~46 shards, and UDP GRO hands
-        # them over as a train): after a shard is filed, the next one is
-        # predicted exactly (same header, index + 1), so one integer
-        # comparison of its unmasked bytes files it. Anything else is parsed.
-        p_slot, p_clear, p_addr, p_len, p_index = None, -1, None, 0, 0
         for data, addr in datagrams:
-            if len(data) < MIN_DATAGRAM:
-                self.global_drops[DropReason.MALFORMED] += 1
-                continue
-            h = keyed.copy()                # crypto.unmask_int, inlined
-            h.update(data[-TAG_SIZE:])
-            full = from_bytes(h.digest(), "big")
-            clear = from_bytes(data[:MASK_SIZE], "big") ^ full
-            if clear == p_clear and addr == p_addr and len(data) == p_len:
-                shards = p_slot.shards
-                if p_index not in shards and len(shards) + 1 < p_slot.k:
-                    shards[p_index] = data[MASK_SIZE:]
-                    p_index += 1
-                    p_clear += 1 << _INDEX_SHIFT
-                    p_len = MASK_SIZE + (p_slot.last if p_index == p_slot.k - 1 else p_slot.size)
-                    continue
-            f, full = unmask(self.group_key, data, clear, full)
-            slot = self._receive(data, addr, now, out, f, full)
-            if slot is not None:            # a shard filed, its message still incomplete: predict the next
-                p_slot, p_addr, p_index = slot, addr, f[10] + 1
-                p_clear = clear + (1 << _INDEX_SHIFT)
-                p_len = MASK_SIZE + (slot.last if p_index == slot.k - 1 else slot.size)
+            self._receive(data, addr, now, out)
         return out
 
-    def _receive(self, data: bytes, addr: Addr, now: float, out: Output, f: tuple,
-                 full: int) -> fragments.Reassembly | None:
-        """One datagram whose 32 masked bytes are unmasked (f, full: crypto.unmask).
-        Returns the message it was filed in when it is a shard of a message
-        still incomplete (from_udp predicts the next shard from it)."""
-        # (ttl, path, version<<4|kind, flags, src, dst, session, ts, seq, pad, index, k, m, len_hi, len_lo)
-        if f[3] & FLAG_FRAG and f[5] == self.me and f[2] == _DATA_V1:
-            rkey = (f[4], f[5], f[6], f[7], f[8])
-            if self.reassembly.knows(rkey):
-                # the next shard of a message whose first shard passed the checks below
-                return self._shard_for_me(rkey, f, full, data, addr, now, out)
-        vk, flags, src, dst = f[2], f[3], f[4], f[5]
-        if (vk >> 4 != WIRE_VERSION or flags & ~KNOWN_FLAGS or vk & 0x0F > KIND_REPORT
-                or (flags & FLAG_BATCH and vk != _DATA_V1) or (flags & FLAG_ISAL and not flags & FLAG_FRAG)):
+    def _receive(self, data: bytes, addr: Addr, now: float, out: Output) -> None:
+        """One datagram: nothing it says is used before it is authenticated,
+        except what finds the key (src, dst) and the checks that cost less."""
+        if len(data) < MIN_DATAGRAM:
             self.global_drops[DropReason.MALFORMED] += 1
             return
+        clear, full = unmask(self._mask_state, data)
+        version_kind, flags = clear[2], clear[3]
+        if version_kind >> 4 != WIRE_VERSION:
+            self._wrong_version(addr, version_kind >> 4, now)
+            return
+        kind, shard = version_kind & 0x0F, flags & FLAG_FRAG
+        if (flags & ~KNOWN_FLAGS or kind > KIND_MAX or (flags & FLAG_BATCH and kind != KIND_DATA)
+                or (flags & FLAG_ISAL and not shard)
+                or (shard and (kind != KIND_DATA or len(data) < SHARD_OVERHEAD + TAG_SIZE))):
+            self.global_drops[DropReason.MALFORMED] += 1
+            return
+        f = fields(clear)
         # src == me: our own datagram reflected back (or forged); never ours to take
-        key = self.table.pair_key(src, dst) if src != self.me else None
+        key = self.table.pair_key(f.src, f.dst) if f.src != self.me else None
         if key is None:
             self.global_drops[DropReason.UNKNOWN_PEER] += 1
             return
-        if flags & FLAG_FRAG:
-            if vk != _DATA_V1 or f[9]:
-                self.global_drops[DropReason.MALFORMED] += 1
-            elif dst == self.me:
-                return self._shard_for_me((src, dst, f[6], f[7], f[8]), f, full, data, addr, now, out)
-            else:
-                # relayed as it is, without reassembly: a shard cannot be
-                # authenticated alone, so it changes no peer state here
-                # (docs/protocol.md §12)
-                self._relay_shard(f, full, data, addr, now, out)
-            return None
-        header = _header(f)
-        try:
-            plaintext = open_sealed(key, header, data)
-        except CryptoError:
-            self.global_drops[DropReason.AUTH_FAILURE] += 1
-            return
-        if header.pad > len(plaintext):
-            self.global_drops[DropReason.MALFORMED] += 1
-            return
-        self._accept(header, full >> _SUB_BITS, data, plaintext, (addr,), len(data), now, out)
-
-    def _shard_for_me(self, rkey: tuple, f: tuple, full: int, data: bytes, addr: Addr, now: float,
-                      out: Output) -> fragments.Reassembly | None:
-        length = f[13] << 16 | f[14]
-        message, slot, reason = self.reassembly.add(rkey, f[10], f[11], f[12], length, data[MASK_SIZE:],
-                                                    addr, now, bool(f[3] & FLAG_ISAL))
-        if reason is not None:
-            self.global_drops[reason] += 1
-        if message is None:
-            return slot         # filed in a message still incomplete, or None
-        header = _header(f)
-        key = self.table.pair_key(header.src, header.dst)
-        if key is None:         # the peer left secrets.txt while its message was in reassembly
-            self.global_drops[DropReason.UNKNOWN_PEER] += 1
-            return
-        try:
-            plaintext = open_body(key, header, message)
-        except CryptoError:
-            self.global_drops[DropReason.AUTH_FAILURE] += 1
-            return
-        self._accept(header, full >> _SUB_BITS, data, plaintext, slot.addrs, length, now, out)
-
-    def _accept(self, header: Header, mask: int, data: bytes, plaintext: bytes, addrs, size: int,
-                now: float, out: Output) -> None:
-        """An authenticated message (a whole datagram, or reassembled shards)."""
-        src = self.table.get(header.src)
-        for_me = header.dst == self.me
-        charged = targets = None
-        if not for_me:
-            # what would not be relayed is dropped before it can open a replay window
-            dst = self.table.get(header.dst)
-            targets = self._relay_targets_from(header, addrs[0], src, dst, now)
-            if targets is None:
+        header = f.header()
+        if shard:
+            # ~1 us (SipHash-2-4 of ~1.4 KB): what a forged shard costs, besides the unmask
+            if header.pad or not shard_authentic(self.table.shard_key(key), clear, data):
+                self.global_drops[DropReason.AUTH_FAILURE] += 1
                 return
-            # relay windows count against the pair's bigger ID, whose key
-            # string seals it: a member can forge only pairs above itself
-            charged = src if header.src > header.dst else dst
-        reason = src.check_replay(header.dst, header.session, header.ts, header.seq, now, charged)
+            plaintext = None
+        else:
+            try:
+                plaintext = open_sealed(key, header, data)
+            except CryptoError:
+                self.global_drops[DropReason.AUTH_FAILURE] += 1
+                return
+            if header.pad > len(plaintext):
+                self.global_drops[DropReason.MALFORMED] += 1
+                return
+        src = self.table.get(header.src)
+        if header.dst != self.me:
+            self._relay(header, full, data, plaintext, addr, src, now, out)
+        elif kind == KIND_CHALLENGE:
+            self._on_challenge(src, header, plaintext, addr, now, out)
+        elif kind == KIND_RESPONSE:
+            self._on_response(src, header, plaintext, len(data), addr, now, out)
+        else:
+            self._accept(src, header, f, data, plaintext, addr, now, out)
+
+    def _wrong_version(self, addr: Addr, version: int, now: float) -> None:
+        self.global_drops[DropReason.WRONG_VERSION] += 1
+        if now >= self._next_version_notice:
+            self._next_version_notice = now + VERSION_NOTICE_INTERVAL
+            self.notices.append(f"datagrams of wire version {version} from {addr[0]}:{addr[1]} (this release "
+                                f"speaks {WIRE_VERSION}): every peer of a group must run a release of the same "
+                                f"wire version; counted as wrong_version, not logged for {VERSION_NOTICE_INTERVAL:.0f} s")
+
+    def _accept(self, src: Peer, header: Header, f, data: bytes, plaintext: bytes | None, addr: Addr,
+                now: float, out: Output) -> None:
+        """An authenticated datagram or shard for this node."""
+        reason = src.check_own(header.session, header.ts, header.seq, now)
         if reason is not None:
             src.drops[reason] += 1
-            if reason is DropReason.DUPLICATE and for_me:
+            if reason is DropReason.DUPLICATE:
                 # another copy over another path: it keeps that path alive,
                 # but only a first copy may add a path (a replay could come
                 # from anywhere)
-                for addr in addrs:
-                    src.refresh(addr, now)
+                src.refresh(addr, now)
+            elif reason is DropReason.UNVERIFIED:
+                self._challenge(src, addr, header.path != PATH_DIRECT, now, out)
             return
-        if not for_me:
-            self._relay(header, mask, data, plaintext, targets, src, out)
-            return
-        batch = header.flags & FLAG_BATCH
-        if header.kind == KIND_DATA:
-            if not header.flags & FLAG_FRAG:
-                # a first copy (shards are counted by the reassembly): the
-                # union of the paths. Data only: keepalives and reports must
-                # not make the other end report back (loss.py)
-                self.loss.count_arrived(src.id, header.ts)
-            if not batch and header.src > self.me and self._spoofed(header.src, plaintext, header.flags):
-                src.drops[DropReason.SPOOFED] += 1
-                return
-        # Paths are learned only from datagrams addressed to us: a relayed
-        # datagram "from src" may have been sealed by dst, who shares the key.
+        if plaintext is not None and header.kind == KIND_DATA:
+            # a first copy (shards are counted by the reassembly): the
+            # union of the paths. Data only: keepalives and reports must
+            # not make the other end report back (loss.py)
+            self.loss.count_arrived(src.id, header.ts)
+        self._learn(src, header, addr, len(data), now, out)
+        if plaintext is None:
+            self._file_shard(src, header, f, data, now, out)
+        else:
+            self._message(src, header, plaintext, out)
+
+    def _learn(self, src: Peer, header: Header, addr: Addr, size: int, now: float, out: Output) -> None:
+        """Paths are learned only from datagrams addressed to us: a relayed
+        datagram "from src" may have been sealed by dst, who shares the key.
+        A new path is challenged before it carries more than it brought."""
         relayed = header.path != PATH_DIRECT
-        for addr in addrs:
-            if src.heard(addr, relayed, now):
-                self._path_notice(src.id, f"new {'relayed' if relayed else 'direct'} path {addr[0]}:{addr[1]}")
+        if src.heard(addr, relayed, now, size) is not None:
+            self._path_notice(src.id, f"new {'relayed' if relayed else 'direct'} path {addr[0]}:{addr[1]}")
+        if not src.paths[addr].proven:
+            self._challenge(src, addr, relayed, now, out)
         if not src.up:
             src.up = True
             self.notices.append(f"peer {format_id(src.id)} up")
         src.rx_bytes += size
+
+    def _file_shard(self, src: Peer, header: Header, f, data: bytes, now: float, out: Output) -> None:
+        base = header.seq - f.index         # the message's seq: shard i carries base + i
+        if base < 0:
+            src.drops[DropReason.BAD_SHARD] += 1
+            return
+        rkey = (src.id, header.session, header.ts, base)
+        slot, reason = self.reassembly.add(rkey, f.index, f.k, f.m, f.length, bool(header.flags & FLAG_ISAL),
+                                           data[MASK_SIZE:-MAC_SIZE], now)
+        if reason is not None:
+            src.drops[reason] += 1
+        if slot is None:
+            return
+        self.reassembly.finish(rkey, slot)
+        header = header._replace(seq=base)
+        # Delivered once: its copies and late parity are shards with seqs of
+        # their own, so a message remembered no more could complete twice
+        reason = src.check_replay(MESSAGE_WINDOW, header.session, header.ts, base, now)
+        if reason is not None:
+            src.drops[reason] += 1
+            return
+        try:
+            plaintext = open_message(self.table.pair_key(src.id, self.me), header, slot.decode())
+        except (CryptoError, ValueError):      # a peer's bug: its shards were each authentic
+            src.drops[DropReason.BAD_SHARD] += 1
+            return
+        self._message(src, header, plaintext, out)
+
+    def _message(self, src: Peer, header: Header, plaintext: bytes, out: Output) -> None:
+        """An authenticated, fresh message for this node: a whole datagram's
+        plaintext or a reassembled one."""
         if header.kind == KIND_KEEPALIVE:
             src.rx_packets += 1
             return
@@ -551,8 +550,12 @@ class Node:
         if header.pad:
             plaintext = plaintext[:len(plaintext) - header.pad]
         vnet = header.flags & FLAG_VNET
-        if not batch:
+        spoof_check = header.src > self.me
+        if not header.flags & FLAG_BATCH:
             src.rx_packets += 1
+            if spoof_check and self._spoofed(header.src, plaintext, header.flags):
+                src.drops[DropReason.SPOOFED] += 1
+                return
             self._deliver(src, plaintext, vnet, out)
             return
         # a FEC batch: packets each after a 2-byte length; a zero length
@@ -569,7 +572,6 @@ class Node:
         if at > end:
             src.drops[DropReason.MALFORMED_BATCH] += 1      # all or nothing
             return
-        spoof_check = header.src > self.me
         for start, stop in bounds:
             packet = plaintext[start:stop]
             src.rx_packets += 1
@@ -577,6 +579,62 @@ class Node:
                 src.drops[DropReason.SPOOFED] += 1
                 continue
             self._deliver(src, packet, vnet, out)
+
+    # ------------------------------------------------------------ challenges
+    def _challenge(self, peer: Peer, addr: Addr, relayed: bool, now: float, out: Output) -> None:
+        """Ask the peer to prove its session live and `addr` a way to it: one
+        challenge, with a nonce of its own, to addr and to each of our
+        paths to the peer. At most every CHALLENGE_INTERVAL per peer, so a
+        replayed datagram from a forged address costs one small datagram."""
+        if now < peer.next_challenge:
+            return
+        key = self.table.pair_key(self.me, peer.id)
+        if key is None:
+            return
+        peer.next_challenge = now + CHALLENGE_INTERVAL
+        targets = [addr] + [a for a in self._towards(peer, now) if a != addr]
+        for target in targets:
+            nonce = self._random_bytes(NONCE_SIZE)
+            if len(peer.challenges) >= 16:
+                peer.challenges.popitem(last=False)
+            peer.challenges[nonce] = (now, target, relayed if target == addr else target not in peer.paths
+                                      or peer.paths[target].relayed)
+            out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now), target))
+
+    def _on_challenge(self, src: Peer, header: Header, plaintext: bytes, addr: Addr, now: float,
+                      out: Output) -> None:
+        """Answer with the nonce, sealed now: to where it came from and on our
+        paths to the peer. Rate-limited: a replayed challenge makes us send
+        one datagram of its size, and never to an address it chose alone."""
+        nonce = plaintext[:len(plaintext) - header.pad]
+        key = self.table.pair_key(self.me, src.id)
+        if len(nonce) != NONCE_SIZE or key is None:
+            src.drops[DropReason.MALFORMED_REPORT] += 1
+            return
+        second = int(now)
+        if src.responses[0] != second:
+            src.responses[0], src.responses[1] = second, 0
+        if src.responses[1] >= RESPONSE_LIMIT:
+            return
+        src.responses[1] += 1
+        response = self._seal(KIND_RESPONSE, src.id, key, nonce, now)
+        out.sends.extend((response, a) for a in [addr] + [a for a in self._towards(src, now) if a != addr])
+        if header.session not in src.verified:
+            self._challenge(src, addr, header.path != PATH_DIRECT, now, out)     # and prove theirs to us
+
+    def _on_response(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
+                     out: Output) -> None:
+        """An answer to one of our challenges: its session is live (from this
+        answer on) and the address the challenge went to reaches the peer."""
+        challenge = src.challenges.pop(plaintext[:len(plaintext) - header.pad], None)
+        if challenge is None:
+            src.drops[DropReason.REPLAY] += 1      # not a nonce we are waiting for: stale or replayed
+            return
+        _, target, relayed = challenge
+        if header.session not in src.verified:
+            src.verify(header.session, header.ts, header.seq, now)
+        src.prove(target, relayed, now)
+        self._learn(src, header, addr, size, now, out)
 
     def _deliver(self, src: Peer, packet: bytes, vnet: int, out: Output) -> None:
         """One packet to the TUN device, with or without its virtio_net_hdr
@@ -612,50 +670,37 @@ class Node:
         elif count == PATH_NOTICES_PER_INTERVAL:
             self.notices.append(f"peer {format_id(peer_id)}: more new paths; not logged for {PRUNE_INTERVAL:.0f} s")
 
-    def _relay_targets_from(self, header: Header, addr: Addr, src: Peer, dst: Peer,
-                            now: float) -> list[Addr] | None:
-        """Where a datagram that is not for us goes (SPEC §3): never back to the
-        address it came from (split horizon); None when it is dropped (counted)."""
+    # ------------------------------------------------------------ relaying
+    def _relay(self, header: Header, full_mask: int, data: bytes, plaintext: bytes | None, addr: Addr,
+               src: Peer, now: float, out: Output) -> None:
+        """An authenticated datagram or shard for someone else: same dst_id,
+        TTL-1 (never more than MAX_TTL), never back to the address it came
+        from (split horizon), and at most once: the relay window remembers
+        every (session, ts, seq) it passed on, shards included."""
         if header.ttl <= 1:
             src.drops[DropReason.TTL] += 1
-            return None
-        targets = [a for a in self._relay_targets(header.src, dst, now) if a != addr]
-        if not targets:
-            src.drops[DropReason.NO_PATH] += 1
-            return None
-        return targets
-
-    def _relay(self, header: Header, mask: int, data: bytes, plaintext: bytes, targets: list[Addr],
-               src: Peer, out: Output) -> None:
-        """Forward (SPEC §3): same dst_id, TTL-1."""
-        ends = None
-        if header.kind == KIND_DATA and not header.flags & FLAG_BATCH:     # (batches: shards, relayed by header)
-            ends = inner.addresses(plaintext[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD]
-                                   if header.flags & FLAG_VNET else plaintext)
-        targets = self._guard(targets, ends, src)
-        if targets:
-            relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
-            out.sends.extend((relay, a) for a in targets)
-            src.relayed_packets += 1
-
-    def _relay_shard(self, f: tuple, full: int, data: bytes, addr: Addr, now: float, out: Output) -> None:
-        """A shard for someone else: relayed on the strength of its header;
-        counted globally only, since it is not authenticated here."""
-        header, mask = _header(f), full >> _SUB_BITS
-        if not fragments.valid_sub(f[10], f[11], f[12], f[13] << 16 | f[14], len(data) - MASK_SIZE):
-            self.global_drops[DropReason.MALFORMED] += 1
-            return
-        if header.ttl <= 1:
-            self.global_drops[DropReason.TTL] += 1
             return
         dst = self.table.get(header.dst)
-        targets = [a for a in self._relay_targets(header.src, dst, now) if a != addr]
+        targets = [a for a in self._targets(header.src, dst, now) if a != addr]
         if not targets:
-            self.global_drops[DropReason.NO_PATH] += 1
+            src.drops[DropReason.NO_PATH] += 1
             return
-        relay = rewrite_mutable(data, mask, header.ttl - 1, PATH_RELAYED)
-        out.sends.extend((relay, a) for a in targets)
-        self.relayed_shards += 1
+        # relay windows count against the pair's bigger ID, whose key
+        # string seals it: a member can forge only pairs above itself
+        charged = src if header.src > header.dst else dst
+        reason = src.check_replay(header.dst, header.session, header.ts, header.seq, now, charged)
+        if reason is not None:
+            src.drops[reason] += 1
+            return
+        ends = None
+        if plaintext is not None and header.kind == KIND_DATA and not header.flags & FLAG_BATCH:
+            ends = inner.addresses(plaintext[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD]
+                                   if header.flags & FLAG_VNET else plaintext)
+        targets = dst.sendable(self._guard(targets, ends, src), len(data))
+        if targets:
+            relay = rewrite_mutable(data, full_mask, min(header.ttl, MAX_TTL) - 1, PATH_RELAYED)
+            out.sends.extend((relay, a) for a in targets)
+            src.relayed_packets += 1
 
     # ------------------------------------------------------------ timers
     def next_deadline(self) -> float:
@@ -667,8 +712,8 @@ class Node:
         while self._timers and self._timers[0][0] <= now:
             out.sends.extend(heapq.heappop(self._timers)[2])
         if now >= self._next_keepalive:
-            # the first few come quickly: a peer that started in the same
-            # second drops them (its replay floor), and paths should form fast
+            # the first few come quickly: paths and the challenges that
+            # prove sessions (docs/protocol.md §5) should form fast
             self._keepalives_sent += 1
             self._next_keepalive = now + (KEEPALIVE_INTERVAL if self._keepalives_sent > 3 else 1.0)
             self._keepalives(now, out)
@@ -691,12 +736,13 @@ class Node:
     def _reassembly_tick(self, now: float, out: Output) -> None:
         """Expire incomplete messages, and tell each peer we heard from what
         arrived of what it sent us, per second (loss.py)."""
-        for key, slot in self.reassembly.expire(now):
-            self.global_drops[DropReason.INCOMPLETE] += 1
-            self.reassembly.count_lost(key, slot)
+        self.reassembly.expire(now)
+        for key, _ in self.reassembly.take_expired():
+            peer = self.table.get(key[0])
+            if peer is not None:
+                peer.drops[DropReason.INCOMPLETE] += 1
         for src, (sent, arrived) in self.reassembly.take_tally().items():
-            peer = self.table.get(src)
-            if peer is not None and peer.up:        # a peer we have authenticated
+            if src in self.table.peers:     # (every shard in it was authenticated)
                 self.loss.count_shards(src, sent, arrived)
         for peer_id, payload in self.loss.reports(now):
             peer = self.table.get(peer_id)
@@ -704,7 +750,7 @@ class Node:
             if key is None:
                 continue
             datagram = self._seal(KIND_REPORT, peer_id, key, payload, now)
-            out.sends.extend((datagram, a) for a in self._towards(peer, now))
+            out.sends.extend((datagram, a) for a in peer.sendable(self._towards(peer, now), len(datagram)))
 
     def _loss_report(self, peer: Peer, payload: bytes) -> None:
         """What arrived of what we sent the peer: adapt parity and copies."""
@@ -716,7 +762,7 @@ class Node:
             peer.drops[DropReason.MALFORMED_REPORT] += 1
             return
         after = (meter.parity(peer.id, meter.k), meter.parity(peer.id, 1))
-        if estimate is not None and after != before and self._policy(peer.id) == fragments.AUTO:
+        if estimate is not None and after != before and self._policy(peer.id) == fec.AUTO:
             self.notices.append(f"peer {format_id(peer.id)}: {estimate:.1%} of datagrams lost; now "
                                 f"{after[0]} parity shards per {meter.k}, {after[1]} per single datagram")
 
@@ -748,18 +794,19 @@ class Node:
                 "last_rx_age": None if peer.last_rx == -math.inf else round(now - peer.last_rx, 3),
                 "paths": [{"address": f"{p.addr[0]}:{p.addr[1]}",
                            "learned": "static" if p.static else ("relayed" if p.relayed else "direct"),
+                           "proven": p.proven,
                            "last_rx_age": None if p.last_rx == -math.inf else round(now - p.last_rx, 3)}
                           for p in peer.paths.values()],
                 "rx_packets": peer.rx_packets, "rx_bytes": peer.rx_bytes,
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
                 "relayed_packets": peer.relayed_packets,
                 "loss": round(self.loss.loss[peer.id], 4) if peer.id in self.loss.loss else None,
-                "fec": fragments.format_fec(self._policy(peer.id)),
+                "fec": fec.format_fec(self._policy(peer.id)),
                 "parity": self._parity(peer.id, self.loss.k),
                 "copies": self._parity(peer.id, 1),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
             })
         return {"id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,
-                "peers": peers, "relayed_shards": self.relayed_shards,
-                "reassembling": len(self.reassembly.slots),
+                "peers": peers,
+                "reassembling": len(self.reassembly.slots), "reassembly_bytes": self.reassembly.bytes,
                 "drops": {r.value: n for r, n in sorted(self.global_drops.items(), key=lambda x: x[0].value)}}

@@ -1,4 +1,4 @@
-"""The peer and path table (SPEC §2-3).
+"""The peer and path table (docs/protocol.md §5-6).
 
 A peer is reached on one or more paths, each a UDP address:
   - its static address from secrets.txt (path 0 when given),
@@ -8,6 +8,18 @@ A peer is reached on one or more paths, each a UDP address:
 Learned paths count as live for PATH_LIFETIME after they last carried
 something. Nothing is learned from a datagram that failed authentication or
 replay checks: the caller only calls `heard` after both passed.
+
+A learned path is not yet proven to reach the peer: a member can put any
+source address on its datagrams. Until a challenge sent on it comes back
+answered (Path.proven), a path carries at most as many bytes as arrived on
+it (Path.credit), so no one can make this node send more to an address than
+that address sent (docs/security.md "Reflection").
+
+Sessions: a datagram for this node is accepted only from a session proven
+live after this node started, by the answer to a challenge (Peer.verified,
+docs/protocol.md §5), and only if it was sealed after that answer. So a
+restart keeps no replay state and still admits no replay, and a sender's new
+session after a clock step is taken as soon as it answers.
 """
 
 from __future__ import annotations
@@ -16,12 +28,15 @@ import collections
 import math
 from dataclasses import dataclass
 
-from .constants import MAX_PATHS_PER_PEER, MAX_WINDOWS_PER_PEER, PATH_LIFETIME, PEER_LIFETIME, REPLAY_WINDOW, SEQ_LIMIT
-from .crypto import derive_pair_key, derive_psk_key
+from .constants import (MAX_PATHS_PER_PEER, MAX_SESSIONS_PER_PEER, MAX_WINDOWS_PER_PEER, PATH_LIFETIME,
+                        PEER_LIFETIME, REPLAY_WINDOW, SEQ_LIMIT)
+from .crypto import derive_pair_key, derive_psk_key, derive_shard_key
 from .drops import DropReason
 from .replay import ReplayWindow
 
 RELAY_KEY_CACHE = 4096
+CREDIT_LIMIT = 1 << 20      # bytes an unproven path may bank
+CHALLENGE_LIFETIME = 10.0   # an answer later than this proves nothing
 
 Addr = tuple  # (host, port); alpaca/udp.py turns IPv6 socket addresses into this form
 
@@ -32,6 +47,11 @@ class Path:
     relayed: bool
     static: bool = False
     last_rx: float = -math.inf
+    proven: bool = False        # a challenge sent on it was answered (static paths: configured)
+    credit: int = 0             # bytes it may still carry while not proven
+
+    def __post_init__(self):
+        self.proven = self.proven or self.static
 
 
 @dataclass(frozen=True)
@@ -43,7 +63,8 @@ class PeerEntry:
 
 class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
-                 "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows")
+                 "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows",
+                 "verified", "challenges", "next_challenge", "responses")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
         self.id = peer_id
@@ -68,12 +89,39 @@ class Peer:
         self.replay_floor = int(now) + 1
         # relay windows (at any source) charged to this peer: at most MAX_WINDOWS_PER_PEER
         self.relay_windows = 0
+        # sessions proven live: session -> [ts, seq, when]; only datagrams
+        # sealed after (ts, seq) are accepted for this node (oldest evicted)
+        self.verified: collections.OrderedDict[bytes, list] = collections.OrderedDict()
+        # challenges outstanding: nonce -> (when sent, address, relayed)
+        self.challenges: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
+        self.next_challenge = -math.inf
+        self.responses = [0.0, 0]      # [second, responses sent in it]: answers are rate-limited
+
+    def verify(self, session: bytes, ts: int, seq: int, now: float) -> None:
+        """`session` answered a challenge with (ts, seq): accept what it seals after."""
+        self.verified.pop(session, None)
+        if len(self.verified) >= MAX_SESSIONS_PER_PEER:
+            self.verified.popitem(last=False)
+        self.verified[session] = [ts, seq, now]
+
+    def check_own(self, session: bytes, ts: int, seq: int, now: float) -> DropReason | None:
+        """The replay check of a datagram for this node: a verified session,
+        sealed after its answer, and new in the window."""
+        floor = self.verified.get(session)
+        if floor is None:
+            return DropReason.UNVERIFIED
+        if ts < floor[0] or (ts == floor[0] and seq <= floor[1]):
+            return DropReason.REPLAY
+        return self.check_replay(-1, session, ts, seq, now)
 
     def check_replay(self, dst: int, session: bytes, ts: int, seq: int, now: float,
                      charged: Peer | None = None) -> DropReason | None:
-        """`charged`: None for the window of traffic to this node; for a pair
-        it only relays, the peer a new window counts against (the bigger ID)."""
-        if ts < self.replay_floor:
+        """The window of traffic from this peer to dst (-1: to this node).
+        `charged`: None for the window of traffic to this node; for a pair
+        it only relays, the peer a new window counts against (the bigger ID).
+        A relay window refuses what was sealed before the peer entered the
+        table (a relay keeps no state across restarts either)."""
+        if dst != -1 and ts < self.replay_floor:
             return DropReason.REPLAY
         window = self.replay.get(dst)
         if window is None:
@@ -90,21 +138,52 @@ class Peer:
     def static_addr(self) -> Addr | None:
         return self.entry.static_addr
 
-    def heard(self, addr: Addr, relayed: bool, now: float) -> bool:
-        """Record an authenticated datagram from addr; True when the path is new."""
+    def heard(self, addr: Addr, relayed: bool, now: float, size: int = 0) -> Path | None:
+        """Record an authenticated datagram of `size` bytes from addr; the
+        path when it is new (not yet proven), else None."""
         self.last_rx = now
         path = self.paths.get(addr)
         if path is not None:
             path.last_rx = now
             if not path.static:
                 path.relayed = relayed
-            return False
+            if not path.proven:
+                path.credit = min(path.credit + size, CREDIT_LIMIT)
+            return None
         if len(self.paths) >= MAX_PATHS_PER_PEER:
             learned = [p for p in self.paths.values() if not p.static]
-            oldest = min(learned, key=lambda p: p.last_rx)
+            oldest = min(learned, key=lambda p: (p.proven, p.last_rx))   # unproven ones first
             del self.paths[oldest.addr]
-        self.paths[addr] = Path(addr, relayed, last_rx=now)
-        return True
+        path = self.paths[addr] = Path(addr, relayed, last_rx=now, credit=min(size, CREDIT_LIMIT))
+        return path
+
+    def prove(self, addr: Addr, relayed: bool, now: float) -> bool:
+        """A challenge sent to addr came back answered: it reaches the peer.
+        True when that changed something."""
+        path = self.paths.get(addr)
+        if path is None:
+            if len(self.paths) >= MAX_PATHS_PER_PEER:
+                learned = [p for p in self.paths.values() if not p.static]
+                del self.paths[min(learned, key=lambda p: (p.proven, p.last_rx)).addr]
+            self.paths[addr] = Path(addr, relayed, last_rx=now, proven=True)
+            return True
+        changed = not path.proven
+        path.proven = True
+        return changed
+
+    def sendable(self, targets: list[Addr], size: int) -> list[Addr]:
+        """The targets a datagram of `size` bytes may go to: proven paths, and
+        unproven ones while their credit lasts (it is spent here)."""
+        paths = self.paths
+        out = []
+        for addr in targets:
+            path = paths.get(addr)
+            if path is None or path.proven:
+                out.append(addr)         # (not a path of this peer: a forwarder's, checked as its own)
+            elif path.credit >= size:
+                path.credit -= size
+                out.append(addr)
+        return out
 
     def refresh(self, addr: Addr, now: float) -> None:
         """A copy of an already accepted datagram arrived on addr: keep an
@@ -130,11 +209,24 @@ class Peer:
         for addr in [a for a, p in self.paths.items() if not p.static and now - p.last_rx > PEER_LIFETIME]:
             del self.paths[addr]
         for dst in list(self.replay):
-            self.replay[dst].expire(now)
-            if not self.replay[dst].sessions:
-                # keep what the window had forgotten before dropping it
-                self.replay_floor = max(self.replay_floor, self.replay[dst].floor + 1)
+            window = self.replay[dst]
+            window.expire(now)
+            if dst == -1:
+                # the floors of verified sessions follow what the window forgot
+                for session, floor in window.floors.items():
+                    mine = self.verified.get(session)
+                    if mine is not None and floor >= mine[0]:
+                        mine[0], mine[1] = floor, SEQ_LIMIT
+            if not window.sessions:
                 self.release_window(dst)
+        # a verified session with nothing in the window for a while is
+        # forgotten; it is challenged again if it comes back
+        own = self.replay.get(-1)
+        for session in [s for s, (_, _, when) in self.verified.items()
+                        if now - when > 2 * REPLAY_WINDOW and (own is None or s not in own.sessions)]:
+            del self.verified[session]
+        for nonce in [n for n, (when, _, _) in self.challenges.items() if now - when > CHALLENGE_LIFETIME]:
+            del self.challenges[nonce]
 
     def release_window(self, dst: int) -> None:
         """Drop the window for dst and free the slot it took."""
@@ -159,6 +251,15 @@ class PeerTable:
         # only relay for: a bounded cache, since unauthenticated headers pick them
         self._pair_keys: dict[tuple[int, int], bytes] = {}
         self._relay_keys: dict[tuple[int, int], bytes] = {}
+        self._shard_keys: dict[bytes, bytes] = {}      # pair key -> shard MAC key
+
+    def shard_key(self, pair_key: bytes) -> bytes:
+        key = self._shard_keys.get(pair_key)
+        if key is None:
+            if len(self._shard_keys) >= 2 * RELAY_KEY_CACHE:
+                self._shard_keys.clear()
+            key = self._shard_keys[pair_key] = derive_shard_key(pair_key)
+        return key
 
     def get(self, peer_id: int) -> Peer | None:
         return self.peers.get(peer_id)

@@ -35,28 +35,29 @@ def _pages(second: Second) -> Iterator[tuple[int, bytearray]]:
 
 
 class ReplayWindow:
-    __slots__ = ("sessions", "floor", "charged", "_hot_session", "_hot_ts", "_hot_number", "_hot_page")
+    __slots__ = ("sessions", "floors", "charged", "_hot_session", "_hot_ts", "_hot_number", "_hot_page")
 
     def __init__(self, charged: object = None) -> None:
         # the peer whose window slot this is (peers.Peer.relay_windows), or None
         self.charged = charged
         # session -> {ts: page 0, or {page number: page}}
         self.sessions: dict[bytes, dict[int, Second]] = {}
-        # the newest second we have forgotten: anything at or below it is
-        # refused, so a receiver clock that jumps ahead and back cannot
-        # reopen seconds whose bitmaps are gone
-        self.floor = -1
+        # per session, the newest second we have forgotten: anything at or
+        # below it is refused, so a receiver clock that jumps ahead and back
+        # cannot reopen seconds whose bitmaps are gone. Per session, not per
+        # window: a sender whose clock came back from an excursion starts a
+        # new session, which must not inherit the old one's future seconds.
+        self.floors: dict[bytes, int] = {}
         # the page used last and its (session, ts, page number): a sender's
         # datagrams mostly land on one page after another. A page is only
-        # dropped with its second, which raises floor to at least its ts, so
-        # a forgotten page is never reached through this shortcut.
+        # dropped with its second, and then the shortcut is reset.
         self._hot_session, self._hot_ts, self._hot_number = b"", -1, -1
         self._hot_page = bytearray()
 
     def check_and_accept(self, session: bytes, ts: int, seq: int, now: float) -> DropReason | None:
         """None when (session, ts, seq) is new and inside the window (then it is recorded)."""
         now_s = int(now)
-        if seq >= SEQ_LIMIT or ts <= self.floor or abs(ts - now_s) > REPLAY_WINDOW:
+        if seq >= SEQ_LIMIT or abs(ts - now_s) > REPLAY_WINDOW or ts <= self.floors.get(session, -1):
             return DropReason.REPLAY
         number = seq >> 12               # PAGE_SHIFT: literals on this per-datagram path
         if ts == self._hot_ts and number == self._hot_number and session == self._hot_session:
@@ -90,7 +91,7 @@ class ReplayWindow:
         second = seconds.get(ts)
         if second is None:
             if len(seconds) > 2 * REPLAY_WINDOW:
-                self._expire_session(seconds, now_s)
+                self._expire_session(session, seconds, now_s)
             page = bytearray(1)
             seconds[ts] = page if number == 0 else {number: page}
         elif isinstance(second, dict):
@@ -105,20 +106,26 @@ class ReplayWindow:
         self._hot_session, self._hot_ts, self._hot_number, self._hot_page = session, ts, number, page
         return page
 
-    def _expire_session(self, seconds: dict[int, Second], now_s: int) -> None:
+    def _expire_session(self, session: bytes, seconds: dict[int, Second], now_s: int) -> None:
         # Only seconds that fell out of the back of the window are forgotten.
         # Seconds "from the future" (the receiver's clock stepped back) stay
         # until the clock passes them again, so they cannot be replayed then.
         for ts in [t for t in seconds if t < now_s - REPLAY_WINDOW]:
             del seconds[ts]
-            self.floor = max(self.floor, ts)
+            if ts > self.floors.get(session, -1):
+                self.floors[session] = ts
+        if self._hot_session == session and self._hot_ts not in seconds:
+            self._hot_ts = -1               # the shortcut must never reach a forgotten page
 
     def _expire(self, now_s: int) -> None:
         for session in list(self.sessions):
             seconds = self.sessions[session]
-            self._expire_session(seconds, now_s)
+            self._expire_session(session, seconds, now_s)
             if not seconds:
+                # every second of it is older than the window, which refuses
+                # them by the clock alone: the floor can go with the session
                 del self.sessions[session]
+                self.floors.pop(session, None)
 
     def expire(self, now: float) -> None:
         """Forget seconds (and whole sessions) that left the window."""

@@ -39,14 +39,8 @@ import struct
 import sys
 import time
 
-from alpaca.protocol.crypto import (
-    Header,
-    derive_group_key,
-    derive_pair_key,
-    derive_psk_key,
-    genkey,
-    seal,
-)
+from alpaca.protocol.crypto import derive_group_key, derive_pair_key, derive_psk_key, genkey
+from alpaca.protocol.wire import Header, seal
 from alpaca.protocol.ids import parse_id
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))

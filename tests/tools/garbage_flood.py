@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from alpaca.protocol.constants import DEFAULT_TTL, KIND_DATA
-from alpaca.protocol.crypto import Header, derive_group_key, seal
+from alpaca.protocol.crypto import derive_group_key
+from alpaca.protocol.wire import Header, seal
 from alpaca.protocol.ids import parse_id
 
 

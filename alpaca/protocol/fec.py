@@ -1,21 +1,14 @@
-"""Messages bigger than one datagram: shards, parity and reassembly.
+"""Forward error correction: Reed-Solomon codecs and the parity policy
+(docs/protocol.md §12-13).
 
-A TUN device with offloads hands us TCP super-packets of up to 64 KiB. Such a
-message is sealed with ONE AEAD call (the cost of a call, not of a byte, is
-what limits a Python datapath) and its ciphertext + tag is cut into k data
-shards of equal size (the last one shorter), optionally followed by m parity
-shards computed with ISA-L's Cauchy Reed-Solomon through pyeclib (over the
-zero-padded data shards).
-Each shard travels in its own datagram:
-
-    masked(header | sub-header) | shard
-    sub-header = index (1 byte) | k (1) | m (1) | message length (3, big-endian)
-
-The header is the message's header (same src, dst, session, ts, seq for every
-shard; flags has FLAG_FRAG), so a forwarder relays shards like any datagram
-without reassembling them. The receiver decodes from any k distinct shards,
-then authenticates the whole message once: a lost, forged or corrupted shard
-can only lose the message, never change it. docs/protocol.md "Fragments".
+A message (a super-packet or a FEC batch) is sealed once; its ciphertext +
+tag is cut into k balanced chunks and, when parity is wanted, m parity
+chunks computed over the zero-padded data chunks: zfec (Rizzo's Vandermonde
+Reed-Solomon) where parity is light, ISA-L's Cauchy Reed-Solomon through
+pyeclib where it is heavy. wire.py frames each chunk as a shard datagram;
+reassembly.py collects authenticated shards; `decode` rebuilds the message
+from any k of them. Everything a sub-header says is bounded (`valid_sub`)
+before a shard is kept, so no codec ever sees a size it did not expect.
 """
 
 from __future__ import annotations
@@ -26,10 +19,7 @@ import math
 import zfec
 from pyeclib.ec_iface import ECDriver
 
-from .constants import MAX_SHARDS, REASSEMBLY_PER_PEER, REASSEMBLY_TIMEOUT, REASSEMBLY_TOTAL, TAG_SIZE
-from .drops import DropReason
-
-DONE_LIMIT = 8192          # decoded messages remembered (a few hundred bytes each)
+from .constants import MAX_DATA_SHARDS, MAX_MESSAGE, MAX_SHARDS, TAG_SIZE
 
 
 def shard_size(length: int, k: int) -> int:
@@ -157,157 +147,28 @@ def split(body, max_shard: int, parity: int, isal: bool = False) -> tuple[list, 
     return shards, k, m
 
 
-def valid_sub(index: int, k: int, m: int, length: int, shard_len: int) -> bool:
-    """Is this sub-header self-consistent, and the shard of the size it implies?"""
-    if k < 1 or k + m > MAX_SHARDS or index >= k + m or length < TAG_SIZE * k:
+def valid_sub(index: int, k: int, m: int, length: int, chunk_len: int) -> bool:
+    """Is this sub-header within bounds and self-consistent, and the chunk of
+    the size it implies? Checked on a message's first shard, before anything
+    is kept: at most MAX_DATA_SHARDS data chunks (what a decode costs grows
+    with k), at most MAX_SHARDS in all, at most MAX_MESSAGE bytes."""
+    if not 1 <= k <= MAX_DATA_SHARDS or k + m > MAX_SHARDS or index >= k + m:
+        return False
+    if not TAG_SIZE * k <= length <= MAX_MESSAGE:
         return False
     size = shard_size(length, k)
     expected = length - (k - 1) * size if index == k - 1 else size
-    return shard_len == expected and expected >= TAG_SIZE
+    return chunk_len == expected and expected >= TAG_SIZE
 
 
-class Reassembly:
-    __slots__ = ("k", "m", "length", "isal", "size", "last", "shards", "addrs", "born")
-
-    def __init__(self, k: int, m: int, length: int, now: float, isal: bool = False):
-        self.k, self.m, self.length, self.isal = k, m, length, isal
-        self.size = shard_size(length, k)
-        self.last = length - (k - 1) * self.size     # the last data shard's size
-        self.shards: dict[int, bytes] = {}
-        self.addrs: list = []
-        self.born = now
-
-
-Key = tuple  # (src, dst, session, ts, seq)
-
-
-class Reassembler:
-    """Shards in, whole messages (ciphertext + tag) out.
-
-    Bounded: at most REASSEMBLY_PER_PEER incomplete messages per (src, dst)
-    and REASSEMBLY_TOTAL in all, each dropped REASSEMBLY_TIMEOUT after its
-    first shard. A decoded message is remembered (which shards arrived, not
-    their bytes; at most DONE_LIMIT) for the same time, so its late parity
-    and duplicate shards are recognised and counted for the loss report, not
-    reassembled again."""
-
-    def __init__(self):
-        self.slots: collections.OrderedDict[Key, Reassembly] = collections.OrderedDict()
-        self.per_pair: collections.Counter[tuple[int, int]] = collections.Counter()
-        # decoded messages: key -> [bitmask of shard indices seen, k + m, born]
-        self.done: collections.OrderedDict[Key, list] = collections.OrderedDict()
-        # src -> [shards sent, distinct shards arrived] of messages no longer
-        # tracked (decoded or expired): for the loss report (loss.py)
-        self.tally: dict[int, list[int]] = {}
-
-    def add(self, key: Key, index: int, k: int, m: int, length: int, shard: bytes, addr,
-            now: float, isal: bool = False) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
-        """Returns (message, its slot, None) when this shard completes a
-        message, (None, slot, None) when it was filed in a message still
-        incomplete, (None, None, reason) when it is dropped, and (None, None,
-        None) for a surplus shard of a message already decoded."""
-        slot = self.slots.get(key)
-        if slot is not None:        # the hot path: the next shard of a message in progress
-            if (k != slot.k or m != slot.m or length != slot.length or index >= k + m or isal != slot.isal
-                    or len(shard) != (slot.last if index == k - 1 else slot.size)):
-                return None, None, DropReason.MALFORMED
-            return self._add(slot, key, index, shard, addr)
-        seen = self.done.get(key)
-        if seen is not None:
-            bit = 1 << index
-            if seen[0] & bit:
-                return None, None, DropReason.DUPLICATE_SHARD
-            seen[0] |= bit              # a surplus shard (parity, or a copy's): for the loss report
-            return None, None, None
-        if not valid_sub(index, k, m, length, len(shard)):
-            return None, None, DropReason.MALFORMED
-        pair = key[:2]
-        if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
-            self.expire(now)
-            if self.per_pair[pair] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL:
-                return None, None, DropReason.REASSEMBLY_FULL
-        slot = self.slots[key] = Reassembly(k, m, length, now, isal)
-        self.per_pair[pair] += 1
-        return self._add(slot, key, index, shard, addr)
-
-    def knows(self, key: Key) -> bool:
-        """A message in progress or recently decoded."""
-        return key in self.slots or key in self.done
-
-    def _add(self, slot: Reassembly, key: Key, index: int, shard: bytes,
-             addr) -> tuple[bytes | None, Reassembly | None, DropReason | None]:
-        if index in slot.shards:
-            return None, None, DropReason.DUPLICATE_SHARD
-        slot.shards[index] = shard
-        if addr not in slot.addrs:
-            slot.addrs.append(addr)
-        if len(slot.shards) < slot.k:
-            return None, slot, None
-        message = self._decode(slot)
-        self._forget(key)
-        mask = 0
-        for i in slot.shards:
-            mask |= 1 << i
-        if len(self.done) >= DONE_LIMIT:
-            self._retire(*self.done.popitem(last=False))
-        self.done[key] = [mask, slot.k + slot.m, slot.born]
-        return message, slot, None
-
-    def _forget(self, key: Key) -> None:
-        del self.slots[key]
-        pair = key[:2]
-        self.per_pair[pair] -= 1
-        if not self.per_pair[pair]:
-            del self.per_pair[pair]
-
-    def _retire(self, key: Key, seen: list) -> None:
-        self._count(key[0], seen[1], seen[0].bit_count())
-
-    def _count(self, src: int, sent: int, arrived: int) -> None:
-        tally = self.tally.get(src)
-        if tally is None:
-            tally = self.tally[src] = [0, 0]
-        tally[0] += sent
-        tally[1] += arrived
-
-    @staticmethod
-    def _decode(slot: Reassembly) -> bytes:
-        k, shards = slot.k, slot.shards
-        if k == 1:
-            return bytes(next(iter(shards.values())))      # repetition (split)
-        if all(i in shards for i in range(k)):
-            return b"".join([shards[i] for i in range(k)])
-        return _codec(k, slot.m, slot.isal).decode(shards, slot.size, slot.length)
-
-    def expire(self, now: float) -> list[tuple[Key, Reassembly]]:
-        """Forget messages older than the timeout; returns those that never
-        completed (lost). Decoded ones go into the loss statistics here, when
-        no more of their shards are expected."""
-        lost = []
-        slots = self.slots
-        while slots:
-            key, slot = next(iter(slots.items()))
-            if now - slot.born < REASSEMBLY_TIMEOUT:
-                break
-            self._forget(key)
-            lost.append((key, slot))
-        done = self.done
-        while done:
-            key, seen = next(iter(done.items()))
-            if now - seen[2] < REASSEMBLY_TIMEOUT:
-                break
-            del done[key]
-            self._retire(key, seen)
-        return lost
-
-    def count_lost(self, key: Key, slot: Reassembly) -> None:
-        """The shards of an incomplete message in the loss tally (the node
-        passes on only the tallies of peers it has authenticated)."""
-        self._count(key[0], slot.k + slot.m, len(slot.shards))
-
-    def take_tally(self) -> dict[int, list[int]]:
-        tally, self.tally = self.tally, {}
-        return tally
+def decode(k: int, m: int, isal: bool, chunks: dict, size: int, length: int) -> bytes:
+    """The message body from any k of its chunks ({index: chunk}; the last
+    data chunk is shorter, the others `size` bytes)."""
+    if k == 1:
+        return bytes(next(iter(chunks.values())))      # repetition (split)
+    if all(i in chunks for i in range(k)):
+        return b"".join([chunks[i] for i in range(k)])
+    return _codec(k, m, isal).decode(chunks, size, length)
 
 
 SMALL_LIMIT = 12           # parity shards a message of few shards may get (what it costs is small)

@@ -1,0 +1,178 @@
+"""Authenticated shards in, whole message bodies out (docs/protocol.md §12).
+
+Only shards whose MAC verified and that passed the replay window reach this
+module, so everything it keeps was sent by the peer it is filed under: a
+forger cannot open a slot, fill the budget or move a loss tally. It is still
+bounded, since a member's own bugs (or a compromised member) must not take
+the memory of the others:
+
+- at most REASSEMBLY_PER_PEER messages and REASSEMBLY_PEER_BYTES chunk bytes
+  per source peer, REASSEMBLY_TOTAL messages and REASSEMBLY_BYTES in all;
+- every sub-header is bounded before its shard is kept (fec.valid_sub);
+- a message still incomplete REASSEMBLY_TIMEOUT after its first shard is
+  dropped (counted `incomplete` against its peer).
+
+A decoded message is remembered (which chunk indices arrived, not their
+bytes; at most DONE_LIMIT) for the same time, so its late parity and copies
+count for the loss report instead of starting a new message. For each
+source it tallies k + m chunks sent against the distinct indices that
+arrived, per message as it leaves (loss.py reports the tally).
+"""
+
+from __future__ import annotations
+
+import collections
+
+from .constants import (REASSEMBLY_BYTES, REASSEMBLY_PEER_BYTES, REASSEMBLY_PER_PEER, REASSEMBLY_TIMEOUT,
+                        REASSEMBLY_TOTAL)
+from .drops import DropReason
+from .fec import decode, shard_size, valid_sub
+
+DONE_LIMIT = 8192          # decoded messages remembered (a few hundred bytes each)
+
+Key = tuple                # (src, session, ts, seq of the message)
+
+
+class Reassembly:
+    __slots__ = ("k", "m", "length", "isal", "size", "last", "chunks", "held", "born")
+
+    def __init__(self, k: int, m: int, length: int, now: float, isal: bool = False):
+        self.k, self.m, self.length, self.isal = k, m, length, isal
+        self.size = shard_size(length, k)
+        self.last = length - (k - 1) * self.size     # the last data chunk's size
+        self.chunks: dict[int, bytes] = {}
+        self.held = 0                                # bytes of chunks held
+        self.born = now
+
+    def fits(self, index: int, k: int, m: int, length: int, isal: bool, chunk_len: int) -> bool:
+        """Does a shard agree with its message's first shard?"""
+        return (k == self.k and m == self.m and length == self.length and isal == self.isal
+                and index < k + m and chunk_len == (self.last if index == k - 1 else self.size))
+
+    def decode(self) -> bytes:
+        return decode(self.k, self.m, self.isal, self.chunks, self.size, self.length)
+
+
+class Reassembler:
+    def __init__(self):
+        self.slots: collections.OrderedDict[Key, Reassembly] = collections.OrderedDict()
+        self.per_peer: collections.Counter[int] = collections.Counter()      # src -> slots
+        self.peer_bytes: collections.Counter[int] = collections.Counter()    # src -> bytes held
+        self.bytes = 0
+        # decoded messages: key -> [bitmask of chunk indices seen, k + m, born]
+        self.done: collections.OrderedDict[Key, list] = collections.OrderedDict()
+        # src -> [chunks sent, distinct chunks arrived] of messages no longer tracked
+        self.tally: dict[int, list[int]] = {}
+        # messages that expired incomplete since take_expired: their peers' `incomplete` drops
+        self.expired: list[tuple[Key, Reassembly]] = []
+
+    def add(self, key: Key, index: int, k: int, m: int, length: int, isal: bool, chunk,
+            now: float) -> tuple[Reassembly | None, DropReason | None]:
+        """File one authenticated shard. Returns (slot, None) when it
+        completes its message (the caller decodes it and calls `finish`),
+        (None, None) when it was filed or was a surplus shard of a message
+        already decoded, and (None, reason) when it is dropped."""
+        slot = self.slots.get(key)
+        if slot is None:
+            seen = self.done.get(key)
+            if seen is not None:
+                seen[0] |= 1 << index       # a surplus shard (parity, a copy): for the loss report
+                return None, None
+            if not valid_sub(index, k, m, length, len(chunk)):
+                return None, DropReason.BAD_SHARD
+            src = key[0]
+            if not self._room(src, len(chunk), now):
+                return None, DropReason.REASSEMBLY_FULL
+            slot = self.slots[key] = Reassembly(k, m, length, now, isal)
+            self.per_peer[src] += 1
+        elif not slot.fits(index, k, m, length, isal, len(chunk)):
+            return None, DropReason.BAD_SHARD
+        elif index in slot.chunks:
+            return None, None               # (the replay window lets no copy through; kept for safety)
+        elif not self._room(key[0], len(chunk), now, new=False):
+            return None, DropReason.REASSEMBLY_FULL
+        slot.chunks[index] = chunk
+        slot.held += len(chunk)
+        self.peer_bytes[key[0]] += len(chunk)
+        self.bytes += len(chunk)
+        if len(slot.chunks) < slot.k:
+            return None, None
+        return slot, None
+
+    def _room(self, src: int, size: int, now: float, new: bool = True) -> bool:
+        def full() -> bool:
+            return ((new and (self.per_peer[src] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL))
+                    or self.peer_bytes[src] + size > REASSEMBLY_PEER_BYTES or self.bytes + size > REASSEMBLY_BYTES)
+        if full():
+            self.expire(now)
+            return not full()
+        return True
+
+    def finish(self, key: Key, slot: Reassembly) -> None:
+        """The message of `slot` was decoded (or failed to): remember which
+        chunks arrived, free its bytes."""
+        self._forget(key, slot)
+        mask = 0
+        for i in slot.chunks:
+            mask |= 1 << i
+        if len(self.done) >= DONE_LIMIT:
+            self._retire(*self.done.popitem(last=False))
+        self.done[key] = [mask, slot.k + slot.m, slot.born]
+
+    def _forget(self, key: Key, slot: Reassembly) -> None:
+        del self.slots[key]
+        src = key[0]
+        self.per_peer[src] -= 1
+        if not self.per_peer[src]:
+            del self.per_peer[src]
+        self.peer_bytes[src] -= slot.held
+        if not self.peer_bytes[src]:
+            del self.peer_bytes[src]
+        self.bytes -= slot.held
+
+    def _retire(self, key: Key, seen: list) -> None:
+        self._count(key[0], seen[1], seen[0].bit_count())
+
+    def _count(self, src: int, sent: int, arrived: int) -> None:
+        tally = self.tally.get(src)
+        if tally is None:
+            tally = self.tally[src] = [0, 0]
+        tally[0] += sent
+        tally[1] += arrived
+
+    def expire(self, now: float) -> None:
+        """Forget messages older than the timeout; those that never completed
+        go to `expired` and into their source's loss tally. Decoded ones go
+        into the tally here, when no more of their shards are expected."""
+        lost = self.expired
+        slots = self.slots
+        while slots:
+            key, slot = next(iter(slots.items()))
+            if now - slot.born < REASSEMBLY_TIMEOUT:
+                break
+            self._forget(key, slot)
+            self._count(key[0], slot.k + slot.m, len(slot.chunks))
+            lost.append((key, slot))
+        done = self.done
+        while done:
+            key, seen = next(iter(done.items()))
+            if now - seen[2] < REASSEMBLY_TIMEOUT:
+                break
+            del done[key]
+            self._retire(key, seen)
+
+    def take_expired(self) -> list[tuple[Key, Reassembly]]:
+        expired, self.expired = self.expired, []
+        return expired
+
+    def forget_peer(self, src: int) -> None:
+        """A peer left the table (or changed its key): drop what it sent."""
+        for key in [k for k in self.slots if k[0] == src]:
+            self._forget(key, self.slots[key])
+        for key in [k for k in self.done if k[0] == src]:
+            del self.done[key]
+        self.tally.pop(src, None)
+
+    def take_tally(self) -> dict[int, list[int]]:
+        tally, self.tally = self.tally, {}
+        return tally
