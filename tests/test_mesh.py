@@ -103,7 +103,7 @@ def test_replay_and_garbage_never_reach_tun(mesh4):
     replays = sum(after["drops"].get(k, 0) - before["drops"].get(k, 0) for k in ("duplicate", "replay"))
     assert replays == 2 * len(captured)
     after_global = s1.status()["drops"]
-    unauth = sum(after_global.get(k, 0) - before_global.get(k, 0) for k in ("malformed", "auth_failure", "unknown_peer"))
+    unauth = sum(after_global.get(k, 0) - before_global.get(k, 0) for k in ("malformed", "wrong_version", "auth_failure", "unknown_peer"))
     assert unauth == len(garbage) + len(flipped)
     # the daemon survives and still carries traffic
     assert s1.proc.poll() is None

@@ -586,8 +586,8 @@ class Node:
         challenge, with a nonce of its own, to addr and to each of our
         paths to the peer. At most every CHALLENGE_INTERVAL per peer, so a
         replayed datagram from a forged address costs one small datagram."""
-        if now < peer.next_challenge:
-            return
+        if peer.next_challenge - CHALLENGE_INTERVAL <= now < peer.next_challenge:
+            return          # (a deadline further ahead is from before the clock stepped back)
         key = self.table.pair_key(self.me, peer.id)
         if key is None:
             return
@@ -709,6 +709,14 @@ class Node:
 
     def tick(self, now: float) -> Output:
         out = Output()
+        # `now` is the wall clock: after it steps back, deadlines set before
+        # would wait out the step (a day, after a bad time source)
+        if self._next_keepalive - now > KEEPALIVE_INTERVAL:
+            self._next_keepalive = now
+        if self._next_report - now > REPORT_INTERVAL:
+            self._next_report = now
+        if self._next_prune - now > PRUNE_INTERVAL:
+            self._next_prune = now
         while self._timers and self._timers[0][0] <= now:
             out.sends.extend(heapq.heappop(self._timers)[2])
         if now >= self._next_keepalive:

@@ -131,7 +131,10 @@ class Peer:
                 if charged.relay_windows >= MAX_WINDOWS_PER_PEER:
                     return DropReason.TOO_MANY_SESSIONS     # a slot frees when a window expires
                 charged.relay_windows += 1
-            window = self.replay[dst] = ReplayWindow(charged)
+            # the own window keeps the floors of verified sessions for as long
+            # as they stay verified, so a receiver clock that steps back never
+            # reopens seconds it forgot (prune drops them with the session)
+            window = self.replay[dst] = ReplayWindow(charged, keep_floors=dst == -1)
         return window.check_and_accept(session, ts, seq, now)
 
     @property
@@ -212,19 +215,10 @@ class Peer:
             window = self.replay[dst]
             window.expire(now)
             if dst == -1:
-                # the floors of verified sessions follow what the window forgot
-                for session, floor in window.floors.items():
-                    mine = self.verified.get(session)
-                    if mine is not None and floor >= mine[0]:
-                        mine[0], mine[1] = floor, SEQ_LIMIT
-            if not window.sessions:
+                for session in [s for s in window.floors if s not in self.verified]:
+                    del window.floors[session]
+            if not window.sessions and not window.floors:
                 self.release_window(dst)
-        # a verified session with nothing in the window for a while is
-        # forgotten; it is challenged again if it comes back
-        own = self.replay.get(-1)
-        for session in [s for s, (_, _, when) in self.verified.items()
-                        if now - when > 2 * REPLAY_WINDOW and (own is None or s not in own.sessions)]:
-            del self.verified[session]
         for nonce in [n for n, (when, _, _) in self.challenges.items() if now - when > CHALLENGE_LIFETIME]:
             del self.challenges[nonce]
 

@@ -35,9 +35,9 @@ def _pages(second: Second) -> Iterator[tuple[int, bytearray]]:
 
 
 class ReplayWindow:
-    __slots__ = ("sessions", "floors", "charged", "_hot_session", "_hot_ts", "_hot_number", "_hot_page")
+    __slots__ = ("sessions", "floors", "keep_floors", "charged", "_hot_session", "_hot_ts", "_hot_number", "_hot_page")
 
-    def __init__(self, charged: object = None) -> None:
+    def __init__(self, charged: object = None, keep_floors: bool = False) -> None:
         # the peer whose window slot this is (peers.Peer.relay_windows), or None
         self.charged = charged
         # session -> {ts: page 0, or {page number: page}}
@@ -48,6 +48,9 @@ class ReplayWindow:
         # window: a sender whose clock came back from an excursion starts a
         # new session, which must not inherit the old one's future seconds.
         self.floors: dict[bytes, int] = {}
+        # a window that keeps a session's floor after the session's last
+        # second is gone (the owner prunes floors: peers.Peer.prune)
+        self.keep_floors = keep_floors
         # the page used last and its (session, ts, page number): a sender's
         # datagrams mostly land on one page after another. A page is only
         # dropped with its second, and then the shortcut is reset.
@@ -125,7 +128,8 @@ class ReplayWindow:
                 # every second of it is older than the window, which refuses
                 # them by the clock alone: the floor can go with the session
                 del self.sessions[session]
-                self.floors.pop(session, None)
+                if not self.keep_floors:
+                    self.floors.pop(session, None)
 
     def expire(self, now: float) -> None:
         """Forget seconds (and whole sessions) that left the window."""

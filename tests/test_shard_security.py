@@ -1,0 +1,295 @@
+"""Tier 1: the shard layer against a forger who knows the group name (or one
+member's own key string), docs/security.md §6 and "Shards".
+
+Each test is one of the attacks found against the previous shard layer,
+driven through the pure core: relay storms, reassembly exhaustion, decode
+CPU, memory, forged loss, reflection, replay after a restart, and a clock
+excursion. A forger here unmasks and masks headers with the group key, so
+it can write any header and sub-header it likes; what it lacks is a pair
+key, which is what every shard's MAC and every datagram's AEAD need.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+from protocol_helpers import (START, T0, Wire, addr, data_only, header_of, make_datagram, make_node, name, pid,
+                              tcp, trust, tun_ip)
+from test_fragments import super_packet
+
+from alpaca.protocol import fec
+from alpaca.protocol.constants import (FLAG_FRAG, FLAG_ISAL, KIND_CHALLENGE, KIND_DATA, MASK_SIZE, REPORT_INTERVAL,
+                                       REASSEMBLY_TIMEOUT, WIRE_VERSION)
+from alpaca.protocol.crypto import derive_group_key, mask_state
+from alpaca.protocol.drops import DropReason
+from alpaca.protocol.wire import SUB, Header, peek
+
+GROUP_KEY = derive_group_key("example")
+
+
+def forged_shard(src: str, dst: str, index: int = 0, k: int = 47, m: int = 0, length: int = 66_000,
+                 chunk_len: int | None = None, ttl: int = 255, seq: int = 0, flags: int = FLAG_FRAG,
+                 ts: float = T0) -> bytes:
+    """A shard datagram as a holder of the group name alone can make it: a
+    header and sub-header of its choice, masked correctly, random chunk and MAC."""
+    size = fec.shard_size(length, k)
+    chunk_len = chunk_len if chunk_len is not None else (length - (k - 1) * size if index == k - 1 else size)
+    tail = os.urandom(chunk_len + 8)
+    clear = Header(ttl, 0, KIND_DATA, pid(src), pid(dst), b"\x07" * 8, int(ts), seq + index, 0,
+                   flags).pack() + SUB.pack(index, k, m, length >> 16, length & 0xFFFF)
+    h = mask_state(GROUP_KEY).copy()
+    h.update(tail[-16:])
+    masked = (int.from_bytes(clear, "big") ^ int.from_bytes(h.digest(), "big")).to_bytes(MASK_SIZE, "big")
+    return masked + tail
+
+
+def vnet_pair(**kw):
+    client = make_node("16.1", gateway="1.1", vnet=True, **kw)
+    server = make_node("1.1", vnet=True, **kw)
+    trust(server, client.session, ("16.1",))
+    trust(client, server.session, ("1.1",))
+    return client, server
+
+
+# ---------------------------------------------------------------- 1. relay storms
+
+def four_servers_with_relayed_paths():
+    """Servers 1.1-1.4, each holding, for client 16.1, a relayed path through
+    every other server (what a member gets by sending keepalives to Sj
+    through Si), and client 16.2 sending to 16.1 through 1.1."""
+    ids = ("1.1", "1.2", "1.3", "1.4", "16.1", "16.2")
+    static = ("1.1", "1.2", "1.3", "1.4")
+    servers = [make_node(s, ids=ids, static=static) for s in static]
+    for sj in servers:
+        for si in static:
+            if si != name(sj):
+                keepalive = make_datagram("16.1", name(sj), b"", kind=1, seq=pid(si), path=1)
+                sj.from_udp([(keepalive, addr(si))], T0)
+        assert sum(p.relayed for p in sj.table.get(pid("16.1")).paths.values()) == 3
+        for path in sj.table.get(pid("16.1")).paths.values():
+            path.proven = True      # the worst case: every relayed path proven
+    return servers
+
+
+def test_a_forged_shard_with_the_highest_ttl_is_relayed_nowhere():
+    servers = four_servers_with_relayed_paths()
+    wire = Wire(*servers)
+    forged = forged_shard("16.2", "16.1", ttl=255)
+    got = wire.run([(forged, addr("1.1"))], "16.2", T0)
+    assert len(got.hops) == 1                           # it reached 1.1 and went no further
+    assert servers[0].global_drops[DropReason.AUTH_FAILURE] == 1
+    assert sum(s.table.get(pid("16.2")).relayed_packets for s in servers) == 0
+
+
+def test_a_genuine_shard_is_relayed_at_most_once_per_relay_and_the_storm_is_bounded():
+    servers = four_servers_with_relayed_paths()
+    sender = make_node("16.2", ids=("1.1", "1.2", "1.3", "1.4", "16.1", "16.2"),
+                       static=("1.1", "1.2", "1.3", "1.4"), gateway="1.1", vnet=True, ttl=255)
+    wire = Wire(*servers, sender)
+    packet = super_packet(src="16.2", dst="16.1")
+    shards = [d for d, a in sender.from_tun([packet], T0).sends if header_of(d).flags & FLAG_FRAG]
+    assert shards and header_of(shards[0]).ttl == 255
+    got = wire.run([(shards[0], addr("1.1"))], "16.2", T0)
+    for s in servers:
+        assert s.table.get(pid("16.2")).relayed_packets <= 1, name(s)
+    # each relay sends it on at most once, to at most its paths: 4 relays x 4 paths
+    assert len(got.hops) <= 1 + 4 * 4, len(got.hops)
+    for _, _, datagram in got.hops[1:]:
+        if header_of(datagram).path:                    # relayed (the rest: challenges and answers)
+            assert header_of(datagram).ttl < 16         # a relay never passes on more than MAX_TTL
+
+
+# ---------------------------------------------------------------- 2-4. pre-auth state, CPU, memory
+
+def test_forged_first_shards_open_no_slot_and_a_genuine_message_still_arrives():
+    client, server = vnet_pair()
+    for i in range(2000):
+        server.from_udp([(forged_shard("16.1", "1.1", seq=i * 64), addr("16.1"))], T0)
+    assert not server.reassembly.slots and server.reassembly.bytes == 0
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 2000
+    packet = super_packet()
+    out = []
+    for d, _ in client.from_tun([packet], T0).sends:
+        out.extend(server.from_udp([(d, addr("16.1"))], T0).tun)
+    assert out == [packet]
+
+
+def test_a_forged_shard_claiming_heavy_parity_never_reaches_a_codec(monkeypatch):
+    _, server = vnet_pair()
+
+    def no_decode(*a, **kw):
+        raise AssertionError("a forged shard reached the Reed-Solomon decoder")
+    monkeypatch.setattr(fec, "decode", no_decode)
+    monkeypatch.setattr(fec, "_codec", no_decode)
+    for index in range(254):
+        d = forged_shard("16.1", "1.1", index=index, k=127, m=127, length=127 * 500,
+                         flags=FLAG_FRAG | FLAG_ISAL)
+        server.from_udp([(d, addr("16.1"))], T0)
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 254
+
+
+def test_forged_never_completing_shards_hold_no_memory_and_count_as_unauthenticated():
+    _, server = vnet_pair()
+    for i in range(500):
+        d = forged_shard("16.1", "1.1", k=1, m=0, length=65_000, chunk_len=65_000, seq=i)
+        server.from_udp([(d, addr("16.1"))], T0)
+    assert server.reassembly.bytes == 0 and not server.reassembly.slots
+    # counted the moment it arrives (the daemon's flood filter sums these), not when a slot expires
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 500
+
+
+def test_a_members_own_shards_are_bounded_by_its_byte_budget():
+    """What a member can do with its own key: open slots for its own
+    messages, up to its budget, counted against itself."""
+    from alpaca.protocol.constants import REASSEMBLY_PEER_BYTES, REASSEMBLY_PER_PEER
+    client, server = vnet_pair()
+    sent = 0
+    for i in range(REASSEMBLY_PER_PEER + 20):
+        shards = [d for d, _ in client.from_tun([super_packet(size=60_000 + i)], T0).sends]
+        server.from_udp([(shards[0], addr("16.1"))], T0)     # first shard only: never completes
+        sent += 1
+    peer = server.table.get(pid("16.1"))
+    assert len(server.reassembly.slots) <= REASSEMBLY_PER_PEER
+    assert server.reassembly.bytes <= REASSEMBLY_PEER_BYTES
+    assert peer.drops[DropReason.REASSEMBLY_FULL] == sent - REASSEMBLY_PER_PEER
+    server.tick(T0 + REASSEMBLY_TIMEOUT + REPORT_INTERVAL + 0.01)
+    assert server.reassembly.bytes == 0
+    assert peer.drops[DropReason.INCOMPLETE] == REASSEMBLY_PER_PEER
+
+
+# ---------------------------------------------------------------- 5. forged loss
+
+def test_forged_incomplete_messages_do_not_raise_the_senders_parity_or_copies():
+    client, server = vnet_pair(fec=fec.AUTO)
+    wire = Wire(client, server)
+    for i in range(300):      # forgeries "from" the client, to the server
+        server.from_udp([(forged_shard("16.1", "1.1", seq=i * 64, m=20), addr("16.1"))], T0)
+    # genuine, clean traffic both ways
+    for t in range(6):
+        now = T0 + t * 0.5
+        wire.originate(client, [super_packet(size=30_000 + t)], now)
+        wire.originate(server, [super_packet(size=30_000 + t, src="1.1", dst="16.1")], now)
+        wire.tick(server, now + 0.01)
+        wire.tick(client, now + 0.01)
+    assert not server.loss.tally.get(pid("16.1")) or server.loss.tally[pid("16.1")][0] == \
+        server.loss.tally[pid("16.1")][1]
+    assert client.loss.loss.get(pid("1.1"), 0.0) == 0.0
+    assert client._parity(pid("1.1"), client.loss.k) == 0 and client._parity(pid("1.1"), 1) == 0
+
+
+# ---------------------------------------------------------------- 6. reflection
+
+def test_a_member_spoofing_a_victims_address_gets_no_more_sent_there_than_it_sent():
+    client, server = make_node("16.1", gateway="1.1"), make_node("1.1")
+    trust(server, client.session, ("16.1",))
+    victim = [("203.0.113.9", 5000 + i) for i in range(8)]
+    received = 0
+    for i, v in enumerate(victim):       # genuine keepalives from the member, sources forged to the victim
+        d = make_datagram("16.1", "1.1", b"", kind=1, seq=100 + i, ts=T0)
+        received += len(d)
+        server.from_udp([(d, v)], T0)
+    sent_to_victim = 0
+    for i in range(50):                  # the server's traffic to the member: 50 x 1400 bytes
+        out = server.from_tun([tcp(tun_ip("1.1"), tun_ip("16.1"), data=bytes(1300))], T0 + 0.01 * i)
+        sent_to_victim += sum(len(d) for d, a in out.sends if a in victim)
+    challenges = 8                        # at most one small challenge per new path
+    assert sent_to_victim <= received + challenges * 80, (sent_to_victim, received)
+    assert not any(p.proven for a, p in server.table.get(pid("16.1")).paths.items() if a in victim)
+
+
+def test_a_path_that_answers_its_challenge_is_proven_and_carries_everything():
+    client, server = make_node("16.1", gateway="1.1"), make_node("1.1")
+    wire = Wire(client, server)
+    wire.tick(client, T0)                 # a keepalive: the server learns the path and challenges it
+    path = server.table.get(pid("16.1")).paths[addr("16.1")]
+    assert path.proven
+    got = wire.originate(server, [tcp(tun_ip("1.1"), tun_ip("16.1"), data=bytes(1300))] * 20, T0 + 0.1)
+    assert len(got.tun["16.1"]) == 20
+
+
+# ---------------------------------------------------------------- 7-8. restarts and clock excursions
+
+def handshake(a, b, now):
+    """Real challenges, no trusted shortcut: a's keepalives make b challenge a."""
+    wire = Wire(a, b, trusted=False)
+    wire.tick(a, now)
+    return wire
+
+
+def test_a_restarted_receiver_refuses_datagrams_captured_before_even_from_a_clock_3s_ahead():
+    ahead = 3.0
+    client = make_node("16.1", gateway="1.1", trust_test_session=False)
+    server = make_node("1.1", trust_test_session=False)
+    wire = handshake(client, server, T0 + ahead)
+    captured = [d for d, _ in client.from_tun([tcp(tun_ip("16.1"), tun_ip("1.1"), data=b"%d" % i)
+                                                for i in range(10)], T0 + ahead).sends]
+    for d in captured:
+        assert server.from_udp([(d, addr("16.1"))], T0).tun
+    # the server restarts one second later: no replay state survives
+    restarted = make_node("1.1", now=T0 + 1, trust_test_session=False)
+    for d in captured:
+        assert restarted.from_udp([(d, ("198.51.100.66", 4444))], T0 + 1).tun == []
+    assert restarted.table.get(pid("16.1")).drops[DropReason.UNVERIFIED] == 10
+    assert not any(a == ("198.51.100.66", 4444) and p.proven
+                   for a, p in restarted.table.get(pid("16.1")).paths.items())
+    # the client's next keepalive proves its session; the captured ones stay refused
+    wire = handshake(client, restarted, T0 + 1 + ahead)
+    for d in captured:
+        assert restarted.from_udp([(d, addr("16.1"))], T0 + 1.5).tun == []
+    assert restarted.table.get(pid("16.1")).drops[DropReason.REPLAY] == 10
+    fresh = wire.originate(client, [tcp(tun_ip("16.1"), tun_ip("1.1"), data=b"new")], T0 + 1.6 + ahead)
+    assert len(fresh.tun["1.1"]) == 1
+
+
+def test_a_shared_clock_excursion_locks_nobody_out():
+    day = 86_400
+    client = make_node("16.1", gateway="1.1", trust_test_session=False, now=START)
+    server = make_node("1.1", trust_test_session=False, now=START)
+    up = [tcp(tun_ip("16.1"), tun_ip("1.1"), data=b"up")]
+    down = [tcp(tun_ip("1.1"), tun_ip("16.1"), data=b"down")]
+    # both clocks a day ahead (a bad time source) ...
+    wire = handshake(client, server, T0 + day)
+    assert len(wire.originate(client, up, T0 + day + 0.2).tun["1.1"]) == 1
+    assert len(wire.originate(server, down, T0 + day + 0.3).tun["16.1"]) == 1
+    for t in range(0, 30, 5):
+        wire.tick(client, T0 + day + t)
+        wire.tick(server, T0 + day + t)
+    # ... then both back to the right time: each side's first datagram in
+    # its new session is challenged, and from the answer on the pair talks
+    old = (client.session, server.session)
+    before = {n: n.table.get(pid(o)).drops[DropReason.UNVERIFIED] for n, o in ((server, "16.1"), (client, "1.1"))}
+    wire.originate(client, up, T0 + 0.2)
+    wire.originate(server, down, T0 + 0.3)
+    assert (client.session, server.session) != old     # both noticed their clocks step back
+    assert len(wire.originate(client, up, T0 + 0.4).tun["1.1"]) == 1
+    assert len(wire.originate(server, down, T0 + 0.5).tun["16.1"]) == 1
+    for node, other in ((server, "16.1"), (client, "1.1")):
+        drops = node.table.get(pid(other)).drops
+        assert drops[DropReason.REPLAY] == 0 and drops[DropReason.UNVERIFIED] - before[node] <= 1, dict(drops)
+
+
+def test_datagrams_of_another_wire_version_are_counted_and_noticed_once():
+    _, server = vnet_pair()
+    other = bytearray(make_datagram("16.1", "1.1", b"x" * 40))
+    header, mask = peek(GROUP_KEY, bytes(other))
+    clear = (int.from_bytes(other[:26], "big") ^ (mask >> 48)).to_bytes(26, "big")
+    clear = clear[:2] + bytes(((WIRE_VERSION - 1) << 4 | KIND_DATA,)) + clear[3:]
+    other[:26] = (int.from_bytes(clear, "big") ^ (mask >> 48)).to_bytes(26, "big")
+    for i in range(100):
+        server.from_udp([(bytes(other), addr("16.1"))], T0 + i * 0.01)
+    assert server.global_drops[DropReason.WRONG_VERSION] == 100
+    lines = [n for n in server.notices if "wire version" in n]
+    assert len(lines) == 1 and f"version {WIRE_VERSION - 1}" in lines[0]
+
+
+def test_an_unverified_session_is_challenged_at_a_bounded_rate():
+    _, server = vnet_pair(trust_test_session=False)
+    sends = []
+    for i in range(200):
+        d = make_datagram("16.1", "1.1", b"x" * 40, seq=i, session=bytes([i % 250]) * 8)
+        sends.extend(server.from_udp([(d, ("203.0.113.50", 7000))], T0 + i * 0.001).sends)
+    # 0.2 s of replays from a forged address: at most one challenge per 0.25 s
+    assert len([s for s in sends if header_of(s[0]).kind == KIND_CHALLENGE]) <= 2
+    assert server.table.get(pid("16.1")).drops[DropReason.UNVERIFIED] == 200
+    assert data_only(sends) == []
