@@ -15,10 +15,10 @@ from __future__ import annotations
 import random
 
 from protocol_helpers import T0, addr, header_of, make_node, pid, tun_ip, udp
-from test_fragments import super_packet
+from test_fragments import acquainted, super_packet
 
 from alpaca.protocol import fec as fragments
-from alpaca.protocol.constants import FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_REPORT
+from alpaca.protocol.constants import FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_DATA, KIND_REPORT
 from alpaca.protocol.wire import peek_shard
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.node import ZERO_VNET
@@ -29,6 +29,7 @@ def mesh(client_fec=fragments.AUTO, server_fec=fragments.AUTO):
     client = make_node("16.1", gateway="1.1", forwarders=("1.1", "1.2"), vnet=True, fec=client_fec)
     forwarder = make_node("1.2", mode="forwarder")
     server = make_node("1.1", vnet=True, fec=server_fec)
+    acquainted(client, forwarder, server)
     return client, forwarder, server
 
 
@@ -60,8 +61,11 @@ def test_a_batch_is_one_message_with_parity():
     direct = [d for d, to in sends if to == addr("1.1")]
     assert len(direct) * 2 == len(sends)                  # the same datagrams on both paths
     headers = [peek_shard(client.group_key, d) for d in direct]
-    assert len({(h.src, h.dst, h.session, h.ts, h.seq) for h, _, _ in headers}) == 1
-    _, k, m = headers[0][2][:3]
+    # one message: shard i carries the message's seq + i, the same everything else
+    assert len({(h.src, h.dst, h.session, h.ts, h.flags) for h, _, _ in headers}) == 1
+    assert len({(h.seq - sub.index, sub.k, sub.m, sub.length) for h, _, sub in headers}) == 1
+    k, m = headers[0][2].k, headers[0][2].m
+    assert sorted(sub.index for _, _, sub in headers) == list(range(k + m))
     assert len(direct) == k + m and m == fragments.ratio_parity((20, 10), k)
     # 50 % parity is heavy: ISA-L's codec (docs/protocol.md §12)
     assert headers[0][0].flags == FLAG_FRAG | FLAG_BATCH | FLAG_VNET | FLAG_ISAL
@@ -70,18 +74,25 @@ def test_a_batch_is_one_message_with_parity():
 def test_shards_lost_reordered_and_duplicated_over_two_paths_decode_exactly_once():
     client, forwarder, server = mesh(client_fec=(20, 10))
     rng = random.Random(4)
+    copies = 0
     for round_ in range(20):
         now = T0 + round_ * 0.01
         sent = packets(30, seed=round_) + [super_packet(20_000 + round_)]
         arrivals = over_two_paths(client.from_tun(sent, now).sends, forwarder, now, rng, 0.4, 0.4)
         arrivals += rng.sample(arrivals, len(arrivals) // 4)          # and some arrive twice
-        got = server.from_udp(arrivals, now).tun
+        # a relayed copy differs from the direct one only in TTL and path (bytes 0-1)
+        copies += len(arrivals) - len({bytes(d[2:]) for d, _ in arrivals})
+        got = [p for d, frm in arrivals for p in server.from_udp([(d, frm)], now).tun]
         # with 40 % loss on each path nearly everything decodes; never a
         # corrupted, reordered-within-a-message or twice-delivered packet
         # (the batch and the super-packet are two messages: either may be first)
         assert got in (sent, sent[30:] + sent[:30], sent[:30], sent[30:]), round_
-    assert server.global_drops[DropReason.DUPLICATE_SHARD] > 0
-    assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] == 0
+    # every shard is a datagram of its own (seq + index): each copy after
+    # the first, over either path, is a duplicate of the peer, and nothing
+    # else was dropped (no message completed twice, no shard refused)
+    assert copies > 0
+    assert dict(server.table.get(pid("16.1")).drops) == {DropReason.DUPLICATE: copies}
+    assert not server.global_drops
 
 
 def test_peers_with_fec_on_and_off_interoperate():
@@ -136,6 +147,7 @@ def test_duplicate_copies_count_once_too():
     them are lost for good, and that is what parity is sized for."""
     client = make_node("16.1", gateway="1.1", vnet=True, duplicate=1, duplicate_delay=0.0)
     server = make_node("1.1", vnet=True)
+    acquainted(client, server)
     rng = random.Random(6)
     for i in range(80):
         now = T0 + i * 0.05
@@ -154,17 +166,39 @@ def test_light_parity_uses_zfec_heavy_parity_isal_and_both_decode():
         sent = packets(40, seed=ratio[1])
         sends = [d for d, to in client.from_tun(sent, T0).sends if to == addr("1.1")]
         header, _, sub = peek_shard(client.group_key, sends[0])
-        k, m = sub[1], sub[2]
+        k, m = sub.k, sub.m
+        assert m > 0 and len(sends) == k + m
         assert bool(header.flags & FLAG_ISAL) == isal == fragments.uses_isal(k, m), (ratio, k, m)
         lost = set(rng.sample(range(k), min(m, k)))           # data shards lost: parity must fill in
-        assert server.from_udp([(d, addr("16.1")) for i, d in enumerate(sends) if i not in lost], T0).tun == sent
+        index = [peek_shard(client.group_key, d)[2].index for d in sends]
+        assert server.from_udp([(d, addr("16.1")) for d, i in zip(sends, index) if i not in lost], T0).tun == sent
 
 
-def test_a_shard_claiming_the_other_codec_is_malformed():
+def test_a_shard_claiming_the_other_codec_fails_its_mac():
+    """FLAG_ISAL is in the header the shard's MAC covers: a shard that claims
+    the other codec than its message's is refused before it is kept, so no
+    codec ever decodes with the wrong one."""
     client, _, server = mesh(client_fec=(20, 10))
-    sends = [d for d, to in client.from_tun(packets(40), T0).sends if to == addr("1.1")]
+    sent = packets(40)
+    sends = [d for d, to in client.from_tun(sent, T0).sends if to == addr("1.1")]
+    assert header_of(sends[0]).flags & FLAG_ISAL
+    peer = server.table.get(pid("16.1"))
     server.from_udp([(sends[0], addr("16.1"))], T0)
+    held = server.reassembly.bytes
+    before = (dict(peer.drops), peer.rx_bytes)
     forged = bytearray(sends[1])
     forged[3] ^= FLAG_ISAL          # the header is XOR-masked: this flips the flag itself
+    assert header_of(bytes(forged)).flags == header_of(sends[1]).flags ^ FLAG_ISAL
     server.from_udp([(bytes(forged), addr("16.1"))], T0)
-    assert server.global_drops[DropReason.MALFORMED] == 1
+    assert dict(server.global_drops) == {DropReason.AUTH_FAILURE: 1}
+    assert (dict(peer.drops), peer.rx_bytes, server.reassembly.bytes) == (*before, held)
+    # the genuine shard still counts, and the message decodes as sent
+    assert server.from_udp([(d, addr("16.1")) for d in sends[1:]], T0).tun == sent
+    # a whole datagram may not claim a codec at all: malformed before any key is used
+    client2, _, server2 = mesh(client_fec=None)
+    whole = [d for d, to in client2.from_tun(packets(1), T0).sends if to == addr("1.1")][0]
+    assert header_of(whole).kind == KIND_DATA and not header_of(whole).flags & FLAG_FRAG
+    forged = bytearray(whole)
+    forged[3] ^= FLAG_ISAL
+    assert server2.from_udp([(bytes(forged), addr("16.1"))], T0).tun == []
+    assert dict(server2.global_drops) == {DropReason.MALFORMED: 1}

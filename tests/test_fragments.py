@@ -13,11 +13,13 @@ import random
 import struct
 
 import pytest
-from protocol_helpers import T0, Wire, addr, header_of, make_node, name, pid, tcp, tun_ip, udp
+from protocol_helpers import T0, Wire, addr, header_of, make_node, name, pid, tcp, trust, tun_ip, udp
 
 from alpaca.protocol import fec as fragments
-from alpaca.protocol.constants import (FLAG_FRAG, FLAG_VNET, KIND_REPORT, MASK_SIZE, REASSEMBLY_TIMEOUT,
-                                       REPORT_INTERVAL, VNET_HDR_SIZE)
+from alpaca.protocol import reassembly
+from alpaca.protocol.constants import (FLAG_FRAG, FLAG_VNET, KIND_REPORT, MASK_SIZE, REASSEMBLY_PER_PEER,
+                                       REASSEMBLY_TIMEOUT, REPORT_INTERVAL, VNET_HDR_SIZE)
+from alpaca.protocol.crypto import MAC_SIZE
 from alpaca.protocol.wire import peek_shard
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.node import ZERO_VNET
@@ -39,14 +41,23 @@ def super_packet(size: int = 60_000, src: str = "16.1", dst: str = "1.1") -> byt
 
 def fixed(m: int) -> tuple[int, int]:
     """A `fec` ratio that gives a 60 KB super-packet exactly m parity shards."""
-    return (fragments.shard_count(len(super_packet()) + 16, make_node("1.1", vnet=True).settings.max_datagram
-                                  - MASK_SIZE), m)
+    return (fragments.shard_count(len(super_packet()) + 16, make_node("1.1", vnet=True).max_chunk), m)
+
+
+def acquainted(*nodes):
+    """Each node takes the others' sessions as proven live, as if they had
+    answered its challenges (tests/test_challenge.py does it for real)."""
+    for a in nodes:
+        for b in nodes:
+            if a is not b:
+                trust(b, a.session, (name(a),))
+    return nodes
 
 
 def pair(**kw):
     client = make_node("16.1", gateway="1.1", vnet=True, **kw)
     server = make_node("1.1", vnet=True, **kw)
-    return client, server
+    return acquainted(client, server)
 
 
 def shards_of(node, packet, now=T0):
@@ -64,13 +75,21 @@ def test_a_super_packet_is_sealed_once_and_sent_as_full_size_shards():
     client, _ = pair()
     packet = super_packet()
     shards = shards_of(client, packet)
-    assert len(shards) == fragments.shard_count(len(packet) + 16, client.settings.max_datagram - MASK_SIZE)
+    k = fragments.shard_count(len(packet) + 16, client.max_chunk)
+    assert len(shards) == k > 1
+    # masked header and sub-header | chunk | MAC; chunks balanced, none bigger than max_chunk
+    assert max(len(d) for d in shards) == MASK_SIZE + fragments.shard_size(len(packet) + 16, k) + MAC_SIZE
     assert max(len(d) for d in shards) <= client.settings.max_datagram
+    assert sum(len(d) - MASK_SIZE - MAC_SIZE for d in shards) == len(packet) + 16     # one AEAD tag
     headers = [peek_shard(client.group_key, d) for d in shards]
-    # one message: the same header (src, dst, session, ts, seq) on every shard
-    assert len({(h.src, h.dst, h.session, h.ts, h.seq, h.flags) for h, _, _ in headers}) == 1
+    # one message: the same (src, dst, session, ts, flags) on every shard, and
+    # shard i carries the message's seq + i (each its own datagram for the replay window)
+    assert len({(h.src, h.dst, h.session, h.ts, h.flags) for h, _, _ in headers}) == 1
     assert headers[0][0].flags == FLAG_FRAG | FLAG_VNET
-    assert sorted(sub[0] for _, _, sub in headers) == list(range(len(shards)))
+    assert sorted(sub.index for _, _, sub in headers) == list(range(len(shards)))
+    base = headers[0][0].seq - headers[0][2].index
+    assert all(h.seq == base + sub.index for h, _, sub in headers)
+    assert {(sub.k, sub.m, sub.length) for _, _, sub in headers} == {(k, 0, len(packet) + 16)}
 
 
 def test_shards_out_of_order_and_duplicated_over_two_paths_reassemble_exactly_once():
@@ -83,8 +102,11 @@ def test_shards_out_of_order_and_duplicated_over_two_paths_reassemble_exactly_on
     for d, frm in copies:
         out.extend(server.from_udp([(d, frm)], T0).tun)
     assert out == [packet]          # the virtio_net_hdr goes to the TUN with it
-    drops = server.global_drops
-    assert drops[DropReason.DUPLICATE_SHARD] + server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] <= len(shards)
+    # each shard has a seq of its own: its second copy is a duplicate of the
+    # peer, whichever path it came on; nothing else was dropped
+    peer = server.table.get(pid("16.1"))
+    assert dict(peer.drops) == {DropReason.DUPLICATE: len(shards)}
+    assert not server.global_drops
     # both paths were learned from the authenticated message
     assert set(server.table.get(pid("16.1")).paths) >= {addr("16.1"), ("198.51.100.7", 1040)}
 
@@ -94,26 +116,41 @@ def test_a_lost_shard_loses_the_message_and_never_corrupts_it():
     packet = super_packet()
     shards = shards_of(client, packet)
     assert feed(server, shards[:5] + shards[6:]) == []
-    assert server.reassembly.slots             # waiting for the missing shard
+    assert len(server.reassembly.slots) == 1   # waiting for the missing shard
     server.tick(T0 + REASSEMBLY_TIMEOUT + REPORT_INTERVAL)
-    assert server.global_drops[DropReason.INCOMPLETE] == 1
-    assert not server.reassembly.slots
+    # its shards were each authenticated: the loss is counted against the peer
+    assert server.table.get(pid("16.1")).drops[DropReason.INCOMPLETE] == 1
+    assert not server.global_drops
+    assert not server.reassembly.slots and server.reassembly.bytes == 0
 
 
-def test_a_corrupted_shard_fails_authentication_of_the_whole_message():
+def test_a_corrupted_shard_fails_its_mac_and_the_message_never_completes():
     client, server = pair()
     shards = shards_of(client, super_packet())
     bad = bytearray(shards[3])
-    bad[MASK_SIZE + 100] ^= 1                  # the body, not the mask sample
-    assert feed(server, shards[:3] + [bytes(bad)] + shards[4:]) == []
-    assert server.global_drops[DropReason.AUTH_FAILURE] == 1
+    bad[MASK_SIZE + 100] ^= 1                  # the chunk, not the mask sample
+    peer = server.table.get(pid("16.1"))
+    assert feed(server, shards[:3]) == []
+    held = server.reassembly.bytes
+    # dropped at once, before it is kept, counted or learned from: a global
+    # drop that changes nothing of the peer's
+    before = (dict(peer.drops), peer.rx_bytes, peer.rx_packets)
+    assert feed(server, [bytes(bad)]) == []
+    assert dict(server.global_drops) == {DropReason.AUTH_FAILURE: 1}
+    assert (dict(peer.drops), peer.rx_bytes, peer.rx_packets) == before
+    assert server.reassembly.bytes == held
+    # without parity the message cannot complete: no corrupted packet, ever
+    assert feed(server, shards[4:]) == []
+    server.tick(T0 + REASSEMBLY_TIMEOUT + REPORT_INTERVAL)
+    assert peer.drops[DropReason.INCOMPLETE] == 1
+    assert not server.reassembly.slots
 
 
 def test_parity_shards_recover_lost_ones():
     client, server = pair(fec=fixed(3))
     packet = super_packet()
     shards = shards_of(client, packet)
-    k = fragments.shard_count(len(packet) + 16, client.settings.max_datagram - MASK_SIZE)
+    k = fragments.shard_count(len(packet) + 16, client.max_chunk)
     assert len(shards) == k + 3
     lost = {0, 7, len(shards) - 1}             # the last one sent is the short data shard
     kept = [d for i, d in enumerate(shards) if i not in lost]
@@ -124,6 +161,8 @@ def test_parity_shards_recover_lost_ones():
     shards = shards_of(client2, packet)
     lost = {0, 7, len(shards) - 1}
     assert feed(server2, [d for i, d in enumerate(shards) if i not in lost]) == []
+    server2.tick(T0 + REASSEMBLY_TIMEOUT + REPORT_INTERVAL)
+    assert server2.table.get(pid("16.1")).drops[DropReason.INCOMPLETE] == 1
 
 
 def test_a_forwarder_relays_shards_without_reassembling_them():
@@ -132,20 +171,37 @@ def test_a_forwarder_relays_shards_without_reassembling_them():
     server = make_node("1.1", vnet=True)
     packet = super_packet()
     wire = Wire(client, forwarder, server)
-    result = wire.originate(client, [packet], T0)
+    sends = client.from_tun([packet], T0).sends
+    k = fragments.shard_count(len(packet) + 16, client.max_chunk)
+    assert len(sends) == k and {to for _, to in sends} == {addr("1.2")}
+    result = wire.run(sends, "16.1", T0)
     assert result.tun["1.1"] == [packet]
-    assert forwarder.relayed_shards == len(shards_of(make_node("16.1", gateway="1.1", vnet=True), packet))
-    assert not forwarder.reassembly.slots
-    # the forwarder changed no peer state for what it could not authenticate
-    assert forwarder.table.get(pid("16.1")).relayed_packets == 0
+    # each shard was authenticated (its MAC) and relayed as a datagram of its
+    # own, counted against its source; nothing was kept for reassembly
+    assert forwarder.table.get(pid("16.1")).relayed_packets == k
+    assert not forwarder.reassembly.slots and not forwarder.global_drops
+    # a forged shard is not relayed and changes no peer state; a replayed one
+    # is relayed once only (the relay window of the pair)
+    source = forwarder.table.get(pid("16.1"))
+    before = (dict(source.drops), source.relayed_packets)
+    bad = bytearray(sends[0][0])
+    bad[MASK_SIZE + 10] ^= 1
+    assert forwarder.from_udp([(bytes(bad), addr("16.1"))], T0).sends == []
+    assert dict(forwarder.global_drops) == {DropReason.AUTH_FAILURE: 1}
+    assert (dict(source.drops), source.relayed_packets) == before
+    assert forwarder.from_udp([(sends[1][0], addr("16.1"))], T0).sends == []
+    assert source.drops[DropReason.DUPLICATE] == 1 and source.relayed_packets == k
 
 
 def test_offloaded_and_plain_peers_interoperate():
     plain = make_node("16.1", gateway="1.1")            # a TUN without virtio_net_hdr (core default)
     offloaded = make_node("1.1", vnet=True)
     small = udp(tun_ip("16.1"), tun_ip("1.1"))
-    out = feed(offloaded, shards_of(plain, small))
-    assert out == [ZERO_VNET + small]
+    # over the Wire, so the challenges run too: the client's learned path is
+    # proven before the super-packet below, far bigger than what came on it
+    result = Wire(plain, offloaded).originate(plain, [small], T0)
+    assert result.tun["1.1"] == [ZERO_VNET + small]
+    assert offloaded.table.get(pid("16.1")).paths[addr("16.1")].proven
     # a plain packet from the offloaded side arrives plain
     reply = udp(tun_ip("1.1"), tun_ip("16.1"))
     datagrams = shards_of(offloaded, ZERO_VNET + reply)
@@ -153,6 +209,7 @@ def test_offloaded_and_plain_peers_interoperate():
     assert feed(plain, datagrams, frm=addr("1.1")) == [reply]
     # a super-packet cannot go to a TUN without offloads: counted, not corrupted
     big = shards_of(offloaded, vnet_hdr() + tcp(tun_ip("1.1"), tun_ip("16.1"), data=bytes(30000)))
+    assert len(big) == fragments.shard_count(len(vnet_hdr()) + 40 + 30000 + 16, offloaded.max_chunk) > 1
     assert feed(plain, big, frm=addr("1.1")) == []
     assert plain.table.get(pid("1.1")).drops[DropReason.NEEDS_OFFLOAD] == 1
 
@@ -189,7 +246,7 @@ def test_loss_reports_set_the_senders_parity():
     assert 0.02 < row["loss"] < 0.1
     assert row["parity"] >= 3 and row["copies"] >= 1
     shards = shards_of(client, super_packet(), T0 + 3)
-    k = fragments.shard_count(60_000 + 40 + VNET_HDR_SIZE + 16, client.settings.max_datagram - MASK_SIZE)
+    k = fragments.shard_count(60_000 + 40 + VNET_HDR_SIZE + 16, client.max_chunk)
     assert row["parity"] == client.loss.parity(pid("1.1"), client.loss.k)     # the k = 47 column
     assert len(shards) == k + client.loss.parity(pid("1.1"), k)              # this message's own k
 
@@ -245,12 +302,34 @@ def test_parity_for_loss(loss, k, expected):
     assert fragments.parity_for(loss, k) == expected
 
 
-def test_reassembly_is_bounded_per_pair():
+def test_reassembly_is_bounded_per_source_peer(monkeypatch):
     client, server = pair()
+    other = make_node("16.2", gateway="1.1", vnet=True)
+    acquainted(other, server)
     first = [shards_of(client, super_packet(20_000))[0] for _ in range(100)]
     feed(server, first)
-    assert len(server.reassembly.slots) == 64
-    assert server.global_drops[DropReason.REASSEMBLY_FULL] == 36
+    assert len(server.reassembly.slots) == REASSEMBLY_PER_PEER == 64
+    # counted against the peer whose (authenticated) shards fill its budget
+    assert server.table.get(pid("16.1")).drops[DropReason.REASSEMBLY_FULL] == 36
+    assert not server.global_drops
+    # ... and another peer's messages still find room
+    feed(server, [shards_of(other, super_packet(20_000, src="16.2"))[0] for _ in range(10)], frm=addr("16.2"))
+    assert len(server.reassembly.slots) == 64 + 10
+    assert not server.table.get(pid("16.2")).drops
+
+    # the bytes a peer's shards may hold are bounded too (REASSEMBLY_PEER_BYTES,
+    # scaled down here: 64 messages of at most MAX_MESSAGE stay below 8 MiB)
+    client, server = pair()
+    shards = shards_of(client, super_packet(20_000))
+    chunk = len(shards[0]) - MASK_SIZE - MAC_SIZE
+    monkeypatch.setattr(reassembly, "REASSEMBLY_PEER_BYTES", 3 * chunk)          # three chunks
+    peer = server.table.get(pid("16.1"))
+    assert feed(server, shards[:-1]) == []    # one short of complete
+    assert server.reassembly.peer_bytes[peer.id] == server.reassembly.bytes == 3 * chunk
+    assert peer.drops[DropReason.REASSEMBLY_FULL] == len(shards) - 1 - 3
+    feed(server, [shards_of(client, super_packet(20_000))[0]])        # a new message: no room either
+    assert peer.drops[DropReason.REASSEMBLY_FULL] == len(shards) - 1 - 3 + 1
+    assert len(server.reassembly.slots) == 1 and not server.global_drops
 
 
 def test_shards_as_views_of_one_receive_buffer():
@@ -270,7 +349,7 @@ def test_shards_as_views_of_one_receive_buffer():
 def test_a_fixed_fec_ratio_is_what_status_shows_and_what_is_sent():
     client, _ = pair(fec=fixed(5))
     shards = shards_of(client, super_packet())
-    k = fragments.shard_count(len(super_packet()) + 16, client.settings.max_datagram - MASK_SIZE)
+    k = fragments.shard_count(len(super_packet()) + 16, client.max_chunk)
     assert len(shards) == k + 5
     row = next(p for p in client.snapshot(T0)["peers"] if p["id"] == "1.1")
     # status shows the parity of the biggest message (64 KiB) and of a one-datagram one
@@ -291,23 +370,24 @@ def test_any_k_shards_decode_the_message_and_no_header_comes_from_the_wire():
             assert (k2, m2) == (k, m) and b"".join(bytes(s) for s in shards[:k]) == body
             for _ in range(5):
                 keep = rng.sample(range(k + m), k)
-                slot = fragments.Reassembly(k, m, length, T0, isal)
-                slot.shards = {i: bytes(shards[i]) for i in keep}
-                assert fragments.Reassembler._decode(slot) == body, (isal, k, m, length, sorted(keep))
+                slot = reassembly.Reassembly(k, m, length, T0, isal)
+                slot.chunks = {i: bytes(shards[i]) for i in keep}
+                assert slot.decode() == body, (isal, k, m, length, sorted(keep))
     assert fragments.codec_problem() is None
 
 
 def test_codec_caches_are_bounded_whatever_sub_headers_say():
-    """(k, m) and the length come from unauthenticated sub-headers: many
-    distinct ones keep at most CODEC_CACHE codecs and HEADER_CACHE header sets."""
+    """(k, m) and the length come from sub-headers (authenticated now, but
+    chosen by any member): many distinct ones keep at most CODEC_CACHE
+    codecs and HEADER_CACHE header sets."""
     rng = random.Random(10)
     for i in range(fragments.CODEC_CACHE + 40):
         k, m = 2 + i % 60, 1 + i // 60
         length = (20 + rng.randrange(50)) * k          # sizes valid_sub lets through
         size = fragments.shard_size(length, k)
-        slot = fragments.Reassembly(k, m, length, T0, isal=i % 2 == 0)
+        slot = reassembly.Reassembly(k, m, length, T0, isal=i % 2 == 0)
         assert fragments.valid_sub(k - 1, k, m, length, slot.last)
-        slot.shards = {i: bytes(size if i != k - 1 else slot.last) for i in range(1, k + 1)}
-        fragments.Reassembler._decode(slot)
+        slot.chunks = {i: bytes(size if i != k - 1 else slot.last) for i in range(1, k + 1)}
+        slot.decode()
     assert len(fragments._codecs) <= fragments.CODEC_CACHE
     assert len(fragments._headers) <= fragments.HEADER_CACHE

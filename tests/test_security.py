@@ -154,7 +154,7 @@ def send(mesh, host: str, datagrams: list[bytes], to_host: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
-UDP_GLOBAL = ("malformed", "unknown_peer", "auth_failure")   # not_routable comes from the TUN side
+UDP_GLOBAL = ("malformed", "wrong_version", "unknown_peer", "auth_failure")   # not_routable comes from the TUN side
 
 
 def udp_drops(st: dict) -> dict:
@@ -601,3 +601,76 @@ def test_clock_stepped_back_starts_a_new_session_and_never_reuses_a_nonce(sec):
           f"ts {min(h.ts for h in before)}..{max(h.ts for h in before)} then "
           f"{min(h.ts for h in after)}..{max(h.ts for h in after)}; (ts, seq) reused under the new "
           f"session: {shared}; no nonce repeated")
+
+
+# ---------------------------------------------------------------- forged shards and restarts
+
+def rss_mib(peer) -> float:
+    for line in Path(f"/proc/{peer.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+RSS_BUDGET_MIB = 40     # what a flood of forged shards may add to a daemon (docs/limits.md §3)
+
+
+def test_a_flood_of_forged_shards_is_relayed_nowhere_keeps_nothing_and_engages_the_filter(sec):
+    """Forged shards at the highest TTL, for client X (who has paths at both
+    servers), from an outsider who knows the group name: nothing relayed,
+    nothing kept for reassembly, RSS within budget, counted as
+    auth_failure, the garbage-flood filter on, and the tunnel still works."""
+    s1, s2, c1 = sec.peers["s1"], sec.peers["s2"], sec.peers["c1"]
+    before1, before2 = status(s1), status(s2)
+    rss0 = rss_mib(s1)
+    flooders = [sec.tb.popen("eve", [PY, str(TOOLS / "forge_shards.py"), GROUP, M, X, sec.ip["s1"], str(PORT), "6"],
+                             stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    peak, reassembling = rss0, 0
+    while any(f.poll() is None for f in flooders):
+        peak = max(peak, rss_mib(s1))
+        reassembling = max(reassembling, status(s1)["reassembling"])
+        time.sleep(0.3)
+    sent = sum(int(f.stdout.read()) for f in flooders)
+    after1, after2 = status(s1), status(s2)
+    print(f"\nforged shards sent {sent}, s1 RSS {rss0:.1f} -> peak {peak:.1f} MiB, "
+          f"auth_failure +{after1['drops'].get('auth_failure', 0) - before1['drops'].get('auth_failure', 0)}")
+    assert sent > 50_000
+    assert reassembling == 0 and after1["reassembly_bytes"] == 0
+    assert peak - rss0 < RSS_BUDGET_MIB, (rss0, peak)
+    assert after1["drops"].get("auth_failure", 0) - before1["drops"].get("auth_failure", 0) > 10_000
+    # nothing relayed for the source the forgeries name (X's own keepalives
+    # go through 1.2 meanwhile, so only M's count is exact there)
+    assert peer_of(after1, M)["relayed_packets"] == peer_of(before1, M)["relayed_packets"]
+    assert peer_of(after2, M)["relayed_packets"] == peer_of(before2, M)["relayed_packets"]
+    assert udp_drops(after2) == udp_drops(before2)           # s2 never saw one
+    assert "garbage flood" in s1.log_text()
+    assert wait_for(lambda: ping(c1, "10.17.1.1", 3)[1] == 3, 20)
+
+
+def test_a_restarted_server_refuses_what_was_captured_before_it_started(sec):
+    """Pings of M captured at 1.1, 1.1 restarted, the capture re-sent at once
+    from M and from an outsider: nothing reaches 1.1's TUN (the sessions are
+    not proven to the new daemon, and once M's is, the capture is older than
+    its proof), no path is learned, and M's own traffic works again."""
+    s1, m = sec.peers["s1"], sec.peers["c2"]
+    sniff = Sniffer(sec, "s1", sec.ip["c2"], 8, 10, "restart")
+    r, received = ping(m, "10.17.1.1", 8, 0.05)
+    assert received == 8, r.stdout
+    captured = sniff.datagrams()
+    assert len(captured) == 8
+    stop(s1)
+    start(s1)
+    wait_ready(s1)
+    tun0 = tun_rx(sec.tb, "s1")
+    send(sec, "eve", captured, "s1")
+    send(sec, "c2", captured, "s1")
+    time.sleep(0.5)
+    assert tun_rx(sec.tb, "s1") == tun0
+    row = peer_of(status(s1), M)
+    assert row["drops"].get("unverified", 0) + row["drops"].get("replay", 0) >= 16, row
+    assert all(p["address"] != f"{sec.ip['eve']}:{PORT}" or not p["proven"] for p in row["paths"])
+    assert wait_for(lambda: ping(m, "10.17.1.1", 1)[1] == 1, 15)
+    send(sec, "eve", captured, "s1")                 # after M's session is proven: still refused
+    time.sleep(0.5)
+    assert tun_rx(sec.tb, "s1") - tun0 <= 2          # only M's own ping above
+    assert wait_for(lambda: all(peer_of(status(s1), i)["up"] for i in (X, M)), 15)

@@ -76,6 +76,8 @@ class Reassembler:
         if slot is None:
             seen = self.done.get(key)
             if seen is not None:
+                if index >= seen[1]:        # (k + m of the message decoded)
+                    return None, DropReason.BAD_SHARD
                 seen[0] |= 1 << index       # a surplus shard (parity, a copy): for the loss report
                 return None, None
             if not valid_sub(index, k, m, length, len(chunk)):
