@@ -1,8 +1,11 @@
-"""Tier 1: key derivation, the header and the sealed datagram (alpaca.protocol.crypto).
+"""Tier 1: key derivation (alpaca.protocol.crypto), the header, the sealed
+datagram and the shard datagram (alpaca.protocol.wire).
 
-The known vectors below were computed once with the current code: they pin the
-wire format, so any accidental change of a key derivation, the header layout,
-the nonce or the header mask fails here first.
+The known vectors below were computed once with the code of wire version 2:
+they pin the wire format, so any accidental change of a key derivation, the
+header layout, the nonce, the header mask or a shard's framing and MAC fails
+here first. Each is also recomputed from the documented construction with
+the standard library and libsodium's plain bindings.
 """
 
 from __future__ import annotations
@@ -17,14 +20,40 @@ from hypothesis import strategies as st
 from nacl import bindings as sodium
 
 from alpaca.protocol.constants import (
+    FLAG_FRAG,
     HEADER_SIZE,
     KIND_DATA,
+    MASK_SIZE,
     OVERHEAD,
     TAG_SIZE,
     WIRE_VERSION,
 )
-from alpaca.protocol.crypto import CryptoError, derive_group_key, derive_pair_key, derive_psk_key, genkey
-from alpaca.protocol.wire import MUTABLE_BYTES, Header, open_sealed, peek, rewrite_mutable, seal
+from alpaca.protocol.crypto import (
+    MAC_SIZE,
+    CryptoError,
+    derive_group_key,
+    derive_pair_key,
+    derive_psk_key,
+    derive_shard_key,
+    genkey,
+    mask_state,
+)
+from alpaca.protocol.wire import (
+    MUTABLE_BYTES,
+    SHARD_OVERHEAD,
+    Header,
+    frame_shards,
+    open_message,
+    open_sealed,
+    peek,
+    peek_shard,
+    rewrite_mutable,
+    seal,
+    seal_message,
+    shard_authentic,
+    shard_chunk,
+    unmask,
+)
 
 # ---------------------------------------------------------------- known vectors
 V_GROUP = "example"
@@ -39,11 +68,22 @@ V_GROUP_KEY = "34134067b86ac0d568e3c169d6f3e69291a2c90acf86f93a6b5861640ddedb2e"
 V_PSK_KEY_CLIENT = "1630f0102be4dc59d01d7b2939c06c78783c59e6c68f10241447e527ce26bfc3"
 V_PAIR_KEY = "a1590651eb36d61718e8425348ddca0f4304dd100af6bf401236d7b5add5b64c"
 V_DATAGRAM = (
-    "1bf28ecd0584d2e47f42985f64c9c0c70f9dc5a7dd2745f1c2ba"  # masked header (wire format 1.1)
+    "38b9789c23271c6fba75cf24c511dfc1a3a85257a9c53db069b8"  # masked header (wire version 2)
     "fae6cac496ed02a2d0173b304eab240c931780c313b86ea0530e020c6e01e64e"
     "6d130cd118dd3419a0d0a850c6b2ae42f2131815"
-    "6240dc0db0156a6ea84caeead6cb267c"  # tag
+    "880e25a38432aac78be170b6c826717c"  # tag
 )
+# the same plaintext sealed as a message of k = 2 shards, m = 0 (FLAG_FRAG, seq 42 and 43)
+V_SHARD_KEY = "e9587495b6bf3d207bc4ee1f302a27a4"
+V_SHARDS = (
+    "5a3fc8f4dfe1ab1fe406fbb8cc34dc2140e772b21e9e7a82a46956edae691c3a"  # masked header | sub-header
+    "fae6cac496ed02a2d0173b304eab240c931780c313b86ea0530e020c6e01e64e6d13"  # chunk 0 (35 bytes)
+    "58861027f8a75a41",  # MAC
+    "516f60f4db3aa68ab7ec6141e044dc808504748878674a29b982e3e18713e511"
+    "0cd118dd3419a0d0a850c6b2ae42f213181588a65dc6d9841dc8f06ec4c0f7ed"  # chunk 1 (34 bytes)
+    "dca5fbcee892ea023466",
+)
+V_MESSAGE_HEADER = V_HEADER._replace(flags=FLAG_FRAG)
 
 
 def vector_keys():
@@ -94,6 +134,69 @@ def test_vectors_match_the_documented_construction():
     nonce = clear[4:24] + bytes(4)
     assert sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
         datagram[HEADER_SIZE:], clear[MUTABLE_BYTES:], nonce, pair) == V_PLAINTEXT
+
+
+def vector_shards() -> list[bytes]:
+    group_key, _, pair = vector_keys()
+    body = seal_message(pair, V_MESSAGE_HEADER, V_PLAINTEXT)
+    size = -(-len(body) // 2)
+    return frame_shards(group_key, derive_shard_key(pair), V_MESSAGE_HEADER, [body[:size], body[size:]], 2, 0,
+                        len(body))
+
+
+def test_known_shard_vector():
+    group_key, _, pair = vector_keys()
+    assert derive_shard_key(pair).hex() == V_SHARD_KEY
+    shards = vector_shards()
+    assert [d.hex() for d in shards] == list(V_SHARDS)
+    assert sum(len(d) - SHARD_OVERHEAD for d in shards) == len(V_PLAINTEXT) + TAG_SIZE
+    body = b""
+    for index, datagram in enumerate(shards):
+        header, _, clear = peek_shard(group_key, datagram)
+        assert header == V_MESSAGE_HEADER._replace(seq=42 + index)
+        assert (clear.index, clear.k, clear.m, clear.length) == (index, 2, 0, len(V_PLAINTEXT) + TAG_SIZE)
+        assert shard_authentic(derive_shard_key(pair), unmask(mask_state(group_key), datagram)[0], datagram)
+        body += shard_chunk(datagram)
+    assert open_message(pair, V_MESSAGE_HEADER, body) == V_PLAINTEXT
+
+
+def test_shard_vector_matches_the_documented_construction():
+    """wire.py's docstring: masked(header | sub-header) | chunk | SipHash-2-4
+    MAC under the shard key over header bytes 2.., sub-header and chunk; the
+    32 mask bytes from the datagram's last 16; shard i carries seq + i; the
+    message's AEAD as a whole datagram's, with the message's header."""
+    group_key = bytes.fromhex(V_GROUP_KEY)
+    pair = bytes.fromhex(V_PAIR_KEY)
+    shard_key = hashlib.blake2b(b"", digest_size=16, key=pair, person=b"alpaca-shard").digest()
+    assert shard_key.hex() == V_SHARD_KEY
+    body = b""
+    for index, datagram in enumerate(bytes.fromhex(d) for d in V_SHARDS):
+        mask = hashlib.blake2b(datagram[-16:], digest_size=32, key=group_key, person=b"alpaca-mask").digest()
+        clear = bytes(a ^ b for a, b in zip(datagram[:MASK_SIZE], mask))
+        assert clear == struct.pack(">BBBBHH8sIIH", 8, 0, WIRE_VERSION << 4 | KIND_DATA, FLAG_FRAG, V_CLIENT,
+                                    V_SERVER, b"\x01" * 8, 1_700_000_000, 42 + index, 0) + struct.pack(
+            ">BBBBH", index, 2, 0, 0, len(V_PLAINTEXT) + TAG_SIZE)
+        chunk = datagram[MASK_SIZE:-MAC_SIZE]
+        assert sodium.crypto_shorthash_siphash24(clear[MUTABLE_BYTES:] + chunk, shard_key) == datagram[-MAC_SIZE:]
+        body += chunk
+    message_header = struct.pack(">BBBBHH8sIIH", 8, 0, WIRE_VERSION << 4 | KIND_DATA, FLAG_FRAG, V_CLIENT, V_SERVER,
+                                 b"\x01" * 8, 1_700_000_000, 42, 0)
+    nonce = message_header[4:24] + bytes(4)
+    assert sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(body, message_header[MUTABLE_BYTES:], nonce,
+                                                             pair) == V_PLAINTEXT
+
+
+@pytest.mark.parametrize("shard", [0, 1])
+def test_every_shard_byte_outside_ttl_and_path_is_authenticated(shard):
+    group_key, _, pair = vector_keys()
+    shard_key = derive_shard_key(pair)
+    original = vector_shards()[shard]
+    for position in range(len(original)):
+        for bit in range(8):
+            flipped = bytearray(original)
+            flipped[position] ^= 1 << bit
+            clear, _ = unmask(mask_state(group_key), flipped)
+            assert shard_authentic(shard_key, clear, flipped) == (position < MUTABLE_BYTES), (position, bit)
 
 
 def test_seal_is_deterministic():

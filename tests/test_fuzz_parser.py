@@ -1,10 +1,12 @@
 """Tier 1: fuzzing the datagram parser (Node.from_udp), in the manner of h11's fuzz test.
 
 The invariant, for every input: it either yields an inner packet that was
-really sent (at the destination) or a relay of a datagram that was really sent
-(at a forwarder), or exactly one counted drop (global or per peer), or, when
-its header is a well-formed shard's, it is held for reassembly or relayed by
-header (docs/protocol.md "Fragments"); never an exception, never anything else.
+really sent (at the destination), or a relay of a datagram or shard that
+was really sent (at a forwarder), or, for a real shard, it is kept for
+reassembly (docs/protocol.md §12), or it is exactly one counted drop
+(global or per peer); never an exception, never anything else. A node may
+also challenge the sender (docs/protocol.md §5), but only for a real
+datagram: nothing unauthenticated makes it send anything.
 """
 
 from __future__ import annotations
@@ -23,76 +25,105 @@ from protocol_helpers import (
     relayed,
     tcp,
     total_drops,
+    trust,
     tun_ip,
     udp,
 )
 
-from alpaca.protocol.constants import FLAG_FRAG, HEADER_SIZE
+from alpaca.protocol.constants import FLAG_FRAG, HEADER_SIZE, KIND_CHALLENGE, MASK_SIZE, MAX_TTL
 from alpaca.protocol.wire import MUTABLE_BYTES
 
+
 def held_shards(node) -> int:
-    return (sum(len(slot.shards) for slot in node.reassembly.slots.values())
+    return (sum(len(slot.chunks) for slot in node.reassembly.slots.values())
             + sum(seen[0].bit_count() for seen in node.reassembly.done.values()))
 
 
 # ---------------------------------------------------------------- what was really sent
 
 SENT_PACKETS = [udp(tun_ip("16.1"), INTERNET, data=b"x" * n) for n in (0, 1, 100, 1400)] + [
-    tcp(tun_ip("16.1"), INTERNET, flags=SYN), udp(tun_ip("16.1"), INTERNET, 40000, 53, b"dns?")]
+    tcp(tun_ip("16.1"), INTERNET, flags=SYN), udp(tun_ip("16.1"), INTERNET, 40000, 53, b"dns?"),
+    udp(tun_ip("16.1"), INTERNET, data=b"y" * 1372)]      # 1400 bytes: a FEC batch of it needs 2 shards
+UNPROVEN = b"\x09" * 8       # a session of 16.1 that never answered a challenge
 
 
-def _pool() -> list[bytes]:
-    """Real datagrams from 16.1 to 1.1: as sealed, padded, and as relayed by a forwarder."""
+def _pool() -> tuple[list[bytes], list[bytes]]:
+    """Real datagrams from 16.1 to 1.1: as sealed, padded, and as relayed by a
+    forwarder; shards of FEC batches (parity included); one of a session the
+    receiver never verified. And the sessions the receiver has verified."""
     c = make_node("16.1", ids=("1.1", "1.2"), gateway="1.1")
     padded = make_node("16.1", ids=("1.1", "1.2"), gateway="1.1", padding=300)
+    sharded = make_node("16.1", ids=("1.1", "1.2"), gateway="1.1", fec=(2, 1))
     pool = [d for p in SENT_PACKETS for d, _ in c.from_tun([p], T0).sends]
     pool += [d for p in SENT_PACKETS[:2] for d, _ in padded.from_tun([p], T0 + 1).sends]
     pool += [relayed(d) for d in pool[:3]]
     pool.append(make_datagram("16.1", "1.1", SENT_PACKETS[0], ts=T0, seq=99, ttl=1))
-    return pool
+    shards = [d for p in (SENT_PACKETS[2], SENT_PACKETS[-1]) for d, _ in sharded.from_tun([p], T0).sends]
+    assert len(shards) == 2 + 3 and all(header_of(d).flags & FLAG_FRAG for d in shards)    # k + m: 1 + 1, 2 + 1
+    pool += shards + [relayed(shards[0])]
+    pool.append(make_datagram("16.1", "1.1", SENT_PACKETS[1], ts=T0, session=UNPROVEN))
+    return pool, [c.session, padded.session, sharded.session]
 
 
-POOL = _pool()
+POOL, SESSIONS = _pool()
+SHARDS = [d for d in POOL if header_of(d).flags & FLAG_FRAG and not header_of(d).path]
 SENT_TAILS = {d[MUTABLE_BYTES:] for d in POOL}   # a relay may change only TTL and path
 SOURCES = [addr("16.1"), addr("1.1"), addr("1.2"), ("203.0.113.9", 5555), ("2001:db8::9", 1040)]
 
 
 def receiver():
-    return make_node("1.1", ids=("1.1", "1.2", "16.1", "16.2"))
+    node = make_node("1.1", ids=("1.1", "1.2", "16.1", "16.2"))
+    for session in SESSIONS:                       # (as if each had answered a challenge)
+        trust(node, session, ("16.1",))
+    return node
 
 
 def forwarder():
     return make_node("1.2", ids=("1.1", "1.2", "16.1", "16.2"))
 
 
+def relayed_total(node) -> int:
+    return sum(p.relayed_packets for p in node.table.peers.values())
+
+
 def feed(node, data: bytes, source, now: float = T0) -> None:
     """Feed one input and check the invariant."""
-    before = total_drops(node)
-    held, relayed_shards = held_shards(node), node.relayed_shards
+    before, global_before = total_drops(node), sum(node.global_drops.values())
+    held, relays = held_shards(node), relayed_total(node)
     out = node.from_udp([(data, source)], now)
-    after = total_drops(node)
+    after, global_after = total_drops(node), sum(node.global_drops.values())
+    real = data[MUTABLE_BYTES:] in SENT_TAILS
+    challenges = [(d, to) for d, to in out.sends if header_of(d).kind == KIND_CHALLENGE
+                  and header_of(d).src == node.me]
+    sends = [s for s in out.sends if s not in challenges]
+    if challenges:
+        # "prove your session and this path": only for a real datagram for
+        # this node, first to where it came from, at most once per peer here
+        assert real and node.me == pid("1.1") and global_after == global_before
+        assert challenges[0][1] == source and len({to for _, to in challenges}) == len(challenges)
+        assert all(header_of(d).dst == header_of(data).src for d, _ in challenges)
     if out.tun:
         assert len(out.tun) == 1 and out.tun[0] in SENT_PACKETS, out.tun
-        assert out.sends == [] and after == before
+        assert sends == [] and after == before and real
         assert node.me == pid("1.1")
-    elif out.sends and node.relayed_shards == relayed_shards + 1:
-        # a shard for someone else is relayed on the strength of its header
-        assert after == before and header_of(data).flags & FLAG_FRAG
-        assert all(d[MUTABLE_BYTES:] == data[MUTABLE_BYTES:] and to != source for d, to in out.sends)
-    elif out.sends:
-        assert after == before
-        assert node.me != pid("1.1")
-        assert all(d[MUTABLE_BYTES:] in SENT_TAILS for d, _ in out.sends)
-        assert all(to != source for _, to in out.sends)
-        assert len({d for d, _ in out.sends}) == 1
-        h = header_of(out.sends[0][0])
-        assert h.path == 1 and h.ttl >= 1
-    elif after == before and header_of(data).flags & FLAG_FRAG:
-        # a well-formed shard header cannot be authenticated alone: it is
-        # held for reassembly (counted as incomplete when it expires)
+    elif sends:
+        # a relay: the same datagram or shard, TTL and path rewritten, never back
+        assert after == before and real and node.me != pid("1.1")
+        assert relayed_total(node) == relays + 1
+        assert all(d[MUTABLE_BYTES:] == data[MUTABLE_BYTES:] for d, _ in sends)
+        assert all(to != source for _, to in sends)
+        assert len({d for d, _ in sends}) == 1
+        h = header_of(sends[0][0])
+        assert h.path == 1 and h.ttl == min(header_of(data).ttl, MAX_TTL) - 1 >= 1
+    elif after == before:
+        # a real shard, authenticated by its MAC: kept until its message is
+        # complete (or counted with the message's other shards once decoded)
+        assert real and header_of(data).flags & FLAG_FRAG and node.me == pid("1.1")
         assert held_shards(node) == held + 1
     else:
         assert after == before + 1, (data.hex(), before, after)
+        # a drop counted against a peer needs a real datagram
+        assert global_after == global_before + 1 or real
 
 
 # ---------------------------------------------------------------- hypothesis
@@ -137,7 +168,8 @@ def test_any_bytes_are_a_packet_or_one_counted_drop(batch, skew):
 # ---------------------------------------------------------------- deterministic bit flips
 
 def test_every_single_bit_flip_of_a_real_datagram():
-    for original in (POOL[2], POOL[len(SENT_PACKETS)]):      # a plain and a padded datagram
+    # a plain and a padded datagram, and the first shard of a two-shard message
+    for original in (POOL[2], POOL[len(SENT_PACKETS)], SHARDS[2]):
         for make in (receiver, forwarder):
             node = make()
             for i in range(len(original)):
@@ -145,8 +177,8 @@ def test_every_single_bit_flip_of_a_real_datagram():
                     flipped = bytearray(original)
                     flipped[i] ^= 1 << bit
                     feed(node, bytes(flipped), addr("16.1"))
-            # TTL and path flips are still the real datagram (delivered or relayed once,
-            # then duplicates); every other flip failed before touching a peer
+            # TTL and path flips are still the real datagram (delivered, kept or relayed
+            # once, then duplicates); every other flip failed before touching a peer
             peer = node.table.get(pid("16.1"))
             peer_drops = sum(peer.drops.values())
             global_drops = sum(node.global_drops.values())
@@ -156,20 +188,21 @@ def test_every_single_bit_flip_of_a_real_datagram():
 
 
 def test_every_byte_value_at_every_header_position():
-    node = receiver()
-    original = POOL[0]
-    for i in range(HEADER_SIZE):
-        for value in range(256):
-            data = bytearray(original)
-            data[i] = value
-            feed(node, bytes(data), addr("16.1"))
-    assert sum(node.global_drops.values()) == (HEADER_SIZE - MUTABLE_BYTES) * 255
+    # a whole datagram's header, and a shard's header and sub-header (all masked, all authenticated)
+    for original, size in ((POOL[0], HEADER_SIZE), (SHARDS[2], MASK_SIZE)):
+        node = receiver()
+        for i in range(size):
+            for value in range(256):
+                data = bytearray(original)
+                data[i] = value
+                feed(node, bytes(data), addr("16.1"))
+        assert sum(node.global_drops.values()) == (size - MUTABLE_BYTES) * 255
 
 
 def test_every_length_of_a_real_datagram():
-    for make in (receiver, forwarder):
-        node = make()
-        original = POOL[3]
-        for n in range(len(original) + 1):
-            feed(node, original[:n], addr("16.1"))
-            feed(node, original[n:], addr("16.1"))
+    for original in (POOL[3], SHARDS[2]):
+        for make in (receiver, forwarder):
+            node = make()
+            for n in range(len(original) + 1):
+                feed(node, original[:n], addr("16.1"))
+                feed(node, original[n:], addr("16.1"))

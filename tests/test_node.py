@@ -8,6 +8,8 @@ servers 1.1 (gateway), 1.2 and 1.3 with static addresses; clients 16.1 and
 
 from __future__ import annotations
 
+import collections
+import copy
 import itertools
 import random
 
@@ -30,6 +32,7 @@ from protocol_helpers import (
     header_of,
     make_datagram,
     make_node,
+    name,
     pair_key,
     peer_state,
     pid,
@@ -37,6 +40,7 @@ from protocol_helpers import (
     relayed,
     tcp,
     total_drops,
+    trust,
     tun_ip,
     udp,
     udp6,
@@ -46,8 +50,11 @@ from alpaca.protocol.constants import (
     DEFAULT_TTL,
     HEADER_SIZE,
     KEEPALIVE_INTERVAL,
+    KIND_CHALLENGE,
     KIND_DATA,
     KIND_KEEPALIVE,
+    KIND_RESPONSE,
+    MAX_TTL,
     OVERHEAD,
     PATH_LIFETIME,
     PEER_LIFETIME,
@@ -55,7 +62,7 @@ from alpaca.protocol.constants import (
     SYN_DNS_COPY_DELAY,
 )
 from alpaca.protocol.crypto import derive_group_key
-from alpaca.protocol.wire import Header, seal
+from alpaca.protocol.wire import MUTABLE_BYTES, Header, seal
 from alpaca.protocol.drops import DropReason
 
 UP = udp(tun_ip("16.1"), INTERNET)                  # a client's packet to the internet
@@ -73,6 +80,63 @@ def drops(node, peer: str) -> dict:
 def paths(node, peer: str) -> dict:
     return {a: ("static" if p.static else "relayed" if p.relayed else "direct")
             for a, p in node.table.get(pid(peer)).paths.items()}
+
+
+def answer_copies(deliveries, at: str, peer: str) -> int:
+    """Copies of `peer`'s answers to `at`'s challenges that reached `at`
+    after a first copy of the same answer. A peer answers on every path it
+    has to the challenger (docs/protocol.md §5); only the first copy finds
+    its nonce outstanding, the others are counted `replay`."""
+    copies = collections.Counter()
+    for delivery in deliveries:
+        for _, to, dg in delivery.hops:
+            h = header_of(dg)
+            if to == addr(at) and h.kind == KIND_RESPONSE and (h.src, h.dst) == (pid(peer), pid(at)):
+                copies[dg[MUTABLE_BYTES:]] += 1
+    return sum(n - 1 for n in copies.values())
+
+
+def data_drops(node, peer: str, *deliveries) -> dict:
+    """drops(node, peer) without the `duplicate` drops of surplus answer
+    copies (answer_copies: an answer goes out on every path, the first copy
+    uses its nonce up): exactly those, no more, are taken out."""
+    found = drops(node, peer)
+    surplus = answer_copies(deliveries, name(node), peer)
+    if surplus:
+        assert found.get(DropReason.DUPLICATE, 0) >= surplus, (found, surplus)
+        found[DropReason.DUPLICATE] -= surplus
+        if not found[DropReason.DUPLICATE]:
+            del found[DropReason.DUPLICATE]
+    return found
+
+
+class _Deaf:
+    """A node that hears nothing from `cut`: the link between them is down."""
+
+    def __init__(self, node, cut):
+        self.node, self.cut = node, cut
+
+    def from_udp(self, datagrams, now):
+        return self.node.from_udp([(d, a) for d, a in datagrams if a != self.cut], now)
+
+    def __getattr__(self, attr):
+        return getattr(self.node, attr)
+
+
+def run_with_link_down(wire: Wire, sends, sender: str, now: float, a: str, b: str):
+    """wire.run with everything between a and b lost, both ways (challenges
+    and answers too); the lost hops are moved from `hops` to `lost`."""
+    saved = dict(wire.nodes)
+    try:
+        wire.nodes[addr(a)] = _Deaf(saved[addr(a)], addr(b))
+        wire.nodes[addr(b)] = _Deaf(saved[addr(b)], addr(a))
+        got = wire.run(sends, sender, now)
+    finally:
+        wire.nodes = saved
+    link = {(addr(a), addr(b)), (addr(b), addr(a))}
+    got.lost += [(to, dg) for frm, to, dg in got.hops if (frm, to) in link]
+    got.hops = [(frm, to, dg) for frm, to, dg in got.hops if (frm, to) not in link]
+    return got
 
 
 # ---------------------------------------------------------------- outbound: dst_id and targets
@@ -142,14 +206,18 @@ def test_forwarders_carry_upward_and_the_gateway_delivers_once(relayed_first):
     runs = [wire.run([s], "16.1", T0) for s in order]
     tun = [p for r in runs for p in r.tun["1.1"]]
     assert tun == [UP]                                     # exactly once
-    assert drops(s1, "16.1") == {DropReason.DUPLICATE: 1}
+    # (the challenge of the new path is answered on both of 16.1's paths)
+    assert data_drops(s1, "16.1", *runs) == {DropReason.DUPLICATE: 1}
     # 1.2 relayed it to 1.1: TTL-1, path byte 1, dst_id unchanged, the rest bit-identical
-    relay = [(dg) for r in runs for frm, to, dg in r.hops if frm == addr("1.2")]
+    carried = [dg for r in runs for frm, to, dg in r.hops if frm == addr("1.2")]
+    relay = [dg for dg in carried if header_of(dg).kind == KIND_DATA]
     assert len(relay) == 1
     h = header_of(relay[0])
     assert (h.ttl, h.path, h.src, h.dst) == (DEFAULT_TTL - 1, 1, pid("16.1"), pid("1.1"))
     assert relay[0][2:] == datagram[2:]
-    assert s2.table.get(pid("16.1")).relayed_packets == 1
+    # everything else 1.2 carried is the challenge exchange (16.1's answer, direct first)
+    assert all(header_of(dg).kind in (KIND_CHALLENGE, KIND_RESPONSE) for dg in carried if dg not in relay)
+    assert s2.table.get(pid("16.1")).relayed_packets == len([dg for dg in carried if header_of(dg).src == pid("16.1")])
     assert s2.from_udp([(datagram, addr("16.1"))], T0).sends == []      # 1.2 relays once too
     assert drops(s2, "16.1") == {DropReason.DUPLICATE: 1}
     # what 1.1 learned depends on which copy came first (only first copies teach)
@@ -165,12 +233,17 @@ def downward_setup():
     c = client(forwarders=("1.1", "1.2"))
     s1, s2, s3 = make_node("1.1", forwarders=("1.3",)), make_node("1.2"), make_node("1.3")
     wire = Wire(c, s1, s2, s3)
-    wire.tick(c, T0)                                       # keepalives; the direct copy arrives first
+    wire.log = [wire.tick(c, T0)]                          # keepalives; the direct copy arrives first
     assert paths(s2, "16.1") == {addr("16.1"): "direct"}
-    second = c.from_tun([UP], T0 + 5).sends                # the direct copy is lost this time
-    assert wire.run([second[1]], "16.1", T0 + 5).tun["1.1"] == [UP]
+    # the direct link is down at T0+5: the direct copy is lost, and so are
+    # 1.1's challenge of the new relayed path and 16.1's answer on the direct link
+    second = c.from_tun([UP], T0 + 5).sends
+    wire.log.append(run_with_link_down(wire, [second[1]], "16.1", T0 + 5, "16.1", "1.1"))
+    assert wire.log[-1].tun["1.1"] == [UP]
     assert paths(s1, "16.1") == {addr("16.1"): "direct", addr("1.2"): "relayed"}
     assert [p.last_rx for p in s1.table.get(pid("16.1")).paths.values()] == [T0, T0 + 5]
+    # both proven: each answered a challenge sent on it (through 1.2 for the relayed one)
+    assert [p.proven for p in s1.table.get(pid("16.1")).paths.values()] == [True, True]
     return wire, c, s1, s2, s3
 
 
@@ -275,7 +348,10 @@ TTL_CASES = {
     "two hops left": (2, 1),
     "last hop used up": (1, None),
     "already zero": (0, None),
-    "max": (255, 254),
+    # a relay never sends a datagram on with more than MAX_TTL - 1 hops left
+    "MAX_TTL": (MAX_TTL, MAX_TTL - 1),
+    "above MAX_TTL": (MAX_TTL + 1, MAX_TTL - 1),
+    "max": (255, MAX_TTL - 1),
 }
 
 
@@ -373,8 +449,12 @@ def test_ipv6_inside_and_as_underlay():
     out = c.from_tun([packet], T0)
     assert [a for _, a in out.sends] == [gw6]               # off-net IPv6 goes to the gateway
     assert header_of(out.sends[0][0]).dst == pid("1.1")
-    assert s1.from_udp([(out.sends[0][0], ("2001:db8::16", 1040))], T0).tun == [packet]
+    trust(s1, c.session, ("16.1",))
+    got = s1.from_udp([(out.sends[0][0], ("2001:db8::16", 1040))], T0)
+    assert got.tun == [packet]
     assert paths(s1, "16.1") == {("2001:db8::16", 1040): "direct"}
+    # the new path is challenged at the IPv6 address it came from
+    assert [(header_of(d).kind, a) for d, a in got.sends] == [(KIND_CHALLENGE, ("2001:db8::16", 1040))]
     # loop guard with an IPv6 underlay: the gateway's own address inside the tunnel
     looped = udp6("fd00::16:1", "2001:db8::1", dport=1040)
     assert c.from_tun([looped], T0).sends == []
@@ -399,7 +479,10 @@ def test_client_to_client_dst_id(ids, extra, dst_id, target):
         static.update(extra)
     c1 = client(ids=ids, static=static)
     if extra == "heard":
-        c1.from_udp([(make_datagram("16.2", "16.1", b"", kind=KIND_KEEPALIVE), addr("16.2"))], T0)
+        # 16.2's keepalive teaches 16.1 a path; 16.1 challenges it and 16.2 answers, which proves it
+        c2 = client("16.2", ids=ids + ("16.1",), static=static)
+        Wire(c1, c2).run([(make_datagram("16.2", "16.1", b"", kind=KIND_KEEPALIVE), addr("16.1"))], "16.2", T0)
+        assert c1.table.get(pid("16.2")).paths[addr("16.2")].proven
     out = c1.from_tun([udp(tun_ip("16.1"), tun_ip("16.2"))], T0)
     assert [a for _, a in out.sends] == [target]
     assert header_of(out.sends[0][0]).dst == pid(dst_id)
@@ -427,13 +510,16 @@ def test_forwarder_mode():
     wire = Wire(c, f, s1)
     # data addressed to the forwarder itself has nowhere to go
     out = f.from_udp([(make_datagram("16.1", "1.2", UP), addr("16.1"))], T0)
-    assert out.tun == [] and out.sends == []
+    assert out.tun == [] and data_only(out.sends) == []
     assert drops(f, "16.1") == {DropReason.NO_TUN: 1}
+    # (only the challenge of the path it came on)
+    assert [(header_of(d).kind, a) for d, a in out.sends] == [(KIND_CHALLENGE, addr("16.1"))]
     # keepalives teach the forwarder (directly) and the gateway (through it) the client's paths
     got = wire.tick(c, T0 + 1)
     kinds = [(header_of(d).kind, header_of(d).dst, to) for frm, to, d in got.hops if frm == addr("16.1")]
-    assert sorted(kinds) == sorted([(KIND_KEEPALIVE, pid("1.1"), addr("1.2")),
-                                    (KIND_KEEPALIVE, pid("1.2"), addr("1.2"))])
+    assert sorted(k for k in kinds if k[0] == KIND_KEEPALIVE) == sorted([(KIND_KEEPALIVE, pid("1.1"), addr("1.2")),
+                                                                        (KIND_KEEPALIVE, pid("1.2"), addr("1.2"))])
+    assert {k[0] for k in kinds} <= {KIND_KEEPALIVE, KIND_RESPONSE}     # besides: answers to challenges
     assert all(not t for t in got.tun.values())
     assert paths(f, "16.1") == {addr("16.1"): "direct"}
     assert paths(s1, "16.1") == {addr("1.2"): "relayed"}
@@ -441,7 +527,8 @@ def test_forwarder_mode():
     assert wire.originate(c, [UP], T0 + 2).tun["1.1"] == [UP]
     got = wire.originate(s1, [DOWN], T0 + 2)
     assert got.tun["16.1"] == [DOWN]
-    assert [(frm, to) for frm, to, _ in got.hops] == [(addr("1.1"), addr("1.2")), (addr("1.2"), addr("16.1"))]
+    assert [(frm, to) for frm, to, d in got.hops if header_of(d).kind == KIND_DATA] == [
+        (addr("1.1"), addr("1.2")), (addr("1.2"), addr("16.1"))]
 
 
 def test_keepalive_schedule():
@@ -490,7 +577,8 @@ def test_duplicate_without_delay_and_through_forwarders():
     s1, s2 = make_node("1.1"), make_node("1.2")
     got = Wire(c, s1, s2).run(out.sends, "16.1", T0)
     assert got.tun["1.1"] == [UP]
-    assert drops(s1, "16.1") == {DropReason.DUPLICATE: 2}   # the direct copy, and 1.2's only relay
+    # the direct copy, and 1.2's only relay
+    assert data_drops(s1, "16.1", got) == {DropReason.DUPLICATE: 2}
     assert drops(s2, "16.1") == {DropReason.DUPLICATE: 1}
 
 
@@ -518,10 +606,35 @@ def test_syn_and_dns_get_one_early_copy(packet, extra):
 
 # ---------------------------------------------------------------- unauthenticated input
 
+FRESH_SESSION = b"f" * 8
+
+
 def established():
-    """A gateway that already knows 16.1 (direct and relayed paths, replay state)."""
+    """A gateway that already knows 16.1 (direct and relayed paths, both
+    proven, replay state) and has verified the session of `fresh` below."""
     _wire, c, s1, _s2, _s3 = downward_setup()
+    trust(s1, FRESH_SESSION, ("16.1",))
     return c, s1
+
+
+def guarded_state(node) -> dict:
+    """peer_state, plus what the challenges and the shard layer keep: none
+    of it may change on unauthenticated input. The node's log lines are
+    left out (the test compares them on their own)."""
+    state = peer_state(node)
+    for peer_id, p in node.table.peers.items():
+        state[peer_id].update(
+            proven={a: (x.proven, x.credit) for a, x in p.paths.items()},
+            floors={dst: dict(w.floors) for dst, w in p.replay.items()},
+            verified={s: list(v) for s, v in p.verified.items()},
+            challenges=dict(p.challenges), next_challenge=p.next_challenge, responses=list(p.responses),
+            relay_windows=p.relay_windows)
+    r = node.reassembly
+    state["reassembly"] = (list(r.slots), dict(r.per_peer), dict(r.peer_bytes), r.bytes,
+                           {k: list(v) for k, v in r.done.items()}, {k: list(v) for k, v in r.tally.items()})
+    state["loss"] = copy.deepcopy({k: v for k, v in vars(node.loss).items()})
+    state["node"] = (node.session, node._ts, node._seq, len(node._timers))
+    return state
 
 
 def _flip(datagram: bytes, i: int) -> bytes:
@@ -535,7 +648,7 @@ def noise(n: int) -> bytes:
 
 
 def fresh(seq: int) -> bytes:
-    return make_datagram("16.1", "1.1", UP, ts=T0 + 6, seq=seq, session=b"f" * 8)
+    return make_datagram("16.1", "1.1", UP, ts=T0 + 6, seq=seq, session=FRESH_SESSION)
 
 
 UNAUTHENTICATED = {
@@ -562,38 +675,48 @@ UNAUTHENTICATED = {
 @pytest.mark.parametrize("data", UNAUTHENTICATED.values(), ids=UNAUTHENTICATED.keys())
 def test_unauthenticated_input_changes_no_peer_state(data):
     _c, s1 = established()
-    before, global_before = peer_state(s1), sum(s1.global_drops.values())
+    before, global_before = guarded_state(s1), sum(s1.global_drops.values())
+    notices = len(s1.notices)
     for source in (addr("16.1"), addr("1.2"), ("203.0.113.66", 6666)):
         out = s1.from_udp([(data, source)], T0 + 6)
-        assert out.sends == [] and out.tun == []
-    assert peer_state(s1) == before
+        assert out.sends == [] and out.tun == []          # not even a challenge
+    assert guarded_state(s1) == before
     assert sum(s1.global_drops.values()) == global_before + 3
-    assert set(s1.global_drops) <= {DropReason.MALFORMED, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE}
+    assert set(s1.global_drops) <= {DropReason.MALFORMED, DropReason.WRONG_VERSION, DropReason.UNKNOWN_PEER,
+                                    DropReason.AUTH_FAILURE}
+    # the one trace besides global counters: input whose unmasked version
+    # nibble is not ours (most random bytes) gets the rate-limited line about
+    # another wire version, at most once a minute
+    logged = s1.notices[notices:]
+    assert len(logged) <= 1 and all(n.startswith("datagrams of wire version") for n in logged)
+    assert not logged or s1.global_drops[DropReason.WRONG_VERSION]
 
 
 def test_authenticated_but_pad_longer_than_the_plaintext():
     _c, s1 = established()
-    before = peer_state(s1)
-    header = Header(DEFAULT_TTL, 0, KIND_DATA, pid("16.1"), pid("1.1"), b"p" * 8, int(T0 + 6), 0, pad=len(UP) + 1)
+    before = guarded_state(s1)
+    header = Header(DEFAULT_TTL, 0, KIND_DATA, pid("16.1"), pid("1.1"), FRESH_SESSION, int(T0 + 6), 0,
+                    pad=len(UP) + 1)
     datagram = seal(derive_group_key(GROUP), pair_key("16.1", "1.1"), header, UP)
     out = s1.from_udp([(datagram, addr("16.1"))], T0 + 6)
     assert out.tun == [] and out.sends == []
     assert s1.global_drops[DropReason.MALFORMED] == 1
-    assert peer_state(s1) == before
+    assert guarded_state(s1) == before
 
 
 def test_the_fresh_datagrams_above_are_valid():
     # the controls: unmodified, the same datagrams do get in and do change state
     _c, s1 = established()
-    before = peer_state(s1)
+    before = guarded_state(s1)
     assert s1.from_udp([(fresh(1), ("203.0.113.66", 6666))], T0 + 6).tun == [UP]
-    assert peer_state(s1) != before
+    assert guarded_state(s1) != before
 
 
 # ---------------------------------------------------------------- replay
 
 def test_replayed_datagram_reaches_tun_once():
     c, s1 = client(), make_node("1.1")
+    trust(s1, c.session, ("16.1",))                        # (its session answered a challenge before)
     captured = c.from_tun([UP, UP], T0).sends               # two sends of the same inner packet
     assert captured[0][0] != captured[1][0]                 # ... are two different datagrams
     assert s1.from_udp([(captured[0][0], addr("16.1"))], T0).tun == [UP]
@@ -608,23 +731,58 @@ def test_replayed_datagram_reaches_tun_once():
 
 
 def test_a_restarted_receiver_refuses_what_was_captured_before():
-    c = client()
+    """No replay state survives a restart. A restarted receiver takes from a
+    session only what it sealed after proving itself live to this very
+    receiver (a challenge answered, docs/protocol.md §5), so nothing
+    captured before the restart gets in, whatever its timestamp."""
+    c = client(trust_test_session=False)
+    first = make_node("1.1", now=T0 - 5, trust_test_session=False)
+    Wire(c, first, trusted=False).tick(c, T0)              # keepalive, challenge, answer: c's session proven
     captured = c.from_tun([UP], T0).sends[0][0]
-    assert make_node("1.1", now=T0 - 5).from_udp([(captured, addr("16.1"))], T0).tun == [UP]
-    restarted = make_node("1.1", now=T0 + 0.5)            # no replay state survives a restart
-    assert restarted.from_udp([(captured, addr("16.1"))], T0 + 1).tun == []
-    assert drops(restarted, "16.1") == {DropReason.REPLAY: 1}
-    assert restarted.from_udp([(c.from_tun([UP], T0 + 1).sends[0][0], addr("16.1"))], T0 + 1).tun == [UP]
+    assert first.from_udp([(captured, addr("16.1"))], T0).tun == [UP]
+
+    restarted = make_node("1.1", now=T0 + 0.5, trust_test_session=False)
+    wire = Wire(c, restarted, trusted=False)
+    # replayed from the attacker's own address: refused; the challenge goes
+    # there (nobody answers it), the restarted receiver knows no other path
+    got = wire.run([(captured, addr("1.1"))], ("203.0.113.66", 6666), T0 + 1)
+    assert got.tun["1.1"] == []
+    assert [(to, header_of(d).kind) for to, d in got.lost] == [(("203.0.113.66", 6666), KIND_CHALLENGE)]
+    assert drops(restarted, "16.1") == {DropReason.UNVERIFIED: 1}
+    assert restarted.table.get(pid("16.1")).verified == {}
+    sealed_before_the_answer = c.from_tun([UP], T0 + 1).sends[0][0]
+    # replayed from 16.1's address: the challenge reaches 16.1, which answers
+    # it; still refused, before and after its session is proven
+    got = wire.run([(captured, addr("1.1"))], "16.1", T0 + 1.5)
+    assert got.tun["1.1"] == []
+    assert (addr("1.1"), addr("16.1"), KIND_CHALLENGE) in [(f, t, header_of(d).kind) for f, t, d in got.hops]
+    assert c.session in restarted.table.get(pid("16.1")).verified
+    assert restarted.from_udp([(captured, addr("16.1"))], T0 + 1.5).tun == []
+    # (a datagram sealed before the answer, arriving late, is refused the same way)
+    assert restarted.from_udp([(sealed_before_the_answer, addr("16.1"))], T0 + 1.5).tun == []
+    assert drops(restarted, "16.1") == {DropReason.UNVERIFIED: 2, DropReason.REPLAY: 2}
+    # what 16.1 seals after its answer gets in
+    assert wire.originate(c, [UP], T0 + 1.5).tun["1.1"] == [UP]
 
 
-def test_receiver_clock_jumping_ahead_and_back_does_not_reopen_the_window():
-    c, s1 = client(), make_node("1.1")
+@pytest.mark.parametrize("prunes", [1, 3])
+@pytest.mark.parametrize("ahead", [REPLAY_WINDOW + 1, 2 * REPLAY_WINDOW - 1, 20, 86400])
+def test_receiver_clock_jumping_ahead_and_back_does_not_reopen_the_window(ahead, prunes):
+    c, s1 = client(trust_test_session=False), make_node("1.1", trust_test_session=False)
+    Wire(c, s1, trusted=False).tick(c, T0)                 # c's session proven to s1
     captured = c.from_tun([UP], T0).sends[0][0]
     assert s1.from_udp([(captured, addr("16.1"))], T0).tun == [UP]
-    for t in (20, 25, 30):                                 # a wrong clock step (bad NTP, VM resume) ...
-        s1.tick(T0 + t)                                    # ... and the prune timer runs meanwhile
+    for t in (0, 5, 10)[:prunes]:                          # a wrong clock step (bad NTP, VM resume) ...
+        s1.tick(T0 + ahead + t)                            # ... and the prune timer runs meanwhile
+    before = drops(s1, "16.1")
     # the clock is put right again; the attacker replays the captured datagram
     assert s1.from_udp([(captured, addr("16.1"))], T0 + 0.5).tun == []
+    assert s1.from_udp([(captured, ("203.0.113.66", 6666))], T0 + 0.6).tun == []
+    after = drops(s1, "16.1")
+    refused = {r: n - before.get(r, 0) for r, n in after.items() if n != before.get(r, 0)}
+    assert set(refused) <= {DropReason.UNVERIFIED, DropReason.REPLAY} and sum(refused.values()) == 2
+    # and 16.1 is not locked out: what it seals in a later second gets in
+    assert Wire(c, s1, trusted=False).originate(c, [UP], T0 + 1.5).tun["1.1"] == [UP]
 
 
 def test_replay_state_is_kept_per_destination():
@@ -636,6 +794,7 @@ def test_replay_state_is_kept_per_destination():
         # relayed at all, split horizon, and open no window)
         s2.from_udp([(make_datagram("16.1", "1.1", UP, session=bytes([k]) * 8), addr("16.9"))], T0)
     assert drops(s2, "16.1").get(DropReason.TOO_MANY_SESSIONS)
+    trust(s2, b"real-one", ("16.1",))                      # 16.1's real session, proven to 1.2
     keepalive = make_datagram("16.1", "1.2", b"", kind=KIND_KEEPALIVE, session=b"real-one")
     before = s2.table.get(pid("16.1")).rx_packets
     s2.from_udp([(keepalive, addr("16.1"))], T0)
@@ -652,14 +811,22 @@ def test_a_relay_learns_no_path_from_what_it_only_relays():
 
 
 def test_a_restarted_sender_is_accepted_by_the_receiver():
-    s1 = make_node("1.1")
+    """A sender that restarts (a new random session, in the same second) is
+    challenged on its first datagram and taken as soon as it answered."""
+    s1 = make_node("1.1", trust_test_session=False)
     sessions = set()
     for restart in range(3):
-        c = client(now=T0)                                # restarts: new random session, same second
-        datagram = c.from_tun([UP], T0).sends[0][0]
+        now = T0 + restart * 0.3                           # (challenges go to a peer at most every 0.25 s)
+        c = client(now=now, trust_test_session=False)
+        wire = Wire(c, s1, trusted=False)
+        datagram = c.from_tun([UP], now).sends[0][0]
         sessions.add(header_of(datagram).session)
-        assert s1.from_udp([(datagram, addr("16.1"))], T0).tun == [UP]
+        got = wire.run([(datagram, addr("1.1"))], "16.1", now)
+        assert got.tun["1.1"] == []                        # an unproven session: challenged ...
+        assert header_of(datagram).session in s1.table.get(pid("16.1")).verified   # ... and it answered
+        assert wire.originate(c, [UP], now).tun["1.1"] == [UP]
     assert len(sessions) == 3
+    assert drops(s1, "16.1") == {DropReason.UNVERIFIED: 3}
 
 
 def nonce_of(datagram: bytes):
@@ -731,40 +898,48 @@ def test_no_padding_by_default():
 
 def test_apply_peers():
     ids = ("1.1", "1.2", "16.1")
-    s1 = make_node("1.1", ids=ids)
-    c1, c2 = client("16.1"), client("16.2")
+    s1 = make_node("1.1", ids=ids, trust_test_session=False)
+    c1, c2 = client("16.1", trust_test_session=False), client("16.2", trust_test_session=False)
+    wire = Wire(c1, c2, s1, trusted=False)
+    wire.tick(c1, T0)                                      # 16.1 proves its session (challenge, answer)
     p2 = udp(tun_ip("16.2"), INTERNET)
     early_c2 = c2.from_tun([p2], T0).sends[0][0]
-    assert s1.from_udp([(c1.from_tun([UP], T0).sends[0][0], addr("16.1"))], T0).tun == [UP]
+    assert wire.originate(c1, [UP], T0).tun["1.1"] == [UP]
     assert s1.from_udp([(early_c2, addr("16.2"))], T0).tun == []
     assert s1.global_drops[DropReason.UNKNOWN_PEER] == 1
     kept = s1.table.get(pid("16.1"))
-    state = peer_state(s1)[pid("16.1")]
+    state = guarded_state(s1)[pid("16.1")]
 
-    # add 16.2 at T0+1: its datagrams get in
+    # add 16.2 at T0+1: once it has proven its session, its datagrams get in
     assert s1.apply_peers(entries(ids + ("16.2",)), T0 + 1) == ([pid("16.2")], [], [])
     assert any("peers added: 16.2" in n for n in s1.notices)
-    assert s1.from_udp([(c2.from_tun([p2], T0 + 2).sends[0][0], addr("16.2"))], T0 + 2).tun == [p2]
-    assert s1.table.get(pid("16.1")) is kept and peer_state(s1)[pid("16.1")] == state
-    # (one captured before it was added is not: no replay state existed for it then)
+    wire.tick(c2, T0 + 1)
+    assert c2.session in s1.table.get(pid("16.2")).verified
+    assert wire.originate(c2, [p2], T0 + 2).tun["1.1"] == [p2]
+    assert s1.table.get(pid("16.1")) is kept and guarded_state(s1)[pid("16.1")] == state
+    # (one captured before it was added is not: it was sealed before 16.2 proved its session)
     assert s1.from_udp([(early_c2, addr("16.2"))], T0 + 2).tun == []
+    assert drops(s1, "16.2") == {DropReason.UNVERIFIED: 1, DropReason.REPLAY: 1}
 
-    # unchanged 16.1 keeps counters, paths and replay state across reloads
+    # unchanged 16.1 keeps counters, paths, verified sessions and replay state across reloads
     s1.apply_peers(entries(ids + ("16.2",)), T0 + 2)
-    assert s1.table.get(pid("16.1")) is kept and peer_state(s1)[pid("16.1")] == state
-    assert s1.from_udp([(c1.from_tun([UP], T0 + 2).sends[0][0], addr("16.1"))], T0 + 2).tun == [UP]
-    state = peer_state(s1)[pid("16.1")]
+    assert s1.table.get(pid("16.1")) is kept and guarded_state(s1)[pid("16.1")] == state
+    assert wire.originate(c1, [UP], T0 + 2).tun["1.1"] == [UP]
+    state = guarded_state(s1)[pid("16.1")]
 
     # 16.2 changes its key: old-key datagrams fail, new-key ones pass, its state starts afresh
     new_keys = {"16.2": "rotated-" + psk("16.2")}
     assert s1.apply_peers(entries(ids + ("16.2",), keys=new_keys), T0 + 3) == ([], [pid("16.2")], [])
     assert s1.table.get(pid("16.2")).rx_packets == 0
+    assert s1.table.get(pid("16.2")).verified == {}
     auth_failures = s1.global_drops[DropReason.AUTH_FAILURE]
     assert s1.from_udp([(c2.from_tun([p2], T0 + 4).sends[0][0], addr("16.2"))], T0 + 4).tun == []
     assert s1.global_drops[DropReason.AUTH_FAILURE] == auth_failures + 1
-    c2b = client("16.2", keys=new_keys)
-    assert s1.from_udp([(c2b.from_tun([p2], T0 + 4).sends[0][0], addr("16.2"))], T0 + 4).tun == [p2]
-    assert peer_state(s1)[pid("16.1")] == state
+    c2b = client("16.2", keys=new_keys, trust_test_session=False)
+    wire = Wire(c1, c2b, s1, trusted=False)
+    wire.tick(c2b, T0 + 4)
+    assert wire.originate(c2b, [p2], T0 + 4).tun["1.1"] == [p2]
+    assert guarded_state(s1)[pid("16.1")] == state
 
     # remove 16.1: cut off, both ways
     assert s1.apply_peers(entries(("1.1", "1.2", "16.2"), keys=new_keys), T0 + 5) == ([], [], [pid("16.1")])
@@ -774,18 +949,22 @@ def test_apply_peers():
     assert s1.from_tun([DOWN], T0 + 6).sends == []
     assert s1.global_drops[DropReason.NOT_ROUTABLE] == 1
     # 16.2 was not disturbed by removing 16.1
-    assert s1.from_udp([(c2b.from_tun([p2], T0 + 6).sends[0][0], addr("16.2"))], T0 + 6).tun == [p2]
+    assert wire.originate(c2b, [p2], T0 + 6).tun["1.1"] == [p2]
 
 
 def test_snapshot_is_plain_data():
     import json
-    _wire, _c, s1, _s2, _s3 = downward_setup()
+    wire, _c, s1, _s2, _s3 = downward_setup()
     snap = s1.snapshot(T0 + 6)
     json.dumps(snap)
     peer = next(p for p in snap["peers"] if p["id"] == "16.1")
-    assert peer["up"] and peer["rx_packets"] == 2 and set(peer["drops"]) == {"duplicate"}
+    assert peer["up"] and peer["rx_packets"] == 2
+    assert peer["drops"] == {r.value: n for r, n in drops(s1, "16.1").items()}
+    assert data_drops(s1, "16.1", *wire.log) == {DropReason.DUPLICATE: 1}   # the keepalive's relayed copy
     assert {p["learned"] for p in peer["paths"]} == {"direct", "relayed"}
+    assert all(p["proven"] for p in peer["paths"])
     assert all(p["id"] != "1.1" for p in snap["peers"])
+    assert (snap["reassembling"], snap["reassembly_bytes"]) == (0, 0)
 
 
 def test_a_client_cannot_use_another_peers_tunnel_address():
@@ -794,10 +973,13 @@ def test_a_client_cannot_use_another_peers_tunnel_address():
     packets from above (a server routing client to client) are not checked."""
     s1 = make_node("1.1", ids=("1.1", "16.1", "16.2"))
     c2 = make_node("16.2", ids=("1.1", "16.2"), gateway="1.1")
+    trust(s1, c2.session, ("16.2",))                       # (sessions proven both ways)
+    trust(c2, s1.session, ("1.1",))
+    victim = guarded_state(s1)[pid("16.1")]
     spoofed = c2.from_tun([udp(tun_ip("16.1"), tun_ip("1.1"))], T0).sends[0][0]
     assert s1.from_udp([(spoofed, addr("16.2"))], T0).tun == []
     assert drops(s1, "16.2") == {DropReason.SPOOFED: 1}
-    assert pid("16.2") not in [p.id for p in s1.table.peers.values() if p.up]
+    assert guarded_state(s1)[pid("16.1")] == victim          # nothing is counted for the peer it posed as
     own = c2.from_tun([udp(tun_ip("16.2"), tun_ip("1.1"))], T0).sends[0][0]
     assert len(s1.from_udp([(own, addr("16.2"))], T0).tun) == 1
     # downward: the server forwards 16.1's packet to 16.2 with its own key

@@ -347,6 +347,9 @@ class Node:
         path gets them only while its credit lasts."""
         copies = 1 + self.settings.duplicate + (1 if early else 0)
         targets = peer.sendable(targets, copies * sum(len(d) for d in datagrams))
+        if not targets:
+            peer.drops[DropReason.NO_PATH] += 1     # only unproven paths, their credit spent
+            return
         sends = [(d, a) for a in targets for d in datagrams]
         out.sends.extend(sends)
         peer.tx_packets += packets
@@ -486,6 +489,10 @@ class Node:
             # union of the paths. Data only: keepalives and reports must
             # not make the other end report back (loss.py)
             self.loss.count_arrived(src.id, header.ts)
+            if (not header.flags & FLAG_BATCH and header.src > self.me
+                    and self._spoofed(header.src, plaintext, header.flags)):
+                src.drops[DropReason.SPOOFED] += 1      # before it can teach a path or mark the peer up
+                return
         self._learn(src, header, addr, len(data), now, out)
         if plaintext is None:
             self._file_shard(src, header, f, data, now, out)
@@ -628,7 +635,9 @@ class Node:
         answer on) and the address the challenge went to reaches the peer."""
         challenge = src.challenges.pop(plaintext[:len(plaintext) - header.pad], None)
         if challenge is None:
-            src.drops[DropReason.REPLAY] += 1      # not a nonce we are waiting for: stale or replayed
+            # a nonce we are not waiting for: another copy of an answer we
+            # took (it is sent on every path), or a stale or replayed one
+            src.drops[DropReason.DUPLICATE if header.session in src.verified else DropReason.REPLAY] += 1
             return
         _, target, relayed = challenge
         if header.session not in src.verified:
@@ -696,11 +705,14 @@ class Node:
         if plaintext is not None and header.kind == KIND_DATA and not header.flags & FLAG_BATCH:
             ends = inner.addresses(plaintext[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD]
                                    if header.flags & FLAG_VNET else plaintext)
-        targets = dst.sendable(self._guard(targets, ends, src), len(data))
+        guarded = self._guard(targets, ends, src)       # (a loop-guard drop is counted there)
+        targets = dst.sendable(guarded, len(data))
         if targets:
             relay = rewrite_mutable(data, full_mask, min(header.ttl, MAX_TTL) - 1, PATH_RELAYED)
             out.sends.extend((relay, a) for a in targets)
             src.relayed_packets += 1
+        elif guarded:
+            src.drops[DropReason.NO_PATH] += 1          # only unproven paths, their credit spent
 
     # ------------------------------------------------------------ timers
     def next_deadline(self) -> float:
