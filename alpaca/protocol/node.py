@@ -422,7 +422,11 @@ class Node:
         clear, full = unmask(self._mask_state, data)
         version_kind, flags = clear[2], clear[3]
         if version_kind >> 4 != WIRE_VERSION:
-            self._wrong_version(addr, version_kind >> 4, now)
+            # only the release before is named: garbage unmasks to any version
+            if version_kind >> 4 == WIRE_VERSION - 1:
+                self._wrong_version(addr, version_kind >> 4, now)
+            else:
+                self.global_drops[DropReason.MALFORMED] += 1
             return
         kind, shard = version_kind & 0x0F, flags & FLAG_FRAG
         if (flags & ~KNOWN_FLAGS or kind > KIND_MAX or (flags & FLAG_BATCH and kind != KIND_DATA)

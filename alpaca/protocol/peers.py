@@ -121,7 +121,7 @@ class Peer:
         it only relays, the peer a new window counts against (the bigger ID).
         A relay window refuses what was sealed before the peer entered the
         table (a relay keeps no state across restarts either)."""
-        if dst != -1 and ts < self.replay_floor:
+        if dst >= 0 and ts < self.replay_floor:       # (-1, -2: this node's own windows)
             return DropReason.REPLAY
         window = self.replay.get(dst)
         if window is None:
