@@ -2,9 +2,11 @@
 
 The harness is scripts/fuzz.py (docs/fuzzing.md); here it runs short, with a
 fixed seed. The invariant, checked for every input: it is either a valid
-packet (delivered once, byte-identical to what a real sender sealed; relayed
-once; or a keepalive consumed) or exactly one counted drop; no exception
-escapes, and unauthenticated input changes no per-peer state.
+packet (delivered once, byte-identical to what a real sender sealed; a shard
+held for its message; relayed once; a keepalive, loss report or answer
+consumed; a challenge answered) or exactly one counted drop; no exception
+escapes, and unauthenticated input (shards included) changes no per-peer
+state. The mesh proves its sessions and paths by real challenges.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from protocol_helpers import T0, addr, make_node, pid, tun_ip, udp
+from protocol_helpers import T0, addr, make_node, pid, trust, tun_ip, udp
 
 from alpaca.protocol import node as node_module
 from alpaca.protocol import peers as peers_module
@@ -66,6 +68,11 @@ def test_short_run_keeps_the_invariant():
     # plus the extra loop counts (a relay counts LOOP per skipped target)
     assert sum(h.drop_hist.values()) == outcomes["dropped"] + h.extra_loop
     assert h.extra_loop <= h.drop_hist["peer:loop"]
+    # the new session layer was exercised: sessions proven, unproven ones
+    # refused, challenges answered, shards of 16.1's messages held and decoded
+    assert h.classes["unverified"] and h.classes["challenge"] and h.classes["response"]
+    assert all(h.verified[n] for n in fuzz.NAMES)
+    assert any(h.delivered[n] for n in fuzz.NAMES) and outcomes["held"]
 
 
 def test_a_second_seed_with_the_fast_fingerprint():
@@ -123,6 +130,51 @@ def test_catches_a_skipped_replay_check(monkeypatch):
     h = harness(5)
     monkeypatch.setattr(peers_module.Peer, "check_replay", lambda self, *a: None)
     assert "dup input" in _must_catch(h)
+
+
+def test_catches_a_session_taken_without_a_challenge(monkeypatch):
+    """Datagrams for us of a session that never answered a challenge (the
+    `session` family: a restarted or forging member) accepted as if proven."""
+    h = harness(5)
+    real_check_own = peers_module.Peer.check_own
+
+    def trusting(self, session, ts, seq, now):
+        if session not in self.verified:
+            return self.check_replay(-1, session, ts, seq, now)
+        return real_check_own(self, session, ts, seq, now)
+    monkeypatch.setattr(peers_module.Peer, "check_own", trusting)
+    assert "unverified input" in _must_catch(h)
+
+
+def test_catches_an_answer_taken_for_a_nonce_never_sent(monkeypatch):
+    """A replayed or stale answer (no challenge outstanding for its nonce)
+    taken as proof: it would re-verify a session from a floor in the past."""
+    h = harness(5)
+    real_on_response = node_module.Node._on_response
+
+    def credulous(self, src, header, plaintext, size, addr, now, out):
+        nonce = plaintext[:len(plaintext) - header.pad]
+        if nonce not in src.challenges:
+            src.challenges[nonce] = (now, addr, False)
+        return real_on_response(self, src, header, plaintext, size, addr, now, out)
+    monkeypatch.setattr(node_module.Node, "_on_response", credulous)
+    assert "response input" in _must_catch(h)
+
+
+def test_catches_a_shard_kept_without_its_mac(monkeypatch):
+    """Shards whose MAC does not verify (forged shard headers, flipped bits
+    of a real shard) filed, counted or relayed."""
+    h = harness(5)
+    monkeypatch.setattr(node_module, "shard_authentic", lambda key, clear, datagram: True)
+    assert "unauth input" in _must_catch(h)
+
+
+def test_catches_challenges_sent_beyond_their_rate(monkeypatch):
+    """A node that challenges a peer on every datagram it cannot take: each
+    replayed or forged one would cost a round of datagrams to its paths."""
+    h = harness(5)
+    monkeypatch.setattr(node_module, "CHALLENGE_INTERVAL", 0.0)
+    assert "challenged" in _must_catch(h, 20_000)
 
 
 def test_catches_unauthenticated_input_accepted(monkeypatch):
@@ -188,6 +240,7 @@ def test_a_peer_heard_at_its_static_ipv6_address_is_one_path():
     v6 = ("2001:db8::161", 1040)
     gw = make_node("1.1", ids=("1.1", "16.1"), static={"1.1": addr("1.1"), "16.1": v6})
     client = make_node("16.1", ids=("1.1", "16.1"), static={"1.1": addr("1.1")}, gateway="1.1")
+    trust(gw, client.session)                   # (as if it had answered a challenge)
     keepalive = client.tick(T0).sends[0][0]
     gw.from_udp([(keepalive, v6)], T0)
     assert list(gw.table.get(pid("16.1")).paths) == [v6]
@@ -203,7 +256,9 @@ def test_loop_guard_counts_per_target_not_per_input():
     relay = make_node("1.2", ids=("1.1", "1.2", "16.1"))
     gateway = make_node("1.1", ids=("1.1", "1.2", "16.1"), inactive_downward_static=True)
     client = make_node("16.1", ids=("1.1", "1.2", "16.1"), gateway="1.1", forwarders=("1.2",))
-    # 1.2 learns a second direct path of 1.1 (any authenticated datagram for 1.2 from there)
+    # 1.2 learns a second direct path of 1.1 (any authenticated datagram for 1.2 from there,
+    # of a session 1.2 has verified; its credit pays for one relay of the same size)
+    trust(relay, gateway.session)
     to_relay = gateway.from_tun([udp(tun_ip("1.1"), tun_ip("1.2"))], T0).sends[0][0]
     relay.from_udp([(to_relay, ("198.51.100.7", 1040))], T0)
     # 16.1 sends a packet whose inner destination is 1.1's public address

@@ -34,7 +34,9 @@ import pytest
 from alpaca.protocol.constants import (
     DEFAULT_TTL,
     KIND_DATA,
+    KIND_CHALLENGE,
     KIND_KEEPALIVE,
+    KIND_RESPONSE,
     MAX_PATHS_PER_PEER,
     MAX_SESSIONS_PER_PEER,
     MAX_WINDOWS_PER_PEER,
@@ -44,10 +46,10 @@ from alpaca.protocol.constants import (
     SEQ_LIMIT,
 )
 from alpaca.protocol.crypto import derive_group_key, derive_pair_key, derive_psk_key, genkey
-from alpaca.protocol.wire import Header, seal
+from alpaca.protocol.wire import Header, open_sealed, peek, seal
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.ids import format_id
-from alpaca.protocol.node import Node, NodeSettings
+from alpaca.protocol.node import CHALLENGE_INTERVAL, Node, NodeSettings
 from alpaca.protocol.peers import RELAY_KEY_CACHE, PeerEntry
 from alpaca.protocol.replay import PAGE_BYTES, PAGE_SEQS
 
@@ -107,6 +109,15 @@ def make_entries(n: int, static: bool = False) -> dict[int, PeerEntry]:
 
 def make_node(entries: dict[int, PeerEntry], mode: str = "server", now: float = T0 - 10) -> Node:
     return Node(NodeSettings(my_id=ME, net=NET, group=GROUP, mode=mode), entries, now)
+
+
+def trust(node: Node, peer: int, session: bytes) -> None:
+    """Take `session` of `peer` as proven live, as if it had answered a
+    challenge before anything it sealed (protocol_helpers.trust does the same):
+    these tests measure what a proven session may cost, which is the worst
+    case; an unproven one costs nothing but an `unverified` drop and a
+    rate-limited challenge (tests/test_challenge.py)."""
+    node.table.get(peer).verify(session, 0, -1, node.started)
 
 
 def key_for(entries: dict[int, PeerEntry], a: int, b: int) -> bytes:
@@ -224,6 +235,7 @@ def drive_active(node: Node, entries: dict[int, PeerEntry], peer: int, rate: int
     forwarder 1.2: two paths, as client 16.1 of the SPEC mesh has at 1.1."""
     key = key_for(entries, ME, peer)
     session = os.urandom(8)
+    trust(node, peer, session)
     direct = (f"198.51.100.{peer & 255}", 40000 + (peer >> 8))
     relay = ("192.0.2.2", 1040)
     payload = bytes(64)
@@ -249,7 +261,7 @@ def test_active_peer_memory(tracing):
         drive_active(node, entries, c, rate, seconds, start)
     extra = (traced() - base) / len(clients)
     peer = node.table.get(clients[0])
-    window = peer.replay[ME]
+    window = peer.replay[-1]                # the window of datagrams for this node
     assert len(peer.paths) == 2
     assert len(window.sessions) == 1
     held = len(next(iter(window.sessions.values())))
@@ -282,8 +294,12 @@ def test_attacker_cannot_grow_one_window_past_its_bound(tracing):
     page_tops = range(PAGE_SEQS - 1, SEQ_LIMIT, PAGE_SEQS)
     for s in range(3 * SECONDS_PER_SESSION):
         now = T0 + s + 0.5
-        batch = []
         for session in sessions:
+            # the attacker answers a challenge for each of its sessions (at
+            # most MAX_SESSIONS_PER_PEER stay verified, so it answers again
+            # for the one it sends with next): every session it uses is proven
+            trust(node, attacker, session)
+            batch = []
             for ts in range(int(now) - REPLAY_WINDOW, int(now) + REPLAY_WINDOW + 1):
                 if (session, ts) in filled or session not in sessions[:MAX_SESSIONS_PER_PEER]:
                     seqs = [SEQ_LIMIT - 1] + rng.sample(range(SEQ_LIMIT), 2)
@@ -293,12 +309,12 @@ def test_attacker_cannot_grow_one_window_past_its_bound(tracing):
                 for seq in seqs:
                     batch.append((datagram(key, attacker, ME, session, ts, seq, kind=KIND_KEEPALIVE),
                                   ("203.0.113.9", 9999)))
-        sent += len(batch)
-        node.from_udp(batch, now)
-        del batch                       # what is traced is the node's, not the test's datagrams
+            sent += len(batch)
+            node.from_udp(batch, now)
+            del batch                   # what is traced is the node's, not the test's datagrams
         if s % 5 == 4:
             node.tick(now)
-        window = node.table.get(attacker).replay[ME]
+        window = node.table.get(attacker).replay[-1]
         assert len(window.sessions) <= MAX_SESSIONS_PER_PEER
         assert all(len(seconds) <= SECONDS_PER_SESSION for seconds in window.sessions.values())
         peak_bytes = max(peak_bytes, window.memory_bytes())
@@ -319,12 +335,57 @@ def test_one_datagram_costs_little_replay_state(tracing):
     peer = max(entries)
     node = make_node(entries)
     key = key_for(entries, ME, peer)
+    trust(node, peer, b"S" * 8)
     base = traced()
     node.from_udp([(datagram(key, peer, ME, b"S" * 8, int(T0), SEQ_LIMIT - 1, kind=KIND_KEEPALIVE),
                     ("203.0.113.9", 9999))], T0)
     grown = traced() - base
     print(f"\none datagram with seq {SEQ_LIMIT - 1}: +{grown} B")
+    assert node.table.get(peer).replay[-1].memory_bytes() == PAGE_BYTES     # accepted: one page
     assert grown <= 4096
+
+
+def test_unproven_sessions_cost_no_replay_state(tracing):
+    """A member that never answers a challenge, sending datagrams in a new
+    session each time from ever new addresses: no window, no path, no
+    counter but `unverified`, at most one round of challenges per
+    CHALLENGE_INTERVAL and a bounded table of them. One that answers every
+    challenge keeps at most MAX_SESSIONS_PER_PEER sessions verified."""
+    entries = make_entries(20)
+    attacker = max(entries)
+    node = make_node(entries)
+    key = key_for(entries, ME, attacker)
+    peer = node.table.get(attacker)
+    rng = random.Random(4)
+    base = traced()
+    challenges = 0
+    for i in range(5000):
+        now = T0 + i * 0.01
+        out = node.from_udp([(datagram(key, attacker, ME, rng.randbytes(8), int(now), i, kind=KIND_KEEPALIVE),
+                              (f"198.51.{i >> 8}.{i & 255}", 1000 + i))], now)
+        challenges += len(challenges_to(node, key, out.sends))
+        assert len(out.sends) == len(challenges_to(node, key, out.sends)) and not out.tun
+    grown = traced() - base
+    print(f"\n5,000 datagrams in unproven sessions: {challenges} challenges sent, "
+          f"{len(peer.challenges)} outstanding, +{grown} B")
+    assert peer.drops == {DropReason.UNVERIFIED: 5000}
+    assert not peer.replay and not peer.paths and not peer.verified and peer.rx_packets == 0
+    assert challenges <= 50 * CHALLENGE_INTERVAL ** -1 + 1        # 50 s of input, one each 0.25 s
+    assert len(peer.challenges) <= 16
+    assert grown <= 16 * 1024           # measured ~8 KiB: the outstanding challenges, counters
+    # it answers every challenge, each for another session: each is verified
+    # in turn, but no more than MAX_SESSIONS_PER_PEER at once
+    for i in range(40):
+        now = T0 + 60 + i * CHALLENGE_INTERVAL
+        session, where = rng.randbytes(8), ("198.51.100.9", 1000)
+        out = node.from_udp([(datagram(key, attacker, ME, session, int(now), 2 * i, kind=KIND_KEEPALIVE),
+                              where)], now)
+        for nonce, to in challenges_to(node, key, out.sends):
+            node.from_udp([(datagram(key, attacker, ME, session, int(now), 2 * i + 1, kind=KIND_RESPONSE,
+                                     payload=nonce), to)], now)
+        assert session in peer.verified
+        assert len(peer.verified) <= MAX_SESSIONS_PER_PEER
+    assert len(peer.verified) == MAX_SESSIONS_PER_PEER
 
 
 def test_one_peer_replay_state_is_bounded_across_destinations(tracing):
@@ -338,6 +399,7 @@ def test_one_peer_replay_state_is_bounded_across_destinations(tracing):
     victims = sorted(entries)[1:101]            # 100 peers other than ME and the attacker
     here = ("203.0.113.9", 9999)
     # heard from (so 1.1 has a path towards X) and one window for its traffic to 1.1
+    trust(node, attacker, b"S" * 8)
     node.from_udp([(datagram(key_for(entries, ME, attacker), attacker, ME, b"S" * 8, int(T0), 0,
                              kind=KIND_KEEPALIVE), here)], T0)
 
@@ -399,12 +461,34 @@ def test_a_peer_leaving_the_table_frees_the_slots_its_windows_took():
 
 # ---------------------------------------------------------------- paths and caches
 
+def challenges_to(node: Node, key: bytes, sends) -> list[tuple[bytes, tuple]]:
+    """(nonce, address) of each challenge among a node's sends (sealed with `key`)."""
+    out = []
+    for d, to in sends:
+        header = peek(GK, d)[0]
+        if header.kind == KIND_CHALLENGE:
+            out.append((open_sealed(key, header, d), to))
+    return out
+
+
 def test_path_table_stays_bounded():
+    """A peer heard from ever new addresses: at most MAX_PATHS_PER_PEER paths;
+    the static one and the ones proven by an answered challenge are never
+    evicted for unproven ones."""
     entries = make_entries(20, static=True)
     peer = max(entries)
     node = make_node(entries)
     key = key_for(entries, ME, peer)
     session = os.urandom(8)
+    trust(node, peer, session)
+    # the peer's address behind one NAT, proven the real way: the node
+    # challenges the new path and the peer answers from it
+    home = ("192.0.2.99", 4000)
+    out = node.from_udp([(datagram(key, peer, ME, session, int(T0) - 1, 0, kind=KIND_KEEPALIVE), home)], T0 - 0.5)
+    [(nonce, to)] = [c for c in challenges_to(node, key, out.sends) if c[1] == home]
+    node.from_udp([(datagram(key, peer, ME, session, int(T0) - 1, 1, kind=KIND_RESPONSE, payload=nonce), home)],
+                  T0 - 0.5)
+    assert node.table.get(peer).paths[home].proven
     for i in range(500):
         node.from_udp([(datagram(key, peer, ME, session, int(T0), i, kind=KIND_KEEPALIVE,
                                  path=PATH_RELAYED if i % 2 else PATH_DIRECT),
@@ -413,8 +497,10 @@ def test_path_table_stays_bounded():
     paths = node.table.get(peer).paths
     assert len(paths) == MAX_PATHS_PER_PEER
     assert entries[peer].static_addr in paths, "the static path is never evicted"
+    assert home in paths and paths[home].proven, "nor a proven one, for unproven ones"
     # the newest learned addresses are the ones kept
     assert ("198.51.1.243", 1499) in paths
+    assert sum(not p.proven for p in paths.values()) == MAX_PATHS_PER_PEER - 2
 
 
 def test_relay_key_cache_stays_bounded(tracing):
@@ -446,20 +532,25 @@ def test_relay_key_cache_stays_bounded(tracing):
 
 
 def test_target_address_cache_stays_bounded(tracing):
-    """A client whose address changes (roaming, NAT rebinding) on every datagram,
-    with downward traffic to it after each change."""
+    """A client whose address changes (roaming, NAT rebinding) on every
+    datagram, with downward traffic to it after each change: the answer to
+    each of its packets goes to its newest address (an unproven path carries
+    no more than it brought: the answer is as big as the packet) and to none
+    of the older ones, whose credit is spent."""
     entries = make_entries(20)
     peer = max(entries)
     node = make_node(entries)
     key = key_for(entries, ME, peer)
     session = os.urandom(8)
-    packet = bytes([0x45, 0, 0, 28]) + bytes(5) + bytes([17, 0, 0]) + bytes([10, 17, 1, 1]) + \
-        bytes([10, 17, peer >> 8, peer & 255]) + bytes(8)
+    trust(node, peer, session)
+    ends = (bytes([10, 17, 1, 1]), bytes([10, 17, peer >> 8, peer & 255]))
+    up = bytes([0x45, 0, 0, 28]) + bytes(5) + bytes([17, 0, 0]) + ends[1] + ends[0] + bytes(8)
+    packet = bytes([0x45, 0, 0, 28]) + bytes(5) + bytes([17, 0, 0]) + ends[0] + ends[1] + bytes(8)
     base = None
     for i in range(3000):
-        node.from_udp([(datagram(key, peer, ME, session, int(T0), i, kind=KIND_KEEPALIVE),
-                        (f"198.{18 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", 4000))], T0)
-        assert node.from_tun([packet], T0).sends
+        where = (f"198.{18 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", 4000)
+        assert node.from_udp([(datagram(key, peer, ME, session, int(T0), i, payload=up), where)], T0).tun == [up]
+        assert [a for _, a in node.from_tun([packet], T0).sends] == [where]
         if i == 999:
             base = traced()
     grown = traced() - base
@@ -472,13 +563,15 @@ def test_target_address_cache_stays_bounded(tracing):
 def test_per_packet_problems_make_no_notices():
     """Garbage, wrong keys, replays, TTL, unknown peers, nothing routable: the
     core only counts (the daemon logs a summary every 10 s); the loop guard
-    notices once per address."""
+    notices once per address, datagrams of the previous wire version (one in
+    16 random datagrams unmasks to it) once a minute."""
     entries = make_entries(20, static=True)
     client = max(entries)
     node = make_node(entries)
     rng = random.Random(3)
     key = key_for(entries, ME, client)
     session = os.urandom(8)
+    trust(node, client, session)
     good = datagram(key, client, ME, session, int(T0), 1, payload=b"hello")
     src = ("203.0.113.9", 9999)
     batch = [(rng.randbytes(rng.randrange(0, 1500)), src) for _ in range(2000)]
@@ -494,9 +587,14 @@ def test_per_packet_problems_make_no_notices():
     a, b = sorted(entries)[1:3]
     ttl1 = seal(GK, key_for(entries, a, b), Header(1, 0, KIND_DATA, b, a, session, int(T0), 0), b"x")
     node.from_udp([(ttl1, src)], T0)
-    assert node.notices == []
+    # garbage again, a second later: no second line about the wire version
+    node.from_udp([(rng.randbytes(rng.randrange(0, 1500)), src) for _ in range(2000)], T0 + 1)
+    assert node.global_drops[DropReason.WRONG_VERSION] > 1          # (random bytes unmask to version 1 now and then)
+    assert len(node.notices) == 1 and "wire version" in node.notices[0], node.notices
+    peer = node.table.get(client)
+    assert peer.drops[DropReason.DUPLICATE] == 1000 and peer.drops[DropReason.REPLAY] == 1000
     total = sum(node.global_drops.values()) + sum(sum(p.drops.values()) for p in node.table.peers.values())
-    assert total >= 6000
+    assert total >= 8000
 
 
 def test_path_churn_is_not_logged_per_packet():
@@ -505,8 +603,10 @@ def test_path_churn_is_not_logged_per_packet():
     node = make_node(entries)
     key = key_for(entries, ME, peer)
     session = os.urandom(8)
+    trust(node, peer, session)
     node.from_udp([(datagram(key, peer, ME, session, int(T0), i, kind=KIND_KEEPALIVE),
                     ("198.51.100.7", 10000 + i)) for i in range(1000)], T0)
+    assert node.table.get(peer).rx_packets == 1000          # each one accepted, from a new port
     print(f"\n1,000 datagrams from 1,000 source ports: {len(node.notices)} notices")
     assert len(node.notices) <= 20
 
@@ -516,7 +616,7 @@ def test_path_churn_is_not_logged_per_packet():
 FLOOD_SECONDS = 5.0
 MODERATE_RATE = 5000.0        # garbage datagrams/s the server keeps up with
 MODERATE_FLOOR = 0.3          # goodput under that flood / goodput without (measured 0.75-1.26)
-GARBAGE_REASONS = ("malformed", "auth_failure", "unknown_peer")
+GARBAGE_REASONS = ("malformed", "wrong_version", "auth_failure", "unknown_peer")
 TOOLS = Path(__file__).parent / "tools"
 
 
@@ -737,6 +837,7 @@ def test_socket_filter_follows_the_flood_and_the_known_addresses(caplog):
         assert len(d.udp.attached) == 1
         # one of the peer's datagrams from a new address got through: it is let in fully
         key = key_for(entries, ME, peer)
+        trust(node, peer, b"S" * 8)
         node.from_udp([(datagram(key, peer, ME, b"S" * 8, int(t), 0, kind=KIND_KEEPALIVE),
                         ("198.51.100.77", 4000))], t)
         check(drops=50_000)

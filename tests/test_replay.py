@@ -1,4 +1,6 @@
-"""Tier 1: the replay/dedup window (alpaca.protocol.replay, SPEC §4).
+"""Tier 1: the replay/dedup window (alpaca.protocol.replay, SPEC §4), and
+how a peer uses it (alpaca.protocol.peers: the own window -1 behind the
+session proven by a challenge, and a window per destination it relays to).
 
 Each case is a list of steps (session, ts, seq, receiver's now, expected result);
 all steps of a case run against one fresh ReplayWindow, in order.
@@ -10,6 +12,7 @@ import pytest
 
 from alpaca.protocol.constants import MAX_SESSIONS_PER_PEER, REPLAY_WINDOW, SEQ_LIMIT
 from alpaca.protocol.drops import DropReason
+from alpaca.protocol.peers import Peer, PeerEntry
 from alpaca.protocol.replay import ReplayWindow
 
 T = 1_700_000_000
@@ -136,3 +139,105 @@ def test_a_long_lived_session_keeps_only_the_window():
     # at most 2*W+1 seconds (plus the one being added) are remembered
     assert len(window.sessions[A]) <= 2 * W + 2
     assert window.memory_bytes() <= (2 * W + 2) * 2
+
+
+# ---------------------------------------------------------------- floors: forgotten seconds stay refused
+
+def test_forgotten_seconds_stay_refused_per_session():
+    """The seconds a session had that left the window stay refused when the
+    receiver's clock comes back (the session's floor); another session, a
+    sender that restarted after its own clock stepped, is not bound by it."""
+    window = ReplayWindow()
+    assert window.check_and_accept(A, T + 20, 0, T + 20) is None     # the receiver's clock 20 s ahead
+    assert window.check_and_accept(A, T + 26, 0, T + 26) is None
+    window.expire(T + 26)                                            # T + 20 left the window
+    assert window.floors == {A: T + 20}
+    # the receiver's clock comes back to T + 20
+    assert window.check_and_accept(A, T + 20, 0, T + 20) is REPLAY
+    assert window.check_and_accept(A, T + 20, 1, T + 20) is REPLAY     # never seen, but forgotten
+    assert window.check_and_accept(A, T + 19, 0, T + 20) is REPLAY
+    assert window.check_and_accept(A, T + 21, 0, T + 20) is None
+    assert window.check_and_accept(B, T + 20, 0, T + 20) is None       # another session: a floor of its own
+    assert window.check_and_accept(B, T + 19, 0, T + 20) is None
+
+
+@pytest.mark.parametrize("keep_floors", [
+    True,
+    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
+        "suspected core bug: a window without keep_floors (every relay window, peers.Peer.check_replay) "
+        "drops a session's floor with its last second, and Peer.prune no longer raises replay_floor "
+        "when it drops the window, so a relay whose clock stepped ahead and back relays a captured "
+        "datagram again"))),
+], ids=["own-window", "relay-window"])
+@pytest.mark.parametrize("how", ["prune", "new-session"])
+def test_a_session_forgotten_whole_stays_refused_when_the_clock_comes_back(keep_floors, how):
+    """The receiver's clock steps ahead beyond the window, every second of a
+    session is forgotten (at a prune, or when another session opens), and
+    the clock comes back: what the session sent is still refused."""
+    window = ReplayWindow(keep_floors=keep_floors)
+    assert window.check_and_accept(A, T, 0, T) is None
+    assert window.check_and_accept(A, T, 1, T) is None
+    if how == "prune":
+        window.expire(T + 20)
+    else:
+        assert window.check_and_accept(B, T + 20, 0, T + 20) is None
+    assert A not in window.sessions
+    assert window.check_and_accept(A, T, 0, T) is REPLAY
+    assert window.check_and_accept(A, T, 1, T) is REPLAY
+
+
+# ---------------------------------------------------------------- the windows of a peer
+
+UNVERIFIED = DropReason.UNVERIFIED
+OTHER_ID = 0x0102                      # a peer this node relays to
+
+
+def test_own_window_takes_only_a_verified_session_sealed_after_its_answer():
+    """Datagrams for this node (Peer.check_own, window -1): nothing from a
+    session that has not answered a challenge (and nothing is kept for it),
+    nothing sealed at or before the answer, then each (ts, seq) once."""
+    peer = Peer(0x1001, PeerEntry("k"), T - 100)
+    assert peer.check_own(A, T, 0, T) is UNVERIFIED
+    assert not peer.replay, "an unverified session opens no window"
+    peer.verify(A, T, 5, T)                  # A answered a challenge with a datagram sealed at (T, 5)
+    assert peer.check_own(A, T, 5, T) is REPLAY
+    assert peer.check_own(A, T, 4, T) is REPLAY
+    assert peer.check_own(A, T - 1, 9, T) is REPLAY
+    assert peer.check_own(A, T, 6, T) is None
+    assert peer.check_own(A, T, 6, T) is DUP
+    assert peer.check_own(A, T + 1, 0, T) is None
+    assert list(peer.replay) == [-1]
+    assert peer.check_own(B, T, 7, T) is UNVERIFIED       # each session proves itself
+    # the window of a pair this node relays is separate (keyed by dst) and
+    # refuses what was sealed before the peer entered the table
+    late = Peer(0x1002, PeerEntry("k"), T - 2)
+    late.verify(A, 0, -1, T)
+    assert late.check_replay(OTHER_ID, A, T - 2, 0, T, charged=late) is REPLAY
+    assert late.check_replay(OTHER_ID, A, T, 6, T, charged=late) is None
+    assert late.check_own(A, T, 6, T) is None             # the same (session, ts, seq) to this node
+    assert late.check_own(A, T - 2, 0, T) is None          # (the own window has the answer's floor instead)
+    assert set(late.replay) == {-1, OTHER_ID} and late.relay_windows == 1
+
+
+def test_own_window_floor_outlives_the_seconds_while_the_session_is_verified():
+    """A verified session's datagrams stay refused when the receiver's clock
+    steps ahead, a prune forgets their seconds, and the clock comes back; a
+    session no longer verified is forgotten with its floor, and is refused
+    as unverified until it answers a new challenge (whose floor is then)."""
+    peer = Peer(0x1001, PeerEntry("k"), T - 100)
+    peer.verify(A, T - 1, 0, T - 1)
+    assert peer.check_own(A, T, 0, T) is None
+    peer.prune(T + 20)
+    assert not peer.replay[-1].sessions
+    assert peer.check_own(A, T, 0, T) is REPLAY
+    assert peer.check_own(A, T, 1, T) is REPLAY
+    # MAX_SESSIONS_PER_PEER newer sessions answer: A is no longer verified
+    for s in sessions(MAX_SESSIONS_PER_PEER):
+        peer.verify(s, T, 0, T)
+    assert A not in peer.verified
+    peer.prune(T + 20)
+    assert -1 not in peer.replay or A not in peer.replay[-1].floors
+    assert peer.check_own(A, T, 0, T) is UNVERIFIED
+    peer.verify(A, T, 3, T)
+    assert peer.check_own(A, T, 0, T) is REPLAY
+    assert peer.check_own(A, T, 4, T) is None
