@@ -414,8 +414,9 @@ class Harness:
         self.delivered = {n: set() for n in NAMES}      # messages each node delivered (or counted no_tun)
         # sessions each node verified: (peer, session) -> (ts, seq) of the answer
         self.verified: dict[str, dict[tuple, tuple]] = {n: {} for n in NAMES}
-        self.nonces: dict[str, dict[bytes, int]] = {n: {} for n in NAMES}   # challenges sent: nonce -> peer
+        self.nonces: dict[str, dict[bytes, tuple]] = {n: {} for n in NAMES}  # challenges sent: nonce -> (peer, when)
         self.answered: dict[str, set] = {n: set() for n in NAMES}           # ... and answered
+        self.challenged: dict[str, dict[bytes, tuple]] = {n: {} for n in NAMES}  # nonce -> address sent to
         self.rounds: dict[tuple, float] = {}            # (node, peer) -> when it last sent challenges
         self.answers: dict[tuple, list] = {}            # (node, peer) -> [second, answers sent in it]
         self.unanswered = 0                             # challenges past RESPONSE_LIMIT (consumed silently)
@@ -481,7 +482,7 @@ class Harness:
             if h.kind == KIND_CHALLENGE:
                 if nonce in self.nonces[sender]:
                     raise Violation(f"{sender} sent the same challenge nonce twice")
-                self.nonces[sender][nonce] = h.dst
+                self.nonces[sender][nonce] = (h.dst, self.now)
         elif inner is None:
             raise Violation(f"{sender} sent a data datagram the harness never gave it: {datagram.hex()}")
         rec = self.sealed[tail] = Sealed(h.src, h.dst, h.kind, ident, inner, self.now, message, index, nonce)
@@ -547,6 +548,12 @@ class Harness:
         old = self.now - KEEP_SEALED
         for tail in [t for t, r in self.sealed.items() if r.sealed_at < old and t not in keep]:
             del self.idents[self.sealed.pop(tail).ident]
+        # challenges: a node forgets them after CHALLENGE_LIFETIME (10 s)
+        for name in NAMES:
+            for nonce in [n for n, (_, when) in self.nonces[name].items() if when < old]:
+                del self.nonces[name][nonce]
+                self.answered[name].discard(nonce)
+                self.challenged[name].pop(nonce, None)
         live = {r.message for r in self.sealed.values() if r.message is not None}
         for message in [m for m in self.messages if m not in live]:
             del self.messages[message]
@@ -776,6 +783,7 @@ class Harness:
                 fail(f"sent a challenge or an answer to {to}, neither where the input came from nor a way to the peer")
             if rec.kind == KIND_CHALLENGE:
                 challenges += 1
+                self.challenged[name][rec.nonce] = to
             elif answer is None or rec.nonce != answer:
                 fail("answered a challenge it was not given")
             else:
@@ -924,7 +932,8 @@ class Harness:
             if fp0 is not None and self.fingerprint(node, (rec.src, None, True)) != fp0:
                 fail("changed per-peer state beyond the source peer's challenges")
         elif klass == "response":
-            if matched and (self.nonces[name].get(rec.nonce) != rec.src or rec.nonce in self.answered[name]):
+            if matched and (self.nonces[name].get(rec.nonce, (None,))[0] != rec.src
+                            or rec.nonce in self.answered[name]):
                 fail("had an answer outstanding for a nonce it never sent that peer, or already answered")
             if ngd or out.tun:
                 fail("an answer counted a global drop or wrote to TUN")
@@ -942,6 +951,9 @@ class Harness:
                 if rec.nonce in peer.challenges:
                     fail("the challenge is still outstanding after its answer")
                 self.answered[name].add(rec.nonce)
+                target = self.challenged[name].pop(rec.nonce, None)
+                if target is None or (target in peer.paths and not peer.paths[target].proven):
+                    fail(f"the address the challenge went to ({target}) is not proven by its answer")
                 key = (rec.src, rec.ident[2])
                 if key not in self.verified[name]:
                     self.verified[name][key] = rec.ident[3:]
