@@ -220,7 +220,6 @@ def sec(tmp_path_factory):
 FORGERY_KEYS = ("own:1.1", "own:1.2", "own:16.1", "guess", "group")
 
 
-@pytest.mark.xfail(reason="its control datagrams come from tools/forge_udp.py with a session that never answers a challenge, so since wire version 2 the control is refused as unverified too; the attack is refused (tier 1: test_node.py); the tool must learn to answer challenges", strict=False)
 def test_member_cannot_forge_a_datagram_from_another_member(sec):
     """M (16.2) seals datagrams claiming src=16.1 under every key it can get:
     its own pair keys with 1.1 and 1.2, key(16.1, 16.2) (which it does hold),
@@ -354,7 +353,6 @@ def test_member_holding_a_pair_key_with_x_teaches_no_path_for_x(sec):
     assert tun_rx(tb, "s2") == tun_before["s2"]
 
 
-@pytest.mark.xfail(reason="its control datagrams come from tools/forge_udp.py with a session that never answers a challenge, so since wire version 2 the control is refused as unverified too; the attack is refused (tier 1: test_node.py); the tool must learn to answer challenges", strict=False)
 def test_member_cannot_spoof_another_members_tunnel_address(sec):
     """M seals datagrams with its own key (src=16.2, so they authenticate) whose
     inner packet claims X's tunnel address 10.17.16.1 as its source. 1.1 should

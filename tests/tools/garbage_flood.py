@@ -4,12 +4,13 @@ usage: garbage_flood.py HOST PORT SECONDS GROUP SRC DST [PROCS [RATE]]
 
 The pool (4096 datagrams, sent round-robin from one connected socket per
 process, in a tight loop):
-  - half random bytes, 1..1400 long (mostly `malformed` at the receiver);
+  - half random bytes, 1..1400 long (mostly `malformed` at the receiver; one
+    in 16 unmasks to the previous wire version, counted `wrong_version`);
   - half valid-looking datagrams: the right group key (the header unmasks and
-    passes the version check), src/dst = SRC/DST for every other one and
-    random IDs for the rest, sealed under a random wrong pair key
-    (`auth_failure` / `unknown_peer` at the receiver: each costs it an AEAD
-    attempt).
+    passes the version check: alpaca.protocol.wire seals the current one),
+    src/dst = SRC/DST for every other one and random IDs for the rest, whole
+    (not shards), sealed under a random wrong pair key (`auth_failure` /
+    `unknown_peer` at the receiver: each costs it an AEAD attempt).
 PROCS processes (default 1) send in parallel; the printed count is their sum.
 RATE (datagrams/s per process, default 0 = as fast as the CPU allows) paces
 each process in bursts of 256.
