@@ -317,8 +317,13 @@ def _notices(node: Node) -> int:
     return sum("wire version" not in line for line in node.notices)
 
 
+CHALLENGE_WINDOW = -3      # node.CHALLENGE_WINDOW: challenge state, compared with it
+
+
 def _challenge_state(p) -> tuple:
-    return (tuple(p.challenges), p.next_challenge, tuple(p.responses))
+    w = p.replay.get(CHALLENGE_WINDOW)
+    seen = None if w is None else tuple((s, ts, n, bytes(b)) for s, ts, n, b in w.bitmaps())
+    return (tuple(p.challenges), p.next_challenge, tuple(p.responses), seen)
 
 
 def _node_extras(node: Node) -> tuple:
@@ -351,7 +356,7 @@ def fingerprint(node: Node, mask: tuple | None = None) -> tuple:
             None if masked else dict(p.drops),
             p.replay_floor, p.relay_windows,
             tuple((dst, tuple(sorted(w.floors.items())), tuple((s, ts, n, bytes(b)) for s, ts, n, b in w.bitmaps()))
-                  for dst, w in p.replay.items()),
+                  for dst, w in p.replay.items() if dst != CHALLENGE_WINDOW),
             tuple((s, tuple(v)) for s, v in p.verified.items()),
             None if masked and mask[2] else _challenge_state(p),
         ))
@@ -368,7 +373,9 @@ def helpers_fingerprint(node: Node, mask: tuple | None = None) -> object:
         s = state[peer_id]
         s["proven"] = {a: (x.proven, x.credit) for a, x in p.paths.items()}
         s["verified"] = {k: tuple(v) for k, v in p.verified.items()}
-        s["floors"] = {dst: dict(w.floors) for dst, w in p.replay.items()}
+        s["floors"] = {dst: dict(w.floors) for dst, w in p.replay.items() if dst != CHALLENGE_WINDOW}
+        windows, floor = s["replay"]
+        s["replay"] = ({dst: w for dst, w in windows.items() if dst != CHALLENGE_WINDOW}, floor)
         s["relay_windows"] = p.relay_windows
         s["challenges"] = _challenge_state(p)
     if mask is not None and mask[0] in state:
@@ -419,6 +426,7 @@ class Harness:
         self.challenged: dict[str, dict[bytes, tuple]] = {n: {} for n in NAMES}  # nonce -> address sent to
         self.rounds: dict[tuple, float] = {}            # (node, peer) -> when it last sent challenges
         self.answers: dict[tuple, list] = {}            # (node, peer) -> [second, answers sent in it]
+        self.challenges_seen: dict[str, set] = {n: set() for n in NAMES}   # challenge idents taken in
         self.unanswered = 0                             # challenges past RESPONSE_LIMIT (consumed silently)
         self.version_notice: dict[str, float] = {}      # node -> when it last noticed another wire version
         self.wire: collections.deque = collections.deque()   # (datagram, from, to) in flight
@@ -908,20 +916,35 @@ class Harness:
             if fp0 is not None and self.fingerprint(node, (rec.src, None, True)) != fp0:
                 fail("changed per-peer state beyond the source peer's drops and challenges")
         elif klass == "challenge":
-            if out.tun or ngd or npd:
-                fail("a challenge counted a drop or wrote to TUN")
+            # each challenge is answered once (its own window), within the
+            # node's clock window, and at most RESPONSE_LIMIT a second per peer
+            seen = self.challenges_seen[name]
+            stale = abs(rec.ident[3] - int(now)) > REPLAY_WINDOW
             count = self.answers.get((name, rec.src), [None, 0])
             limited = count[0] == int(now) and count[1] >= RESPONSE_LIMIT
-            sends = self._check_replies(name, node, rec.src, out.sends, frm, now, fail, answer=rec.nonce)
-            answered = [d for d, _ in sends if self.sealed[d[MUTABLE_BYTES:]].kind == KIND_RESPONSE]
-            if limited:
-                if out.sends:
-                    fail(f"answered more than {RESPONSE_LIMIT} challenges in a second")
-                self.unanswered += 1
-                outcome = "consumed"
+            if rec.ident in seen or stale:
+                want = DropReason.REPLAY if stale else DropReason.DUPLICATE
+            elif limited:
+                want = DropReason.RATE_LIMITED
             else:
-                if not answered or answered[0] != sends[0][0] or sends[0][1] != frm:
-                    fail("a challenge not answered first where it came from")
+                want = None
+            if not stale:
+                seen.add(rec.ident)
+            if want is not None:
+                if out.tun or out.sends or ngd or npd != 1 or pd[want] != 1:
+                    fail(f"a challenge answered before, stale or over the limit: not exactly one {want.value} drop")
+                self.unanswered += want is DropReason.RATE_LIMITED
+                outcome = "dropped"
+                sends = []
+            elif out.tun or ngd or npd:
+                fail("a challenge counted a drop or wrote to TUN")
+            if want is None:
+                sends = self._check_replies(name, node, rec.src, out.sends, frm, now, fail, answer=rec.nonce)
+                answered = [d for d, _ in sends if self.sealed[d[MUTABLE_BYTES:]].kind == KIND_RESPONSE]
+                if not answered:
+                    fail("a fresh challenge within the limit was not answered")
+                if len(answered[0]) <= len(data) and not any(to == frm for d, to in sends if d == answered[0]):
+                    fail("an answer no bigger than its challenge did not go where the challenge came from")
                 if len({d for d in answered}) != 1:
                     fail("more than one answer sealed for one challenge")
                 outcome = "answered"

@@ -161,20 +161,12 @@ def test_forgotten_seconds_stay_refused_per_session():
     assert window.check_and_accept(B, T + 19, 0, T + 20) is None
 
 
-@pytest.mark.parametrize("keep_floors", [
-    True,
-    pytest.param(False, marks=pytest.mark.xfail(strict=True, reason=(
-        "suspected core bug: a window without keep_floors (every relay window, peers.Peer.check_replay) "
-        "drops a session's floor with its last second, and Peer.prune no longer raises replay_floor "
-        "when it drops the window, so a relay whose clock stepped ahead and back relays a captured "
-        "datagram again"))),
-], ids=["own-window", "relay-window"])
 @pytest.mark.parametrize("how", ["prune", "new-session"])
-def test_a_session_forgotten_whole_stays_refused_when_the_clock_comes_back(keep_floors, how):
+def test_a_session_forgotten_whole_stays_refused_when_the_clock_comes_back(how):
     """The receiver's clock steps ahead beyond the window, every second of a
     session is forgotten (at a prune, or when another session opens), and
     the clock comes back: what the session sent is still refused."""
-    window = ReplayWindow(keep_floors=keep_floors)
+    window = ReplayWindow(keep_floors=True)
     assert window.check_and_accept(A, T, 0, T) is None
     assert window.check_and_accept(A, T, 1, T) is None
     if how == "prune":
@@ -187,6 +179,20 @@ def test_a_session_forgotten_whole_stays_refused_when_the_clock_comes_back(keep_
 
 
 # ---------------------------------------------------------------- the windows of a peer
+
+def test_a_relay_window_released_at_a_prune_still_refuses_when_the_clock_comes_back():
+    """A relay relays one datagram at T, its clock steps 20 s ahead (a prune
+    forgets the session and releases the window, freeing its slot), then
+    comes back: the same datagram is not relayed again (Peer.old_floors)."""
+    src, charged = Peer(0x1001, PeerEntry("k"), T - 100), Peer(0x1002, PeerEntry("k"), T - 100)
+    assert src.check_replay(0x0102, A, T, 0, T, charged) is None
+    src.prune(T + 20)
+    assert 0x0102 not in src.replay and charged.relay_windows == 0
+    assert src.check_replay(0x0102, A, T, 0, T, charged) is REPLAY
+    assert src.check_replay(0x0102, A, T, 1, T, charged) is REPLAY
+    assert src.check_replay(0x0102, A, T + 1, 0, T, charged) is None       # later seconds of it pass
+
+
 
 UNVERIFIED = DropReason.UNVERIFIED
 OTHER_ID = 0x0102                      # a peer this node relays to

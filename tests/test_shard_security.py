@@ -293,3 +293,35 @@ def test_an_unverified_session_is_challenged_at_a_bounded_rate():
     assert len([s for s in sends if header_of(s[0]).kind == KIND_CHALLENGE]) <= 2
     assert server.table.get(pid("16.1")).drops[DropReason.UNVERIFIED] == 200
     assert data_only(sends) == []
+
+
+def test_a_replayed_challenge_is_answered_once_and_never_amplified():
+    """A captured challenge replayed from a forged address gets no answer
+    (each challenge is answered once), and even a fresh one gets an answer
+    no bigger than itself where it came from, with padding on."""
+    client = make_node("16.1", gateway="1.1", trust_test_session=False, padding=400)
+    server = make_node("1.1", trust_test_session=False, padding=400)
+    # the server challenges the client's first keepalive
+    challenge = [d for d, a in client.tick(T0).sends]
+    out = server.from_udp([(challenge[0], addr("16.1"))], T0)
+    challenges = [(d, a) for d, a in out.sends if header_of(d).kind == KIND_CHALLENGE]
+    assert challenges and all(len(d) < 100 for d, _ in challenges)    # never padded
+    victim = ("203.0.113.77", 9)
+    first = client.from_udp([(challenges[0][0], victim)], T0)
+    answers = [(d, a) for d, a in first.sends if header_of(d).kind == 4]
+    assert answers and all(len(d) <= len(challenges[0][0]) for d, _ in answers)
+    sent = 0
+    for i in range(50):                 # the same challenge, replayed
+        sent += sum(len(d) for d, a in client.from_udp([(challenges[0][0], victim)], T0 + 0.01 * i).sends)
+    assert sent == 0
+    assert client.table.get(pid("1.1")).drops[DropReason.DUPLICATE] == 50
+
+
+def test_answers_beyond_the_rate_limit_are_counted():
+    from alpaca.protocol.node import RESPONSE_LIMIT
+    client, server = make_node("16.1", gateway="1.1"), make_node("1.1")
+    peer = server.table.get(pid("16.1"))
+    for i in range(RESPONSE_LIMIT + 5):
+        d = make_datagram("16.1", "1.1", os.urandom(16), kind=KIND_CHALLENGE, seq=i)
+        server.from_udp([(d, addr("16.1"))], T0 + 0.001 * i)
+    assert peer.drops[DropReason.RATE_LIMITED] == 5

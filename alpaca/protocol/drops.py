@@ -16,6 +16,7 @@ class DropReason(enum.Enum):
     DUPLICATE = "duplicate"          # (session, ts, seq) already accepted
     REPLAY = "replay"                # outside the replay window (too old/new)
     UNVERIFIED = "unverified"        # a session not yet proven live by a challenge (docs/protocol.md §5)
+    RATE_LIMITED = "rate_limited"    # a challenge beyond the answers a peer gets per second
     TOO_MANY_SESSIONS = "too_many_sessions"
     TTL = "ttl"                      # hop limit reached 0
     LOOP = "loop"                    # outer destination is the inner src/dst

@@ -67,6 +67,7 @@ RESPONSE_LIMIT = 20               # answers to one peer's challenges per second
 VERSION_NOTICE_INTERVAL = 60.0    # one line about datagrams of another wire version
 MESSAGE_WINDOW = -2               # the replay window of reassembled messages (peers.Peer.replay)
 OWN_WINDOW = -1                   # ... of datagrams and shards for this node
+CHALLENGE_WINDOW = -3             # ... of challenges: each is answered once
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,11 @@ class Node:
         return self._ts, seq
 
     def _seal(self, kind: int, dst: int, key: bytes, payload: bytes, now: float, flags: int = 0) -> bytes:
-        pad = self.settings.padding - len(payload) if len(payload) < self.settings.padding else 0
+        # challenges and answers are never padded: their size says nothing,
+        # and an answer must be no bigger than its challenge to go back to
+        # where the challenge came from
+        padding = self.settings.padding if kind < KIND_CHALLENGE else 0
+        pad = padding - len(payload) if len(payload) < padding else 0
         ts, seq = self._stamp(now)
         header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, pad, flags)
         return seal(self.group_key, key, header, payload + bytes(pad) if pad else payload)
@@ -460,7 +465,7 @@ class Node:
         if header.dst != self.me:
             self._relay(header, full, data, plaintext, addr, src, now, out)
         elif kind == KIND_CHALLENGE:
-            self._on_challenge(src, header, plaintext, addr, now, out)
+            self._on_challenge(src, header, plaintext, len(data), addr, now, out)
         elif kind == KIND_RESPONSE:
             self._on_response(src, header, plaintext, len(data), addr, now, out)
         else:
@@ -612,24 +617,34 @@ class Node:
                                       or peer.paths[target].relayed)
             out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now), target))
 
-    def _on_challenge(self, src: Peer, header: Header, plaintext: bytes, addr: Addr, now: float,
+    def _on_challenge(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
                       out: Output) -> None:
-        """Answer with the nonce, sealed now: to where it came from and on our
-        paths to the peer. Rate-limited: a replayed challenge makes us send
-        one datagram of its size, and never to an address it chose alone."""
+        """Answer with the nonce, sealed now: on our paths to the peer, and to
+        where it came from when the answer is no bigger than the challenge.
+        Each challenge is answered once (its own replay window: a captured
+        one replayed gets nothing) and at most RESPONSE_LIMIT a second per
+        peer, so no one can make us send more to an address than it sent."""
         nonce = plaintext[:len(plaintext) - header.pad]
         key = self.table.pair_key(self.me, src.id)
         if len(nonce) != NONCE_SIZE or key is None:
             src.drops[DropReason.MALFORMED_REPORT] += 1
             return
+        reason = src.check_replay(CHALLENGE_WINDOW, header.session, header.ts, header.seq, now)
+        if reason is not None:
+            src.drops[reason] += 1
+            return
         second = int(now)
         if src.responses[0] != second:
             src.responses[0], src.responses[1] = second, 0
         if src.responses[1] >= RESPONSE_LIMIT:
+            src.drops[DropReason.RATE_LIMITED] += 1
             return
         src.responses[1] += 1
         response = self._seal(KIND_RESPONSE, src.id, key, nonce, now)
-        out.sends.extend((response, a) for a in [addr] + [a for a in self._towards(src, now) if a != addr])
+        targets = [a for a in self._towards(src, now) if a != addr]
+        if len(response) <= size or addr in src.paths and src.paths[addr].proven:
+            targets.insert(0, addr)
+        out.sends.extend((response, a) for a in targets)
         if header.session not in src.verified:
             self._challenge(src, addr, header.path != PATH_DIRECT, now, out)     # and prove theirs to us
 

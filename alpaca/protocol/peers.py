@@ -37,6 +37,7 @@ from .replay import ReplayWindow
 RELAY_KEY_CACHE = 4096
 CREDIT_LIMIT = 1 << 20      # bytes an unproven path may bank
 CHALLENGE_LIFETIME = 10.0   # an answer later than this proves nothing
+OLD_FLOORS = 64             # floors of sessions gone from relay windows, kept per peer
 
 Addr = tuple  # (host, port); alpaca/udp.py turns IPv6 socket addresses into this form
 
@@ -64,7 +65,7 @@ class PeerEntry:
 class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
                  "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows",
-                 "verified", "challenges", "next_challenge", "responses")
+                 "verified", "challenges", "next_challenge", "responses", "old_floors")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
         self.id = peer_id
@@ -96,6 +97,10 @@ class Peer:
         self.challenges: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
         self.next_challenge = -math.inf
         self.responses = [0.0, 0]      # [second, responses sent in it]: answers are rate-limited
+        # (window, session) -> newest second forgotten, for sessions gone from
+        # a window other than the own one (whose floors follow `verified`):
+        # a relay whose clock jumps ahead and back never relays them again
+        self.old_floors: collections.OrderedDict[tuple[int, bytes], int] = collections.OrderedDict()
 
     def verify(self, session: bytes, ts: int, seq: int, now: float) -> None:
         """`session` answered a challenge with (ts, seq): accept what it seals after."""
@@ -123,6 +128,8 @@ class Peer:
         table (a relay keeps no state across restarts either)."""
         if dst >= 0 and ts < self.replay_floor:       # (-1, -2: this node's own windows)
             return DropReason.REPLAY
+        if dst != -1 and ts <= self.old_floors.get((dst, session), -1):
+            return DropReason.REPLAY
         window = self.replay.get(dst)
         if window is None:
             if seq >= SEQ_LIMIT or abs(ts - int(now)) > REPLAY_WINDOW:
@@ -131,10 +138,11 @@ class Peer:
                 if charged.relay_windows >= MAX_WINDOWS_PER_PEER:
                     return DropReason.TOO_MANY_SESSIONS     # a slot frees when a window expires
                 charged.relay_windows += 1
-            # the own window keeps the floors of verified sessions for as long
-            # as they stay verified, so a receiver clock that steps back never
-            # reopens seconds it forgot (prune drops them with the session)
-            window = self.replay[dst] = ReplayWindow(charged, keep_floors=dst == -1)
+            # every window keeps a session's floor when the session's last
+            # second goes, so a clock that steps back never reopens seconds it
+            # forgot; prune drops the own window's with the verified session
+            # and moves the others' to old_floors (bounded)
+            window = self.replay[dst] = ReplayWindow(charged, keep_floors=True)
         return window.check_and_accept(session, ts, seq, now)
 
     @property
@@ -214,9 +222,15 @@ class Peer:
         for dst in list(self.replay):
             window = self.replay[dst]
             window.expire(now)
-            if dst == -1:
-                for session in [s for s in window.floors if s not in self.verified]:
-                    del window.floors[session]
+            for session in [s for s in window.floors if s not in window.sessions or dst == -1]:
+                if dst == -1:
+                    if session not in self.verified:
+                        del window.floors[session]
+                    continue
+                self.old_floors.pop((dst, session), None)
+                self.old_floors[(dst, session)] = window.floors.pop(session)
+                if len(self.old_floors) > OLD_FLOORS:
+                    self.old_floors.popitem(last=False)
             if not window.sessions and not window.floors:
                 self.release_window(dst)
         for nonce in [n for n, (when, _, _) in self.challenges.items() if now - when > CHALLENGE_LIFETIME]:
