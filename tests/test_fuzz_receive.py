@@ -219,14 +219,13 @@ def test_catches_a_silent_drop(monkeypatch):
 
 def test_catches_an_escaping_exception(monkeypatch):
     h = harness(5)
-    real_unmask = node_module.unmask
+    real_fields = node_module.fields
 
-    def fragile(group_key, datagram):
-        fields, mask = real_unmask(group_key, datagram)
-        if fields[3] == 0xEE:           # the flags byte
+    def fragile(clear):
+        if clear[23] == 0x07:           # the low byte of seq: real datagrams get here
             raise IndexError("planted")
-        return fields, mask
-    monkeypatch.setattr(node_module, "unmask", fragile)
+        return real_fields(clear)
+    monkeypatch.setattr(node_module, "fields", fragile)
     assert "exception escaped" in _must_catch(h, 20_000)
 
 

@@ -325,3 +325,27 @@ def test_answers_beyond_the_rate_limit_are_counted():
         d = make_datagram("16.1", "1.1", os.urandom(16), kind=KIND_CHALLENGE, seq=i)
         server.from_udp([(d, addr("16.1"))], T0 + 0.001 * i)
     assert peer.drops[DropReason.RATE_LIMITED] == 5
+
+
+def test_the_predicted_next_shard_is_still_authenticated_and_replay_checked():
+    """The receive fast path (a train of shards: the next one's header is
+    predicted) skips only the parsing: a forged shard that carries exactly
+    the predicted header is refused by its MAC, a copy of the shard just
+    filed by the window, and the genuine train still completes once."""
+    client, server = make_node("16.1", gateway="1.1", vnet=True), make_node("1.1", vnet=True)
+    wire = Wire(client, server)
+    wire.tick(client, T0)                                   # the client's path at the server is proven
+    packet = super_packet()
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    frm = addr("16.1")
+    out = server.from_udp([(d, frm) for d in shards[:5]], T0 + 0.1)
+    assert server._next is not None and server._next.index == 5
+    forged = bytearray(shards[5])
+    forged[MASK_SIZE + 100] ^= 1                            # same sample, same predicted header
+    forged = bytes(forged)
+    out = server.from_udp([(forged, frm), (shards[4], frm)], T0 + 0.1)
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 1
+    assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] == 1
+    out = server.from_udp([(d, frm) for d in shards[5:]] + [(shards[-1], frm)], T0 + 0.1)
+    assert out.tun == [packet]
+    assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] == 2

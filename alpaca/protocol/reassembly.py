@@ -101,6 +101,23 @@ class Reassembler:
             return None, None
         return slot, None
 
+    def add_next(self, key: Key, slot: Reassembly, index: int, chunk) -> bool | None:
+        """File the predicted next chunk of a message in progress (its size
+        and sub-header are what `slot` expects: the caller predicted them
+        from the message's first shard). True when it completes the message,
+        False when filed, None when the slot is gone or a budget is full
+        (the caller goes the full way, `add`)."""
+        if self.slots.get(key) is not slot or index in slot.chunks:
+            return None
+        src, n = key[0], len(chunk)
+        if self.peer_bytes[src] + n > REASSEMBLY_PEER_BYTES or self.bytes + n > REASSEMBLY_BYTES:
+            return None
+        slot.chunks[index] = chunk
+        slot.held += n
+        self.peer_bytes[src] += n
+        self.bytes += n
+        return len(slot.chunks) >= slot.k
+
     def _room(self, src: int, size: int, now: float, new: bool = True) -> bool:
         def full() -> bool:
             return ((new and (self.per_peer[src] >= REASSEMBLY_PER_PEER or len(self.slots) >= REASSEMBLY_TOTAL))

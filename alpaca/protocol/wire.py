@@ -44,6 +44,9 @@ MUTABLE_BYTES = 2                     # TTL and path: the only header bytes a re
 SHARD_OVERHEAD = MASK_SIZE + MAC_SIZE  # a shard datagram besides its chunk
 SUB_BITS = 8 * FRAG_HEADER_SIZE       # the header's mask is the top 26 of the 32 mask bytes
 SAMPLE = 16                           # the mask sample: the last 16 bytes of a datagram
+# from one shard's 32 unmasked bytes (as an int) to the next's: seq + 1 (its
+# lowest byte is byte 23) and index + 1 (byte 26)
+NEXT_SHARD = (1 << 8 * (MASK_SIZE - 24)) + (1 << 8 * (MASK_SIZE - 27))
 _NONCE_PAD = bytes(NONCE_SIZE - 20)
 
 
@@ -182,13 +185,16 @@ def frame_shards(group_key: bytes, shard_key: bytes, header: Header, chunks: lis
     """The shard datagrams of one message: chunk i with seq = header.seq + i,
     its sub-header and its MAC, masked by its own last 16 bytes."""
     state, from_bytes = mask_state(group_key), int.from_bytes
+    first = from_bytes(header.pack() + SUB.pack(0, k, m, length >> 16, length & 0xFFFF), "big")
     out = []
     for index, chunk in enumerate(chunks):
-        clear = header._replace(seq=header.seq + index).pack() + SUB.pack(index, k, m, length >> 16, length & 0xFFFF)
-        tail = bytes(chunk) + mac(shard_key, clear[MUTABLE_BYTES:] + chunk)
+        clear_int = first + index * NEXT_SHARD
+        clear = clear_int.to_bytes(MASK_SIZE, "big")
+        chunk = bytes(chunk)
+        tail = chunk + mac(shard_key, clear[MUTABLE_BYTES:] + chunk)
         h = state.copy()
         h.update(tail[-SAMPLE:])
-        out.append((from_bytes(clear, "big") ^ from_bytes(h.digest(), "big")).to_bytes(MASK_SIZE, "big") + tail)
+        out.append((clear_int ^ from_bytes(h.digest(), "big")).to_bytes(MASK_SIZE, "big") + tail)
     return out
 
 
@@ -202,6 +208,6 @@ def shard_chunk(datagram) -> bytes:
     return datagram[MASK_SIZE:-MAC_SIZE]
 
 
-__all__ = ["CryptoError", "Header", "Clear", "HEADER", "SUB", "MUTABLE_BYTES", "SHARD_OVERHEAD", "SUB_BITS",
+__all__ = ["CryptoError", "Header", "Clear", "HEADER", "SUB", "MUTABLE_BYTES", "SHARD_OVERHEAD", "SUB_BITS", "NEXT_SHARD",
            "unmask", "fields", "peek", "peek_shard", "rewrite_mutable", "seal", "open_sealed", "seal_message",
            "open_message", "frame_shards", "shard_authentic", "shard_chunk"]
