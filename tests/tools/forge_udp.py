@@ -114,7 +114,9 @@ def prove(sock: socket.socket, group_key: bytes, key: bytes, src: int, dst: int,
     for attempt in range(PROOF_TRIES):
         nonce = os.urandom(NONCE)
         mine.add(nonce)
-        header = Header(8, 0, KIND_CHALLENGE, src, dst, session, ts, SEQ_LIMIT - 2 - attempt)
+        # dated now: a node answers a challenge only within its clock window
+        # (the answer below carries the date that sets the session's floor)
+        header = Header(8, 0, KIND_CHALLENGE, src, dst, session, int(time.time()), SEQ_LIMIT - 2 - attempt)
         sock.sendto(seal(group_key, key, header, nonce), to)
         answered = False
         deadline = time.monotonic() + PROOF_WAIT
