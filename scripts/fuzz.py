@@ -45,10 +45,12 @@ checks the outcome:
            session this node has not verified: one `unverified` drop; no
            output but one round of challenges to its source, at most every
            CHALLENGE_INTERVAL; nothing else changes.
-  challenge  a real challenge for us (first copy or not: a challenge is not
-           replay-checked, its answer is sealed anew): answered on the
-           address it came from and our paths to its sender, at most
-           RESPONSE_LIMIT a second per peer; nothing learned, no drop.
+  challenge  a real challenge for us: the first copy, inside the node's
+           clock window and within RESPONSE_LIMIT a second per peer, is
+           answered on our paths to its sender and, when the answer is no
+           bigger, on the address it came from; nothing learned, no drop.
+           A copy is one `duplicate` drop, a stale one one `replay`, one over
+           the limit one `rate_limited`, each with no output.
   response  a real answer for us: consumed when it answers a challenge this
            node has outstanding (a nonce it sent that peer and that was not
            answered yet): the session is verified from the answer's (ts, seq)
