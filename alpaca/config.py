@@ -74,7 +74,7 @@ class Config:
     padding: int
     control_socket: str | None
     offload: bool = True
-    fec: str = "off"                                # FEC is opt-in (docs/configuration.md)
+    fec: str = "auto"                               # parity only where the receiver reports loss
     peers: tuple[tuple[int, str], ...] = ()         # per-peer settings: (peer ID, fec)
 
     @property

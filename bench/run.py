@@ -925,9 +925,13 @@ def iperf(pair: Pair, tunnel: Tunnel, args, streams: int, direction: str, cc: st
 
 
 def measure_condition(pair: Pair, tunnel: Tunnel, args, runs, lossy: bool, cond: dict) -> None:
-    cond.update({"ping_idle": ping(pair, tunnel.dst), "runs": {}})
+    # --idle: each run starts from a tunnel that carried nothing for that
+    # long (the idle ping comes after the runs then, not before them)
+    cond.update({"ping_idle": None if args.idle else ping(pair, tunnel.dst), "runs": {}, "idle_s": args.idle})
     c0 = pair.counters() if lossy else None
     for streams, direction, cc, ping_load in runs:
+        if args.idle:
+            time.sleep(args.idle)
         key = run_key(streams, direction, cc)
         r = cond["runs"][key] = iperf(pair, tunnel, args, streams, direction, cc, ping_load, lossy)
         txt = f"{r['mbit_s']:9.1f} Mbit/s" if "mbit_s" in r else "   failed"
@@ -1246,6 +1250,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=int, default=None,
                     help="seconds per iperf3 run (default 10, 20 with --wan; 3 with --quick)")
+    ap.add_argument("--idle", type=float, default=0.0,
+                    help="seconds of silence before each iperf3 run (the tunnel as a user finds it; 0)")
     ap.add_argument("--quick", action="store_true",
                     help="one short single-stream run per tunnel (clean link only unless --loss is given)")
     ap.add_argument("--loss", default=None,
@@ -1312,7 +1318,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
     res: dict = {
         "date": started.isoformat(timespec="seconds"),
-        "args": {"seconds": args.seconds, "quick": args.quick, "loss": args.loss, "tunnels": args.tunnels,
+        "args": {"seconds": args.seconds, "quick": args.quick, "idle": args.idle, "loss": args.loss, "tunnels": args.tunnels,
                  "quiet_pct": args.quiet_pct, "quiet_max": args.quiet_max, "quiet_budget": args.quiet_budget,
                  "wan": args.wan, "seed": args.seed, "relay_rt_prio": args.relay_rt_prio,
                  "capacity_seconds": args.capacity_seconds, "paths": args.paths},

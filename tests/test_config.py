@@ -256,9 +256,10 @@ def test_default_group_warns_once(tmp_path):
         f"{path}: virtual_net is accepted for compatibility but has no effect yet"]
 
 
-def test_fec_is_off_unless_asked_for(tmp_path):
-    """Like UDPspeeder, FEC is opt-in: parity costs bandwidth (docs/configuration.md)."""
-    assert load_config(write(tmp_path, GOOD)).fec == "off"
+def test_fec_is_auto_unless_asked_otherwise(tmp_path):
+    """Adaptive FEC is the default: a clean path gets no parity, a lossy one
+    is protected without a setting (docs/configuration.md)."""
+    assert load_config(write(tmp_path, GOOD)).fec == "auto"
 
 
 def test_fec_values():

@@ -6,7 +6,7 @@ import pytest
 
 from alpaca.protocol import loss
 from alpaca.protocol.fec import parity_for
-from alpaca.protocol.loss import BadReport, LossMeter
+from alpaca.protocol.loss import PRIOR_LOSS, BadReport, LossMeter
 
 T = 1_700_000_000
 
@@ -42,7 +42,8 @@ def test_estimates_need_a_sample_and_are_smoothed():
     (_, payload), = rx.reports(T + 4)
     assert tx.on_report(1, payload) == pytest.approx(0.125)  # half way to 0
     assert (tx.parity(1, 47), tx.parity(1, 1)) == (parity_for(0.125, 47), parity_for(0.125, 1))
-    assert tx.parity(2, 47) == 0                           # no report from peer 2: no parity
+    # no report from peer 2 yet: parity for the prior (a cold tunnel on a lossy path)
+    assert (tx.parity(2, 47), tx.parity(2, 1)) == (parity_for(PRIOR_LOSS, 47), parity_for(PRIOR_LOSS, 1))
 
 
 @pytest.mark.parametrize("payload", [b"", b"\x00" * 4, b"\x00\x00\x00\x01\x00", b"\x00\x00\x00\x01\x02" + b"\x00" * 4,

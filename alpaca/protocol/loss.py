@@ -39,6 +39,10 @@ REPORT_MAX_SECONDS = 16   # seconds per report
 REPORT_HORIZON = 30       # counters older than this are forgotten unreported
 MIN_SAMPLE = 10           # datagrams and shards sent before a loss estimate moves
 SMOOTHING = 0.5           # weight of the newest sample
+# what a sender assumes of a peer that has not reported yet: the worst loss
+# the parity table is built for (docs/protocol.md §13)
+PRIOR_LOSS = 0.3
+_prior: dict[int, int] = {}  # k -> parity for PRIOR_LOSS
 
 _HEAD = struct.Struct(">IB")   # first second, number of seconds
 _COUNT = struct.Struct(">I")
@@ -65,10 +69,17 @@ class LossMeter:
         self._parity: dict[int, dict[int, int]] = {}         # peer -> {k: parity shards}
 
     def parity(self, peer: int, k: int) -> int:
-        """Parity shards for a message of k data shards to peer (0 before any report)."""
+        """Parity shards for a message of k data shards to peer. Before the
+        peer's first report the loss is not known, and a cold tunnel must
+        not lose its first connection to a lossy path: parity for PRIOR_LOSS
+        then, until evidence replaces it (a clean path's first report, about
+        a second into its first transfer, takes it to 0)."""
         table = self._parity.get(peer)
         if table is None:
-            return 0
+            m = _prior.get(k)
+            if m is None:
+                m = _prior[k] = parity_for(PRIOR_LOSS, k)
+            return m
         m = table.get(k)
         if m is None:
             m = table[k] = parity_for(self.loss[peer], k)
