@@ -436,7 +436,7 @@ class Daemon:
         sel.register(udp.fd, selectors.EVENT_READ, "udp")
         if tun is not None:
             sel.register(tun.fd, selectors.EVENT_READ, "tun")
-        sel.register(self.control.fd, selectors.EVENT_READ, "control")
+        self.control.attach(sel, "control")
         self._watch_fd = self.watch.fileno()
         sel.register(self._watch_fd, selectors.EVENT_READ, "watch")
         if self.route_monitor is not None:
@@ -450,6 +450,8 @@ class Daemon:
         while not self.stop_requested:
             now = time.time()
             timeout = min(max(node.next_deadline() - now, 0.0), MAX_SLEEP)
+            if self.control.clients:
+                timeout = min(timeout, max(self.control.next_deadline() - time.monotonic(), 0.0))
             if self._secrets_changed_at is not None:
                 timeout = min(timeout, max(self._secrets_changed_at + RELOAD_DEBOUNCE - now, 0.0))
             if self._routes_changed_at is not None:
@@ -462,7 +464,7 @@ class Daemon:
                 elif what == "tun":
                     self._perform(node.from_tun(tun.read_batch(BATCH), now))
                 elif what == "control":
-                    self.control.serve_ready()
+                    self.control.serve_ready(key.fd)
                 elif what == "watch":
                     if self.watch.drain():
                         self._secrets_changed_at = now
@@ -479,6 +481,8 @@ class Daemon:
                     except BlockingIOError:
                         pass
             now = time.time()
+            if self.control.clients:
+                self.control.expire()
             self.notifier.watchdog(now)
             if now >= node.next_deadline():
                 self._perform(node.tick(now))
