@@ -76,6 +76,8 @@ class Config:
     offload: bool = True
     fec: str = "auto"                               # parity only where the receiver reports loss
     peers: tuple[tuple[int, str], ...] = ()         # per-peer settings: (peer ID, fec)
+    # networks a peer may send from besides its tunnel address: (peer ID, CIDRs)
+    peer_networks: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
     @property
     def is_server(self) -> bool:
@@ -282,6 +284,14 @@ def _semantic_problems(data: dict) -> list[tuple[str, str]]:
                 out.append((f"peers.{text}", "this is this peer's own id"))
             if isinstance(entry, dict):
                 fec(f"peers.{text}.fec", entry.get("fec"))
+                for i, net in enumerate(entry.get("networks") or ()):
+                    if isinstance(net, str):
+                        try:
+                            ipaddress.ip_network(net, strict=True)
+                        except ValueError:
+                            out.append((f"peers.{text}.networks[{i}]",
+                                        f"{net!r} is not a network like 192.168.5.0/24 or 2001:db8:5::/48 "
+                                        f"(host bits must be zero)"))
 
     chn = data.get("chnroute")
     if isinstance(chn, dict) and isinstance(chn.get("gateway"), str):
@@ -378,6 +388,8 @@ def load_config(path: str | Path) -> Config:
         offload=d["offload"],
         fec=d["fec"],
         peers=tuple(sorted((parse_id(k), v["fec"]) for k, v in d["peers"].items() if "fec" in v)),
+        peer_networks=tuple(sorted((parse_id(k), tuple(v["networks"])) for k, v in d["peers"].items()
+                                   if v.get("networks"))),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import ipaddress
 import logging
 import selectors
 import signal
@@ -80,7 +81,9 @@ def settings_from(config: Config) -> NodeSettings:
                         duplicate=config.duplicate, duplicate_delay=config.duplicate_delay_ms / 1000,
                         inactive_downward_static=config.inactive_downward_static,
                         padding=config.padding, vnet=True, mtu=config.mtu, fec=parse_fec(config.fec),
-                        peer_fec={peer: parse_fec(fec) for peer, fec in config.peers})
+                        peer_fec={peer: parse_fec(fec) for peer, fec in config.peers},
+                        peer_networks={peer: tuple(ipaddress.ip_network(n) for n in nets)
+                                       for peer, nets in config.peer_networks})
 
 
 def peer_entries(secrets: dict[int, PeerSecret], default_port: int) -> dict[int, PeerEntry]:

@@ -86,6 +86,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import ipaddress
 import os
 import random
 import sys
@@ -218,7 +219,10 @@ def settings_of(name: str) -> NodeSettings:
     # a FEC batch of one packet, k data shards and m parity shards
     common = {"my_id": ph.pid(name), "net": ph.NET, "group": GROUP, "fec": None}
     if name == "1.1":
-        return NodeSettings(mode="server", inactive_downward_static=True, **common)
+        # the clients' IPv6 packets come from a network of their own (their
+        # tunnel addresses are IPv4): configured, as peers.<id>.networks
+        networks = {ph.pid(c): (ipaddress.ip_network(f"fd00::{c.replace('.', ':')}/128"),) for c in ("16.1", "16.2")}
+        return NodeSettings(mode="server", inactive_downward_static=True, peer_networks=networks, **common)
     if name == "1.2":
         return NodeSettings(mode="forwarder", **common)
     extra = {"duplicate": 1, "duplicate_delay": 0.01, "padding": 200} if name == "16.2" else {}

@@ -281,3 +281,15 @@ def test_fec_per_peer(tmp_path):
     assert problems(peers={"16.1": {"fec": "off"}}) == ["config.json: peers.16.1: this is this peer's own id"]
     config = load_config(write(tmp_path, {**GOOD, "fec": "off", "peers": {"1.2": {"fec": "4:1"}, "1.1": {}}}))
     assert (config.fec, config.peers) == ("off", ((0x0102, "4:1"),))
+
+
+def test_peer_networks(tmp_path):
+    """peers.<id>.networks: what a peer may send from besides its tunnel address."""
+    assert problems(peers={"1.1": {"networks": ["192.168.5.0/24", "2001:db8:5::/48"]}}) == []
+    assert problems(peers={"1.1": {"networks": ["192.168.5.1/24"]}}) == [
+        "config.json: peers.1.1.networks[0]: '192.168.5.1/24' is not a network like 192.168.5.0/24 or "
+        "2001:db8:5::/48 (host bits must be zero)"]
+    assert problems(peers={"1.1": {"networks": ["lan"]}})[0].startswith(
+        "config.json: peers.1.1.networks[0]: 'lan' is not a network")
+    config = load_config(write(tmp_path, {**GOOD, "peers": {"1.1": {"networks": ["10.9.0.0/16"]}}}))
+    assert config.peer_networks == ((0x0101, ("10.9.0.0/16",)),)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import ipaddress
 import itertools
 import random
 
@@ -444,7 +445,8 @@ def test_loop_guard_at_a_relay():
 def test_ipv6_inside_and_as_underlay():
     gw6 = ("2001:db8::1", 1040)
     c = client(static={"1.1": gw6, "1.2": addr("1.2"), "1.3": addr("1.3")})
-    s1 = make_node("1.1")
+    # 16.1's IPv6 source is a network configured for it (its tunnel address is IPv4)
+    s1 = make_node("1.1", peer_networks={pid("16.1"): (ipaddress.ip_network("fd00::16:0/112"),)})
     packet = udp6("fd00::16:1", "2001:4860:4860::8888", dport=53)
     out = c.from_tun([packet], T0)
     assert [a for _, a in out.sends] == [gw6]               # off-net IPv6 goes to the gateway

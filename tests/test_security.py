@@ -376,6 +376,13 @@ def test_member_cannot_spoof_another_members_tunnel_address(sec):
           f"{answered} echo replies delivered to X")
     assert written == 0, f"{written} packets from 10.17.16.1 sealed by 16.2 reached 1.1's TUN"
     assert delta(peer_of(status(s1), M)["drops"], m_before) == {"spoofed": 5}
+    # nor for a host outside the tunnel net (the internet, the server's LAN):
+    # M has no networks configured, so only its own tunnel address will do
+    before, m_before = tun_rx(tb, "s1"), peer_of(status(s1), M)["drops"]
+    forge(mesh, [{**spoof, "inner_src_ip": "203.0.113.5", "ts": [int(time.time())]}])
+    time.sleep(0.5)
+    assert tun_rx(tb, "s1") == before
+    assert delta(peer_of(status(s1), M)["drops"], m_before) == {"spoofed": 5}
 
 
 # ---------------------------------------------------------------- replay

@@ -92,6 +92,9 @@ class NodeSettings:
     # from the peer's loss reports) or a fixed (K, M) ratio; per peer ID in peer_fec
     fec: str | tuple[int, int] | None = None
     peer_fec: dict = field(default_factory=dict)
+    # networks a peer below us may send from besides its own tunnel address
+    # (config peers.<id>.networks): peer ID -> ipaddress networks
+    peer_networks: dict = field(default_factory=dict)
 
     @property
     def max_datagram(self) -> int:
@@ -171,6 +174,7 @@ class Node:
         self._keepalives_sent = 0
         self._next_prune = now + PRUNE_INTERVAL
         self._packed: dict[str, bytes | None] = {}
+        self._addresses: dict[int, bytes] = {}    # peer ID -> its tunnel address, packed
         self._loop_noticed: set[Addr] = set()
         self._path_notices: dict[int, int] = {}
         self.started = now
@@ -537,7 +541,7 @@ class Node:
             # union of the paths. Data only: keepalives and reports must
             # not make the other end report back (loss.py)
             self.loss.count_arrived(src.id, header.ts)
-            if (not header.flags & FLAG_BATCH and header.src > self.me
+            if (not header.flags & FLAG_BATCH and header.src > self.me and self.settings.has_tun
                     and self._spoofed(header.src, plaintext, header.flags)):
                 src.drops[DropReason.SPOOFED] += 1      # before it can teach a path or mark the peer up
                 return
@@ -762,16 +766,32 @@ class Node:
             src.drops[DropReason.NEEDS_OFFLOAD] += 1     # only a TUN with a vnet header takes it
 
     def _spoofed(self, src: int, packet: bytes, flags: int) -> bool:
-        """A peer below us (a client of ours) may only use its own tunnel
-        address as the source of a tunnel-net packet, so one member cannot
-        pass for another at the IP level (like WireGuard's allowed IPs).
-        Peers above us route for others (client to client through a
-        server), so their packets are not checked."""
+        """A peer below us (a client of ours) may send only from its own
+        tunnel address, or from the networks configured for it
+        (peers.<id>.networks), IPv4 and IPv6 alike, like WireGuard's
+        AllowedIPs: so no member passes for another, nor for a host of the
+        server's LAN or the internet. Peers above us route for others
+        (client to client through a server), so their packets are not
+        checked. Not IP at all: nothing to check (it is not routable)."""
         ends = inner.addresses(packet[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD] if flags & FLAG_VNET else packet)
-        if ends is None or len(ends[0]) != 4:
+        if ends is None:
             return False
-        owner = self.net.id_of(ends[0])
-        return owner is not None and owner != src
+        source = ends[0]
+        if source == self._own_address(src):
+            return False
+        networks = self.settings.peer_networks.get(src)
+        if networks:
+            address = ipaddress.ip_address(source)
+            return not any(address in n for n in networks)
+        return True
+
+    def _own_address(self, peer_id: int) -> bytes:
+        packed = self._addresses.get(peer_id)
+        if packed is None:
+            if len(self._addresses) >= HOST_CACHE_LIMIT:
+                self._addresses.clear()
+            packed = self._addresses[peer_id] = self.net.address(peer_id).packed
+        return packed
 
     def _path_notice(self, peer_id: int, what: str) -> None:
         """Path changes are state changes worth a line each, but a peer whose

@@ -15,6 +15,7 @@ one JSON object on stdin:
                   "seq": [0, 20],           # range(start, stop)
                   "kind": 0, "path": 0, "ttl": 8,
                   "inner_src": "16.1",      # the inner packet's source (default: src)
+                  "inner_src_ip": "203.0.113.5",  # ... or any IPv4 address
                   "prove": true},           # see PROOF below (default: automatic)
                  ...]}
 
@@ -71,12 +72,13 @@ PROOF_TRIES = 8                         # challenges sent before giving up on on
 PROOF_WAIT = 0.4                        # seconds to wait for the receiver's challenge after each
 
 
-def echo_request(src: int, dst: int, ident: int, seq: int) -> bytes:
+def echo_request(src: int | bytes, dst: int, ident: int, seq: int) -> bytes:
+    """src: a peer ID (its tunnel address) or a packed IPv4 address."""
     icmp = struct.pack(">BBHHH", 8, 0, 0, ident & 0xFFFF, seq & 0xFFFF) + b"forged by M" + bytes(21)
     icmp = icmp[:2] + struct.pack(">H", _checksum(icmp)) + icmp[4:]
     addr = lambda peer: bytes((NET[0], NET[1], peer >> 8, peer & 0xFF))
     header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), ident & 0xFFFF, 0x4000, 64, 1, 0,
-                         addr(src), addr(dst))
+                         src if isinstance(src, bytes) else addr(src), addr(dst))
     header = header[:10] + struct.pack(">H", _checksum(header)) + header[12:]
     return header + icmp
 
@@ -159,7 +161,8 @@ def main() -> None:
     done = set()                          # (to, src, dst, session) proven
     for n, batch in enumerate(job["batches"]):
         src, dst = parse_id(batch["src"]), parse_id(batch["dst"])
-        inner_src = parse_id(batch.get("inner_src", batch["src"]))
+        inner_src = (socket.inet_aton(batch["inner_src_ip"]) if "inner_src_ip" in batch
+                     else parse_id(batch.get("inner_src", batch["src"])))
         key = pair_key(batch["key"], group_key, me, job["my_key"], src, dst)
         sessions = batch.get("sessions", 1)
         sessions = [os.urandom(8) for _ in range(sessions)] if isinstance(sessions, int) else \
