@@ -20,7 +20,7 @@ from pathlib import Path
 import jsonschema
 from jsonschema import Draft202012Validator
 
-from alpaca.protocol.fec import parse_fec
+from alpaca.protocol.fec import AUTO, FEC_MAX
 from alpaca.protocol.ids import IdError, format_id, parse_id, parse_net
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.json"
@@ -37,6 +37,22 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+def parse_fec(value: str) -> str | tuple[int, int] | None:
+    """`fec` as config.json writes it (config syntax; the core takes the
+    parsed policy): "auto" (follow the loss reports),
+    "off" (None), or "K:M": M parity shards per K data shards, as
+    UDPspeeder's -fK:M (a message of k shards gets ceil(k * M / K)).
+    Raises ValueError with a sentence for anything else."""
+    if value in (AUTO, "off"):
+        return None if value == "off" else AUTO
+    k, sep, m = str(value).partition(":")
+    digits = sep and k.isascii() and m.isascii() and k.isdigit() and m.isdigit()
+    if not (digits and 1 <= int(k) <= FEC_MAX and 0 <= int(m) <= FEC_MAX):
+        raise ValueError(f'{value!r} is not "auto", "off" or "K:M" with K 1..{FEC_MAX} and M 0..{FEC_MAX} '
+                         f'(e.g. "20:10")')
+    return None if int(m) == 0 else (int(k), int(m))
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 
 from .check import cross_problems
-from .config import Config, ConfigError, config_warnings, load_config
+from .config import Config, ConfigError, config_warnings, load_config, parse_fec
 from .control import ControlError, ControlServer, socket_path
 from .hooks import HookError, run_hooks
 from .nat import NatError
 from .notify import Notifier
 from .protocol.drops import GLOBAL_DROPS, DropReason
 from .protocol import fec
-from .protocol.fec import parse_fec
 from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry

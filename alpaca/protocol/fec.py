@@ -33,8 +33,9 @@ def shard_count(length: int, max_shard: int) -> int:
 
 EC_TYPE = "isa_l_rs_cauchy"  # Cauchy Reed-Solomon: MDS for any k + m <= 255 (ISA-L's Vandermonde is not)
 FRAGMENT_HEADER = 80       # liberasurecode's header before each fragment: never sent
-# Both caches are keyed by what an unauthenticated sub-header says, so both
-# are bounded (least recently used out): codecs by (k, m), headers by (k, m, length)
+# Both caches are keyed by what a sub-header says (authenticated, but a
+# member's bug or a compromised member may say anything), so both are
+# bounded (least recently used out): codecs by (k, m), headers by (k, m, length)
 CODEC_CACHE = 128
 HEADER_CACHE = 256         # <= 255 x 80 bytes each: <= 5 MiB in all
 _headers: collections.OrderedDict[tuple[int, int, int], list[bytes]] = collections.OrderedDict()
@@ -196,23 +197,8 @@ def parity_for(loss: float, k: int, target: float = MESSAGE_LOSS_TARGET, limit: 
 
 
 # ---------------------------------------------------------------- FEC policy (config `fec`)
-AUTO = "auto"
+AUTO = "auto"              # the policy "follow the loss reports" (config syntax: alpaca/config.py)
 FEC_MAX = 64               # K and M of a fixed "K:M" ratio
-
-
-def parse_fec(value: str) -> str | tuple[int, int] | None:
-    """`fec` as config.json writes it: "auto" (follow the loss reports),
-    "off" (None), or "K:M": M parity shards per K data shards, as
-    UDPspeeder's -fK:M (a message of k shards gets ceil(k * M / K)).
-    Raises ValueError with a sentence for anything else."""
-    if value in (AUTO, "off"):
-        return None if value == "off" else AUTO
-    k, sep, m = str(value).partition(":")
-    digits = sep and k.isascii() and m.isascii() and k.isdigit() and m.isdigit()
-    if not (digits and 1 <= int(k) <= FEC_MAX and 0 <= int(m) <= FEC_MAX):
-        raise ValueError(f'{value!r} is not "auto", "off" or "K:M" with K 1..{FEC_MAX} and M 0..{FEC_MAX} '
-                         f'(e.g. "20:10")')
-    return None if int(m) == 0 else (int(k), int(m))
 
 
 def format_fec(policy: str | tuple[int, int] | None) -> str:
