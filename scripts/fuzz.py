@@ -121,7 +121,7 @@ from alpaca.protocol.constants import (
 )
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.node import CHALLENGE_INTERVAL, RESPONSE_LIMIT, VERSION_NOTICE_INTERVAL, Node, NodeSettings
-from alpaca.protocol.peers import PeerEntry
+from alpaca.protocol.peers import CHALLENGE_WINDOW, PeerEntry  # (challenge state: compared with it)
 from alpaca.protocol.replay import PAGE_SEQS, PAGE_SHIFT
 from alpaca.protocol.wire import CLEAR, MUTABLE_BYTES, SUB, SUB_BITS, Header
 
@@ -321,9 +321,6 @@ def _notices(node: Node) -> int:
     """Notices besides the one about another wire version (at most one a
     minute, whatever sent it: checked on its own in Harness.feed)."""
     return sum("wire version" not in line for line in node.notices)
-
-
-CHALLENGE_WINDOW = -3      # node.CHALLENGE_WINDOW: challenge state, compared with it
 
 
 def _challenge_state(p) -> tuple:

@@ -50,9 +50,9 @@ from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET
 from .crypto import MAC_SIZE, CryptoError, derive_group_key, mac, mask_state
 from .drops import DropReason
 from .ids import TunnelNet, format_id
-from .peers import Addr, Peer, PeerEntry, PeerTable
+from .peers import CHALLENGE_WINDOW, MESSAGE_WINDOW, Addr, Peer, PeerEntry, PeerTable
 from .reassembly import Reassembler
-from .wire import (MUTABLE_BYTES, NEXT_SHARD, SHARD_OVERHEAD, Header, fields, frame_shards, open_message, open_sealed,
+from .wire import (MUTABLE_BYTES, NEXT_SHARD, SAMPLE, SHARD_OVERHEAD, Header, fields, frame_shards, open_message, open_sealed,
                    rewrite_mutable, seal, seal_message, shard_authentic)
 
 PRUNE_INTERVAL = 5.0
@@ -66,9 +66,6 @@ NONCE_SIZE = 16                   # of a challenge
 CHALLENGE_INTERVAL = 0.25         # challenges to one peer at most this often
 RESPONSE_LIMIT = 20               # answers to one peer's challenges per second
 VERSION_NOTICE_INTERVAL = 60.0    # one line about datagrams of another wire version
-MESSAGE_WINDOW = -2               # the replay window of reassembled messages (peers.Peer.replay)
-OWN_WINDOW = -1                   # ... of datagrams and shards for this node
-CHALLENGE_WINDOW = -3             # ... of challenges: each is answered once
 
 
 @dataclass(frozen=True)
@@ -130,7 +127,7 @@ class _Batch:
 class _Next:
     """The shard expected next (Node.from_udp): its 32 unmasked bytes as an
     int, where from, its size, and what filing it needs."""
-    __slots__ = ("clear", "addr", "size", "src", "rkey", "slot", "index", "shard_key", "last_size", "last")
+    __slots__ = ("clear", "addr", "size", "src", "rkey", "slot", "index", "shard_key", "last")
 
     def __init__(self, clear: int, addr: Addr, src: Peer, rkey: tuple, slot, index: int, shard_key: bytes):
         self.clear, self.addr, self.src, self.rkey, self.slot = clear, addr, src, rkey, slot
@@ -448,7 +445,7 @@ class Node:
                 self.global_drops[DropReason.MALFORMED] += 1
                 continue
             h = state.copy()                # wire.unmask, inlined: once per datagram
-            h.update(data[-16:])
+            h.update(data[-SAMPLE:])
             full = from_bytes(h.digest(), "big")
             clear = from_bytes(data[:MASK_SIZE], "big") ^ full
             # The next shard of a message in progress (UDP GRO hands a
@@ -493,8 +490,7 @@ class Node:
             if header.pad or not shard_authentic(shard_key, clear, data):
                 self.global_drops[DropReason.AUTH_FAILURE] += 1
                 return
-            plaintext = None
-            f = (f, clear, shard_key)
+            plaintext, shard = None, (f, clear, shard_key)
         else:
             try:
                 plaintext = open_sealed(key, header, data)
@@ -504,6 +500,7 @@ class Node:
             if header.pad > len(plaintext):
                 self.global_drops[DropReason.MALFORMED] += 1
                 return
+            shard = None
         src = self.table.get(header.src)
         if header.dst != self.me:
             self._relay(header, full, data, plaintext, addr, src, now, out)
@@ -512,7 +509,7 @@ class Node:
         elif kind == KIND_RESPONSE:
             self._on_response(src, header, plaintext, len(data), addr, now, out)
         else:
-            self._accept(src, header, f, data, plaintext, addr, now, out)
+            self._accept(src, header, data, plaintext, shard, addr, now, out)
 
     def _wrong_version(self, addr: Addr, version: int, now: float) -> None:
         self.global_drops[DropReason.WRONG_VERSION] += 1
@@ -522,9 +519,10 @@ class Node:
                                 f"speaks {WIRE_VERSION}): every peer of a group must run a release of the same "
                                 f"wire version; counted as wrong_version, not logged for {VERSION_NOTICE_INTERVAL:.0f} s")
 
-    def _accept(self, src: Peer, header: Header, f, data: bytes, plaintext: bytes | None, addr: Addr,
-                now: float, out: Output) -> None:
-        """An authenticated datagram or shard for this node."""
+    def _accept(self, src: Peer, header: Header, data: bytes, plaintext: bytes | None, shard: tuple | None,
+                addr: Addr, now: float, out: Output) -> None:
+        """An authenticated datagram (plaintext) or shard (shard: its fields,
+        its 32 unmasked bytes and the pair's shard key) for this node."""
         reason = src.check_own(header.session, header.ts, header.seq, now)
         if reason is not None:
             src.drops[reason] += 1
@@ -546,8 +544,8 @@ class Node:
                 src.drops[DropReason.SPOOFED] += 1      # before it can teach a path or mark the peer up
                 return
         self._learn(src, header, addr, len(data), now, out)
-        if plaintext is None:
-            self._file_shard(src, header, f, data, addr, now, out)
+        if shard is not None:
+            self._file_shard(src, header, shard, data, addr, now, out)
         else:
             self._message(src, header, plaintext, out)
 
@@ -598,26 +596,22 @@ class Node:
         seq = rkey[3] + nxt.index
         if src.check_own(rkey[1], rkey[2], seq, now) is not None:
             return False            # (the full path counts it: the window recorded nothing)
-        done = self.reassembly.add_next(rkey, nxt.slot, nxt.index, chunk)
+        slot = nxt.slot
+        done = self.reassembly.add_next(rkey, slot, nxt.index, chunk)
         if done is None:            # (the window has it now: the full path would call it a duplicate)
             self._next = None
             f = fields(clear)
-            slot, reason = self.reassembly.add(rkey, f.index, f.k, f.m, f.length, nxt.slot.isal, chunk, now)
+            slot, reason = self.reassembly.add(rkey, f.index, f.k, f.m, f.length, slot.isal, chunk, now)
             if reason is not None:
                 src.drops[reason] += 1
-            path.last_rx = src.last_rx = now
-            src.rx_bytes += len(data)
-            if slot is not None:
-                self._complete(src, fields(clear).header(), rkey, slot, rkey[3], now, out)
-            return True
+            done = slot is not None
         path.last_rx = src.last_rx = now
         src.rx_bytes += len(data)
-        if not done:
-            if not nxt.advance():
-                self._next = None
-            return True
-        self._next = None
-        self._complete(src, fields(clear).header(), rkey, nxt.slot, rkey[3], now, out)
+        if done:
+            self._next = None
+            self._complete(src, fields(clear).header(), rkey, slot, rkey[3], now, out)
+        elif self._next is nxt and not nxt.advance():
+            self._next = None
         return True
 
     def _complete(self, src: Peer, header: Header, rkey: tuple, slot, base: int, now: float,

@@ -35,6 +35,10 @@ from .drops import DropReason
 from .replay import ReplayWindow
 
 RELAY_KEY_CACHE = 4096
+# Peer.replay keys besides the destination IDs of pairs this node relays
+OWN_WINDOW = -1             # datagrams and shards for this node
+MESSAGE_WINDOW = -2         # messages reassembled from shards: each delivered once
+CHALLENGE_WINDOW = -3       # challenges: each answered once
 CREDIT_LIMIT = 1 << 20      # bytes an unproven path may bank
 CHALLENGE_LIFETIME = 10.0   # an answer later than this proves nothing
 OLD_FLOORS = 64             # floors of sessions gone from relay windows, kept per peer
@@ -117,18 +121,18 @@ class Peer:
             return DropReason.UNVERIFIED
         if ts < floor[0] or (ts == floor[0] and seq <= floor[1]):
             return DropReason.REPLAY
-        return self.check_replay(-1, session, ts, seq, now)
+        return self.check_replay(OWN_WINDOW, session, ts, seq, now)
 
     def check_replay(self, dst: int, session: bytes, ts: int, seq: int, now: float,
                      charged: Peer | None = None) -> DropReason | None:
-        """The window of traffic from this peer to dst (-1: to this node).
+        """The window of traffic from this peer to dst (OWN_WINDOW: to this node).
         `charged`: None for the window of traffic to this node; for a pair
         it only relays, the peer a new window counts against (the bigger ID).
         A relay window refuses what was sealed before the peer entered the
         table (a relay keeps no state across restarts either)."""
-        if dst >= 0 and ts < self.replay_floor:       # (-1, -2: this node's own windows)
+        if dst >= 0 and ts < self.replay_floor:       # (a relay window: not one of this node's own)
             return DropReason.REPLAY
-        if dst != -1 and ts <= self.old_floors.get((dst, session), -1):
+        if dst != OWN_WINDOW and ts <= self.old_floors.get((dst, session), -1):
             return DropReason.REPLAY
         window = self.replay.get(dst)
         if window is None:
@@ -222,8 +226,8 @@ class Peer:
         for dst in list(self.replay):
             window = self.replay[dst]
             window.expire(now)
-            for session in [s for s in window.floors if s not in window.sessions or dst == -1]:
-                if dst == -1:
+            for session in [s for s in window.floors if s not in window.sessions or dst == OWN_WINDOW]:
+                if dst == OWN_WINDOW:
                     if session not in self.verified:
                         del window.floors[session]
                     continue
