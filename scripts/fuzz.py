@@ -335,7 +335,7 @@ def _node_extras(node: Node) -> tuple:
     r = node.reassembly
     return (tuple((k, tuple(s.chunks), s.held) for k, s in r.slots.items()),
             tuple((k, seen[0]) for k, seen in r.done.items()),
-            tuple((k, tuple(v)) for k, v in r.tally.items()), r.bytes, len(r.expired),
+            tuple((k, tuple(v)) for k, v in node.loss.tally.items()), r.bytes, len(r.expired),
             tuple((p, tuple(c.items())) for p, c in node.loss.arrived.items()))
 
 

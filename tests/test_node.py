@@ -633,7 +633,7 @@ def guarded_state(node) -> dict:
             relay_windows=p.relay_windows)
     r = node.reassembly
     state["reassembly"] = (list(r.slots), dict(r.per_peer), dict(r.peer_bytes), r.bytes,
-                           {k: list(v) for k, v in r.done.items()}, {k: list(v) for k, v in r.tally.items()})
+                           {k: list(v) for k, v in r.done.items()}, {k: list(v) for k, v in node.loss.tally.items()})
     state["loss"] = copy.deepcopy({k: v for k, v in vars(node.loss).items()})
     state["node"] = (node.session, node._ts, node._seq, len(node._timers))
     return state

@@ -175,8 +175,8 @@ class Node:
         self._loop_noticed: set[Addr] = set()
         self._path_notices: dict[int, int] = {}
         self.started = now
-        self.reassembly = Reassembler()
         self.loss = loss.LossMeter(fec.shard_count(65535 + VNET_HDR_SIZE + TAG_SIZE, self.max_chunk))
+        self.reassembly = Reassembler(self.loss.count_shards)
         self._next_report = now + REPORT_INTERVAL
         self._next_version_notice = -math.inf
         self._next: _Next | None = None       # the shard predicted next (from_udp)
@@ -879,9 +879,6 @@ class Node:
             peer = self.table.get(key[0])
             if peer is not None:
                 peer.drops[DropReason.INCOMPLETE] += 1
-        for src, (sent, arrived) in self.reassembly.take_tally().items():
-            if src in self.table.peers:     # (every shard in it was authenticated)
-                self.loss.count_shards(src, sent, arrived)
         for peer_id, payload in self.loss.reports(now):
             peer = self.table.get(peer_id)
             key = self.table.pair_key(self.me, peer_id) if peer is not None else None

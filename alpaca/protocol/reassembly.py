@@ -16,12 +16,14 @@ A decoded message is remembered (which chunk indices arrived, not their
 bytes; at most DONE_LIMIT) for the same time, so its late parity and copies
 count for the loss report instead of starting a new message. For each
 source it tallies k + m chunks sent against the distinct indices that
-arrived, per message as it leaves (loss.py reports the tally).
+arrived, per message as it leaves, straight into the loss meter's tally
+(`count`: loss.LossMeter.count_shards, which reports it).
 """
 
 from __future__ import annotations
 
 import collections
+from typing import Callable
 
 from .constants import (REASSEMBLY_BYTES, REASSEMBLY_PEER_BYTES, REASSEMBLY_PER_PEER, REASSEMBLY_TIMEOUT,
                         REASSEMBLY_TOTAL)
@@ -54,15 +56,14 @@ class Reassembly:
 
 
 class Reassembler:
-    def __init__(self):
+    def __init__(self, count: Callable[[int, int, int], None]):
+        self.count = count              # (src, chunks sent, distinct chunks arrived) of a message gone
         self.slots: collections.OrderedDict[Key, Reassembly] = collections.OrderedDict()
         self.per_peer: collections.Counter[int] = collections.Counter()      # src -> slots
         self.peer_bytes: collections.Counter[int] = collections.Counter()    # src -> bytes held
         self.bytes = 0
         # decoded messages: key -> [bitmask of chunk indices seen, k + m, born]
         self.done: collections.OrderedDict[Key, list] = collections.OrderedDict()
-        # src -> [chunks sent, distinct chunks arrived] of messages no longer tracked
-        self.tally: dict[int, list[int]] = {}
         # messages that expired incomplete since take_expired: their peers' `incomplete` drops
         self.expired: list[tuple[Key, Reassembly]] = []
 
@@ -150,14 +151,7 @@ class Reassembler:
         self.bytes -= slot.held
 
     def _retire(self, key: Key, seen: list) -> None:
-        self._count(key[0], seen[1], seen[0].bit_count())
-
-    def _count(self, src: int, sent: int, arrived: int) -> None:
-        tally = self.tally.get(src)
-        if tally is None:
-            tally = self.tally[src] = [0, 0]
-        tally[0] += sent
-        tally[1] += arrived
+        self.count(key[0], seen[1], seen[0].bit_count())
 
     def expire(self, now: float) -> None:
         """Forget messages older than the timeout; those that never completed
@@ -170,7 +164,7 @@ class Reassembler:
             if now - slot.born < REASSEMBLY_TIMEOUT:
                 break
             self._forget(key, slot)
-            self._count(key[0], slot.k + slot.m, len(slot.chunks))
+            self.count(key[0], slot.k + slot.m, len(slot.chunks))
             lost.append((key, slot))
         done = self.done
         while done:
@@ -190,8 +184,3 @@ class Reassembler:
             self._forget(key, self.slots[key])
         for key in [k for k in self.done if k[0] == src]:
             del self.done[key]
-        self.tally.pop(src, None)
-
-    def take_tally(self) -> dict[int, list[int]]:
-        tally, self.tally = self.tally, {}
-        return tally
