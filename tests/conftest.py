@@ -172,6 +172,40 @@ def mesh4_world(tmp_path_factory, name: str = "mesh4", c1: dict | None = None, c
         mesh.close()
 
 
+@contextlib.contextmanager
+def lossy_pair(tmp_path_factory, name: str, loss: float, s1: dict, c1: dict, up_timeout: float = 20):
+    """Server 1.1 (s1) and client 16.1 (c1) whose underlay drops `loss` of the
+    UDP datagrams each way (iptables-legacy statistic on INPUT; offloads off
+    on the veth, so one verdict drops one datagram). `s1`, `c1`: extra config
+    keys. The rules go with the namespaces, also when a test fails."""
+    if can_run_tier3():
+        pytest.skip(can_run_tier3())
+    rule = ["INPUT", "-p", "udp", "--dport", "1040", "-m", "statistic", "--mode", "random",
+            "--probability", str(loss), "-j", "DROP"]
+    tb = Testbed(unique_prefix())
+    mesh = Mesh(tb, tmp_path_factory.mktemp(name))
+    ruled = []
+    try:
+        ip = {"s1": tb.add_host("s1", 1), "c1": tb.add_host("c1", 16)}
+        servers = [mesh.line("1.1", ip["s1"])]
+        mesh.add("s1", 1, {"id": "1.1", "mode": "server", **s1}, servers + [mesh.line("16.1", None)])
+        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1", **c1},
+                 servers + [mesh.line("16.1", None)])
+        for host in ("s1", "c1"):
+            tb.run(host, ["ethtool", "-K", "eth0", "gso", "off", "tso", "off", "gro", "off",
+                          "tx-udp-segmentation", "off"])
+            r = tb.run(host, ["iptables-legacy", "-I"] + rule)
+            assert r.returncode == 0, r.stderr
+            ruled.append(host)
+        mesh.start_all()
+        assert wait_for(lambda: any(p["up"] for p in mesh.peers["s1"].status()["peers"]), up_timeout)
+        yield mesh
+    finally:
+        for host in ruled:
+            tb.run(host, ["iptables-legacy", "-D"] + rule)
+        mesh.close()
+
+
 @pytest.fixture(scope="module")
 def mesh4(tmp_path_factory):
     with mesh4_world(tmp_path_factory) as mesh:

@@ -21,7 +21,7 @@ from test_fragments import super_packet
 from alpaca.protocol import fec
 from alpaca.protocol.loss import PRIOR_LOSS
 
-from conftest import Mesh, Testbed, can_run_tier3, unique_prefix, wait_for
+from conftest import lossy_pair
 
 
 def auto_pair():
@@ -93,37 +93,10 @@ def test_a_path_that_turns_lossy_is_protected_within_two_seconds():
 LOSS = 0.3
 
 
-def drop_rule(port: int) -> list[str]:
-    return ["INPUT", "-p", "udp", "--dport", str(port), "-m", "statistic", "--mode", "random",
-            "--probability", str(LOSS), "-j", "DROP"]
-
-
 @pytest.fixture
 def cold(tmp_path_factory):
-    if can_run_tier3():
-        pytest.skip(can_run_tier3())
-    tb = Testbed(unique_prefix())
-    mesh = Mesh(tb, tmp_path_factory.mktemp("cold"))
-    rules = []
-    try:
-        ip = {"s1": tb.add_host("s1", 1), "c1": tb.add_host("c1", 16)}
-        servers = [mesh.line("1.1", ip["s1"])]
-        # the configuration the docs show: no fec key
-        mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, servers + [mesh.line("16.1", None)])
-        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1"}, servers + [mesh.line("16.1", None)])
-        for host in ("s1", "c1"):
-            tb.run(host, ["ethtool", "-K", "eth0", "gso", "off", "tso", "off", "gro", "off",
-                          "tx-udp-segmentation", "off"])
-            r = tb.run(host, ["iptables-legacy", "-I"] + drop_rule(1040))
-            assert r.returncode == 0, r.stderr
-            rules.append(host)
-        mesh.start_all()
-        assert wait_for(lambda: any(p["up"] for p in mesh.peers["s1"].status()["peers"]), 30)
+    with lossy_pair(tmp_path_factory, "cold", LOSS, s1={}, c1={}, up_timeout=30) as mesh:   # no fec key: the default
         yield mesh
-    finally:
-        for host in rules:
-            tb.run(host, ["iptables-legacy", "-D"] + drop_rule(1040))
-        mesh.close()
 
 
 @pytest.mark.root

@@ -15,46 +15,19 @@ import re
 
 import pytest
 
-from conftest import Mesh, Testbed, can_run_tier3, unique_prefix, wait_for
+from conftest import lossy_pair, wait_for
 
 pytestmark = pytest.mark.root
 LOSS = 0.1
 
 
-def drop_rule(port: int) -> list[str]:
-    return ["INPUT", "-p", "udp", "--dport", str(port), "-m", "statistic", "--mode", "random",
-            "--probability", str(LOSS), "-j", "DROP"]
-
-
 @pytest.fixture(scope="module")
 def lossy(tmp_path_factory):
-    if can_run_tier3():
-        pytest.skip(can_run_tier3())
-    tb = Testbed(unique_prefix())
-    mesh = Mesh(tb, tmp_path_factory.mktemp("lossy"))
-    rules = []
-    try:
-        ip = {"s1": tb.add_host("s1", 1), "c1": tb.add_host("c1", 16)}
-        servers = [mesh.line("1.1", ip["s1"])]
-        # 1.1 protects what it sends 16.1 with a fixed ratio from the first packet (per-peer `fec`)
-        mesh.add("s1", 1, {"id": "1.1", "mode": "server", "peers": {"16.1": {"fec": "20:10"}}},
-                 servers + [mesh.line("16.1", None)])
-        # 16.1 sizes parity from 1.1's loss reports (`fec: "auto"`; the default is "off")
-        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1", "fec": "auto"},
-                 servers + [mesh.line("16.1", None)])
-        for host in ("s1", "c1"):
-            tb.run(host, ["ethtool", "-K", "eth0", "gso", "off", "tso", "off", "gro", "off",
-                          "tx-udp-segmentation", "off"])
-            r = tb.run(host, ["iptables-legacy", "-I"] + drop_rule(1040))
-            assert r.returncode == 0, r.stderr
-            rules.append(host)
-        mesh.start_all()
-        assert wait_for(lambda: any(p["up"] for p in mesh.peers["s1"].status()["peers"]), 20)
+    # 1.1 protects what it sends 16.1 with a fixed ratio from the first
+    # packet (per-peer `fec`); 16.1 sizes parity from 1.1's loss reports
+    with lossy_pair(tmp_path_factory, "lossy", LOSS, s1={"peers": {"16.1": {"fec": "20:10"}}},
+                    c1={"fec": "auto"}) as mesh:
         yield mesh
-    finally:
-        for host in rules:
-            tb.run(host, ["iptables-legacy", "-D"] + drop_rule(1040))
-        mesh.close()
 
 
 def test_tcp_over_a_lossy_path_arrives_intact_and_the_sender_adapts(lossy):
