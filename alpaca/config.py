@@ -1,4 +1,4 @@
-"""config.json: find it, validate it, turn it into a typed Config (SPEC §5).
+"""config.json: find it, validate it, turn it into a typed Config (docs/configuration.md).
 
 The daemon refuses to start on any problem in the config, so every problem is
 reported at once, one line each, naming the file, the key path and what is
@@ -424,7 +424,7 @@ def config_warnings(config: Config) -> list[str]:
 
 
 def default_config_path(executable: str) -> Path:
-    """Where config.json is when no -C is given (SPEC §5), from the executable's location."""
+    """Where config.json is when no -C is given (docs/configuration.md "Where config.json is found"), from the executable's location."""
     here = Path(os.path.abspath(executable)).parent
     real = Path(os.path.realpath(here))  # /bin -> /usr/bin on merged-/usr systems
     if real in (Path("/usr/bin"), Path("/usr/sbin")):

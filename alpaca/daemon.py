@@ -49,7 +49,7 @@ BATCH = 64                  # packets drained from one fd per wake-up
 DROP_SUMMARY_INTERVAL = 10.0
 DROP_SUMMARY_PEERS = 3      # peers named in a drop summary line
 STATUS_INTERVAL = 5.0
-RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (SPEC §5)
+RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (docs/configuration.md)
 RELOAD_DEBOUNCE = 0.3       # editors write in several steps
 ROUTES_DEBOUNCE = 0.5       # route changes come in bursts
 MAX_SLEEP = 1.0
@@ -225,7 +225,7 @@ class Daemon:
         self.route_monitor = stack.enter_context(contextlib.closing(routes.RouteMonitor()))
 
     def _gateway_for(self, dst: bytes) -> int | None:
-        """SPEC §3: a destination outside the tunnel net goes to the peer the
+        """docs/protocol.md §6: a destination outside the tunnel net goes to the peer the
         kernel's routing chose (a policy route may name another peer)."""
         if self.route_lookup is not None:
             gateway_ip = self.route_lookup.gateway_for(dst)

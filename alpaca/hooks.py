@@ -1,4 +1,4 @@
-"""pre_up / post_up / pre_down / post_down commands (SPEC §6).
+"""pre_up / post_up / pre_down / post_down commands (docs/configuration.md).
 
 Each command runs with /bin/sh -c, with the TUN name and the peer's identity
 in the environment (ALPACA_TUN, ALPACA_ID, ALPACA_MODE, ALPACA_NET), like

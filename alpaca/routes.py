@@ -1,4 +1,4 @@
-"""Client routing (SPEC §6, §3): the default route into the tunnel, the underlay kept outside it.
+"""Client routing (docs/operations.md "Client routing"): the default route into the tunnel, the underlay kept outside it.
 
 Design and values: docs/operations.md, "Client routing". In short (P = PRIORITY, every rule and route tagged proto 97):
 
@@ -605,7 +605,7 @@ class RouteMonitor:
 
 # ---------------------------------------------------------------- route lookup
 class RouteLookup:
-    """dst_id for destinations outside the tunnel net (SPEC §3): ask the kernel which route a packet
+    """dst_id for destinations outside the tunnel net (docs/protocol.md §6): ask the kernel which route a packet
     to dst takes (an output lookup without fwmark, as the packets that end up in the TUN see it)
     and answer its next hop when that route goes out through our TUN. Cached until invalidate()."""
 

@@ -1,4 +1,4 @@
-"""secrets.txt: the group's peer list with each peer's pre-shared key (SPEC §5).
+"""secrets.txt: the group's peer list with each peer's pre-shared key (docs/configuration.md).
 
 One peer per line, `id key ip ip6 port`.  Parsing is pure and never resolves
 host names, so the daemon can re-read the file on every change and decide

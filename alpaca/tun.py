@@ -1,4 +1,4 @@
-"""The TUN device: opened with python-pytun, configured with pyroute2 (SPEC §6).
+"""The TUN device: opened with python-pytun, configured with pyroute2 (docs/operations.md).
 
 The device is not persistent: the kernel removes it when our file descriptor
 closes, so even a SIGKILLed daemon leaves no TUN behind.

@@ -1,6 +1,6 @@
-"""The UDP socket (one per address family; IPv4 for now, SPEC §9 adds IPv6).
+"""The UDP socket (one per address family; IPv4 for now; an IPv6 underlay is still to come).
 
-Batching (SPEC §9): consecutive datagrams of one batch to the same address
+Batching (docs/protocol.md §10): consecutive datagrams of one batch to the same address
 and of the same size leave in one sendmsg with UDP_SEGMENT (GSO: the kernel
 cuts the buffer into datagrams), and UDP_GRO lets the kernel hand us such a
 train as one buffer plus its segment size. Both fall back to one syscall per

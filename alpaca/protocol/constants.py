@@ -28,7 +28,7 @@ MAX_SHARDS = 255          # k + m, one byte each on the wire
 MAX_DATA_SHARDS = 128     # k: the cost of a decode grows with it (at mtu 576 a 64 KiB message is ~120)
 MAX_MESSAGE = 65536 + 64  # bytes of a message sealed as shards: 64 KiB, virtio_net_hdr and tag
 
-SEQ_BITS = 20             # per-second sequence number (SPEC §4)
+SEQ_BITS = 20             # per-second sequence number (docs/protocol.md §4-5)
 SEQ_LIMIT = 1 << SEQ_BITS  # datagrams per second per sender before borrowing the next second
 
 DEFAULT_TTL = 8           # hops a datagram may take; forwarders decrement it
@@ -36,7 +36,7 @@ MAX_TTL = 16              # a relay never sends a datagram on with more hops lef
 PATH_DIRECT = 0           # path byte set by the origin
 PATH_RELAYED = 1          # path byte set by a forwarder that relayed the datagram
 
-# SPEC §3: a path that has carried nothing for PATH_LIFETIME is not used; a
+# docs/protocol.md §6: a path that has carried nothing for PATH_LIFETIME is not used; a
 # client heard from on no path for PEER_LIFETIME gets nothing sent downward.
 PATH_LIFETIME = 10.0
 PEER_LIFETIME = 60.0
@@ -58,7 +58,7 @@ KIND_MAX = KIND_RESPONSE
 
 # ---------------------------------------------------------------- tuning
 KEEPALIVE_INTERVAL = 4.0  # < PATH_LIFETIME so an idle client's paths stay live
-SYN_DNS_COPY_DELAY = 0.02  # the extra copy of TCP SYN and DNS packets (SPEC §3)
+SYN_DNS_COPY_DELAY = 0.02  # the extra copy of TCP SYN and DNS packets (docs/protocol.md §7)
 MAX_PATHS_PER_PEER = 8    # learned paths kept per peer (oldest evicted)
 MAX_SESSIONS_PER_PEER = 8  # sender restarts remembered inside the replay window
 # replay windows a relay keeps for pairs this peer's key string seals, besides

@@ -1,10 +1,10 @@
-"""Peer IDs: written `a.b` (0..255 each), a 16-bit number a*256+b (SPEC §2)."""
+"""Peer IDs: written `a.b` (0..255 each), a 16-bit number a*256+b (docs/configuration.md)."""
 
 from __future__ import annotations
 
 import ipaddress
 
-# 0.0, 0.1 and 255.255 are reserved (SPEC §2): 0.0 is the network address,
+# 0.0, 0.1 and 255.255 are reserved: 0.0 is the network address,
 # 255.255 the broadcast address of the /16, 0.1 is kept back as in the original.
 RESERVED_IDS = frozenset({0x0000, 0x0001, 0xFFFF})
 

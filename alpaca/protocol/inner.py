@@ -2,7 +2,7 @@
 
 Only what forwarding needs is looked at: the addresses (for dst_id and the
 loop guard) and whether the packet earns the extra early copy that TCP SYN
-and DNS packets get (SPEC §3).
+and DNS packets get (docs/protocol.md §7).
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ class Node:
         self.table.apply(peers, now)
         self._random_bytes = random_bytes
         # route lookup for destinations outside the tunnel net (the daemon
-        # plugs in the kernel's answer, SPEC §3); default: the configured gateway
+        # plugs in the kernel's answer, docs/protocol.md §6); default: the configured gateway
         self.gateway_for = gateway_for or (lambda dst: settings.gateway)
         self.session = random_bytes(8)
         self._ts = int(now)
@@ -266,7 +266,7 @@ class Node:
         passed = []
         for addr in targets:
             if self._packed_host(addr[0]) in ends:
-                # SPEC §3 loop guard: the route to this peer's address points
+                # loop guard (docs/protocol.md §6): the route to this peer's address points
                 # back into the tunnel
                 peer.drops[DropReason.LOOP] += 1
                 if addr not in self._loop_noticed:

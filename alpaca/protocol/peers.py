@@ -277,7 +277,7 @@ class PeerTable:
         return self.peers.get(peer_id)
 
     def pair_key(self, a: int, b: int) -> bytes | None:
-        """Key for traffic between a and b: from the bigger ID's pre-shared key (SPEC §2).
+        """Key for traffic between a and b: from the bigger ID's pre-shared key (docs/protocol.md §3).
         Both must be known (we need the smaller one's addresses and counters too)."""
         lo, hi = (a, b) if a < b else (b, a)
         cache = self._pair_keys if self.my_id in (lo, hi) else self._relay_keys

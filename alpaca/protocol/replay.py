@@ -1,4 +1,4 @@
-"""Replay protection and de-duplication (SPEC §4, docs/protocol.md).
+"""Replay protection and de-duplication (docs/protocol.md §5).
 
 Each datagram carries (session, ts, seq): a random per-start session ID, the
 sender's clock in seconds and a 20-bit per-second sequence. Per source peer we
