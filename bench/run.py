@@ -12,7 +12,7 @@ bridge, nothing in the root namespace:
     openvpn       tun 172.30.6.1 (peer 172.30.6.2)     tun 172.30.6.2 (peer 172.30.6.1)
     alpaca        server 1.1 = 10.17.1.1/16            client 16.1 = 10.17.16.1/16 (gateway 1.1)
 
-OpenVPN is 2.6 point to point as in /work/shared/bench/anchors.sh (run_ovpn):
+OpenVPN is 2.6 point to point:
 UDP 1194, a tun device, TLS with throw-away P-256 certificates pinned with
 peer-fingerprint (-a tls-server, -b tls-client), data channel AES-256-GCM,
 no DCO (disable-dco), everything else at its defaults.
@@ -623,7 +623,7 @@ class WireguardGo(Tunnel):
 
 
 class OpenVPN(Tunnel):
-    """OpenVPN 2.6 point to point, as run_ovpn in /work/shared/bench/anchors.sh: UDP, a tun device,
+    """OpenVPN 2.6 point to point: UDP, a tun device,
     TLS with throw-away self-signed P-256 certificates pinned with peer-fingerprint (-a is the
     TLS server), data channel AES-256-GCM, DCO off (the userspace data path; the VM has no DCO
     module anyway), everything else OpenVPN's defaults (tun-mtu 1500, mssfix 1492). Each end's

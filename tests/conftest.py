@@ -138,7 +138,7 @@ class Mesh:
 
 @contextlib.contextmanager
 def mesh4_world(tmp_path_factory, name: str = "mesh4", c1: dict | None = None, c2: dict | None = None):
-    """SPEC test mesh: servers 1.1 and 1.2, client 16.1 (gateway 1.1, forwarders
+    """The standard test mesh: servers 1.1 and 1.2, client 16.1 (gateway 1.1, forwarders
     1.1 and 1.2), client 16.2 (gateway 1.1). Clients know only the servers.
     `c1`, `c2`: extra config keys of the clients."""
     if can_run_tier3():

@@ -232,7 +232,7 @@ def drive_active(node: Node, entries: dict[int, PeerEntry], peer: int, rate: int
                  start: float) -> None:
     """`peer` (a client) sends `rate` data datagrams per second to ME for `seconds`
     seconds, directly and (the first of each second, arriving first) through
-    forwarder 1.2: two paths, as client 16.1 of the SPEC mesh has at 1.1."""
+    forwarder 1.2: two paths, as client 16.1 of the standard mesh (conftest.mesh4_world) has at 1.1."""
     key = key_for(entries, ME, peer)
     session = os.urandom(8)
     trust(node, peer, session)

@@ -1,4 +1,4 @@
-"""Tier 1: the forwarding rules of SPEC §3-4, driving Node objects directly.
+"""Tier 1: the forwarding and replay rules (docs/protocol.md §5-6), driving Node objects directly.
 
 No sockets and no clock: each Node has a fake address (192.0.2.X:1040) and
 protocol_helpers.Wire hands datagrams from one to the next. The usual cast:

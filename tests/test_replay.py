@@ -1,4 +1,4 @@
-"""Tier 1: the replay/dedup window (alpaca.protocol.replay, SPEC §4), and
+"""Tier 1: the replay/dedup window (alpaca.protocol.replay, docs/protocol.md §5), and
 how a peer uses it (alpaca.protocol.peers: the own window -1 behind the
 session proven by a challenge, and a window per destination it relays to).
 
