@@ -41,6 +41,22 @@ def _fec_line(peer: dict) -> str | None:
     return f"  {told}; fec {fec}: {peer['parity']} parity per 64 KiB, {peer['copies']} per datagram"
 
 
+def _path_state(path: dict) -> str:
+    """When the path last carried something to us, and for a way we probe
+    (to a gateway or forwarder) whether our challenges on it come back."""
+    if path["learned"] == "probed":
+        state = "never answered"
+    else:
+        heard = path["last_rx_age"]
+        state = "last packet " + ("never" if heard is None else f"{_age(heard)} ago")
+    if "delivers" not in path:
+        return state
+    delivers = {True: "delivers", False: "DOES NOT DELIVER", None: "probing"}[path["delivers"]]
+    if path["probe_loss"] is not None:
+        delivers += f", {100 * path['probe_loss']:.0f} % of {path['probes']} probes lost"
+    return f"{state}; {delivers}"
+
+
 def format_status(status: dict) -> str:
     lines = [f"alpaca-tunnel {status['id']} ({status['mode']}), group {status['group']}, "
              f"up {_age(status['uptime'])}",
@@ -58,8 +74,7 @@ def format_status(status: dict) -> str:
         if fec:
             lines.append(fec)
         for path in peer["paths"]:
-            heard = "never" if path["last_rx_age"] is None else f"{_age(path['last_rx_age'])} ago"
-            lines.append(f"  path {path['address']:<22} {path['learned']:<8} last packet {heard}")
+            lines.append(f"  path {path['address']:<22} {path['learned']:<8} {_path_state(path)}")
         if peer["drops"]:
             lines += _wrapped("  drops: ", peer["drops"])
     return "\n".join(lines)

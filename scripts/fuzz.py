@@ -545,8 +545,10 @@ class Harness:
     def tick(self) -> None:
         for name, node in self.nodes.items():
             out = node.tick(self.clock(name))
-            for datagram, _ in out.sends:
-                self._record(datagram, name, None)
+            for datagram, to in out.sends:
+                rec = self._record(datagram, name, None)
+                if rec.kind == KIND_CHALLENGE:      # keepalive-time probes of its ways
+                    self.challenged[name][rec.nonce] = to
             self._push(out.sends, ADDR[name])
 
     def prune(self) -> None:

@@ -505,6 +505,35 @@ def test_two_clients_talk_through_the_server():
 
 # ---------------------------------------------------------------- forwarder mode
 
+def test_probes_tell_which_forwarder_delivers():
+    """A client whose gateway and forwarders send it nothing still learns,
+    from the challenges it sends with its keepalives, which of its ways
+    works: through 1.2 yes, through 1.3 (down) no; status shows both."""
+    from alpaca.status import format_status
+    c = client(forwarders=("1.2", "1.3"))
+    f = make_node("1.2", mode="forwarder")
+    s1 = make_node("1.1")
+    wire = Wire(c, f, s1)                   # 1.3 is not on the wire: all it is sent is lost
+    for i in range(4):
+        wire.tick(c, T0 + i)
+    snap = c.snapshot(T0 + 4)
+    by_peer = {p["id"]: {x["address"]: x for x in p["paths"]} for p in snap["peers"]}
+    via_12, via_13 = by_peer["1.1"][f"{addr('1.2')[0]}:{addr('1.2')[1]}"], \
+        by_peer["1.1"][f"{addr('1.3')[0]}:{addr('1.3')[1]}"]
+    assert via_12["delivers"] is True and via_12["probe_loss"] == 0
+    assert via_13["delivers"] is False and via_13["learned"] == "probed" and not via_13["proven"]
+    # the forwarder itself answers its probes, so it is up (not "never heard")
+    up = {p["id"]: p["up"] for p in snap["peers"]}
+    assert up["1.2"] is True and up["1.3"] is False
+    # lost probes count once they are given up (CHALLENGE_LIFETIME)
+    wire.tick(c, T0 + 20)
+    snap = c.snapshot(T0 + 20)
+    via_13 = {x["address"]: x for x in next(p for p in snap["peers"] if p["id"] == "1.1")["paths"]}[
+        f"{addr('1.3')[0]}:{addr('1.3')[1]}"]
+    assert via_13["probe_loss"] == 1.0 and via_13["probes"] >= 3
+    text = format_status({**snap, "uptime": 20, "net": "10.0", "tun": "tun0", "listen": "0.0.0.0:655"})
+    assert "never answered; DOES NOT DELIVER" in text and "; delivers" in text
+
 def test_forwarder_mode():
     c = client(forwarders=("1.2",))
     f = make_node("1.2", mode="forwarder")
@@ -521,7 +550,8 @@ def test_forwarder_mode():
     kinds = [(header_of(d).kind, header_of(d).dst, to) for frm, to, d in got.hops if frm == addr("16.1")]
     assert sorted(k for k in kinds if k[0] == KIND_KEEPALIVE) == sorted([(KIND_KEEPALIVE, pid("1.1"), addr("1.2")),
                                                                         (KIND_KEEPALIVE, pid("1.2"), addr("1.2"))])
-    assert {k[0] for k in kinds} <= {KIND_KEEPALIVE, KIND_RESPONSE}     # besides: answers to challenges
+    # besides: probes of both ways (challenges) and answers to challenges
+    assert {k[0] for k in kinds} <= {KIND_KEEPALIVE, KIND_CHALLENGE, KIND_RESPONSE}
     assert all(not t for t in got.tun.values())
     assert paths(f, "16.1") == {addr("16.1"): "direct"}
     assert paths(s1, "16.1") == {addr("1.2"): "relayed"}
@@ -544,8 +574,10 @@ def test_keepalive_schedule():
         if out.sends:
             sent_at.append(now)
             # to the gateway through every forwarder, and to each forwarder that is not the gateway
-            assert sorted((header_of(d).dst, a) for d, a in out.sends) == expected
-            assert all(header_of(d).kind == KIND_KEEPALIVE for d, _ in out.sends)
+            # (a keepalive and a probe, a challenge, on each way)
+            for kind in (KIND_KEEPALIVE, KIND_CHALLENGE):
+                assert sorted((header_of(d).dst, a) for d, a in out.sends if header_of(d).kind == kind) == expected
+            assert len(out.sends) == 2 * len(expected)
     assert sent_at[0] == T0
     gaps = [round(b - a, 3) for a, b in itertools.pairwise(sent_at)]
     assert all(0 < g <= KEEPALIVE_INTERVAL for g in gaps), gaps   # paths never expire while idle
@@ -887,7 +919,10 @@ def test_padding(size, wire_size):
 
 def test_padding_hides_keepalives_too():
     c = client(padding=200)
-    assert {len(d) for d, _ in c.tick(T0).sends} == {OVERHEAD + 200}
+    sends = c.tick(T0).sends
+    assert {len(d) for d, _ in sends if header_of(d).kind == KIND_KEEPALIVE} == {OVERHEAD + 200}
+    # (the probes that go with them are challenges, never padded: a fixed size that says nothing)
+    assert {len(d) for d, _ in sends if header_of(d).kind != KIND_KEEPALIVE} == {OVERHEAD + 16}
 
 
 def test_no_padding_by_default():

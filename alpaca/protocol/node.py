@@ -680,24 +680,27 @@ class Node:
             self._deliver(src, packet, vnet, out)
 
     # ------------------------------------------------------------ challenges
-    def _challenge(self, peer: Peer, addr: Addr, relayed: bool, now: float, out: Output) -> None:
+    def _challenge(self, peer: Peer, addr: Addr | None, relayed: bool, now: float, out: Output,
+                   ways: list[Addr] | None = None) -> None:
         """Ask the peer to prove its session live and `addr` a way to it: one
-        challenge, with a nonce of its own, to addr and to each of our
-        paths to the peer. At most every CHALLENGE_INTERVAL per peer, so a
-        replayed datagram from a forged address costs one small datagram."""
+        challenge, with a nonce of its own, to addr and to each of our ways
+        to the peer (`ways`, else our paths towards it). At most every
+        CHALLENGE_INTERVAL per peer, so a replayed datagram from a forged
+        address costs one small datagram. Each challenge on one of our ways
+        is also a probe of it (peers.Probe)."""
         if peer.next_challenge - CHALLENGE_INTERVAL <= now < peer.next_challenge:
             return          # (a deadline further ahead is from before the clock stepped back)
         key = self.table.pair_key(self.me, peer.id)
         if key is None:
             return
         peer.next_challenge = now + CHALLENGE_INTERVAL
-        targets = [addr] + [a for a in self._towards(peer, now) if a != addr]
+        if ways is None:
+            ways = self._towards(peer, now)
+        targets = ([addr] if addr is not None else []) + [a for a in ways if a != addr]
         for target in targets:
             nonce = self._random_bytes(NONCE_SIZE)
-            if len(peer.challenges) >= 16:
-                peer.challenges.popitem(last=False)
-            peer.challenges[nonce] = (now, target, relayed if target == addr else target not in peer.paths
-                                      or peer.paths[target].relayed)
+            peer.challenge_sent(nonce, target, relayed if target == addr else target not in peer.paths
+                                or peer.paths[target].relayed, target in ways, now)
             out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now), target))
 
     def _on_challenge(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
@@ -735,13 +738,13 @@ class Node:
                      out: Output) -> None:
         """An answer to one of our challenges: its session is live (from this
         answer on) and the address the challenge went to reaches the peer."""
-        challenge = src.challenges.pop(plaintext[:len(plaintext) - header.pad], None)
+        challenge = src.challenge_done(plaintext[:len(plaintext) - header.pad], True, now)
         if challenge is None:
             # a nonce we are not waiting for: another copy of an answer we
             # took (it is sent on every path), or a stale or replayed one
             src.drops[DropReason.DUPLICATE if header.session in src.verified else DropReason.REPLAY] += 1
             return
-        _, target, relayed = challenge
+        _, target, relayed, _ = challenge
         if header.session not in src.verified:
             src.verify(header.session, header.ts, header.seq, now)
         src.prove(target, relayed, now)
@@ -903,7 +906,9 @@ class Node:
 
     def _keepalives(self, now: float, out: Output) -> None:
         """Keep our paths alive at the gateway (through every forwarder) and at
-        each forwarder, so downward traffic can find us behind NAT."""
+        each forwarder, so downward traffic can find us behind NAT; and probe
+        each of those ways with a challenge, so status can tell whether it
+        delivers even when the gateway and the forwarders send us nothing."""
         gw = self.settings.gateway
         targets = ([gw] if gw is not None else []) + [f for f in self.settings.forwarders if f != gw]
         for peer_id in targets:
@@ -914,8 +919,31 @@ class Node:
             datagram = self._seal(KIND_KEEPALIVE, peer_id, key, b"", now)
             addrs = self._towards(peer, now) if peer_id == gw else peer.direct_paths(now)
             out.sends.extend((datagram, a) for a in addrs)
+            if addrs:
+                self._challenge(peer, None, False, now, out, ways=addrs)
 
     # ------------------------------------------------------------ status
+    @staticmethod
+    def _path_snapshot(peer: Peer, now: float) -> list[dict]:
+        """The peer's paths, and our probed ways to it that are not (yet) a
+        path: a forwarder whose challenges were never answered."""
+        def age(t: float) -> float | None:
+            return None if t == -math.inf else round(now - t, 3)
+        paths = []
+        for addr in list(peer.paths) + [a for a in peer.probes if a not in peer.paths]:
+            p, probe = peer.paths.get(addr), peer.probes.get(addr)
+            entry = {"address": f"{addr[0]}:{addr[1]}",
+                     "learned": "probed" if p is None else "static" if p.static else
+                     ("relayed" if p.relayed else "direct"),
+                     "proven": p is not None and p.proven,
+                     "last_rx_age": None if p is None else age(p.last_rx)}
+            if probe is not None:
+                loss_ = probe.loss()
+                entry.update(delivers=probe.delivers(now), last_answer_age=age(probe.last_answer),
+                             probe_loss=None if loss_ is None else round(loss_, 3), probes=probe.count)
+            paths.append(entry)
+        return paths
+
     def snapshot(self, now: float) -> dict:
         """Plain data for `alpaca-tunnel status` (JSON-able)."""
         peers = []
@@ -927,11 +955,7 @@ class Node:
                 "address": str(self.net.address(peer.id)),
                 "up": peer.up,
                 "last_rx_age": None if peer.last_rx == -math.inf else round(now - peer.last_rx, 3),
-                "paths": [{"address": f"{p.addr[0]}:{p.addr[1]}",
-                           "learned": "static" if p.static else ("relayed" if p.relayed else "direct"),
-                           "proven": p.proven,
-                           "last_rx_age": None if p.last_rx == -math.inf else round(now - p.last_rx, 3)}
-                          for p in peer.paths.values()],
+                "paths": self._path_snapshot(peer, now),
                 "rx_packets": peer.rx_packets, "rx_bytes": peer.rx_bytes,
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
                 "relayed_packets": peer.relayed_packets,

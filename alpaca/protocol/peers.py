@@ -42,6 +42,10 @@ CHALLENGE_WINDOW = -3       # challenges: each answered once
 CREDIT_LIMIT = 1 << 20      # bytes an unproven path may bank
 CHALLENGE_LIFETIME = 10.0   # an answer later than this proves nothing
 OLD_FLOORS = 64             # floors of sessions gone from relay windows, kept per peer
+PROBE_HISTORY = 16          # outcomes of the latest challenges kept per way to a peer
+PROBE_TIMEOUT = 2.0         # a way whose challenge is unanswered this long does not deliver
+DELIVERS_WITHIN = 12.0      # ... and one answered this recently does (3 keepalive intervals)
+MAX_PROBED = 16             # ways to a peer whose probes are kept
 
 Addr = tuple  # (host, port); alpaca/udp.py turns IPv6 socket addresses into this form
 
@@ -59,6 +63,44 @@ class Path:
         self.proven = self.proven or self.static
 
 
+@dataclass(slots=True)
+class Probe:
+    """What the challenges sent on one of our ways to a peer found: the
+    round trip (challenge out this way, its answer back on any path) works
+    or not. Each challenge is one probe; a way to a gateway or forwarder is
+    probed every keepalive, so even a silent client sees whether its path
+    through each forwarder delivers (docs/operations.md "status")."""
+    last_sent: float = -math.inf
+    last_answer: float = -math.inf
+    unanswered_since: float | None = None    # the oldest probe sent since the last answer
+    outcomes: int = 0                         # bit i: the (i+1)-th latest probe was answered
+    count: int = 0                            # outcomes kept (<= PROBE_HISTORY)
+
+    def sent(self, now: float) -> None:
+        self.last_sent = now
+        if self.unanswered_since is None:
+            self.unanswered_since = now
+
+    def record(self, answered: bool, now: float) -> None:
+        self.outcomes = ((self.outcomes << 1) | answered) & ((1 << PROBE_HISTORY) - 1)
+        self.count = min(self.count + 1, PROBE_HISTORY)
+        if answered:
+            self.last_answer = now
+            self.unanswered_since = None
+
+    def loss(self) -> float | None:
+        """Probes lost of the latest PROBE_HISTORY (None before the first outcome)."""
+        return None if not self.count else 1 - bin(self.outcomes).count("1") / self.count
+
+    def delivers(self, now: float) -> bool | None:
+        """True: answered lately; False: a probe waits in vain; None: not known yet."""
+        if now - self.last_answer <= DELIVERS_WITHIN:
+            return True
+        if self.unanswered_since is not None and now - self.unanswered_since >= PROBE_TIMEOUT:
+            return False
+        return None
+
+
 @dataclass(frozen=True)
 class PeerEntry:
     """What secrets.txt says about a peer (the part the core needs)."""
@@ -69,7 +111,7 @@ class PeerEntry:
 class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
                  "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows",
-                 "verified", "challenges", "next_challenge", "responses", "old_floors")
+                 "verified", "challenges", "next_challenge", "responses", "old_floors", "probes")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
         self.id = peer_id
@@ -97,8 +139,10 @@ class Peer:
         # sessions proven live: session -> [ts, seq, when]; only datagrams
         # sealed after (ts, seq) are accepted for this node (oldest evicted)
         self.verified: collections.OrderedDict[bytes, list] = collections.OrderedDict()
-        # challenges outstanding: nonce -> (when sent, address, relayed)
+        # challenges outstanding: nonce -> (when sent, address, relayed, probed)
         self.challenges: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
+        # our ways to the peer (its paths, or forwarders) -> what challenges on them found
+        self.probes: dict[Addr, Probe] = {}
         self.next_challenge = -math.inf
         self.responses = [0.0, 0]      # [second, responses sent in it]: answers are rate-limited
         # (window, session) -> newest second forgotten, for sessions gone from
@@ -237,8 +281,34 @@ class Peer:
                     self.old_floors.popitem(last=False)
             if not window.sessions and not window.floors:
                 self.release_window(dst)
-        for nonce in [n for n, (when, _, _) in self.challenges.items() if now - when > CHALLENGE_LIFETIME]:
-            del self.challenges[nonce]
+        for nonce in [n for n, c in self.challenges.items() if now - c[0] > CHALLENGE_LIFETIME]:
+            self.challenge_done(nonce, False, now)
+        for addr in [a for a, p in self.probes.items() if now - p.last_sent > PEER_LIFETIME]:
+            del self.probes[addr]
+
+    def challenge_sent(self, nonce: bytes, target: Addr, relayed: bool, probed: bool, now: float) -> None:
+        """A challenge went to target; probed: target is one of our ways to
+        the peer (not only the source of a datagram), so its outcome counts."""
+        if len(self.challenges) >= 16:
+            self.challenge_done(next(iter(self.challenges)), False, now)
+        self.challenges[nonce] = (now, target, relayed, probed)
+        if probed:
+            probe = self.probes.get(target)
+            if probe is None:
+                if len(self.probes) >= MAX_PROBED:
+                    del self.probes[min(self.probes, key=lambda a: self.probes[a].last_sent)]
+                probe = self.probes[target] = Probe()
+            probe.sent(now)
+
+    def challenge_done(self, nonce: bytes, answered: bool, now: float) -> tuple | None:
+        """The challenge was answered, or is given up: (when, target, relayed,
+        probed), None when it was not outstanding."""
+        challenge = self.challenges.pop(nonce, None)
+        if challenge is not None and challenge[3]:
+            probe = self.probes.get(challenge[1])
+            if probe is not None:
+                probe.record(answered, now)
+        return challenge
 
     def release_window(self, dst: int) -> None:
         """Drop the window for dst and free the slot it took."""
