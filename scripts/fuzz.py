@@ -76,7 +76,9 @@ checks the outcome:
            back to where it came from), or dropped with exactly the reason
            the rules give (no_tun, ttl, no_path, loop; a relay's ttl and
            no_path drops leave the identity unaccepted). For us, the only
-           other output is a round of challenges (a new or unproven path).
+           other output is a round of challenges (a new or unproven path)
+           and, when a shard completes the first tally for its source, one
+           loss report to it (sent at once, not on the next report tick).
 
 usage: scripts/fuzz.py [--inputs N] [--seed S] [--engine random|atheris]
 """
@@ -786,9 +788,15 @@ class Harness:
         ways = {frm} | set(peer.paths)          # and upward, the paths of our forwarders
         for f in node.settings.forwarders:
             ways.update(node.table.peers[f].paths)
-        challenges = answers = 0
+        challenges = answers = reports = 0
         for d, to in sends:
             rec = self._record(d, name, None)
+            if rec.src == me and rec.dst == src and rec.kind == KIND_REPORT and to in ways:
+                # the first shard tally for src goes out at once (loss.py), once
+                reports += 1
+                if reports > 1 or src not in node.loss.told:
+                    fail("sent a loss report on input other than its first tally for the peer")
+                continue
             if rec.src != me or rec.dst != src or rec.kind not in CHALLENGE_KINDS:
                 fail(f"sent {rec.kind} {ph.format_id(rec.src)}->{ph.format_id(rec.dst)}, not a challenge or an "
                      f"answer to {ph.format_id(src)}")
@@ -866,6 +874,7 @@ class Harness:
             rx0, last0, rel0, bytes0 = peer.rx_packets, peer.last_rx, peer.relayed_packets, peer.rx_bytes
             paths0 = {a: p.last_rx for a, p in peer.paths.items()}
         try:
+            tally0 = self._tally(node, rec)
             out = node.from_udp([(data, frm)], now)
         except Exception:  # noqa: BLE001  (any exception escaping is the violation)
             raise Violation("exception escaped from Node.from_udp:\n" + traceback.format_exc()) from None
@@ -1002,7 +1011,8 @@ class Harness:
                     fail("an accepted datagram for us did not learn its path")
                 rx = peer.rx_packets - rx0
                 if rec.message is not None:
-                    outcome = self._shard_outcome(name, node, rec, out, pd, npd, rx, fail)
+                    outcome = self._shard_outcome(name, node, rec, out, pd, npd, rx, fail,
+                                                  self._tally(node, rec) != tally0)
                 elif rx != 1:
                     fail("an accepted datagram for us did not count rx once")
                 elif rec.kind in (KIND_KEEPALIVE, KIND_REPORT):
@@ -1070,7 +1080,16 @@ class Harness:
         self.outcomes[(family, outcome)] += 1
         return outcome
 
-    def _shard_outcome(self, name: str, node: Node, rec: Sealed, out, pd, npd: int, rx: int, fail) -> str:
+    @staticmethod
+    def _tally(node: Node, rec) -> tuple:
+        """What the node's loss meter holds of shards from rec's source: a
+        message all of whose shards are in is tallied (and maybe reported) at once."""
+        if rec is None:
+            return ()
+        return tuple(node.loss.tally.get(rec.src, (0, 0))), rec.src in node.loss.told
+
+    def _shard_outcome(self, name: str, node: Node, rec: Sealed, out, pd, npd: int, rx: int, fail,
+                       tallied: bool) -> str:
         """An accepted shard for us: filed (or one more of a message decoded),
         or the one that completes its message, which is then delivered once."""
         message = rec.message
@@ -1092,7 +1111,7 @@ class Harness:
                 fail("an authentic shard dropped, but not as reassembly_full or a message delivered before")
             return "dropped"
         key = (rec.src, message[2], message[3], message[4])
-        if not holds(node, key, rec.index):
+        if not holds(node, key, rec.index) and not tallied:
             fail("an accepted shard neither delivered, held, nor counted")
         return "held"
 

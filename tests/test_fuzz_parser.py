@@ -30,7 +30,7 @@ from protocol_helpers import (
     udp,
 )
 
-from alpaca.protocol.constants import FLAG_FRAG, HEADER_SIZE, KIND_CHALLENGE, MASK_SIZE, MAX_TTL
+from alpaca.protocol.constants import FLAG_FRAG, HEADER_SIZE, KIND_CHALLENGE, KIND_REPORT, MASK_SIZE, MAX_TTL
 from alpaca.protocol.wire import MUTABLE_BYTES
 
 
@@ -95,7 +95,12 @@ def feed(node, data: bytes, source, now: float = T0) -> None:
     real = data[MUTABLE_BYTES:] in SENT_TAILS
     challenges = [(d, to) for d, to in out.sends if header_of(d).kind == KIND_CHALLENGE
                   and header_of(d).src == node.me]
-    sends = [s for s in out.sends if s not in challenges]
+    reports = [(d, to) for d, to in out.sends if header_of(d).kind == KIND_REPORT and header_of(d).src == node.me]
+    sends = [s for s in out.sends if s not in challenges and s not in reports]
+    if reports:
+        # a real shard that completed the first tally for its source: reported at once
+        assert real and header_of(data).flags & FLAG_FRAG and node.me == pid("1.1") and len(reports) == 1
+        assert header_of(reports[0][0]).dst == header_of(data).src
     if challenges:
         # "prove your session and this path": only for a real datagram for
         # this node, first to where it came from, at most once per peer here

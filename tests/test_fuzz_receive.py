@@ -214,7 +214,9 @@ def test_catches_a_relay_that_keeps_the_ttl(monkeypatch):
 def test_catches_a_silent_drop(monkeypatch):
     h = harness(5)
     monkeypatch.setattr(node_module.Node, "_relay", lambda self, *a: None)
-    assert "fresh input" in _must_catch(h)
+    # (a first copy, or a copy of one, whichever the fuzz meets first)
+    caught = _must_catch(h)
+    assert "fresh input" in caught or ("dup input" in caught and "drop" in caught)
 
 
 def test_catches_an_escaping_exception(monkeypatch):

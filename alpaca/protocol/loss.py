@@ -62,6 +62,11 @@ class LossMeter:
         self.arrived: dict[int, collections.Counter] = {}    # peer -> {ts: whole datagrams arrived}
         self.reported: dict[int, int] = {}                   # peer -> last second reported to it
         self.tally: dict[int, list[int]] = {}                # peer -> [shards sent, arrived] unreported
+        # peers whose first shard tally waits: it is reported at once, not on
+        # the next REPORT_INTERVAL, so a sender drops PRIOR_LOSS within a
+        # round trip of its first transfer on a clean path
+        self.first: set[int] = set()
+        self.told: set[int] = set()                          # peers reported to at least once
         self._sample: dict[int, list[int]] = {}              # peer -> [arrived, sent] so far
         self.loss: dict[int, float] = {}                     # peer -> smoothed loss of what we send it
         # derived from `loss` per message size k, and forgotten when it moves
@@ -96,6 +101,8 @@ class LossMeter:
         tally = self.tally.get(peer)
         if tally is None:
             tally = self.tally[peer] = [0, 0]
+            if peer not in self.told:
+                self.first.add(peer)
         tally[0] += sent
         tally[1] += arrived
 
@@ -106,12 +113,12 @@ class LossMeter:
         counter[ts] += n
 
     # ------------------------------------------------------------ receiver side
-    def reports(self, now: float) -> list[tuple[int, bytes]]:
-        """(peer, payload) for every peer with complete seconds or a shard tally to report:
-        first second (u32) | n (u8) | n x arrivals (u32) | shards sent (u32) | shards arrived (u32)."""
+    def reports(self, now: float, peers: set[int] | None = None) -> list[tuple[int, bytes]]:
+        """(peer, payload) for every peer (of `peers`, if given) with complete seconds or a shard tally
+        to report: first second (u32) | n (u8) | n x arrivals (u32) | shards sent (u32) | shards arrived (u32)."""
         last = int(now) - REPORT_DELAY
         out = []
-        for peer in set(self.arrived) | set(self.tally):
+        for peer in (set(self.arrived) | set(self.tally)) if peers is None else peers:
             counts, first = [], 0
             counter = self.arrived.get(peer)
             if counter is not None:
@@ -124,7 +131,9 @@ class LossMeter:
                         del self.arrived[peer]
                     self.reported[peer] = last
             tally = self.tally.pop(peer, (0, 0))
+            self.first.discard(peer)
             if any(counts) or tally[0]:
+                self.told.add(peer)
                 out.append((peer, _HEAD.pack(first, len(counts)) + b"".join(_COUNT.pack(c) for c in counts)
                             + _TALLY.pack(*tally)))
         return out
@@ -173,3 +182,5 @@ class LossMeter:
         for table in (self.reported, self.tally, self._sample, self.loss, self._parity):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]
+        self.first &= set(peers)
+        self.told &= set(peers)

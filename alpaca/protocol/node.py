@@ -457,6 +457,8 @@ class Node:
                     and self._next_shard(nxt, clear.to_bytes(MASK_SIZE, "big"), data, now, out):
                 continue
             self._receive(data, addr, now, out, clear.to_bytes(MASK_SIZE, "big"), full)
+        if self.loss.first:
+            self._send_reports(self.loss.reports(now, set(self.loss.first)), now, out)
         return out
 
     def _receive(self, data: bytes, addr: Addr, now: float, out: Output, clear: bytes, full: int) -> None:
@@ -882,7 +884,10 @@ class Node:
             peer = self.table.get(key[0])
             if peer is not None:
                 peer.drops[DropReason.INCOMPLETE] += 1
-        for peer_id, payload in self.loss.reports(now):
+        self._send_reports(self.loss.reports(now), now, out)
+
+    def _send_reports(self, reports: list[tuple[int, bytes]], now: float, out: Output) -> None:
+        for peer_id, payload in reports:
             peer = self.table.get(peer_id)
             key = self.table.pair_key(self.me, peer_id) if peer is not None else None
             if key is None:

@@ -13,8 +13,11 @@ the memory of the others:
   dropped (counted `incomplete` against its peer).
 
 A decoded message is remembered (which chunk indices arrived, not their
-bytes; at most DONE_LIMIT) for the same time, so its late parity and copies
-count for the loss report instead of starting a new message. For each
+bytes; at most DONE_LIMIT) for the same time, so its late parity counts
+for the loss report instead of starting a new message; once all k + m
+are in it is tallied at once (a clean path's first report then goes out
+within a round trip, loss.py). A copy of a shard never gets here: it has
+the seq of the shard, and the replay window drops it. For each
 source it tallies k + m chunks sent against the distinct indices that
 arrived, per message as it leaves, straight into the loss meter's tally
 (`count`: loss.LossMeter.count_shards, which reports it).
@@ -80,6 +83,9 @@ class Reassembler:
                 if index >= seen[1]:        # (k + m of the message decoded)
                     return None, DropReason.BAD_SHARD
                 seen[0] |= 1 << index       # a surplus shard (parity, a copy): for the loss report
+                if seen[0] == (1 << seen[1]) - 1:
+                    del self.done[key]      # all k + m in: nothing more to wait for
+                    self._retire(key, seen)
                 return None, None
             if not valid_sub(index, k, m, length, len(chunk)):
                 return None, DropReason.BAD_SHARD
@@ -135,6 +141,9 @@ class Reassembler:
         mask = 0
         for i in slot.chunks:
             mask |= 1 << i
+        if mask == (1 << (slot.k + slot.m)) - 1:
+            self._retire(key, [mask, slot.k + slot.m])     # every shard in (no parity, or no loss)
+            return
         if len(self.done) >= DONE_LIMIT:
             self._retire(*self.done.popitem(last=False))
         self.done[key] = [mask, slot.k + slot.m, slot.born]
