@@ -15,10 +15,11 @@ import re
 import time
 
 import pytest
-from protocol_helpers import T0, Wire, addr, make_node, pid, tcp, tun_ip
+from protocol_helpers import T0, Wire, addr, header_of, make_node, pid, tcp, tun_ip
 from test_fragments import super_packet
 
 from alpaca.protocol import fec
+from alpaca.protocol.constants import KIND_REPORT
 from alpaca.protocol.loss import PRIOR_LOSS
 
 from conftest import lossy_pair
@@ -70,9 +71,25 @@ def test_a_clean_path_carries_no_parity_after_its_first_report():
     seen = run(client, server, 4.0, T0)
     after = [(p, c) for t, p, c in seen if t >= T0 + 3.0]
     assert after and all(p == 0 and c == 0 for p, c in after), after[:3]
-    # and it took about a second: the prior lasted only until the first reports
+    # and at once: a message whose shards all arrived is tallied and, being
+    # the first tally for its source, reported right away (not 0.5-1 s later)
     first_clean = next(t for t, p, c in seen if p == 0)
-    assert first_clean - T0 <= 3.0, first_clean - T0
+    assert first_clean - T0 <= 0.1, first_clean - T0
+
+
+def test_the_first_report_leaves_with_the_datagram_that_completes_the_tally():
+    client, server = auto_pair()
+    Wire(client, server)
+    shards = client.from_tun([super_packet()], T0).sends
+    out = [server.from_udp([(d, addr("16.1"))], T0) for d, _ in shards]
+    reports = [d for o in out for d, _ in o.sends if header_of(d).kind == KIND_REPORT]
+    assert len(reports) == 1 and out[-1].sends           # sent with the last shard in, once
+    client.from_udp([(reports[0], addr("1.1"))], T0 + 0.001)
+    assert client._parity(pid("1.1"), client.loss.k) == 0 and client.loss.loss[pid("1.1")] == 0
+    # a second clean message is not reported before the next report tick
+    more = [server.from_udp([(d, addr("16.1"))], T0 + 0.01) for d, _ in client.from_tun([super_packet()],
+                                                                                         T0 + 0.01).sends]
+    assert not [d for o in more for d, _ in o.sends if header_of(d).kind == KIND_REPORT]
 
 
 def test_a_path_that_turns_lossy_is_protected_within_two_seconds():
