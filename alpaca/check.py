@@ -45,7 +45,7 @@ def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
     if config.mode == "server":
         from .nat import ServerNat
         lines.append("sysctl net.ipv4.ip_forward = 1 (restored on stop)")
-        lines += [f"iptables-legacy {rule}" for rule in ServerNat(config.name, str(net.network), config.mtu).rules()]
+        lines += [f"iptables-legacy {rule}" for rule in ServerNat(config.name, str(net.network), config.mtu, config.allow_inbound_from).rules()]
     if config.mode == "client" and config.gateway is not None:
         from .routes import ClientRoutes
         from .daemon import peer_entries, underlay_hosts

@@ -79,6 +79,7 @@ class Config:
     secret_file: Path
     chnroute: ChnRoute | None
     local_routes: tuple[str, ...]
+    allow_inbound_from: tuple[str, ...]
     pre_up_cmds: tuple[str, ...]
     post_up_cmds: tuple[str, ...]
     pre_down_cmds: tuple[str, ...]
@@ -285,6 +286,16 @@ def _semantic_problems(data: dict) -> list[tuple[str, str]]:
                     out.append((f"local_routes[{i}]",
                                 f"{text!r} is not an IPv4 network like 192.168.1.0/24"))
 
+    inbound = data.get("allow_inbound_from")
+    if isinstance(inbound, list):
+        for i, text in enumerate(inbound):
+            if isinstance(text, str):
+                try:
+                    ipaddress.IPv4Network(text, strict=True)
+                except ValueError:
+                    out.append((f"allow_inbound_from[{i}]",
+                                f"{text!r} is not an IPv4 network like 192.168.1.0/24 (host bits must be zero)"))
+
     def fec(key: str, text) -> None:
         if isinstance(text, str):
             try:
@@ -391,6 +402,7 @@ def load_config(path: str | Path) -> Config:
         secret_file=base / d["secret_file"],
         chnroute=None if chn is None else ChnRoute(chn["table"], chn["gateway"], base / chn["data"]),
         local_routes=tuple(d["local_routes"]),
+        allow_inbound_from=tuple(d["allow_inbound_from"]),
         pre_up_cmds=tuple(d["pre_up_cmds"]),
         post_up_cmds=tuple(d["post_up_cmds"]),
         pre_down_cmds=tuple(d["pre_down_cmds"]),

@@ -197,7 +197,7 @@ class Daemon:
             sysctl.set(IP_FORWARD, "1")     # servers route between clients and out
             stack.callback(sysctl.restore)
             from .nat import ServerNat
-            server_nat = ServerNat(cfg.name, str(net.network), cfg.mtu)
+            server_nat = ServerNat(cfg.name, str(net.network), cfg.mtu, cfg.allow_inbound_from)
             stack.callback(server_nat.remove)
             server_nat.apply()
         if cfg.mode == "client" and cfg.gateway is not None:

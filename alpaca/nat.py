@@ -8,26 +8,40 @@ alpaca/sysctl.py, not here) and three kinds of packet-filter rules are needed:
 
 * the clients' tunnel addresses are private, so packets leaving for the
   outside get the server's address (MASQUERADE);
-* the FORWARD chain must let tunnel traffic through even when its policy is
-  DROP, as on every Docker host;
+* the FORWARD chain must let the clients' traffic out (and its replies back
+  in) even when its policy is DROP, as on every Docker host, and must not
+  let anyone else open connections into the tunnel: a VPN server does not
+  open its clients to its LAN or to the internet;
 * TCP connections through the tunnel must not negotiate segments bigger than
   the TUN device carries, or they stall whenever the path MTU discovery ICMP
   is lost (MSS clamping).
 
-The exact rules, for TUN ``<tun>``, tunnel network ``<cidr>`` and MTU ``<mtu>``
+The exact rules, for TUN ``<tun>``, tunnel network ``<cidr>``, MTU ``<mtu>``
+and the networks of config ``allow_inbound_from`` (none by default)
 (iptables-save syntax; every rule carries the comment ``alpaca-tunnel:<tun>``)::
 
     *nat
     -A POSTROUTING -s <cidr> ! -d <cidr> -m comment --comment "alpaca-tunnel:<tun>" -j MASQUERADE
     *filter
     -A FORWARD -i <tun> -m comment --comment "alpaca-tunnel:<tun>" -j ACCEPT
-    -A FORWARD -o <tun> -m comment --comment "alpaca-tunnel:<tun>" -j ACCEPT
+    -A FORWARD -o <tun> -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "alpaca-tunnel:<tun>" -j ACCEPT
+    -A FORWARD -s <allowed> -o <tun> -m comment --comment "alpaca-tunnel:<tun>" -j ACCEPT     (one per network)
+    -A FORWARD -o <tun> -m comment --comment "alpaca-tunnel:<tun>" -j DROP
     *mangle
     -A FORWARD -i <tun> -p tcp -m tcp --tcp-flags SYN,RST SYN -m comment --comment "alpaca-tunnel:<tun>" -j TCPMSS --set-mss <mtu-40>
     -A FORWARD -o <tun> -p tcp -m tcp --tcp-flags SYN,RST SYN -m comment --comment "alpaca-tunnel:<tun>" -j TCPMSS --set-mss <mtu-40>
 
-(``apply()`` inserts them at the head of their chains, in this order, so
-they come before anything a firewall manager or Docker put there.)
+Where they go: the nat and mangle rules at the head of their chains (they
+neither accept nor drop: MASQUERADE only rewrites, TCPMSS only clamps). The
+filter rules go as one block at the END of FORWARD, or just before its first
+unconditional DROP or REJECT rule (a chain that ends in a catch-all instead
+of a policy). So every rule the administrator has in FORWARD when the daemon
+starts comes first and wins: their DROP still drops tunnel traffic. From
+inside the tunnel (``-i <tun>``: to the internet, the LAN, or another peer)
+everything is let through; into it only replies, and new connections from
+``allow_inbound_from``. The final DROP makes that hold when the FORWARD
+policy is ACCEPT, too. A restart puts the block back at the end, after rules
+added in the meantime.
 
 MSS = MTU - 40: an IPv4 header (20 bytes, no options) plus a TCP header (20
 bytes, no options) around the segment must fit in one TUN packet. A fixed
@@ -127,6 +141,7 @@ class _Rule:
     in_iface: str | None = None
     out_iface: str | None = None
     syn_only_tcp: bool = False
+    ctstate: str | None = None       # conntrack --ctstate
     target: str = "ACCEPT"
     set_mss: int | None = None
 
@@ -142,6 +157,8 @@ class _Rule:
             parts.append(f"-o {self.out_iface}")
         if self.syn_only_tcp:
             parts.append("-p tcp -m tcp --tcp-flags SYN,RST SYN")
+        if self.ctstate:
+            parts.append(f"-m conntrack --ctstate {self.ctstate}")
         parts.append(f'-m comment --comment "{tag}"')
         parts.append(f"-j {self.target}")
         if self.set_mss is not None:
@@ -162,6 +179,9 @@ class _Rule:
             rule.protocol = "tcp"
             match = rule.create_match("tcp")
             match.tcp_flags = ["SYN,RST", "SYN"]
+        if self.ctstate:
+            match = rule.create_match("conntrack")
+            match.ctstate = self.ctstate
         comment = rule.create_match("comment")
         comment.comment = tag
         target = rule.create_target(self.target)
@@ -176,7 +196,7 @@ class _Rule:
 class ServerNat:
     """The NAT/forward/MSS rules of one server instance (see the module docstring)."""
 
-    def __init__(self, tun_name: str, tunnel_cidr: str, mtu: int):
+    def __init__(self, tun_name: str, tunnel_cidr: str, mtu: int, allow_inbound_from: tuple[str, ...] = ()):
         self.tun_name = tun_name
         self.tag = tag_for(tun_name)
         network = ipaddress.ip_network(tunnel_cidr, strict=False)
@@ -187,11 +207,15 @@ class ServerNat:
             raise ValueError(f"bad MTU: {mtu!r}")
         self.mtu = mtu
         self.mss = mtu - IPV4_TCP_HEADERS
+        inbound = tuple(str(ipaddress.IPv4Network(n, strict=True)) for n in allow_inbound_from)
+        self.allow_inbound_from = inbound
         net = str(network)
         self._rules = [
             _Rule("nat", "POSTROUTING", src=net, dst="!" + net, target="MASQUERADE"),
             _Rule("filter", "FORWARD", in_iface=tun_name),
-            _Rule("filter", "FORWARD", out_iface=tun_name),
+            _Rule("filter", "FORWARD", out_iface=tun_name, ctstate="RELATED,ESTABLISHED"),
+            *(_Rule("filter", "FORWARD", src=n, out_iface=tun_name) for n in inbound),
+            _Rule("filter", "FORWARD", out_iface=tun_name, target="DROP"),
             _Rule("mangle", "FORWARD", in_iface=tun_name, syn_only_tcp=True,
                   target="TCPMSS", set_mss=self.mss),
             _Rule("mangle", "FORWARD", out_iface=tun_name, syn_only_tcp=True,
@@ -199,7 +223,7 @@ class ServerNat:
         ]
 
     def __repr__(self) -> str:
-        return f"ServerNat({self.tun_name!r}, {str(self.network)!r}, {self.mtu})"
+        return f"ServerNat({self.tun_name!r}, {str(self.network)!r}, {self.mtu}, {self.allow_inbound_from!r})"
 
     def rules(self) -> list[RuleSpec]:
         """The rules apply() installs, in order (for `alpaca-tunnel check`)."""
@@ -212,9 +236,12 @@ class ServerNat:
         added again. Tagged rules in our chains that are not (or no longer,
         e.g. after an MTU change) part of the spec, and duplicates, are
         removed: they can only be leftovers of this same instance. Missing
-        rules are inserted at the head of their chain, in spec order. If a
-        table cannot be committed, whatever was committed is removed again
-        and NatError is raised.
+        nat and mangle rules are inserted at the head of their chain, in spec
+        order. The filter rules are one ordered block (the DROP must come
+        last): kept when it is there whole and in order, else put back whole
+        at the end of FORWARD, before its first catch-all DROP/REJECT (module
+        docstring). If a table cannot be committed, whatever was committed is
+        removed again and NatError is raised.
         """
         added = 0
 
@@ -226,6 +253,9 @@ class ServerNat:
                 chain = iptc.Chain(table, chain_name)
                 wanted = [r.build(iptc, self.tag) for r in self._rules
                           if (r.table, r.chain) == (table_name, chain_name)]
+                if table_name == "filter":
+                    added += _place_block(table, chain, wanted, self.tag)
+                    continue
                 found = [False] * len(wanted)
                 stale = []                       # positions to delete
                 for pos, entry in _entries(table, chain_name):
@@ -292,6 +322,38 @@ def cleanup(tun_name: str) -> int:
 
 
 # ---------------------------------------------------------------- internals
+
+def _place_block(table, chain, wanted: list, tag: str) -> int:
+    """Our filter rules as one block, in order, after the administrator's
+    rules: kept if they are there like that, else all removed and inserted
+    again. Returns how many were inserted."""
+    ours = [(pos, entry) for pos, entry in _entries(table, chain.name) if _comment_of(entry) == tag]
+    positions = [pos for pos, _ in ours]
+    if (len(ours) == len(wanted) and positions == list(range(positions[0], positions[0] + len(ours)))
+            and all(_parses_as(table, chain, e, w) for (_, e), w in zip(ours, wanted))):
+        return 0
+    for pos in reversed(positions):
+        _delete_at(table, chain, pos)
+    at = next((pos for pos, entry in _entries(table, chain.name) if _catch_all(table, chain, entry)), None)
+    for i, rule in enumerate(wanted):
+        if at is None:
+            chain.append_rule(rule)
+        else:
+            chain.insert_rule(rule, at + i)
+    return len(wanted)
+
+
+def _catch_all(table, chain, entry) -> bool:
+    """An unconditional DROP or REJECT: what follows it is never reached."""
+    try:
+        rule = table.create_rule(entry, chain)
+    except Exception:
+        return False
+    anywhere = ("0.0.0.0/0.0.0.0", "0.0.0.0/0")
+    return (rule.target.name in ("DROP", "REJECT") and not rule.matches and rule.src in anywhere
+            and rule.dst in anywhere and not rule.in_interface and not rule.out_interface
+            and rule.protocol in ("ip", "all", None))
+
 
 def _import_iptc():
     try:

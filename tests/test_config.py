@@ -124,6 +124,9 @@ def test_server_and_forwarder_need_no_gateway():
 def test_bad_local_route():
     assert problems(local_routes=["192.168.0.0/16", "10.0.0.0/33"]) == [
         "config.json: local_routes[1]: '10.0.0.0/33' is not an IPv4 network like 192.168.1.0/24"]
+    assert problems(allow_inbound_from=["192.168.1.0/24", "192.168.1.1/24"]) == [
+        "config.json: allow_inbound_from[1]: '192.168.1.1/24' is not an IPv4 network like 192.168.1.0/24 "
+        "(host bits must be zero)"]
 
 
 def test_bad_listen_and_chnroute_gateway():
@@ -191,7 +194,7 @@ def test_defaults_applied(tmp_path):
     assert (cfg.name, cfg.mode, cfg.group, cfg.net) == ("alpaca", "client", "default", (10, 17))
     assert (cfg.id, cfg.gateway, cfg.forwarders) == (16 * 256 + 1, 257, ())
     assert (cfg.port, cfg.listen, cfg.mtu, cfg.log_level) == (1040, "0.0.0.0", 1400, "info")
-    assert cfg.chnroute is None and cfg.local_routes == ()
+    assert cfg.chnroute is None and cfg.local_routes == () and cfg.allow_inbound_from == ()
     assert cfg.pre_up_cmds == cfg.post_up_cmds == cfg.pre_down_cmds == cfg.post_down_cmds == ()
     assert (cfg.duplicate, cfg.duplicate_delay_ms, cfg.padding) == (0, 10, 0)
     assert cfg.inactive_downward_static is False

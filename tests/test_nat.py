@@ -71,16 +71,18 @@ def rule_lines(tb: testbed.Testbed, tag: str = TAG, host: str = "h") -> list[str
     return [l for l in save(tb, host) if l.startswith("-A") and f'--comment "{tag}"' in l]
 
 
-def apply_code(mtu: int = 1400, tun: str = TUN, net: str = NET) -> str:
-    return f"from alpaca.nat import ServerNat; print(ServerNat({tun!r}, {net!r}, {mtu}).apply())"
+def apply_code(mtu: int = 1400, tun: str = TUN, net: str = NET, inbound: tuple = ()) -> str:
+    return f"from alpaca.nat import ServerNat; print(ServerNat({tun!r}, {net!r}, {mtu}, {inbound!r}).apply())"
 
 
-def expected(mtu: int, tun: str = TUN, tag: str = TAG) -> list[str]:
+def expected(mtu: int, tun: str = TUN, tag: str = TAG, inbound: tuple = ()) -> list[str]:
     mss = mtu - 40
     return [
         f'-A POSTROUTING -s {NET} ! -d {NET} -m comment --comment "{tag}" -j MASQUERADE',
         f'-A FORWARD -i {tun} -m comment --comment "{tag}" -j ACCEPT',
-        f'-A FORWARD -o {tun} -m comment --comment "{tag}" -j ACCEPT',
+        f'-A FORWARD -o {tun} -m conntrack --ctstate RELATED,ESTABLISHED -m comment --comment "{tag}" -j ACCEPT',
+        *(f'-A FORWARD -s {n} -o {tun} -m comment --comment "{tag}" -j ACCEPT' for n in inbound),
+        f'-A FORWARD -o {tun} -m comment --comment "{tag}" -j DROP',
         f'-A FORWARD -i {tun} -p tcp -m tcp --tcp-flags SYN,RST SYN -m comment --comment "{tag}" '
         f"-j TCPMSS --set-mss {mss}",
         f'-A FORWARD -o {tun} -p tcp -m tcp --tcp-flags SYN,RST SYN -m comment --comment "{tag}" '
@@ -88,7 +90,8 @@ def expected(mtu: int, tun: str = TUN, tag: str = TAG) -> list[str]:
     ]
 
 
-TABLES_OF_EXPECTED = ["nat", "filter", "filter", "mangle", "mangle"]
+TABLES_OF_EXPECTED = ["nat", "filter", "filter", "filter", "mangle", "mangle"]
+N_RULES = len(TABLES_OF_EXPECTED)
 
 
 def chain_rules(tb: testbed.Testbed, table: str, chain: str, host: str = "h") -> list[str]:
@@ -103,17 +106,19 @@ def test_tag_and_rule_texts():
     nat = ServerNat(TUN, "10.5.1.1/16", 1400)        # a host address is fine: the network is used
     specs = nat.rules()
     assert all(isinstance(s, RuleSpec) for s in specs)
-    assert [(s.table, s.chain) for s in specs] == [("nat", "POSTROUTING"), ("filter", "FORWARD"),
-                                                  ("filter", "FORWARD"), ("mangle", "FORWARD"),
-                                                  ("mangle", "FORWARD")]
+    assert [(s.table, s.chain) for s in specs] == [("nat", "POSTROUTING")] + [("filter", "FORWARD")] * 3 + [
+        ("mangle", "FORWARD")] * 2
     assert [s.text for s in specs] == expected(1400)
+    inbound = ("192.168.1.0/24", "198.51.100.0/24")
+    assert [s.text for s in ServerNat(TUN, NET, 1400, inbound).rules()] == expected(1400, inbound=inbound)
     assert str(specs[0]).startswith("-t nat -A POSTROUTING ")
     assert ServerNat(TUN, NET, 1280).mss == 1240
 
 
 @pytest.mark.parametrize("args", [("bad name", NET, 1400), ("a/b", NET, 1400), ("eth+", NET, 1400),
                                   ("x" * 16, NET, 1400), (TUN, "fd00::/64", 1400), (TUN, NET, 40),
-                                  (TUN, "not-a-net", 1400)])
+                                  (TUN, "not-a-net", 1400), (TUN, NET, 1400, ("192.168.1.1/24",)),
+                                  (TUN, NET, 1400, ("2001:db8::/64",))])
 def test_bad_arguments(args):
     with pytest.raises(ValueError):
         ServerNat(*args)
@@ -123,9 +128,9 @@ def test_bad_arguments(args):
 
 @pytest.mark.root
 @pytest.mark.parametrize("mtu,mss", [(1400, 1360), (1280, 1240)])
-def test_apply_adds_exactly_the_five_tagged_rules(tb, mtu, mss):
+def test_apply_adds_exactly_the_tagged_rules(tb, mtu, mss):
     before = save(tb)
-    assert py(tb, apply_code(mtu)).stdout.strip() == "5"
+    assert py(tb, apply_code(mtu)).stdout.strip() == str(N_RULES)
     after = save(tb)
     added = [l for l in after if l not in before and not l.startswith(("*", ":", "COMMIT"))]
     assert not any(l in ("*raw", "*security") for l in after)   # tables we don't use stay unborn
@@ -140,7 +145,7 @@ def test_apply_adds_exactly_the_five_tagged_rules(tb, mtu, mss):
 
 @pytest.mark.root
 def test_apply_is_idempotent(tb):
-    assert py(tb, apply_code()).stdout.strip() == "5"
+    assert py(tb, apply_code()).stdout.strip() == str(N_RULES)
     assert py(tb, apply_code()).stdout.strip() == "0"        # another process, e.g. a restart
     r = py(tb, """
         from alpaca.nat import ServerNat
@@ -171,7 +176,7 @@ def test_remove_restores_the_tables(tb):
         n = ServerNat("alp0", "10.5.0.0/16", 1400)
         print(n.apply(), n.remove(), n.remove(), len(n.missing()))
     """)
-    assert r.stdout.split() == ["5", "5", "0", "5"]
+    assert r.stdout.split() == [str(N_RULES), str(N_RULES), "0", str(N_RULES)]
     assert save(tb) == before
 
 
@@ -197,15 +202,17 @@ def test_cleanup_after_sigkill_removes_exactly_our_leftovers(tb):
     assert sorted(rule_lines(tb)) == sorted(expected(1400))
 
     # the next start / `alpaca-tunnel cleanup`, a fresh process
-    assert py(tb, "from alpaca.nat import cleanup; print(cleanup('alp0'))").stdout.strip() == "5"
+    assert py(tb, "from alpaca.nat import cleanup; print(cleanup('alp0'))").stdout.strip() == str(N_RULES)
     assert save(tb) == before
-    assert len(rule_lines(tb, "alpaca-tunnel:alp01")) == 5
+    assert len(rule_lines(tb, "alpaca-tunnel:alp01")) == N_RULES
     assert len(rule_lines(tb, "alpaca-tunnel:alp")) == 1
     assert py(tb, "from alpaca.nat import cleanup; print(cleanup('alp0'))").stdout.strip() == "0"
 
 
 @pytest.mark.root
-def test_our_rules_come_first_on_a_docker_style_forward_chain(tb):
+def test_our_filter_rules_come_after_the_administrators_on_a_docker_style_forward_chain(tb):
+    """MASQUERADE and TCPMSS first (they neither accept nor drop); the
+    filter block after DOCKER-USER, before the catch-all DROP."""
     sh(tb, "iptables-legacy -P FORWARD DROP;"
            "iptables-legacy -N DOCKER-USER; iptables-legacy -A DOCKER-USER -j RETURN;"
            "iptables-legacy -A FORWARD -j DOCKER-USER;"
@@ -214,10 +221,14 @@ def test_our_rules_come_first_on_a_docker_style_forward_chain(tb):
            "iptables-legacy -t mangle -A FORWARD -j RETURN")
     py(tb, apply_code())
     exp = expected(1400)
-    assert chain_rules(tb, "filter", "FORWARD")[:2] == exp[1:3]
-    assert chain_rules(tb, "filter", "FORWARD")[2:] == ["-A FORWARD -j DOCKER-USER", "-A FORWARD -j DROP"]
+    assert chain_rules(tb, "filter", "FORWARD") == ["-A FORWARD -j DOCKER-USER", *exp[1:4], "-A FORWARD -j DROP"]
     assert chain_rules(tb, "nat", "POSTROUTING")[0] == exp[0]
-    assert chain_rules(tb, "mangle", "FORWARD")[:2] == exp[3:5]
+    assert chain_rules(tb, "mangle", "FORWARD")[:2] == exp[4:6]
+    # a restart keeps the block where it is; a block out of order is put back whole
+    assert py(tb, apply_code()).stdout.strip() == "0"
+    sh(tb, "iptables-legacy -D FORWARD 2")
+    assert py(tb, apply_code()).stdout.strip() == "3"
+    assert chain_rules(tb, "filter", "FORWARD") == ["-A FORWARD -j DOCKER-USER", *exp[1:4], "-A FORWARD -j DROP"]
     assert "-P FORWARD DROP" in sh(tb, "iptables-legacy -S FORWARD")
     py(tb, "from alpaca.nat import cleanup; cleanup('alp0')")
     assert "-P FORWARD DROP" in sh(tb, "iptables-legacy -S FORWARD")   # policy untouched
@@ -327,12 +338,12 @@ def _mss_both_ways(tb: testbed.Testbed) -> tuple[int, int]:
 def test_gateway_forwards_masquerades_and_clamps(tb):
     _gateway(tb)
     assert not _pings(tb)                                   # FORWARD policy DROP, no NAT
-    assert py(tb, apply_code(1400), host="r").stdout.strip() == "5"
+    assert py(tb, apply_code(1400), host="r").stdout.strip() == str(N_RULES)
     assert _pings(tb)
     assert _mss_both_ways(tb) == (1360, 1360)
     sh(tb, "iptables-legacy -t mangle -F FORWARD", "r")      # without the clamp: veth MTU 1500 - 40
     assert _mss_both_ways(tb) == (1460, 1460)
-    assert py(tb, "from alpaca.nat import cleanup; print(cleanup('alp0'))", host="r").stdout.strip() == "3"
+    assert py(tb, "from alpaca.nat import cleanup; print(cleanup('alp0'))", host="r").stdout.strip() == "4"
     assert not _pings(tb)
 
 
@@ -348,4 +359,47 @@ def test_nft_drop_still_drops_what_legacy_accepts(tb):
     assert TAG not in sh(tb, "iptables -S; iptables -t nat -S; nft list ruleset", "r")
     assert TAG in sh(tb, "iptables-legacy -t nat -S", "r")
     sh(tb, "iptables -P FORWARD ACCEPT", "r")
+    assert _pings(tb)
+
+
+def _x_routes_the_tunnel_via_r(tb: testbed.Testbed) -> None:
+    """x (outside) sends the tunnel network to r, as a LAN host would."""
+    with NetNS(tb.ns("x")) as ns:
+        ns.route("add", dst=NET, gateway=tb.hosts["r"])
+
+
+def _x_pings_c(tb: testbed.Testbed) -> bool:
+    return tb.run("x", ["ping", "-c1", "-W1", "-q", "10.5.0.2"]).returncode == 0
+
+
+@pytest.mark.root
+def test_outside_hosts_cannot_open_connections_into_the_tunnel(tb):
+    """The server lets the clients out and their replies back, but a LAN host
+    routing the tunnel network via it reaches no client, whatever the FORWARD
+    policy, unless `allow_inbound_from` names its network."""
+    _gateway(tb)
+    _x_routes_the_tunnel_via_r(tb)
+    for policy in ("DROP", "ACCEPT"):
+        sh(tb, f"iptables-legacy -P FORWARD {policy}", "r")
+        py(tb, apply_code(1400), host="r")
+        assert _pings(tb)                                    # out, and the replies back in
+        assert not _x_pings_c(tb), policy                    # but nothing new in
+        drops = [l for l in sh(tb, "iptables-legacy -v -x -n -L FORWARD", "r").splitlines() if "DROP" in l
+                 and "alp0" in l]
+        assert drops and int(drops[0].split()[0]) >= 1       # counted by our DROP
+        py(tb, "from alpaca.nat import cleanup; cleanup('alp0')", host="r")
+    py(tb, apply_code(1400, inbound=("172.31.77.0/24",)), host="r")      # x's network
+    assert _x_pings_c(tb) and _pings(tb)
+
+
+@pytest.mark.root
+def test_an_administrators_drop_in_forward_still_wins(tb):
+    """An administrator's rule in FORWARD at start comes before ours: their
+    DROP of tunnel traffic holds (FORWARD policy DROP, as on a Docker host)."""
+    _gateway(tb)
+    sh(tb, "iptables-legacy -A FORWARD -i alp0 -d 172.31.77.2 -j DROP", "r")
+    py(tb, apply_code(1400), host="r")
+    assert chain_rules(tb, "filter", "FORWARD", "r")[0] == "-A FORWARD -d 172.31.77.2/32 -i alp0 -j DROP"
+    assert not _pings(tb)
+    sh(tb, "iptables-legacy -D FORWARD -i alp0 -d 172.31.77.2 -j DROP", "r")
     assert _pings(tb)
