@@ -276,25 +276,18 @@ def _semantic_problems(data: dict) -> list[tuple[str, str]]:
             out.append(("listen", f"{listen!r} is not an IP address "
                                   "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)"))
 
-    routes = data.get("local_routes")
-    if isinstance(routes, list):
-        for i, text in enumerate(routes):
+    def ipv4_networks(key: str, strict: bool) -> None:
+        texts = data.get(key)
+        for i, text in enumerate(texts if isinstance(texts, list) else ()):
             if isinstance(text, str):
                 try:
-                    ipaddress.IPv4Network(text, strict=False)
+                    ipaddress.IPv4Network(text, strict=strict)
                 except ValueError:
-                    out.append((f"local_routes[{i}]",
-                                f"{text!r} is not an IPv4 network like 192.168.1.0/24"))
+                    out.append((f"{key}[{i}]", f"{text!r} is not an IPv4 network like 192.168.1.0/24"
+                                + (" (host bits must be zero)" if strict else "")))
 
-    inbound = data.get("allow_inbound_from")
-    if isinstance(inbound, list):
-        for i, text in enumerate(inbound):
-            if isinstance(text, str):
-                try:
-                    ipaddress.IPv4Network(text, strict=True)
-                except ValueError:
-                    out.append((f"allow_inbound_from[{i}]",
-                                f"{text!r} is not an IPv4 network like 192.168.1.0/24 (host bits must be zero)"))
+    ipv4_networks("local_routes", strict=False)
+    ipv4_networks("allow_inbound_from", strict=True)
 
     def fec(key: str, text) -> None:
         if isinstance(text, str):
