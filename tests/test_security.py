@@ -681,3 +681,32 @@ def test_a_restarted_server_refuses_what_was_captured_before_it_started(sec):
     time.sleep(0.5)
     assert tun_rx(sec.tb, "s1") - tun0 <= 2          # only M's own ping above
     assert wait_for(lambda: all(peer_of(status(s1), i)["up"] for i in (X, M)), 15)
+
+
+# ---------------------------------------------------------------- what the server opens on its host
+
+def test_a_lan_host_cannot_open_connections_to_a_client_through_the_server(sec):
+    """eve sits on the server's LAN and routes the tunnel network via 1.1, as
+    a LAN host (or an attacker on it) would. The server lets its clients out
+    and their replies in, but nothing new into the tunnel: eve's pings to
+    16.2 never reach its TUN (dropped and counted by the server's own FORWARD
+    DROP), while 16.2 still reaches 1.1 and beyond."""
+    mesh, tb, ip = sec, sec.tb, sec.ip
+    c2 = mesh.peers["c2"]
+    tb.run("eve", ["ip", "route", "replace", "10.17.0.0/16", "via", ip["s1"]], check=True)
+    try:
+        def our_drops() -> int:
+            out = tb.run("s1", ["iptables-legacy", "-v", "-x", "-n", "-L", "FORWARD"], check=True).stdout
+            return sum(int(line.split()[0]) for line in out.splitlines()
+                       if line.split()[2:3] == ["DROP"] and "alpaca-tunnel:" in line)
+        dropped = our_drops()
+        r, received = ping(c2, "10.17.1.1", 3)             # the client still gets out
+        assert received == 3, r.stdout
+        written = tun_rx(tb, "c2")
+        r = tb.run("eve", ["ping", "-n", "-c", "5", "-i", "0.05", "-W", "1", "10.17.16.2"])
+        assert " 0 received" in r.stdout, r.stdout
+        assert tun_rx(tb, "c2") == written                # nothing of eve's reached the client
+        assert our_drops() - dropped >= 5
+        print(f"\neve -> 16.2 through 1.1: 0 of 5 delivered, {our_drops() - dropped} counted by the server's DROP")
+    finally:
+        tb.run("eve", ["ip", "route", "del", "10.17.0.0/16"])
