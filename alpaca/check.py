@@ -9,29 +9,8 @@ from pathlib import Path
 
 from .config import Config, ConfigError, config_warnings, load_config
 from .protocol.ids import TunnelNet, format_id
+from .peerlist import cross_problems, peer_entries, underlay_hosts
 from .secrets import PeerSecret, load_secrets
-
-
-def cross_problems(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
-    """What is wrong between config.json and secrets.txt."""
-    source = str(config.secret_file)
-    problems = []
-    own = secrets.get(config.id)
-    if own is None or own.key is None:
-        problems.append(f"{source}: this peer's own ID {format_id(config.id)} needs a line with its key (not null)")
-    needed = ([("gateway", config.gateway)] if config.gateway is not None else []) + \
-        [("forwarder", f) for f in config.forwarders]
-    for role, peer_id in needed:
-        entry = secrets.get(peer_id)
-        if entry is None:
-            problems.append(f"{source}: the {role} {format_id(peer_id)} has no line")
-        elif entry.host is None and role == "forwarder":
-            problems.append(f"{source}: line {entry.line}: the forwarder {format_id(peer_id)} needs an address "
-                            f"(it is sent to directly)")
-        elif entry.host is None and not config.forwarders:
-            problems.append(f"{source}: line {entry.line}: the gateway {format_id(peer_id)} needs an address "
-                            f"(no forwarders are configured to reach it)")
-    return problems
 
 
 def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
@@ -48,7 +27,6 @@ def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
         lines += [f"iptables-legacy {rule}" for rule in ServerNat(config.name, str(net.network), config.mtu, config.allow_inbound_from).rules()]
     if config.mode == "client" and config.gateway is not None:
         from .routes import ClientRoutes
-        from .daemon import peer_entries, underlay_hosts
         entries = peer_entries(secrets, config.port)
         routes = ClientRoutes(config.name, str(net.address(config.gateway)), underlay_hosts(config, entries),
                               list(config.local_routes), config.chnroute)

@@ -25,7 +25,6 @@ import socket
 import time
 from pathlib import Path
 
-from .check import cross_problems
 from .config import Config, ConfigError, config_warnings, load_config, parse_fec
 from .control import ControlError, ControlServer, socket_path
 from .hooks import HookError, run_hooks
@@ -37,7 +36,9 @@ from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
 from .routes import RouteError
-from .secrets import PeerSecret, load_secrets, resolve_host
+from .peerlist import cross_problems, host_names, peer_entries, underlay_hosts
+from .resolver import Resolver
+from .secrets import load_secrets
 from .sysctl import IP_FORWARD, Sysctl
 from .tun import Tun, TunError
 from .udp import MAX_FILTER_ADDRESSES, UNKNOWN_ONE_IN, Udp, UdpError
@@ -85,24 +86,10 @@ def settings_from(config: Config) -> NodeSettings:
                                        for peer, nets in config.peer_networks})
 
 
-def peer_entries(secrets: dict[int, PeerSecret], default_port: int) -> dict[int, PeerEntry]:
-    """secrets.txt lines -> what the core needs (host names resolved here, not in the core)."""
-    entries = {}
-    for secret in secrets.values():
-        addr = None
-        if secret.host:
-            ip = resolve_host(secret.host)
-            if ip is None:
-                log.warning("peer %s: cannot resolve %s; no static address until it resolves",
-                            format_id(secret.id), secret.host)
-            else:
-                addr = (ip, secret.port or default_port)
-        entries[secret.id] = PeerEntry(secret.key, addr)
-    return entries
-
-
-def read_secrets(config: Config, at_start: bool) -> dict[int, PeerEntry]:
-    """At start any bad line is fatal; on reload bad lines are reported and skipped."""
+def read_secrets(config: Config, at_start: bool, resolver: Resolver) -> dict[int, PeerEntry]:
+    """At start any bad line is fatal; on reload bad lines are reported and
+    skipped. Host names are what `resolver` knows now: it never blocks, but
+    at start it is given a few seconds to learn them (resolver.START_WAIT)."""
     secrets, problems, warnings = load_secrets(config.secret_file)
     for warning in warnings:
         log.warning("%s", warning)
@@ -115,13 +102,9 @@ def read_secrets(config: Config, at_start: bool) -> dict[int, PeerEntry]:
         raise StartError("\n".join(fatal))
     for problem in fatal:
         log.error("%s", problem)
-    return peer_entries(secrets, config.port)
-
-
-def underlay_hosts(config: Config, peers: dict[int, PeerEntry]) -> list[str]:
-    """Servers' and forwarders' public addresses: they must stay outside the tunnel."""
-    return sorted({e.static_addr[0] for i, e in peers.items()
-                   if e.static_addr is not None and i != config.id and (i < config.id or i in config.forwarders)})
+    if at_start:
+        resolver.wait(host_names(secrets))
+    return peer_entries(secrets, config.port, resolver.lookup)
 
 
 def known_hosts(node: Node, limit: int = MAX_FILTER_ADDRESSES) -> set[str] | None:
@@ -159,6 +142,9 @@ class Daemon:
         self.started = time.time()
         self.tun_write_errors = 0
         self._secrets_changed_at: float | None = None
+        self.resolver: Resolver | None = None
+        self._names_moved = False           # set by the resolver's thread: a host name's address changed
+        self._wake_w: socket.socket | None = None
         self._routes_changed_at: float | None = None
         self._last_drops: dict[tuple[int | None, DropReason], int] = {}
         self._hook_env: dict[str, str] = {}
@@ -175,7 +161,9 @@ class Daemon:
         if removed:
             log.warning("undid %d changes (rules, routes, sysctls) left by an earlier run that did not stop cleanly",
                     removed)
-        peers = read_secrets(cfg, at_start=True)
+        self.resolver = Resolver(self._on_names_moved)
+        stack.callback(self.resolver.close)
+        peers = read_secrets(cfg, at_start=True, resolver=self.resolver)
         codec = fec.codec_problem()
         if codec:
             raise StartError(codec)
@@ -223,6 +211,15 @@ class Daemon:
         self.client_routes.apply()
         self.route_lookup = routes.RouteLookup(cfg.name)
         self.route_monitor = stack.enter_context(contextlib.closing(routes.RouteMonitor()))
+
+    def _on_names_moved(self) -> None:
+        """(In the resolver's thread.) Wake the loop; it re-reads secrets.txt."""
+        self._names_moved = True
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"r")
+            except OSError:
+                pass        # (a full pipe wakes the loop anyway)
 
     def _gateway_for(self, dst: bytes) -> int | None:
         """docs/protocol.md §6: a destination outside the tunnel net goes to the peer the
@@ -282,7 +279,7 @@ class Daemon:
 
     def reload_secrets(self) -> None:
         try:
-            peers = read_secrets(self.config, at_start=False)
+            peers = read_secrets(self.config, at_start=False, resolver=self.resolver)
         except (StartError, ConfigError) as e:
             log.error("secrets reload refused, keeping the current peers: %s", str(e).replace("\n", "; "))
             return
@@ -411,6 +408,7 @@ class Daemon:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+        self._wake_w = wake_w
         old_handlers = {s: signal.signal(s, self._on_signal) for s in sigs}
         try:
             with contextlib.ExitStack() as stack:
@@ -429,6 +427,7 @@ class Daemon:
             signal.set_wakeup_fd(old_wakeup)
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            self._wake_w = None
             wake_r.close()
             wake_w.close()
 
@@ -492,11 +491,15 @@ class Daemon:
                 self.reload_requested = False
                 self.notifier.reloading()
                 self.reload_config()
+                self.resolver.refresh_all()    # a reload also re-resolves host names (in the background)
                 self.reload_secrets()
                 self.notifier.ready(self.status_line())
             elif self._secrets_changed_at is not None and now >= self._secrets_changed_at + RELOAD_DEBOUNCE:
                 self._secrets_changed_at = None
                 self.reload_secrets()
+            elif self._names_moved:
+                self._names_moved = False
+                self.reload_secrets()      # with the resolver's new answer
             if self._routes_changed_at is not None and now >= self._routes_changed_at + ROUTES_DEBOUNCE:
                 self._routes_changed_at = None
                 change = self.client_routes.reapply_if_needed()
@@ -515,7 +518,7 @@ class Daemon:
                 next_flood_check = now + FLOOD_CHECK_INTERVAL
             if now >= next_resolve:
                 next_resolve = now + RESOLVE_INTERVAL
-                self.reload_secrets()      # re-resolves host names; unchanged peers are untouched
+                self.resolver.refresh_all()    # in its thread: an answer that moved wakes us (_names_moved)
         sel.close()
         return 0
 

@@ -162,8 +162,8 @@ def big_secrets(tmp_path_factory) -> Path:
 
 def load_table(path: Path) -> Node:
     """What the daemon does at start: read and parse secrets.txt, build the
-    entries (alpaca.daemon.peer_entries: literal IPs, no DNS), build the Node."""
-    from alpaca.daemon import peer_entries
+    entries (alpaca.peerlist.peer_entries: literal IPs, no DNS), build the Node."""
+    from alpaca.peerlist import peer_entries
     from alpaca.secrets import load_secrets
     secrets, problems, warnings = load_secrets(path)
     assert not problems and not warnings
@@ -181,7 +181,7 @@ def test_65k_peer_secrets_load_in_seconds(big_secrets):
     assert len(node.table.peers) == N_PEERS
 
     # what a table this size costs the running daemon afterwards
-    from alpaca.daemon import peer_entries
+    from alpaca.peerlist import peer_entries
     from alpaca.secrets import load_secrets
     t0 = time.perf_counter()
     secrets, _, _ = load_secrets(big_secrets)

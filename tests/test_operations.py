@@ -75,3 +75,73 @@ def test_bad_control_requests_get_errors(mesh4):
             reply = json.loads(s.makefile().readline())
         assert "error" in reply, (request, reply)
     assert mesh4.peers["s1"].status()["id"] == "1.1"
+
+
+@pytest.mark.root
+def test_a_resolver_that_never_answers_stalls_nothing(tmp_path):
+    """secrets.txt names a peer by a host name, and the client's DNS server
+    (127.0.0.1:53 in its namespace, seen only by the daemon) reads queries
+    and never answers: each lookup hangs ~10 s (glibc: 5 s x 2 tries). With
+    the re-resolve period cut to 1.5 s, pings through the tunnel every 0.1 s
+    for 6 s (four periods) all come back fast, and the systemd watchdog pings
+    (WATCHDOG_USEC 2 s: one every 0.5 s) never pause."""
+    import socket
+    import time
+    from conftest import Mesh, TOOLS, unique_prefix
+    from alpaca.testbed import Testbed
+    tb = Testbed(unique_prefix())
+    mesh = Mesh(tb, tmp_path)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    dns = None
+    try:
+        ip = {"s1": tb.add_host("s1", 1), "c1": tb.add_host("c1", 16)}
+        servers = [mesh.line("1.1", ip["s1"]), f"1.2 {mesh.key('1.2')} s2.alpaca-test.example null 1040"]
+        mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, servers + [mesh.line("16.1", None)])
+        client = mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1"},
+                          servers + [mesh.line("16.1", None)])
+        mesh.peers["s1"].start()
+        dns = tb.popen("c1", [PY, "-c", "import socket, time\n"
+                                       "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                                       "s.bind(('127.0.0.1', 53)); print('ready', flush=True)\n"
+                                       "while True: s.recv(4096)\n"], stdout=subprocess.PIPE, text=True)
+        assert dns.stdout.readline().strip() == "ready"
+        resolv = tmp_path / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\n")
+        notify_path = tmp_path / "notify.sock"
+        notify.bind(str(notify_path))
+        notify.settimeout(0.2)
+        env = {**__import__("os").environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "2000000"}
+        client.log = open(client.log_path, "ab")
+        client.proc = tb.popen("c1", [PY, str(TOOLS / "daemon_with_resolv.py"), str(resolv), "1.5",
+                                      "-C", str(client.config_path)], stdout=client.log, stderr=client.log, env=env)
+        messages = []                     # (time, message) from the daemon's notify socket
+
+        def drain(until: float) -> None:
+            while time.monotonic() < until:
+                try:
+                    messages.append((time.monotonic(), notify.recv(4096).decode()))
+                except socket.timeout:
+                    pass
+        deadline = time.monotonic() + 20
+        while not any("READY=1" in m for _, m in messages) and time.monotonic() < deadline:
+            drain(time.monotonic() + 0.2)
+        assert any("READY=1" in m for _, m in messages), client.log_text()
+        assert wait_for(lambda: client.run(["ping", "-n", "-c", "1", "-W", "1", "10.17.1.1"]).returncode == 0, 10)
+        pinger = tb.popen("c1", ["ping", "-n", "-c", "60", "-i", "0.1", "-W", "1", "10.17.1.1"],
+                          stdout=subprocess.PIPE, text=True)
+        start = time.monotonic()
+        drain(start + 6.5)
+        out = pinger.communicate(timeout=10)[0]
+        received = int(out.split(" received")[0].rsplit(" ", 1)[1])
+        rtt_max = float(out.strip().splitlines()[-1].split("=")[1].split("/")[2])
+        pings = [t for t, m in messages if "WATCHDOG=1" in m and t >= start]
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        print(f"\ndead DNS, 4 re-resolve periods: {received}/60 pings, max RTT {rtt_max:.1f} ms, "
+              f"{len(pings)} watchdog pings, longest gap {max(gaps):.2f} s")
+        assert received == 60 and rtt_max < 200, out
+        assert len(pings) >= 10 and max(gaps) < 1.0, gaps
+    finally:
+        notify.close()
+        if dns is not None:
+            tb.stop(dns)
+        mesh.close()

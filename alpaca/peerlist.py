@@ -1,0 +1,61 @@
+"""The group's peer list: secrets.txt as the core needs it, and what must
+agree between it and config.json. Used by the daemon and by
+`alpaca-tunnel check`, neither of which owns it."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .config import Config
+from .protocol.ids import format_id
+from .protocol.peers import PeerEntry
+from .secrets import PeerSecret, resolve_host
+
+
+def peer_entries(secrets: dict[int, PeerSecret], default_port: int,
+                 lookup: Callable[[str], str | None] = resolve_host) -> dict[int, PeerEntry]:
+    """secrets.txt lines -> what the core needs. Host names are resolved by
+    `lookup`: the daemon's never blocks (alpaca/resolver.py); the default,
+    for `check`, asks the system resolver and waits."""
+    entries = {}
+    for secret in secrets.values():
+        addr = None
+        if secret.host:
+            ip = lookup(secret.host)
+            if ip is not None:
+                addr = (ip, secret.port or default_port)
+        entries[secret.id] = PeerEntry(secret.key, addr)
+    return entries
+
+
+def host_names(secrets: dict[int, PeerSecret]) -> list[str]:
+    """The ip column of every line that has one (literal addresses included)."""
+    return sorted({s.host for s in secrets.values() if s.host})
+
+
+def underlay_hosts(config: Config, peers: dict[int, PeerEntry]) -> list[str]:
+    """Servers' and forwarders' public addresses: they must stay outside the tunnel."""
+    return sorted({e.static_addr[0] for i, e in peers.items()
+                   if e.static_addr is not None and i != config.id and (i < config.id or i in config.forwarders)})
+
+
+def cross_problems(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
+    """What is wrong between config.json and secrets.txt."""
+    source = str(config.secret_file)
+    problems = []
+    own = secrets.get(config.id)
+    if own is None or own.key is None:
+        problems.append(f"{source}: this peer's own ID {format_id(config.id)} needs a line with its key (not null)")
+    needed = ([("gateway", config.gateway)] if config.gateway is not None else []) + \
+        [("forwarder", f) for f in config.forwarders]
+    for role, peer_id in needed:
+        entry = secrets.get(peer_id)
+        if entry is None:
+            problems.append(f"{source}: the {role} {format_id(peer_id)} has no line")
+        elif entry.host is None and role == "forwarder":
+            problems.append(f"{source}: line {entry.line}: the forwarder {format_id(peer_id)} needs an address "
+                            f"(it is sent to directly)")
+        elif entry.host is None and not config.forwarders:
+            problems.append(f"{source}: line {entry.line}: the gateway {format_id(peer_id)} needs an address "
+                            f"(no forwarders are configured to reach it)")
+    return problems
