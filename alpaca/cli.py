@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, default_config_path, load_config
-from .control import ControlError, query, socket_path
-from .protocol.crypto import genkey
+from .host.control import ControlError, query, socket_path
+from .secrets import genkey
 
 
 def _config_path(arg: str | None) -> Path:

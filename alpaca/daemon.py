@@ -26,23 +26,23 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError, config_warnings, load_config, parse_fec
-from .control import ControlError, ControlServer, socket_path
-from .hooks import HookError, run_hooks
-from .nat import NatError
-from .notify import Notifier
-from .protocol.drops import GLOBAL_DROPS, DropReason
+from .host.control import ControlError, ControlServer, socket_path
+from .host.hooks import HookError, run_hooks
+from .host.nat import NatError, ServerNat
+from .host.notify import Notifier
+from .host.resolver import Resolver, resolve_host
+from .host.routes import RouteError
+from .host.sysctl import IP_FORWARD, Sysctl
+from .host.tun import Tun, TunError
+from .host.udp import MAX_FILTER_ADDRESSES, UNKNOWN_ONE_IN, Udp, UdpError
+from .host.watch import FileWatch
+from .peerlist import cross_problems, host_names, peer_entries, underlay_hosts
 from .protocol import fec
+from .protocol.drops import GLOBAL_DROPS, DropReason
 from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
-from .routes import RouteError
-from .peerlist import cross_problems, host_names, peer_entries, underlay_hosts
-from .resolver import Resolver
-from .secrets import load_secrets
-from .sysctl import IP_FORWARD, Sysctl
-from .tun import Tun, TunError
-from .udp import MAX_FILTER_ADDRESSES, UNKNOWN_ONE_IN, Udp, UdpError
-from .watch import FileWatch
+from .secrets import PeerSecret, load_secrets
 
 log = logging.getLogger("alpaca")
 
@@ -107,6 +107,31 @@ def read_secrets(config: Config, at_start: bool, resolver: Resolver) -> dict[int
     return peer_entries(secrets, config.port, resolver.lookup)
 
 
+def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
+    """What the daemon would do to the host, for people to read (`alpaca-tunnel check`)."""
+    net = TunnelNet(config.net)
+    lines = [f"peer {format_id(config.id)} ({config.mode}) in group {config.group!r}, "
+             f"{len(secrets) - (config.id in secrets)} other peers",
+             f"UDP socket on {config.listen}:{config.port}"]
+    if config.mode != "forwarder":
+        lines.append(f"TUN device {config.name}, MTU {config.mtu}, address {net.address(config.id)}/16")
+    if config.mode == "server":
+        lines.append("sysctl net.ipv4.ip_forward = 1 (restored on stop)")
+        nat = ServerNat(config.name, str(net.network), config.mtu, config.allow_inbound_from)
+        lines += [f"iptables-legacy {rule}" for rule in nat.rules()]
+    if config.mode == "client" and config.gateway is not None:
+        from .host import routes
+        entries = peer_entries(secrets, config.port, resolve_host)
+        client_routes = routes.ClientRoutes(config.name, str(net.address(config.gateway)),
+                                            underlay_hosts(config, entries), list(config.local_routes),
+                                            config.chnroute)
+        lines += client_routes.describe()
+    for stage in ("pre_up", "post_up", "pre_down", "post_down"):
+        for command in getattr(config, f"{stage}_cmds"):
+            lines.append(f"{stage} hook: {command}")
+    return lines
+
+
 def known_hosts(node: Node, limit: int = MAX_FILTER_ADDRESSES) -> set[str] | None:
     """Every peer address the node knows (static and learned paths); None
     when there are more than `limit`."""
@@ -121,7 +146,7 @@ def known_hosts(node: Node, limit: int = MAX_FILTER_ADDRESSES) -> set[str] | Non
 
 def cleanup_leftovers(tun_name: str) -> int:
     """Remove what a previous run with this TUN name left behind (SIGKILL)."""
-    from . import nat, routes, sysctl
+    from .host import nat, routes, sysctl
     return nat.cleanup(tun_name) + routes.cleanup(tun_name) + sysctl.cleanup(tun_name)
 
 
@@ -184,7 +209,6 @@ class Daemon:
             sysctl = Sysctl(cfg.name)
             sysctl.set(IP_FORWARD, "1")     # servers route between clients and out
             stack.callback(sysctl.restore)
-            from .nat import ServerNat
             server_nat = ServerNat(cfg.name, str(net.network), cfg.mtu, cfg.allow_inbound_from)
             stack.callback(server_nat.remove)
             server_nat.apply()
@@ -201,7 +225,7 @@ class Daemon:
                  cfg.listen, cfg.port, len(peers) - 1, socket_path(cfg))
 
     def _setup_client_routes(self, stack: contextlib.ExitStack, peers: dict[int, PeerEntry], net: TunnelNet) -> None:
-        from . import routes
+        from .host import routes
         cfg = self.config
         routes.mark_socket(self.udp.sock, routes.FWMARK)
         self.client_routes = routes.ClientRoutes(

@@ -9,14 +9,14 @@ from typing import Callable
 from .config import Config
 from .protocol.ids import format_id
 from .protocol.peers import PeerEntry
-from .secrets import PeerSecret, resolve_host
+from .secrets import PeerSecret
 
 
 def peer_entries(secrets: dict[int, PeerSecret], default_port: int,
-                 lookup: Callable[[str], str | None] = resolve_host) -> dict[int, PeerEntry]:
+                 lookup: Callable[[str], str | None]) -> dict[int, PeerEntry]:
     """secrets.txt lines -> what the core needs. Host names are resolved by
-    `lookup`: the daemon's never blocks (alpaca/resolver.py); the default,
-    for `check`, asks the system resolver and waits."""
+    `lookup`: the daemon's never blocks (alpaca/host/resolver.py); `check`
+    asks the system resolver and waits (resolver.resolve_host)."""
     entries = {}
     for secret in secrets.values():
         addr = None

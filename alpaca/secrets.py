@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from alpaca.config import ConfigError
+from alpaca.protocol.crypto import genkey  # noqa: F401  (makes a key string of the format read here)
 from alpaca.protocol.ids import IdError, parse_id
 
 MIN_KEY_LENGTH = 16
@@ -137,16 +137,3 @@ def load_secrets(path: Path) -> tuple[dict[int, PeerSecret], list[SecretsProblem
         warnings.append(f"{path}: {what} (mode {mode:04o}); run: chmod 600 {path}")
     peers, problems = parse_secrets(text, str(path))
     return peers, problems, warnings
-
-
-def resolve_host(host: str) -> str | None:
-    """The IPv4 address of an ip column (literal or host name); None when it does not resolve."""
-    try:
-        return str(ipaddress.IPv4Address(host))
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, socket.AF_INET)
-        return infos[0][4][0] if infos else None
-    except (OSError, UnicodeError, ValueError):
-        return None

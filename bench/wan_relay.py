@@ -82,7 +82,7 @@ import sys
 import time
 from collections import deque
 
-# linux/udp.h, asm-generic/socket.h (the same values as alpaca/udp.py)
+# linux/udp.h, asm-generic/socket.h (the same values as alpaca/host/udp.py)
 UDP_SEGMENT, UDP_GRO = 103, 104
 SO_RCVBUFFORCE, SO_SNDBUFFORCE = 33, 32
 SO_MEMINFO, SK_MEMINFO_DROPS = 55, 8

@@ -1,4 +1,4 @@
-"""The control socket never stalls the datapath (alpaca/control.py).
+"""The control socket never stalls the datapath (alpaca/host/control.py).
 
 Tier 1: a request that trickles in, or never comes, is cut off at its
 deadline without a single blocking call. Tier 3: local clients that trickle
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca.control import CLIENT_TIMEOUT, ControlServer, query
+from alpaca.host.control import CLIENT_TIMEOUT, ControlServer, query
 
 TRICKLE = r"""
 import socket, sys, time

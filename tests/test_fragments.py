@@ -346,7 +346,7 @@ def test_reassembly_is_bounded_per_source_peer(monkeypatch):
 
 
 def test_shards_as_views_of_one_receive_buffer():
-    """alpaca/udp.py hands a UDP GRO train over as memoryviews of one buffer:
+    """alpaca/host/udp.py hands a UDP GRO train over as memoryviews of one buffer:
     the core takes them like bytes, also when parity has to fill a gap."""
     client, server = pair(fec=fixed(2))
     packet = super_packet()

@@ -235,7 +235,7 @@ def test_catches_an_escaping_exception(monkeypatch):
 
 def test_a_peer_heard_at_its_static_ipv6_address_is_one_path():
     """Found by the fuzz work: an AF_INET6 socket reports (host, port, flowinfo,
-    scope_id). The core's contract is plain (host, port) pairs; alpaca/udp.py
+    scope_id). The core's contract is plain (host, port) pairs; alpaca/host/udp.py
     converts at the boundary (tests/test_udp.py), so a peer heard at its static
     IPv6 address is one path, not two."""
     v6 = ("2001:db8::161", 1040)

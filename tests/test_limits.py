@@ -167,7 +167,7 @@ def load_table(path: Path) -> Node:
     from alpaca.secrets import load_secrets
     secrets, problems, warnings = load_secrets(path)
     assert not problems and not warnings
-    return make_node(peer_entries(secrets, 1040))
+    return make_node(peer_entries(secrets, 1040, str))
 
 
 def test_65k_peer_secrets_load_in_seconds(big_secrets):
@@ -185,7 +185,7 @@ def test_65k_peer_secrets_load_in_seconds(big_secrets):
     from alpaca.secrets import load_secrets
     t0 = time.perf_counter()
     secrets, _, _ = load_secrets(big_secrets)
-    added, changed, removed = node.apply_peers(peer_entries(secrets, 1040), T0)
+    added, changed, removed = node.apply_peers(peer_entries(secrets, 1040, str), T0)
     reload = time.perf_counter() - t0
     assert (added, changed, removed) == ([], [], [])
     t0 = time.perf_counter()
@@ -777,7 +777,7 @@ def test_full_speed_garbage_flood_does_not_stop_traffic(flood_bed, full_flood):
 @pytest.mark.root
 def test_full_speed_garbage_flood_keeps_half_the_goodput(full_flood):
     """The daemon sees its socket overflow with garbage and attaches the
-    socket filter (alpaca/udp.py): the kernel drops most of the flood before
+    socket filter (alpaca/host/udp.py): the kernel drops most of the flood before
     it takes the buffer from the tunnel's datagrams. Measured 40-97 % of the
     clean goodput (docs/limits.md §3); asserted > 25 %, which the code
     without the filter never reached (0.5-11 %), so the test tells the two
@@ -788,7 +788,7 @@ def test_full_speed_garbage_flood_keeps_half_the_goodput(full_flood):
 
 
 class FakeUdp:
-    """What Daemon._check_flood uses of alpaca.udp.Udp."""
+    """What Daemon._check_flood uses of alpaca.host.udp.Udp."""
 
     def __init__(self):
         self.drops, self.filtered, self.attached = 0, None, []
@@ -884,7 +884,7 @@ def test_status_of_a_65k_peer_table_reaches_the_cli(big_secrets, tmp_path):
     against a control server answering what the daemon would."""
     import sys
 
-    from alpaca.control import ControlServer
+    from alpaca.host.control import ControlServer
     node = load_table(big_secrets)
     sock = tmp_path / "control.sock"
     config = tmp_path / "config.json"

@@ -1,7 +1,7 @@
-"""Server NAT rules (alpaca/nat.py) in throw-away network namespaces.
+"""Server NAT rules (alpaca/host/nat.py) in throw-away network namespaces.
 
 Every root test builds its own namespace(s) with alpaca.testbed.Testbed and
-runs alpaca.nat there in a child python (`tb.run(...)`), so the host's own
+runs alpaca.host.nat there in a child python (`tb.run(...)`), so the host's own
 ruleset is never read or written. Checks use iptables-legacy(-save) inside
 the namespace: python-iptables writes the legacy (x_tables) tables.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute, NetNS
 
-from alpaca.nat import RuleSpec, ServerNat, tag_for
+from alpaca.host.nat import RuleSpec, ServerNat, tag_for
 from alpaca import testbed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +72,7 @@ def rule_lines(tb: testbed.Testbed, tag: str = TAG, host: str = "h") -> list[str
 
 
 def apply_code(mtu: int = 1400, tun: str = TUN, net: str = NET, inbound: tuple = ()) -> str:
-    return f"from alpaca.nat import ServerNat; print(ServerNat({tun!r}, {net!r}, {mtu}, {inbound!r}).apply())"
+    return f"from alpaca.host.nat import ServerNat; print(ServerNat({tun!r}, {net!r}, {mtu}, {inbound!r}).apply())"
 
 
 def expected(mtu: int, tun: str = TUN, tag: str = TAG, inbound: tuple = ()) -> list[str]:
@@ -148,7 +148,7 @@ def test_apply_is_idempotent(tb):
     assert py(tb, apply_code()).stdout.strip() == str(N_RULES)
     assert py(tb, apply_code()).stdout.strip() == "0"        # another process, e.g. a restart
     r = py(tb, """
-        from alpaca.nat import ServerNat
+        from alpaca.host.nat import ServerNat
         n = ServerNat("alp0", "10.5.0.0/16", 1400)
         print(n.apply(), n.apply(), len(n.missing()))
     """)
@@ -172,7 +172,7 @@ def test_remove_restores_the_tables(tb):
            "iptables-legacy -t mangle -A FORWARD -p tcp --tcp-flags SYN,RST SYN -j TCPMSS --set-mss 1000")
     before = save(tb)
     r = py(tb, """
-        from alpaca.nat import ServerNat
+        from alpaca.host.nat import ServerNat
         n = ServerNat("alp0", "10.5.0.0/16", 1400)
         print(n.apply(), n.remove(), n.remove(), len(n.missing()))
     """)
@@ -194,7 +194,7 @@ def test_cleanup_after_sigkill_removes_exactly_our_leftovers(tb):
     # the "daemon": applies, then dies without removing anything
     r = py(tb, """
         import os, signal
-        from alpaca.nat import ServerNat
+        from alpaca.host.nat import ServerNat
         ServerNat("alp0", "10.5.0.0/16", 1400).apply()
         os.kill(os.getpid(), signal.SIGKILL)
     """, ok=False)
@@ -202,11 +202,11 @@ def test_cleanup_after_sigkill_removes_exactly_our_leftovers(tb):
     assert sorted(rule_lines(tb)) == sorted(expected(1400))
 
     # the next start / `alpaca-tunnel cleanup`, a fresh process
-    assert py(tb, "from alpaca.nat import cleanup; print(cleanup('alp0'))").stdout.strip() == str(N_RULES)
+    assert py(tb, "from alpaca.host.nat import cleanup; print(cleanup('alp0'))").stdout.strip() == str(N_RULES)
     assert save(tb) == before
     assert len(rule_lines(tb, "alpaca-tunnel:alp01")) == N_RULES
     assert len(rule_lines(tb, "alpaca-tunnel:alp")) == 1
-    assert py(tb, "from alpaca.nat import cleanup; print(cleanup('alp0'))").stdout.strip() == "0"
+    assert py(tb, "from alpaca.host.nat import cleanup; print(cleanup('alp0'))").stdout.strip() == "0"
 
 
 @pytest.mark.root
@@ -230,7 +230,7 @@ def test_our_filter_rules_come_after_the_administrators_on_a_docker_style_forwar
     assert py(tb, apply_code()).stdout.strip() == "3"
     assert chain_rules(tb, "filter", "FORWARD") == ["-A FORWARD -j DOCKER-USER", *exp[1:4], "-A FORWARD -j DROP"]
     assert "-P FORWARD DROP" in sh(tb, "iptables-legacy -S FORWARD")
-    py(tb, "from alpaca.nat import cleanup; cleanup('alp0')")
+    py(tb, "from alpaca.host.nat import cleanup; cleanup('alp0')")
     assert "-P FORWARD DROP" in sh(tb, "iptables-legacy -S FORWARD")   # policy untouched
 
 
@@ -241,7 +241,7 @@ def test_xtables_lock_held_gives_one_readable_error(tb, tmp_path):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         r = py(tb, """
-            import alpaca.nat as nat
+            import alpaca.host.nat as nat
             nat.LOCK_WAIT = 0.3
             try:
                 nat.ServerNat("alp0", "10.5.0.0/16", 1400).apply()
@@ -258,7 +258,7 @@ def test_xtables_lock_held_gives_one_readable_error(tb, tmp_path):
 @pytest.mark.root
 def test_iptc_errors_become_one_line_nat_errors(tb):
     r = py(tb, """
-        import alpaca.nat as nat
+        import alpaca.host.nat as nat
         nat.TABLES = ("no_such_table",)      # iptc_init fails, nothing is changed
         try:
             nat.cleanup("alp0")
@@ -343,7 +343,7 @@ def test_gateway_forwards_masquerades_and_clamps(tb):
     assert _mss_both_ways(tb) == (1360, 1360)
     sh(tb, "iptables-legacy -t mangle -F FORWARD", "r")      # without the clamp: veth MTU 1500 - 40
     assert _mss_both_ways(tb) == (1460, 1460)
-    assert py(tb, "from alpaca.nat import cleanup; print(cleanup('alp0'))", host="r").stdout.strip() == "4"
+    assert py(tb, "from alpaca.host.nat import cleanup; print(cleanup('alp0'))", host="r").stdout.strip() == "4"
     assert not _pings(tb)
 
 
@@ -387,7 +387,7 @@ def test_outside_hosts_cannot_open_connections_into_the_tunnel(tb):
         drops = [l for l in sh(tb, "iptables-legacy -v -x -n -L FORWARD", "r").splitlines() if "DROP" in l
                  and "alp0" in l]
         assert drops and int(drops[0].split()[0]) >= 1       # counted by our DROP
-        py(tb, "from alpaca.nat import cleanup; cleanup('alp0')", host="r")
+        py(tb, "from alpaca.host.nat import cleanup; cleanup('alp0')", host="r")
     py(tb, apply_code(1400, inbound=("172.31.77.0/24",)), host="r")      # x's network
     assert _x_pings_c(tb) and _pings(tb)
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from alpaca.control import default_socket_path
+from alpaca.host.control import default_socket_path
 from alpaca.testbed import wait_for
 from conftest import PY
 

@@ -1,4 +1,4 @@
-"""alpaca/resolver.py: host names are resolved in a worker thread; the loop's
+"""alpaca/host/resolver.py: host names are resolved in a worker thread; the loop's
 lookup never blocks (tier 1, with a fake resolve function)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from alpaca.resolver import Resolver
+from alpaca.host.resolver import Resolver
 
 
 class FakeDns:

@@ -1,4 +1,4 @@
-"""Client routing (alpaca/routes.py): policy routing into the tunnel, chnroute, monitor, lookup, cleanup.
+"""Client routing (alpaca/host/routes.py): policy routing into the tunnel, chnroute, monitor, lookup, cleanup.
 
 Every root test builds its own namespace "client" (Testbed, unique prefix) with
 eth0 on 172.31.77.0/24, a default route via a fake gateway 172.31.77.254 and a
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from alpaca import routes, testbed
+from alpaca import testbed
+from alpaca.host import routes
 from alpaca.config import ChnRoute
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ TAG = f"proto {routes.ALPACA_RTPROTO}"
 PRELUDE = """
 import json, logging, select, socket, subprocess, sys, time
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
-from alpaca import routes
+from alpaca.host import routes
 from alpaca.config import ChnRoute
 def ip(*args):
     subprocess.run(["ip", *args], check=True)

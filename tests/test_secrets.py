@@ -7,7 +7,8 @@ import pytest
 from alpaca.protocol.ids import parse_id
 
 from alpaca.config import ConfigError
-from alpaca.secrets import PeerSecret, load_secrets, parse_secrets, resolve_host
+from alpaca.host.resolver import resolve_host
+from alpaca.secrets import PeerSecret, load_secrets, parse_secrets
 
 KEY = "k" * 43
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 from conftest import PY, Mesh, can_run_tier3, unique_prefix
 
-from alpaca.control import ControlError, query
+from alpaca.host.control import ControlError, query
 from alpaca.protocol.constants import KIND_DATA, REPLAY_WINDOW
 from alpaca.protocol.crypto import derive_group_key
 from alpaca.protocol.wire import peek

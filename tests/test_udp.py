@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from alpaca.udp import MAX_FILTER_ADDRESSES, Udp, filter_program
+from alpaca.host.udp import MAX_FILTER_ADDRESSES, Udp, filter_program
 
 
 def drain(udp: Udp, expected: int, timeout: float = 3.0) -> list[bytes]:

@@ -47,7 +47,7 @@ PROBE_TIMEOUT = 2.0         # a way whose challenge is unanswered this long does
 DELIVERS_WITHIN = 12.0      # ... and one answered this recently does (3 keepalive intervals)
 MAX_PROBED = 16             # ways to a peer whose probes are kept
 
-Addr = tuple  # (host, port); alpaca/udp.py turns IPv6 socket addresses into this form
+Addr = tuple  # (host, port); alpaca/host/udp.py turns IPv6 socket addresses into this form
 
 
 @dataclass(slots=True)

@@ -17,15 +17,28 @@ from __future__ import annotations
 import ipaddress
 import logging
 import queue
+import socket
 import threading
 import time
 from typing import Callable
 
-from .secrets import resolve_host
 
 log = logging.getLogger(__name__)
 
 START_WAIT = 5.0        # seconds the daemon's start waits for its names before going on without them
+
+
+def resolve_host(host: str) -> str | None:
+    """The IPv4 address of an ip column (literal or host name); None when it does not resolve."""
+    try:
+        return str(ipaddress.IPv4Address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+        return infos[0][4][0] if infos else None
+    except (OSError, UnicodeError, ValueError):
+        return None
 
 
 class Resolver:

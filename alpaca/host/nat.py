@@ -4,7 +4,7 @@ Why
 ---
 A server forwards its clients' traffic to the internet. For that the kernel
 must route between the TUN device and the uplink (ip_forward, set by
-alpaca/sysctl.py, not here) and three kinds of packet-filter rules are needed:
+alpaca/host/sysctl.py, not here) and three kinds of packet-filter rules are needed:
 
 * the clients' tunnel addresses are private, so packets leaving for the
   outside get the server's address (MASQUERADE);
