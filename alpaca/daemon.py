@@ -198,7 +198,8 @@ class Daemon:
         self._hook_env = {"ALPACA_TUN": cfg.name, "ALPACA_ID": format_id(cfg.id), "ALPACA_MODE": cfg.mode,
                           "ALPACA_NET": str(net.network)}
         run_hooks("pre_up", cfg.pre_up_cmds, self._hook_env, fatal=True)
-        stack.callback(run_hooks, "post_down", cfg.post_down_cmds, self._hook_env, False)
+        # the commands of the config as it is at stop time: a reload may have changed them
+        stack.callback(lambda: run_hooks("post_down", self.config.post_down_cmds, self._hook_env, False))
 
         self.node = Node(settings_from(cfg), peers, now, gateway_for=self._gateway_for)
         self.udp = stack.enter_context(contextlib.closing(Udp(cfg.listen, cfg.port)))
@@ -218,7 +219,7 @@ class Daemon:
         self.watch = FileWatch(cfg.secret_file)
         stack.callback(lambda: self.watch.close())      # the current one: a reload may replace it
         run_hooks("post_up", cfg.post_up_cmds, self._hook_env, fatal=True)
-        stack.callback(run_hooks, "pre_down", cfg.pre_down_cmds, self._hook_env, False)
+        stack.callback(lambda: run_hooks("pre_down", self.config.pre_down_cmds, self._hook_env, False))
         log.info("started: id %s, mode %s, %s, UDP %s:%d, %d peers, control %s",
                  format_id(cfg.id), cfg.mode,
                  f"TUN {self.tun.name} {net.address(cfg.id)}/16" if self.tun else "no TUN",
