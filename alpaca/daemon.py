@@ -43,26 +43,18 @@ from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
 from .secrets import PeerSecret, load_secrets
+from .supervision import (DROP_SUMMARY_INTERVAL, FLOOD_CHECK_INTERVAL, FLOOD_HOLD, FLOOD_MIN, DropSummary,
+                          FloodGuard)
 
 log = logging.getLogger("alpaca")
 
 BATCH = 64                  # packets drained from one fd per wake-up
-DROP_SUMMARY_INTERVAL = 10.0
-DROP_SUMMARY_PEERS = 3      # peers named in a drop summary line
 STATUS_INTERVAL = 5.0
 RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (docs/configuration.md)
 RELOAD_DEBOUNCE = 0.3       # editors write in several steps
 ROUTES_DEBOUNCE = 0.5       # route changes come in bursts
 MAX_SLEEP = 1.0
 CAP_NET_ADMIN = 12          # linux/capability.h
-# the socket filter against garbage floods (_check_flood): on when, in one
-# check, garbage was read at FLOOD_RATE, or the kernel dropped datagrams and
-# at least FLOOD_MIN of what was read was garbage; off once the kernel has
-# dropped fewer than FLOOD_MIN per check for FLOOD_HOLD
-FLOOD_CHECK_INTERVAL = 0.5
-FLOOD_RATE = 10_000         # unauthenticated datagrams/s (the daemon reads 30,000-150,000/s at most)
-FLOOD_MIN = 100
-FLOOD_HOLD = 10.0
 UNAUTHENTICATED = tuple(r for r in GLOBAL_DROPS if r is not DropReason.NOT_ROUTABLE)
 
 # config keys that a SIGHUP can apply to the running daemon; the rest need a restart
@@ -171,11 +163,10 @@ class Daemon:
         self._names_moved = False           # set by the resolver's thread: a host name's address changed
         self._wake_w: socket.socket | None = None
         self._routes_changed_at: float | None = None
-        self._last_drops: dict[tuple[int | None, DropReason], int] = {}
+        self._drop_summary = DropSummary()
         self._hook_env: dict[str, str] = {}
         # the socket filter against garbage floods (_check_flood)
-        self._kernel_drops = self._garbage = 0
-        self._flood_seen: float | None = None      # last check with a flood; None: filter off
+        self._flood_guard = FloodGuard()
         self._filter_hosts: set[str] | None = None
 
     # ------------------------------------------------------------ setup / teardown
@@ -203,7 +194,7 @@ class Daemon:
 
         self.node = Node(settings_from(cfg), peers, now, gateway_for=self._gateway_for)
         self.udp = stack.enter_context(contextlib.closing(Udp(cfg.listen, cfg.port)))
-        self._kernel_drops = self.udp.kernel_drops() or 0
+        self._flood_guard = FloodGuard(self.udp.kernel_drops() or 0)
         if cfg.mode != "forwarder":
             self.tun = stack.enter_context(contextlib.closing(Tun(cfg.name, cfg.mtu, str(net.address(cfg.id)), offload=cfg.offload)))
         if cfg.mode == "server":
@@ -356,63 +347,37 @@ class Daemon:
         self.node.notices.clear()
 
     def _log_drop_summary(self) -> None:
-        """Per-packet problems are summed up here, never logged one by one:
-        one line per reason, naming the peers with the most."""
-        current: dict[tuple[int | None, DropReason], int] = {
-            (None, r): n for r, n in self.node.global_drops.items()}
+        """Per-packet problems are summed up here, never logged one by one."""
+        counts: dict[tuple[int | None, DropReason], int] = {(None, r): n for r, n in self.node.global_drops.items()}
         for peer in self.node.table.peers.values():
-            current.update({(peer.id, r): n for r, n in peer.drops.items()})
-        by_reason: dict[DropReason, list[tuple[int, int | None]]] = {}
-        for (peer_id, reason), count in current.items():
-            delta = count - self._last_drops.get((peer_id, reason), 0)
-            if delta > 0:
-                by_reason.setdefault(reason, []).append((delta, peer_id))
-        for reason in sorted(by_reason, key=lambda r: r.value):
-            entries = sorted(by_reason[reason], key=lambda e: (-e[0], e[1] or 0))
-            total = sum(n for n, _ in entries)
-            who = ", ".join("not tied to a peer" if p is None else f"peer {format_id(p)} {n}"
-                            for n, p in entries[:DROP_SUMMARY_PEERS])
-            if len(entries) > DROP_SUMMARY_PEERS:
-                who += f" and {len(entries) - DROP_SUMMARY_PEERS} more peers"
-            level = logging.DEBUG if reason is DropReason.DUPLICATE else logging.INFO
-            log.log(level, "dropped %d datagrams (%s) in the last %.0f s: %s",
-                    total, reason.value, DROP_SUMMARY_INTERVAL, who)
-        self._last_drops = current
+            counts.update({(peer.id, r): n for r, n in peer.drops.items()})
+        for level, line in self._drop_summary.lines(counts):
+            log.log(level, "%s", line)
 
     def _check_flood(self, now: float, elapsed: float) -> None:
-        """A garbage flood (much unauthenticated input, or some while the
-        kernel drops datagrams for a full socket) turns the socket filter on
-        (udp.py): known peer addresses only, and 1 in UNKNOWN_ONE_IN of the
-        rest. It follows the known addresses while on, and goes once the
-        kernel has dropped little for FLOOD_HOLD seconds."""
+        """A garbage flood turns the socket filter on (supervision.FloodGuard
+        decides; host/udp.py filters): known peer addresses only, and 1 in
+        UNKNOWN_ONE_IN of the rest. It follows the known addresses while on."""
         drops = self.udp.kernel_drops()
         if drops is None:
             return
         garbage = sum(self.node.global_drops[r] for r in UNAUTHENTICATED)
-        # the kernel's counter is 32 bits
-        new_drops, new_garbage = (drops - self._kernel_drops) % (1 << 32), garbage - self._garbage
-        self._kernel_drops, self._garbage = drops, garbage
-        if self._flood_seen is None:
-            if new_garbage >= FLOOD_RATE * elapsed or (new_drops and new_garbage >= FLOOD_MIN):
-                self._flood_seen = now
-                self._filter_hosts = None
-                self._refilter()
-                if self.udp.filtered is None:
-                    what = f"more than {MAX_FILTER_ADDRESSES} known peer addresses: no socket filter"
-                else:
-                    what = (f"the socket accepts only the {self.udp.filtered} known peer addresses "
-                            f"and 1 in {UNKNOWN_ONE_IN} datagrams from elsewhere")
-                log.warning("garbage flood: %d unauthenticated datagrams read and %d dropped by the kernel "
-                            "in %.1f s; %s", new_garbage, new_drops, elapsed, what)
-            return
-        if new_drops >= FLOOD_MIN:
-            self._flood_seen = now
-        if now - self._flood_seen >= FLOOD_HOLD:
-            self._flood_seen = None
+        verdict = self._flood_guard.check(now, elapsed, drops, garbage)
+        if verdict.action == "start":
+            self._filter_hosts = None
+            self._refilter()
+            if self.udp.filtered is None:
+                what = f"more than {MAX_FILTER_ADDRESSES} known peer addresses: no socket filter"
+            else:
+                what = (f"the socket accepts only the {self.udp.filtered} known peer addresses "
+                        f"and 1 in {UNKNOWN_ONE_IN} datagrams from elsewhere")
+            log.warning("garbage flood: %d unauthenticated datagrams read and %d dropped by the kernel "
+                        "in %.1f s; %s", verdict.garbage, verdict.kernel_drops, elapsed, what)
+        elif verdict.action == "end":
             self.udp.filter_known(None)
             log.info("garbage flood over (fewer than %d kernel drops per %.1f s for %.0f s); socket filter removed",
                      FLOOD_MIN, FLOOD_CHECK_INTERVAL, FLOOD_HOLD)
-        else:
+        elif verdict.action == "hold":
             self._refilter()
 
     def _refilter(self) -> None:

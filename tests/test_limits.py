@@ -787,83 +787,31 @@ def test_full_speed_garbage_flood_keeps_half_the_goodput(full_flood):
     assert full_flood["ratio"] > 0.25
 
 
-class FakeUdp:
-    """What Daemon._check_flood uses of alpaca.host.udp.Udp."""
-
-    def __init__(self):
-        self.drops, self.filtered, self.attached = 0, None, []
-
-    def kernel_drops(self):
-        return self.drops
-
-    def filter_known(self, hosts, unknown_one_in=16):
-        self.attached.append(None if hosts is None else set(hosts))
-        self.filtered = len(hosts) if hosts is not None else None
-        return hosts is not None
-
-
-def test_socket_filter_follows_the_flood_and_the_known_addresses(caplog):
-    """Daemon._check_flood: on when garbage comes fast (or some while the
-    kernel drops), re-attached when a peer's datagram teaches a new address,
-    off after FLOOD_HOLD quiet seconds. (The filter itself: tests/test_udp.py;
-    with real daemons: test_full_speed_garbage_flood_keeps_half_the_goodput.)"""
-    import logging
-
-    from alpaca import daemon as daemon_module
-    from alpaca.daemon import FLOOD_HOLD, FLOOD_RATE, Daemon
+def test_the_socket_filter_lets_in_every_known_address_and_follows_new_ones():
+    """What the daemon hands the socket filter during a flood (known_hosts):
+    every static and learned address, a new one as soon as a datagram of the
+    peer taught it; none when there are too many for a filter. (When the
+    filter goes on and off: tests/test_supervision.py; the filter itself:
+    tests/test_udp.py; with real daemons: test_full_speed_garbage_flood_keeps_half_the_goodput.)"""
+    from alpaca.daemon import MAX_FILTER_ADDRESSES, known_hosts
     entries = make_entries(20, static=True)
     peer = max(entries)
     node = make_node(entries)
-    d = Daemon.__new__(Daemon)
-    d.node, d.udp = node, FakeUdp()
-    d._kernel_drops = d._garbage = 0
-    d._flood_seen, d._filter_hosts = None, None
-    t = T0
-
-    def check(garbage: int = 0, drops: int = 0):
-        nonlocal t
-        t += 0.5
-        node.global_drops[DropReason.MALFORMED] += garbage
-        d.udp.drops += drops
-        d._check_flood(t, 0.5)
-
-    with caplog.at_level(logging.INFO, logger="alpaca"):
-        check(garbage=FLOOD_RATE // 4)                         # a moderate flood the daemon reads
-        check(garbage=50, drops=10_000)                        # a full buffer, but hardly any garbage
-        assert d.udp.attached == []
-        check(garbage=FLOOD_RATE // 2 + 1)
-        statics = {e.static_addr[0] for e in entries.values()}
-        assert d.udp.attached == [statics] and "garbage flood" in caplog.text
-        check(drops=50_000)                                    # unchanged addresses: not re-attached
-        assert len(d.udp.attached) == 1
-        # one of the peer's datagrams from a new address got through: it is let in fully
-        key = key_for(entries, ME, peer)
-        trust(node, peer, b"S" * 8)
-        node.from_udp([(datagram(key, peer, ME, b"S" * 8, int(t), 0, kind=KIND_KEEPALIVE),
-                        ("198.51.100.77", 4000))], t)
-        check(drops=50_000)
-        assert d.udp.attached[-1] == statics | {"198.51.100.77"}
-        for _ in range(int(FLOOD_HOLD / 0.5) - 1):
-            check(drops=10)
-        assert d.udp.filtered is not None
-        check(drops=10)
-        assert d.udp.attached[-1] is None and d.udp.filtered is None
-        assert "garbage flood over" in caplog.text
-        # too many addresses for a filter: none, said once
-        many = make_entries(daemon_module.MAX_FILTER_ADDRESSES + 10, static=True)
-        d.node = node = make_node(many)
-        d._garbage = 0
-        check(garbage=FLOOD_RATE)
-        assert d.udp.filtered is None and "no socket filter" in caplog.text
+    statics = {e.static_addr[0] for e in entries.values()}
+    assert known_hosts(node) == statics
+    key = key_for(entries, ME, peer)
+    trust(node, peer, b"S" * 8)
+    node.from_udp([(datagram(key, peer, ME, b"S" * 8, int(T0), 0, kind=KIND_KEEPALIVE),
+                    ("198.51.100.77", 4000))], T0)
+    assert known_hosts(node) == statics | {"198.51.100.77"}
+    assert known_hosts(make_node(make_entries(MAX_FILTER_ADDRESSES + 10, static=True))) is None
 
 
-def test_drop_summary_lines_do_not_scale_with_the_table(caplog):
+def test_drop_summary_lines_do_not_scale_with_the_table():
     """Client X holds the pair key (Y, X) for every Y < X, so it can seal
     src=Y, dst=X; server 1.1 relays towards X, finds no path (X never wrote to
     1.1) and counts `no_path` on each Y."""
-    import logging
-
-    from alpaca.daemon import Daemon
+    from alpaca.supervision import DropSummary
     entries = make_entries(2000)
     attacker = max(entries)
     node = make_node(entries)
@@ -871,12 +819,12 @@ def test_drop_summary_lines_do_not_scale_with_the_table(caplog):
     node.from_udp([(datagram(key_for(entries, y, attacker), y, attacker, b"S" * 8, int(T0), 0),
                     ("203.0.113.9", 9999)) for y in victims], T0)
     assert sum(node.table.get(y).drops[DropReason.NO_PATH] for y in victims) == len(victims)
-    daemon = Daemon.__new__(Daemon)          # only the summary is exercised
-    daemon.node, daemon._last_drops = node, {}
-    with caplog.at_level(logging.DEBUG, logger="alpaca"):
-        daemon._log_drop_summary()
-    print(f"\n{len(victims)} forged datagrams from one member: {len(caplog.records)} summary lines")
-    assert len(caplog.records) <= 20
+    counts = {(None, r): n for r, n in node.global_drops.items()}
+    for peer in node.table.peers.values():
+        counts.update({(peer.id, r): n for r, n in peer.drops.items()})
+    lines = DropSummary().lines(counts)
+    print(f"\n{len(victims)} forged datagrams from one member: {len(lines)} summary lines")
+    assert len(lines) <= 20 and any("no_path" in line and "more peers" in line for _, line in lines)
 
 
 def test_status_of_a_65k_peer_table_reaches_the_cli(big_secrets, tmp_path):
