@@ -122,7 +122,8 @@ from alpaca.protocol.constants import (
     TAG_SIZE,
 )
 from alpaca.protocol.drops import DropReason
-from alpaca.protocol.node import CHALLENGE_INTERVAL, RESPONSE_LIMIT, VERSION_NOTICE_INTERVAL, Node, NodeSettings
+from alpaca.protocol.constants import CHALLENGE_INTERVAL, RESPONSE_LIMIT, VERSION_NOTICE_INTERVAL
+from alpaca.protocol.node import Node, NodeSettings
 from alpaca.protocol.peers import CHALLENGE_WINDOW, PeerEntry  # (challenge state: compared with it)
 from alpaca.protocol.replay import PAGE_SEQS, PAGE_SHIFT
 from alpaca.protocol.wire import CLEAR, MUTABLE_BYTES, SUB, SUB_BITS, Header

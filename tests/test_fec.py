@@ -21,7 +21,7 @@ from alpaca.protocol import fec as fragments
 from alpaca.protocol.constants import FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_DATA, KIND_REPORT
 from alpaca.protocol.wire import peek_shard
 from alpaca.protocol.drops import DropReason
-from alpaca.protocol.node import ZERO_VNET
+from alpaca.protocol.constants import ZERO_VNET
 
 
 def mesh(client_fec=fragments.AUTO, server_fec=fragments.AUTO):

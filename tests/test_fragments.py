@@ -22,7 +22,7 @@ from alpaca.protocol.constants import (FLAG_FRAG, FLAG_VNET, KIND_REPORT, MASK_S
 from alpaca.protocol.crypto import MAC_SIZE
 from alpaca.protocol.wire import peek_shard
 from alpaca.protocol.drops import DropReason
-from alpaca.protocol.node import ZERO_VNET
+from alpaca.protocol.constants import ZERO_VNET
 
 GSO_TCPV4 = 1
 NEEDS_CSUM = 1

@@ -21,7 +21,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from protocol_helpers import T0, addr, make_node, pid, trust, tun_ip, udp
 
+from alpaca.protocol import challenges as challenges_module
+from alpaca.protocol import inbound as inbound_module
 from alpaca.protocol import node as node_module
+from alpaca.protocol import relay as relay_module
 from alpaca.protocol import peers as peers_module
 from alpaca.protocol.drops import DropReason
 
@@ -165,7 +168,7 @@ def test_catches_a_shard_kept_without_its_mac(monkeypatch):
     """Shards whose MAC does not verify (forged shard headers, flipped bits
     of a real shard) filed, counted or relayed."""
     h = harness(5)
-    monkeypatch.setattr(node_module, "shard_authentic", lambda key, clear, datagram: True)
+    monkeypatch.setattr(inbound_module, "shard_authentic", lambda key, clear, datagram: True)
     assert "unauth input" in _must_catch(h)
 
 
@@ -173,20 +176,20 @@ def test_catches_challenges_sent_beyond_their_rate(monkeypatch):
     """A node that challenges a peer on every datagram it cannot take: each
     replayed or forged one would cost a round of datagrams to its paths."""
     h = harness(5)
-    monkeypatch.setattr(node_module, "CHALLENGE_INTERVAL", 0.0)
+    monkeypatch.setattr(challenges_module, "CHALLENGE_INTERVAL", 0.0)
     assert "challenged" in _must_catch(h, 20_000)
 
 
 def test_catches_unauthenticated_input_accepted(monkeypatch):
     h = harness(5)
-    real_open = node_module.open_sealed
+    real_open = inbound_module.open_sealed
 
     def open_anything(key, header, datagram):
         try:
             return real_open(key, header, datagram)
-        except node_module.CryptoError:
+        except inbound_module.CryptoError:
             return datagram[26:-16]          # "decrypts" without checking the tag
-    monkeypatch.setattr(node_module, "open_sealed", open_anything)
+    monkeypatch.setattr(inbound_module, "open_sealed", open_anything)
     assert "unauth input" in _must_catch(h)
 
 
@@ -205,8 +208,8 @@ def test_catches_state_changed_before_authentication(monkeypatch):
 
 def test_catches_a_relay_that_keeps_the_ttl(monkeypatch):
     h = harness(5)
-    real_rewrite = node_module.rewrite_mutable
-    monkeypatch.setattr(node_module, "rewrite_mutable",
+    real_rewrite = relay_module.rewrite_mutable
+    monkeypatch.setattr(relay_module, "rewrite_mutable",
                         lambda d, mask, ttl, path: real_rewrite(d, mask, ttl + 1, path))
     assert "relay header ttl" in _must_catch(h)
 
@@ -221,13 +224,13 @@ def test_catches_a_silent_drop(monkeypatch):
 
 def test_catches_an_escaping_exception(monkeypatch):
     h = harness(5)
-    real_fields = node_module.fields
+    real_fields = inbound_module.fields
 
     def fragile(clear):
         if clear[23] == 0x07:           # the low byte of seq: real datagrams get here
             raise IndexError("planted")
         return real_fields(clear)
-    monkeypatch.setattr(node_module, "fields", fragile)
+    monkeypatch.setattr(inbound_module, "fields", fragile)
     assert "exception escaped" in _must_catch(h, 20_000)
 
 

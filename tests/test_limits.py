@@ -49,7 +49,8 @@ from alpaca.protocol.crypto import derive_group_key, derive_pair_key, derive_psk
 from alpaca.protocol.wire import Header, open_sealed, peek, seal
 from alpaca.protocol.drops import DropReason
 from alpaca.protocol.ids import format_id
-from alpaca.protocol.node import CHALLENGE_INTERVAL, Node, NodeSettings
+from alpaca.protocol.constants import CHALLENGE_INTERVAL
+from alpaca.protocol.node import Node, NodeSettings
 from alpaca.protocol.peers import RELAY_KEY_CACHE, PeerEntry
 from alpaca.protocol.replay import PAGE_BYTES, PAGE_SEQS
 

@@ -71,3 +71,16 @@ REASSEMBLY_TOTAL = 512    # ... and in all (each up to ~64 KiB + parity)
 REASSEMBLY_PEER_BYTES = 8 << 20   # chunk bytes held per source peer
 REASSEMBLY_BYTES = 32 << 20       # ... and in all
 REPORT_INTERVAL = 0.5     # loss reports to each peer that sent us shards
+
+# the forwarding engine (node.py and its parts)
+PRUNE_INTERVAL = 5.0
+PATH_NOTICES_PER_INTERVAL = 3     # per peer, then one line saying the rest are not logged
+HOST_CACHE_LIMIT = 1024           # packed forms of target hosts kept for the loop guard
+ZERO_VNET = bytes(VNET_HDR_SIZE)  # virtio_net_hdr of a plain packet: no GSO, checksum complete
+INNER_HEAD = 64                   # bytes of an inner packet that routing looks at
+BATCH_LIMIT = 65535               # plaintext bytes of one FEC batch (about 47 shards at MTU 1400)
+BATCH_ENTRY = 2                   # the length before each packet of a batch
+NONCE_SIZE = 16                   # of a challenge
+CHALLENGE_INTERVAL = 0.25         # challenges to one peer at most this often
+RESPONSE_LIMIT = 20               # answers to one peer's challenges per second
+VERSION_NOTICE_INTERVAL = 60.0    # one line about datagrams of another wire version

@@ -14,7 +14,6 @@ before a shard is kept, so no codec ever sees a size it did not expect.
 from __future__ import annotations
 
 import collections
-import math
 
 import zfec
 from pyeclib.ec_iface import ECDriver

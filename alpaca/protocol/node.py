@@ -1,31 +1,15 @@
 """The forwarding engine of one peer, free of sockets and clocks (docs/protocol.md §6).
 
-Outbound (a packet read from the TUN device):
-  1. dst_id = the ID inside the destination address when it is in the tunnel
-     net, else the gateway the route lookup names (gateway_for);
-     a tunnel peer we hold no key or path for is reached via our gateway,
-     whose kernel routes it back into the tunnel (client to client).
-  2. seal: header(src, dst, session, ts, seq) + XChaCha20-Poly1305 with the
-     pair key; a message too big for one datagram (a super-packet, a FEC
-     batch) is sealed once and sent as shards (wire.py).
-  3. targets: downward (dst > me) every live path of dst; upward, every
-     forwarder's direct path when forwarders are configured, else dst's direct path.
-  4. emit on each target (loop guard, and no more to an unproven path than
-     it sent us), then schedule the delayed copies (`duplicate`, and one
-     early extra copy of TCP SYN / DNS).
-  With FEC on for the peer (docs/protocol.md §13), the packets of one TUN
-  read to it are sealed together as one batch and sent as shards with
-  parity; super-packets get parity of their own.
-
-Inbound (a datagram from UDP):
-  1. unmask header (group key) -> pair key -> AEAD open, or for a shard its
-     MAC. Any failure is a global drop and changes nothing else.
-  2. for someone else: TTL, targets, the relay window (each datagram and
-     each shard is relayed at most once), then the same datagram goes on
-     with TTL-1 and path=relayed, never back where it came from.
-  3. for me: a session proven live by a challenge, the replay window, then
-     learn the path it came on; a shard goes to reassembly, a whole message
-     to the TUN (keepalives, reports, challenges and answers stop here).
+Node is one object; its methods are in four parts, each read top to bottom:
+  outbound.py    a packet from the TUN: route, seal (and shard, with
+                 parity), emit on each target, schedule the delayed copies;
+  inbound.py     a datagram from UDP: unmask, authenticate, and for this
+                 node the session check, the replay window, path learning,
+                 reassembly and delivery;
+  relay.py       a datagram or shard for someone else: once, onwards;
+  challenges.py  sessions and paths proven live, and probes of our ways.
+Here: the state, where to send (`_targets`, `_route`), timers (keepalives,
+loss reports, expiry) and the status snapshot.
 
 Everything takes batches (`from_tun`, `from_udp`) and returns an Output of
 datagrams to send and packets to write, so the daemon can batch syscalls.
@@ -35,37 +19,28 @@ from __future__ import annotations
 
 import collections
 import heapq
-import hmac
 import ipaddress
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import fec, inner, loss
-from .constants import (DEFAULT_TTL, FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KEEPALIVE_INTERVAL,
-                        KIND_CHALLENGE, KIND_DATA, KIND_KEEPALIVE, KIND_MAX, KIND_REPORT, KIND_RESPONSE, KNOWN_FLAGS,
-                        MASK_SIZE, MAX_TTL, MIN_DATAGRAM, OVERHEAD, PATH_DIRECT, PATH_RELAYED, PEER_LIFETIME,
-                        REPORT_INTERVAL, SEQ_LIMIT, SYN_DNS_COPY_DELAY, TAG_SIZE, VNET_HDR_SIZE, WIRE_VERSION)
-from .crypto import MAC_SIZE, CryptoError, derive_group_key, mac, mask_state
+from . import fec, loss
+from .challenges import Challenges
+from .constants import (DEFAULT_TTL, HOST_CACHE_LIMIT, KEEPALIVE_INTERVAL, KIND_CHALLENGE, KIND_KEEPALIVE,
+                        KIND_REPORT, OVERHEAD, PATH_DIRECT, PEER_LIFETIME, PRUNE_INTERVAL, REPORT_INTERVAL, SEQ_LIMIT,
+                        TAG_SIZE, VNET_HDR_SIZE)
+from .crypto import derive_group_key, mask_state
 from .drops import DropReason
 from .ids import TunnelNet, format_id
-from .peers import CHALLENGE_WINDOW, MESSAGE_WINDOW, Addr, Peer, PeerEntry, PeerTable
+from .inbound import Inbound, _Next
+from .outbound import Outbound
+from .output import Output
+from .peers import Addr, Peer, PeerEntry, PeerTable
 from .reassembly import Reassembler
-from .wire import (MUTABLE_BYTES, NEXT_SHARD, SAMPLE, SHARD_OVERHEAD, Header, fields, frame_shards, open_message, open_sealed,
-                   rewrite_mutable, seal, seal_message, shard_authentic)
+from .relay import Relay
+from .wire import SHARD_OVERHEAD, Header, seal
 
-PRUNE_INTERVAL = 5.0
-PATH_NOTICES_PER_INTERVAL = 3     # per peer, then one line saying the rest are not logged
-HOST_CACHE_LIMIT = 1024           # packed forms of target hosts kept for the loop guard
-ZERO_VNET = bytes(VNET_HDR_SIZE)  # virtio_net_hdr of a plain packet: no GSO, checksum complete
-INNER_HEAD = 64                   # bytes of an inner packet that routing looks at
-BATCH_LIMIT = 65535               # plaintext bytes of one FEC batch (about 47 shards at MTU 1400)
-_ENTRY = 2                        # the length before each packet of a batch
-NONCE_SIZE = 16                   # of a challenge
-CHALLENGE_INTERVAL = 0.25         # challenges to one peer at most this often
-RESPONSE_LIMIT = 20               # answers to one peer's challenges per second
-VERSION_NOTICE_INTERVAL = 60.0    # one line about datagrams of another wire version
 
 
 @dataclass(frozen=True)
@@ -103,49 +78,18 @@ class NodeSettings:
         return self.mode != "forwarder"
 
 
-@dataclass
-class Output:
-    sends: list[tuple[bytes, Addr]] = field(default_factory=list)
-    tun: list[bytes] = field(default_factory=list)
-
-    def extend(self, other: "Output") -> None:
-        self.sends.extend(other.sends)
-        self.tun.extend(other.tun)
 
 
-class _Batch:
-    """Packets to one peer read in one TUN batch, sealed together when FEC is on."""
-    __slots__ = ("peer", "key", "targets", "packets", "size", "early")
-
-    def __init__(self, peer: Peer, key: bytes, targets: list[Addr]):
-        self.peer, self.key, self.targets = peer, key, targets
-        self.packets: list[bytes] = []
-        self.size = 0
-        self.early = False
 
 
-class _Next:
-    """The shard expected next (Node.from_udp): its 32 unmasked bytes as an
-    int, where from, its size, and what filing it needs."""
-    __slots__ = ("clear", "addr", "size", "src", "rkey", "slot", "index", "shard_key", "last")
-
-    def __init__(self, clear: int, addr: Addr, src: Peer, rkey: tuple, slot, index: int, shard_key: bytes):
-        self.clear, self.addr, self.src, self.rkey, self.slot = clear, addr, src, rkey, slot
-        self.index, self.shard_key = index, shard_key
-        self.last = slot.k - 1                                      # the short data chunk
-        self.size = MASK_SIZE + (slot.last if index == self.last else slot.size) + MAC_SIZE
-
-    def advance(self) -> bool:
-        """Expect the shard after; False when there is none."""
-        self.index += 1
-        if self.index >= self.slot.k + self.slot.m:
-            return False
-        self.clear += NEXT_SHARD
-        self.size = MASK_SIZE + (self.slot.last if self.index == self.last else self.slot.size) + MAC_SIZE
-        return True
 
 
-class Node:
+class Node(Inbound, Outbound, Relay, Challenges):
+    """One peer's forwarding engine. Its parts, each read top to bottom:
+    outbound.py (from the TUN), inbound.py (from UDP), relay.py (for
+    someone else), challenges.py (sessions and paths proven live); here:
+    the state, where to send, timers and status."""
+
     def __init__(self, settings: NodeSettings, peers: dict[int, PeerEntry], now: float,
                  random_bytes: Callable[[int], bytes] = os.urandom,
                  gateway_for: Callable[[bytes], int | None] | None = None):
@@ -277,10 +221,6 @@ class Node:
             passed.append(addr)
         return passed
 
-    def _schedule(self, due: float, sends: list[tuple[bytes, Addr]]) -> None:
-        self._timer_serial += 1
-        heapq.heappush(self._timers, (due, self._timer_serial, sends))
-
     # ------------------------------------------------------------ outbound
     def _route(self, dst_ip: bytes, now: float) -> tuple[Peer, bytes, list[Addr]] | None:
         """(dst peer, pair key, targets) for a packet to dst_ip; None when not routable.
@@ -306,536 +246,9 @@ class Node:
                     return peer, key, targets
         return None
 
-    def from_tun(self, packets: list[bytes], now: float) -> Output:
-        out = Output()
-        batches: dict[int, _Batch] = {}
-        for packet in packets:
-            self._originate(packet, now, out, batches)
-        for batch in batches.values():
-            self._flush(batch, now, out)
-        return out
-
-    def _originate(self, data: bytes, now: float, out: Output, batches: dict[int, "_Batch"]) -> None:
-        flags = 0
-        if not self.settings.vnet:
-            packet = head = data
-        elif data[:VNET_HDR_SIZE] == ZERO_VNET:
-            packet = head = data[VNET_HDR_SIZE:]
-        else:
-            # a super-packet or a packet with its checksum left to the
-            # receiving kernel: the header travels with it
-            packet, head, flags = data, data[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD], FLAG_VNET
-        ends = inner.addresses(head)
-        route = self._route(ends[1], now) if ends else None
-        if route is None:
-            self.global_drops[DropReason.NOT_ROUTABLE] += 1
-            return
-        peer, key, targets = route
-        if not targets:
-            peer.drops[DropReason.NO_PATH] += 1
-            return
-        targets = self._guard(targets, ends, peer)
-        if not targets:
-            return          # every target failed the loop guard (counted there)
-        batch = batches.get(peer.id)
-        if len(packet) + OVERHEAD <= self.settings.max_datagram and self._parity(peer.id, 1):
-            # FEC on and not a super-packet: it joins the peer's batch, which
-            # is sealed once and sent with parity when this read batch ends
-            # (no packet waits for another read)
-            if batch is not None and (batch.targets != targets or batch.size + _ENTRY + len(data) > BATCH_LIMIT):
-                self._flush(batches.pop(peer.id), now, out)
-                batch = None
-            if batch is None:
-                batch = batches[peer.id] = _Batch(peer, key, targets)
-            batch.packets.append(data)
-            batch.size += _ENTRY + len(data)
-            batch.early = batch.early or inner.wants_early_copy(head)
-            return
-        if batch is not None:
-            self._flush(batches.pop(peer.id), now, out)     # keep the peer's packets in order
-        datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
-        self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), len(datagrams) == 1, now, out)
-
-    def _flush(self, batch: "_Batch", now: float, out: Output) -> None:
-        """Seal a peer's FEC batch: its packets each after a 2-byte length,
-        zero-padded to `padding` (a zero length ends the batch)."""
-        parts = []
-        for packet in batch.packets:
-            parts.append(len(packet).to_bytes(_ENTRY, "big"))
-            parts.append(packet)
-        plaintext = b"".join(parts)
-        if len(plaintext) < self.settings.padding:
-            plaintext += bytes(self.settings.padding - len(plaintext))
-        flags = FLAG_BATCH | (FLAG_VNET if self.settings.vnet else 0)
-        datagrams = self._seal_message(KIND_DATA, batch.peer.id, batch.key, plaintext, flags, now)
-        self._emit(batch.peer, datagrams, batch.targets, len(batch.packets), batch.early, False, now, out)
-
-    def _emit(self, peer: Peer, datagrams: list[bytes], targets: list[Addr], packets: int, early: bool,
-              whole: bool, now: float, out: Output) -> None:
-        """Send a message's datagrams on every target, now and as the
-        `duplicate` and SYN/DNS copies (docs/protocol.md §7). An unproven
-        path gets them only while its credit lasts."""
-        copies = 1 + self.settings.duplicate + (1 if early else 0)
-        targets = peer.sendable(targets, copies * sum(len(d) for d in datagrams))
-        if not targets:
-            peer.drops[DropReason.NO_PATH] += 1     # only unproven paths, their credit spent
-            return
-        sends = [(d, a) for a in targets for d in datagrams]
-        out.sends.extend(sends)
-        peer.tx_packets += packets
-        peer.tx_bytes += sum(len(d) for d in datagrams)
-        # duplicate sends: same datagram (same seq), later, so the
-        # receiver's dedup removes whichever copy arrives second
-        delay = self.settings.duplicate_delay
-        for k in range(1, self.settings.duplicate + 1):
-            if delay > 0:
-                self._schedule(now + k * delay, sends)
-            else:
-                out.sends.extend(sends)
-        if early:
-            self._schedule(now + SYN_DNS_COPY_DELAY, sends)
-        if whole:
-            # one datagram, once (not its copies): the receiver counts the
-            # first copy, so the loss is that of the union of the paths.
-            # Shards are counted by the receiver alone (loss.py)
-            self.loss.count_sent(peer.id, self._ts, 1)
-
-    def _policy(self, peer_id: int) -> str | tuple[int, int] | None:
-        fec = self.settings.fec
-        return self.settings.peer_fec.get(peer_id, fec) if self.settings.peer_fec else fec
-
-    def _parity(self, peer_id: int, k: int) -> int:
-        """Parity shards for a k-shard message to peer_id under its FEC policy."""
-        policy = self._policy(peer_id)
-        if policy == fec.AUTO:
-            return self.loss.parity(peer_id, k)
-        return 0 if policy is None else fec.ratio_parity(policy, k)
-
-    def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,
-                      now: float) -> list[bytes]:
-        """One datagram, or the shards (with parity) of a message too big for
-        one or of a FEC batch (docs/protocol.md §12): one AEAD call either way."""
-        if not flags & (FLAG_VNET | FLAG_BATCH) or (not flags & FLAG_BATCH
-                                                    and len(plaintext) + OVERHEAD <= self.settings.max_datagram):
-            # (a plain packet is never bigger than the TUN's MTU, unless the
-            # MTU changed under us: then it goes whole, as before offloads)
-            return [self._seal(kind, dst, key, plaintext, now, flags)]
-        max_chunk = self.max_chunk
-        k = fec.shard_count(len(plaintext) + TAG_SIZE, max_chunk)
-        m = min(self._parity(dst, k), fec.MAX_SHARDS - k)
-        isal = fec.uses_isal(k, m)          # in the authenticated header: the receiver decodes by it
-        ts, seq = self._stamp(now, k + m)   # shard i carries seq + i
-        header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
-                        flags | FLAG_FRAG | (FLAG_ISAL if isal else 0))
-        body = seal_message(key, header, plaintext)
-        chunks, k, m = fec.split(body, max_chunk, m, isal)
-        datagrams = frame_shards(self.group_key, self.table.shard_key(key), header, chunks, k, m, len(body))
-        if m and k > 1:
-            # full-size shards first and the short last data shard at the
-            # end, so the kernel sends the run with one GSO call
-            datagrams.append(datagrams.pop(k - 1))
-        return datagrams
-
-    # ------------------------------------------------------------ inbound
-    def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
-        out = Output()
-        state, from_bytes = self._mask_state, int.from_bytes
-        for data, addr in datagrams:
-            if len(data) < MIN_DATAGRAM:
-                self.global_drops[DropReason.MALFORMED] += 1
-                continue
-            h = state.copy()                # wire.unmask, inlined: once per datagram
-            h.update(data[-SAMPLE:])
-            full = from_bytes(h.digest(), "big")
-            clear = from_bytes(data[:MASK_SIZE], "big") ^ full
-            # The next shard of a message in progress (UDP GRO hands a
-            # message over as a train) is predicted exactly: same header but
-            # seq + 1, index + 1. It still has its MAC, the replay window and
-            # the filing checked; only the parsing is skipped.
-            nxt = self._next
-            if nxt is not None and clear == nxt.clear and addr == nxt.addr and len(data) == nxt.size \
-                    and self._next_shard(nxt, clear.to_bytes(MASK_SIZE, "big"), data, now, out):
-                continue
-            self._receive(data, addr, now, out, clear.to_bytes(MASK_SIZE, "big"), full)
-        if self.loss.first:
-            self._send_reports(self.loss.reports(now, set(self.loss.first)), now, out)
-        return out
-
-    def _receive(self, data: bytes, addr: Addr, now: float, out: Output, clear: bytes, full: int) -> None:
-        """One datagram (its 32 first bytes unmasked: clear, and the mask):
-        nothing it says is used before it is authenticated, except what
-        finds the key (src, dst) and the checks that cost less."""
-        version_kind, flags = clear[2], clear[3]
-        if version_kind >> 4 != WIRE_VERSION:
-            # only the release before is named: garbage unmasks to any version
-            if version_kind >> 4 == WIRE_VERSION - 1:
-                self._wrong_version(addr, version_kind >> 4, now)
-            else:
-                self.global_drops[DropReason.MALFORMED] += 1
-            return
-        kind, shard = version_kind & 0x0F, flags & FLAG_FRAG
-        if (flags & ~KNOWN_FLAGS or kind > KIND_MAX or (flags & FLAG_BATCH and kind != KIND_DATA)
-                or (flags & FLAG_ISAL and not shard)
-                or (shard and (kind != KIND_DATA or len(data) < SHARD_OVERHEAD + TAG_SIZE))):
-            self.global_drops[DropReason.MALFORMED] += 1
-            return
-        f = fields(clear)
-        # src == me: our own datagram reflected back (or forged); never ours to take
-        key = self.table.pair_key(f.src, f.dst) if f.src != self.me else None
-        if key is None:
-            self.global_drops[DropReason.UNKNOWN_PEER] += 1
-            return
-        header = f.header()
-        if shard:
-            # ~1 us (SipHash-2-4 of ~1.4 KB): what a forged shard costs, besides the unmask
-            shard_key = self.table.shard_key(key)
-            if header.pad or not shard_authentic(shard_key, clear, data):
-                self.global_drops[DropReason.AUTH_FAILURE] += 1
-                return
-            plaintext, shard = None, (f, clear, shard_key)
-        else:
-            try:
-                plaintext = open_sealed(key, header, data)
-            except CryptoError:
-                self.global_drops[DropReason.AUTH_FAILURE] += 1
-                return
-            if header.pad > len(plaintext):
-                self.global_drops[DropReason.MALFORMED] += 1
-                return
-            shard = None
-        src = self.table.get(header.src)
-        if header.dst != self.me:
-            self._relay(header, full, data, plaintext, addr, src, now, out)
-        elif kind == KIND_CHALLENGE:
-            self._on_challenge(src, header, plaintext, len(data), addr, now, out)
-        elif kind == KIND_RESPONSE:
-            self._on_response(src, header, plaintext, len(data), addr, now, out)
-        else:
-            self._accept(src, header, data, plaintext, shard, addr, now, out)
-
-    def _wrong_version(self, addr: Addr, version: int, now: float) -> None:
-        self.global_drops[DropReason.WRONG_VERSION] += 1
-        if now >= self._next_version_notice:
-            self._next_version_notice = now + VERSION_NOTICE_INTERVAL
-            self.notices.append(f"datagrams of wire version {version} from {addr[0]}:{addr[1]} (this release "
-                                f"speaks {WIRE_VERSION}): every peer of a group must run a release of the same "
-                                f"wire version; counted as wrong_version, not logged for {VERSION_NOTICE_INTERVAL:.0f} s")
-
-    def _accept(self, src: Peer, header: Header, data: bytes, plaintext: bytes | None, shard: tuple | None,
-                addr: Addr, now: float, out: Output) -> None:
-        """An authenticated datagram (plaintext) or shard (shard: its fields,
-        its 32 unmasked bytes and the pair's shard key) for this node."""
-        reason = src.check_own(header.session, header.ts, header.seq, now)
-        if reason is not None:
-            src.drops[reason] += 1
-            if reason is DropReason.DUPLICATE:
-                # another copy over another path: it keeps that path alive,
-                # but only a first copy may add a path (a replay could come
-                # from anywhere)
-                src.refresh(addr, now)
-            elif reason is DropReason.UNVERIFIED:
-                self._challenge(src, addr, header.path != PATH_DIRECT, now, out)
-            return
-        if plaintext is not None and header.kind == KIND_DATA:
-            # a first copy (shards are counted by the reassembly): the
-            # union of the paths. Data only: keepalives and reports must
-            # not make the other end report back (loss.py)
-            self.loss.count_arrived(src.id, header.ts)
-            if (not header.flags & FLAG_BATCH and header.src > self.me and self.settings.has_tun
-                    and self._spoofed(header.src, plaintext, header.flags)):
-                src.drops[DropReason.SPOOFED] += 1      # before it can teach a path or mark the peer up
-                return
-        self._learn(src, header, addr, len(data), now, out)
-        if shard is not None:
-            self._file_shard(src, header, shard, data, addr, now, out)
-        else:
-            self._message(src, header, plaintext, out)
-
-    def _learn(self, src: Peer, header: Header, addr: Addr, size: int, now: float, out: Output) -> None:
-        """Paths are learned only from datagrams addressed to us: a relayed
-        datagram "from src" may have been sealed by dst, who shares the key.
-        A new path is challenged before it carries more than it brought."""
-        relayed = header.path != PATH_DIRECT
-        if src.heard(addr, relayed, now, size) is not None:
-            self._path_notice(src.id, f"new {'relayed' if relayed else 'direct'} path {addr[0]}:{addr[1]}")
-        if not src.paths[addr].proven:
-            self._challenge(src, addr, relayed, now, out)
-        if not src.up:
-            src.up = True
-            self.notices.append(f"peer {format_id(src.id)} up")
-        src.rx_bytes += size
-
-    def _file_shard(self, src: Peer, header: Header, shard: tuple, data: bytes, addr: Addr, now: float,
-                    out: Output) -> None:
-        f, clear, shard_key = shard
-        base = header.seq - f.index         # the message's seq: shard i carries base + i
-        if base < 0:
-            src.drops[DropReason.BAD_SHARD] += 1
-            return
-        rkey = (src.id, header.session, header.ts, base)
-        isal = bool(header.flags & FLAG_ISAL)
-        slot, reason = self.reassembly.add(rkey, f.index, f.k, f.m, f.length, isal, data[MASK_SIZE:-MAC_SIZE], now)
-        if reason is not None:
-            src.drops[reason] += 1
-        if slot is None:
-            filed = self.reassembly.slots.get(rkey)
-            if reason is None and filed is not None and src.paths[addr].proven:
-                nxt = _Next(int.from_bytes(clear, "big"), addr, src, rkey, filed, f.index, shard_key)
-                self._next = nxt if nxt.advance() else None
-            return
-        self._complete(src, header, rkey, slot, base, now, out)
-
-    def _next_shard(self, nxt: _Next, clear: bytes, data: bytes, now: float, out: Output) -> bool:
-        """The predicted shard: True when it was taken, False to let the full
-        path look at it (nothing has changed then)."""
-        chunk = data[MASK_SIZE:-MAC_SIZE]
-        if not hmac.compare_digest(mac(nxt.shard_key, clear[MUTABLE_BYTES:] + chunk), data[-MAC_SIZE:]):
-            return False
-        src, rkey = nxt.src, nxt.rkey
-        path = src.paths.get(nxt.addr)
-        if path is None or not path.proven:
-            return False
-        seq = rkey[3] + nxt.index
-        if src.check_own(rkey[1], rkey[2], seq, now) is not None:
-            return False            # (the full path counts it: the window recorded nothing)
-        slot = nxt.slot
-        done = self.reassembly.add_next(rkey, slot, nxt.index, chunk)
-        if done is None:            # (the window has it now: the full path would call it a duplicate)
-            self._next = None
-            f = fields(clear)
-            slot, reason = self.reassembly.add(rkey, f.index, f.k, f.m, f.length, slot.isal, chunk, now)
-            if reason is not None:
-                src.drops[reason] += 1
-            done = slot is not None
-        path.last_rx = src.last_rx = now
-        src.rx_bytes += len(data)
-        if done:
-            self._next = None
-            self._complete(src, fields(clear).header(), rkey, slot, rkey[3], now, out)
-        elif self._next is nxt and not nxt.advance():
-            self._next = None
-        return True
-
-    def _complete(self, src: Peer, header: Header, rkey: tuple, slot, base: int, now: float,
-                  out: Output) -> None:
-        """A message has k of its shards: decode, authenticate, deliver (once)."""
-        self.reassembly.finish(rkey, slot)
-        header = header._replace(seq=base)
-        # Delivered once: its copies and late parity are shards with seqs of
-        # their own, so a message remembered no more could complete twice
-        reason = src.check_replay(MESSAGE_WINDOW, header.session, header.ts, base, now)
-        if reason is not None:
-            src.drops[reason] += 1
-            return
-        try:
-            plaintext = open_message(self.table.pair_key(src.id, self.me), header, slot.decode())
-        except (CryptoError, ValueError):      # a peer's bug: its shards were each authentic
-            src.drops[DropReason.BAD_SHARD] += 1
-            return
-        self._message(src, header, plaintext, out)
-
-    def _message(self, src: Peer, header: Header, plaintext: bytes, out: Output) -> None:
-        """An authenticated, fresh message for this node: a whole datagram's
-        plaintext or a reassembled one."""
-        if header.kind == KIND_KEEPALIVE:
-            src.rx_packets += 1
-            return
-        if header.kind == KIND_REPORT:
-            src.rx_packets += 1
-            self._loss_report(src, plaintext[:len(plaintext) - header.pad])
-            return
-        if not self.settings.has_tun:
-            src.rx_packets += 1
-            src.drops[DropReason.NO_TUN] += 1
-            return
-        if header.pad:
-            plaintext = plaintext[:len(plaintext) - header.pad]
-        vnet = header.flags & FLAG_VNET
-        spoof_check = header.src > self.me
-        if not header.flags & FLAG_BATCH:
-            src.rx_packets += 1
-            if spoof_check and self._spoofed(header.src, plaintext, header.flags):
-                src.drops[DropReason.SPOOFED] += 1
-                return
-            self._deliver(src, plaintext, vnet, out)
-            return
-        # a FEC batch: packets each after a 2-byte length; a zero length
-        # (padding) ends it. Sealed by src, so a bad length is src's bug.
-        at, end = 0, len(plaintext)
-        bounds = []
-        while at + _ENTRY <= end:
-            n = plaintext[at] << 8 | plaintext[at + 1]
-            if n == 0:
-                break
-            at += _ENTRY
-            bounds.append((at, at + n))
-            at += n
-        if at > end:
-            src.drops[DropReason.MALFORMED_BATCH] += 1      # all or nothing
-            return
-        for start, stop in bounds:
-            packet = plaintext[start:stop]
-            src.rx_packets += 1
-            if spoof_check and self._spoofed(header.src, packet, header.flags):
-                src.drops[DropReason.SPOOFED] += 1
-                continue
-            self._deliver(src, packet, vnet, out)
 
     # ------------------------------------------------------------ challenges
-    def _challenge(self, peer: Peer, addr: Addr | None, relayed: bool, now: float, out: Output,
-                   ways: list[Addr] | None = None) -> None:
-        """Ask the peer to prove its session live and `addr` a way to it: one
-        challenge, with a nonce of its own, to addr and to each of our ways
-        to the peer (`ways`, else our paths towards it). At most every
-        CHALLENGE_INTERVAL per peer, so a replayed datagram from a forged
-        address costs one small datagram. Each challenge on one of our ways
-        is also a probe of it (peers.Probe)."""
-        if peer.next_challenge - CHALLENGE_INTERVAL <= now < peer.next_challenge:
-            return          # (a deadline further ahead is from before the clock stepped back)
-        key = self.table.pair_key(self.me, peer.id)
-        if key is None:
-            return
-        peer.next_challenge = now + CHALLENGE_INTERVAL
-        if ways is None:
-            ways = self._towards(peer, now)
-        targets = ([addr] if addr is not None else []) + [a for a in ways if a != addr]
-        for target in targets:
-            nonce = self._random_bytes(NONCE_SIZE)
-            peer.challenge_sent(nonce, target, relayed if target == addr else target not in peer.paths
-                                or peer.paths[target].relayed, target in ways, now)
-            out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now), target))
 
-    def _on_challenge(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
-                      out: Output) -> None:
-        """Answer with the nonce, sealed now: on our paths to the peer, and to
-        where it came from when the answer is no bigger than the challenge.
-        Each challenge is answered once (its own replay window: a captured
-        one replayed gets nothing) and at most RESPONSE_LIMIT a second per
-        peer, so no one can make us send more to an address than it sent."""
-        nonce = plaintext[:len(plaintext) - header.pad]
-        key = self.table.pair_key(self.me, src.id)
-        if len(nonce) != NONCE_SIZE or key is None:
-            src.drops[DropReason.MALFORMED_REPORT] += 1
-            return
-        reason = src.check_replay(CHALLENGE_WINDOW, header.session, header.ts, header.seq, now)
-        if reason is not None:
-            src.drops[reason] += 1
-            return
-        second = int(now)
-        if src.responses[0] != second:
-            src.responses[0], src.responses[1] = second, 0
-        if src.responses[1] >= RESPONSE_LIMIT:
-            src.drops[DropReason.RATE_LIMITED] += 1
-            return
-        src.responses[1] += 1
-        response = self._seal(KIND_RESPONSE, src.id, key, nonce, now)
-        targets = [a for a in self._towards(src, now) if a != addr]
-        if len(response) <= size or addr in src.paths and src.paths[addr].proven:
-            targets.insert(0, addr)
-        out.sends.extend((response, a) for a in targets)
-        if header.session not in src.verified:
-            self._challenge(src, addr, header.path != PATH_DIRECT, now, out)     # and prove theirs to us
-
-    def _on_response(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
-                     out: Output) -> None:
-        """An answer to one of our challenges: its session is live (from this
-        answer on) and the address the challenge went to reaches the peer."""
-        challenge = src.challenge_done(plaintext[:len(plaintext) - header.pad], True, now)
-        if challenge is None:
-            # a nonce we are not waiting for: another copy of an answer we
-            # took (it is sent on every path), or a stale or replayed one
-            src.drops[DropReason.DUPLICATE if header.session in src.verified else DropReason.REPLAY] += 1
-            return
-        _, target, relayed, _ = challenge
-        if header.session not in src.verified:
-            src.verify(header.session, header.ts, header.seq, now)
-        src.prove(target, relayed, now)
-        self._learn(src, header, addr, size, now, out)
-
-    def _deliver(self, src: Peer, packet: bytes, vnet: int, out: Output) -> None:
-        """One packet to the TUN device, with or without its virtio_net_hdr
-        as the device and the packet have them."""
-        if self.settings.vnet:
-            out.tun.append(packet if vnet else ZERO_VNET + packet)
-        elif not vnet:
-            out.tun.append(packet)
-        elif packet[:VNET_HDR_SIZE] == ZERO_VNET:
-            out.tun.append(packet[VNET_HDR_SIZE:])
-        else:
-            src.drops[DropReason.NEEDS_OFFLOAD] += 1     # only a TUN with a vnet header takes it
-
-    def _spoofed(self, src: int, packet: bytes, flags: int) -> bool:
-        """A peer below us (a client of ours) may send only from its own
-        tunnel address, or from the networks configured for it
-        (peers.<id>.networks), IPv4 and IPv6 alike, like WireGuard's
-        AllowedIPs: so no member passes for another, nor for a host of the
-        server's LAN or the internet. Peers above us route for others
-        (client to client through a server), so their packets are not
-        checked. Not IP at all: nothing to check (it is not routable)."""
-        ends = inner.addresses(packet[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD] if flags & FLAG_VNET else packet)
-        if ends is None:
-            return False
-        source = ends[0]
-        if source == self._own_address(src):
-            return False
-        networks = self.settings.peer_networks.get(src)
-        if networks:
-            address = ipaddress.ip_address(source)
-            return not any(address in n for n in networks)
-        return True
-
-    def _own_address(self, peer_id: int) -> bytes:
-        packed = self._addresses.get(peer_id)
-        if packed is None:
-            if len(self._addresses) >= HOST_CACHE_LIMIT:
-                self._addresses.clear()
-            packed = self._addresses[peer_id] = self.net.address(peer_id).packed
-        return packed
-
-    def _path_notice(self, peer_id: int, what: str) -> None:
-        """Path changes are state changes worth a line each, but a peer whose
-        address changes on every datagram must not log per packet."""
-        count = self._path_notices.get(peer_id, 0)
-        self._path_notices[peer_id] = count + 1
-        if count < PATH_NOTICES_PER_INTERVAL:
-            self.notices.append(f"peer {format_id(peer_id)}: {what}")
-        elif count == PATH_NOTICES_PER_INTERVAL:
-            self.notices.append(f"peer {format_id(peer_id)}: more new paths; not logged for {PRUNE_INTERVAL:.0f} s")
-
-    # ------------------------------------------------------------ relaying
-    def _relay(self, header: Header, full_mask: int, data: bytes, plaintext: bytes | None, addr: Addr,
-               src: Peer, now: float, out: Output) -> None:
-        """An authenticated datagram or shard for someone else: same dst_id,
-        TTL-1 (never more than MAX_TTL), never back to the address it came
-        from (split horizon), and at most once: the relay window remembers
-        every (session, ts, seq) it passed on, shards included."""
-        if header.ttl <= 1:
-            src.drops[DropReason.TTL] += 1
-            return
-        dst = self.table.get(header.dst)
-        targets = [a for a in self._targets(header.src, dst, now) if a != addr]
-        if not targets:
-            src.drops[DropReason.NO_PATH] += 1
-            return
-        # relay windows count against the pair's bigger ID, whose key
-        # string seals it: a member can forge only pairs above itself
-        charged = src if header.src > header.dst else dst
-        reason = src.check_replay(header.dst, header.session, header.ts, header.seq, now, charged)
-        if reason is not None:
-            src.drops[reason] += 1
-            return
-        ends = None
-        if plaintext is not None and header.kind == KIND_DATA and not header.flags & FLAG_BATCH:
-            ends = inner.addresses(plaintext[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD]
-                                   if header.flags & FLAG_VNET else plaintext)
-        guarded = self._guard(targets, ends, src)       # (a loop-guard drop is counted there)
-        targets = dst.sendable(guarded, len(data))
-        if targets:
-            relay = rewrite_mutable(data, full_mask, min(header.ttl, MAX_TTL) - 1, PATH_RELAYED)
-            out.sends.extend((relay, a) for a in targets)
-            src.relayed_packets += 1
-        elif guarded:
-            src.drops[DropReason.NO_PATH] += 1          # only unproven paths, their credit spent
 
     # ------------------------------------------------------------ timers
     def next_deadline(self) -> float:

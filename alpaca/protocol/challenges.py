@@ -1,0 +1,92 @@
+"""Challenges: sessions and paths proven live (docs/protocol.md §5).
+
+A node accepts a peer's traffic for itself only from a session that
+answered one of its challenges, and a learned path carries more than it
+brought only once a challenge sent on it was answered. Each challenge on one
+of our ways to a peer is also a probe of that way (peers.Probe).
+"""
+
+from __future__ import annotations
+
+
+from .constants import KIND_CHALLENGE, KIND_RESPONSE, PATH_DIRECT
+from .constants import NONCE_SIZE, CHALLENGE_INTERVAL, RESPONSE_LIMIT
+from .drops import DropReason
+from .output import Output
+from .peers import CHALLENGE_WINDOW, Addr, Peer
+from .wire import Header
+
+
+
+class Challenges:
+    """Methods of Node (node.py): they share its state."""
+
+    def _challenge(self, peer: Peer, addr: Addr | None, relayed: bool, now: float, out: Output,
+                   ways: list[Addr] | None = None) -> None:
+        """Ask the peer to prove its session live and `addr` a way to it: one
+        challenge, with a nonce of its own, to addr and to each of our ways
+        to the peer (`ways`, else our paths towards it). At most every
+        CHALLENGE_INTERVAL per peer, so a replayed datagram from a forged
+        address costs one small datagram. Each challenge on one of our ways
+        is also a probe of it (peers.Probe)."""
+        if peer.next_challenge - CHALLENGE_INTERVAL <= now < peer.next_challenge:
+            return          # (a deadline further ahead is from before the clock stepped back)
+        key = self.table.pair_key(self.me, peer.id)
+        if key is None:
+            return
+        peer.next_challenge = now + CHALLENGE_INTERVAL
+        if ways is None:
+            ways = self._towards(peer, now)
+        targets = ([addr] if addr is not None else []) + [a for a in ways if a != addr]
+        for target in targets:
+            nonce = self._random_bytes(NONCE_SIZE)
+            peer.challenge_sent(nonce, target, relayed if target == addr else target not in peer.paths
+                                or peer.paths[target].relayed, target in ways, now)
+            out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now), target))
+
+    def _on_challenge(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
+                      out: Output) -> None:
+        """Answer with the nonce, sealed now: on our paths to the peer, and to
+        where it came from when the answer is no bigger than the challenge.
+        Each challenge is answered once (its own replay window: a captured
+        one replayed gets nothing) and at most RESPONSE_LIMIT a second per
+        peer, so no one can make us send more to an address than it sent."""
+        nonce = plaintext[:len(plaintext) - header.pad]
+        key = self.table.pair_key(self.me, src.id)
+        if len(nonce) != NONCE_SIZE or key is None:
+            src.drops[DropReason.MALFORMED_REPORT] += 1
+            return
+        reason = src.check_replay(CHALLENGE_WINDOW, header.session, header.ts, header.seq, now)
+        if reason is not None:
+            src.drops[reason] += 1
+            return
+        second = int(now)
+        if src.responses[0] != second:
+            src.responses[0], src.responses[1] = second, 0
+        if src.responses[1] >= RESPONSE_LIMIT:
+            src.drops[DropReason.RATE_LIMITED] += 1
+            return
+        src.responses[1] += 1
+        response = self._seal(KIND_RESPONSE, src.id, key, nonce, now)
+        targets = [a for a in self._towards(src, now) if a != addr]
+        if len(response) <= size or addr in src.paths and src.paths[addr].proven:
+            targets.insert(0, addr)
+        out.sends.extend((response, a) for a in targets)
+        if header.session not in src.verified:
+            self._challenge(src, addr, header.path != PATH_DIRECT, now, out)     # and prove theirs to us
+
+    def _on_response(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
+                     out: Output) -> None:
+        """An answer to one of our challenges: its session is live (from this
+        answer on) and the address the challenge went to reaches the peer."""
+        challenge = src.challenge_done(plaintext[:len(plaintext) - header.pad], True, now)
+        if challenge is None:
+            # a nonce we are not waiting for: another copy of an answer we
+            # took (it is sent on every path), or a stale or replayed one
+            src.drops[DropReason.DUPLICATE if header.session in src.verified else DropReason.REPLAY] += 1
+            return
+        _, target, relayed, _ = challenge
+        if header.session not in src.verified:
+            src.verify(header.session, header.ts, header.seq, now)
+        src.prove(target, relayed, now)
+        self._learn(src, header, addr, size, now, out)

@@ -1,0 +1,349 @@
+"""Inbound: a datagram from UDP, for this node (docs/protocol.md §5-6, §12).
+
+  1. unmask the header (group key) -> pair key -> AEAD open, or for a shard
+     its MAC. Any failure is a global drop and changes nothing else.
+  2. for someone else: relay.py. Challenges and answers: challenges.py.
+  3. for me: a session proven live by a challenge, the replay window, then
+     learn the path it came on; a shard goes to reassembly, a whole message
+     to the TUN (keepalives and reports stop here).
+The next shard of a message in progress is predicted (_Next) and still has
+its MAC, the replay window and the filing checked.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from . import inner
+from .constants import (FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_CHALLENGE, KIND_DATA, KIND_KEEPALIVE,
+                        KIND_MAX, KIND_REPORT, KIND_RESPONSE, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, PATH_DIRECT,
+                        TAG_SIZE, VNET_HDR_SIZE, WIRE_VERSION)
+from .constants import (PRUNE_INTERVAL, PATH_NOTICES_PER_INTERVAL, HOST_CACHE_LIMIT, ZERO_VNET, INNER_HEAD,
+                        BATCH_ENTRY, VERSION_NOTICE_INTERVAL)
+from .crypto import MAC_SIZE, CryptoError, mac
+from .drops import DropReason
+from .ids import format_id
+from .output import Output
+from .peers import MESSAGE_WINDOW, Addr, Peer
+from .wire import (MUTABLE_BYTES, NEXT_SHARD, SAMPLE, SHARD_OVERHEAD, Header, fields, open_message, open_sealed,
+                   shard_authentic)
+
+
+class _Next:
+    """The shard expected next (Node.from_udp): its 32 unmasked bytes as an
+    int, where from, its size, and what filing it needs."""
+    __slots__ = ("clear", "addr", "size", "src", "rkey", "slot", "index", "shard_key", "last")
+
+    def __init__(self, clear: int, addr: Addr, src: Peer, rkey: tuple, slot, index: int, shard_key: bytes):
+        self.clear, self.addr, self.src, self.rkey, self.slot = clear, addr, src, rkey, slot
+        self.index, self.shard_key = index, shard_key
+        self.last = slot.k - 1                                      # the short data chunk
+        self.size = MASK_SIZE + (slot.last if index == self.last else slot.size) + MAC_SIZE
+
+    def advance(self) -> bool:
+        """Expect the shard after; False when there is none."""
+        self.index += 1
+        if self.index >= self.slot.k + self.slot.m:
+            return False
+        self.clear += NEXT_SHARD
+        self.size = MASK_SIZE + (self.slot.last if self.index == self.last else self.slot.size) + MAC_SIZE
+        return True
+
+
+class Inbound:
+    """Methods of Node (node.py): they share its state."""
+
+    def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
+        out = Output()
+        state, from_bytes = self._mask_state, int.from_bytes
+        for data, addr in datagrams:
+            if len(data) < MIN_DATAGRAM:
+                self.global_drops[DropReason.MALFORMED] += 1
+                continue
+            h = state.copy()                # wire.unmask, inlined: once per datagram
+            h.update(data[-SAMPLE:])
+            full = from_bytes(h.digest(), "big")
+            clear = from_bytes(data[:MASK_SIZE], "big") ^ full
+            # The next shard of a message in progress (UDP GRO hands a
+            # message over as a train) is predicted exactly: same header but
+            # seq + 1, index + 1. It still has its MAC, the replay window and
+            # the filing checked; only the parsing is skipped.
+            nxt = self._next
+            if nxt is not None and clear == nxt.clear and addr == nxt.addr and len(data) == nxt.size \
+                    and self._next_shard(nxt, clear.to_bytes(MASK_SIZE, "big"), data, now, out):
+                continue
+            self._receive(data, addr, now, out, clear.to_bytes(MASK_SIZE, "big"), full)
+        if self.loss.first:
+            self._send_reports(self.loss.reports(now, set(self.loss.first)), now, out)
+        return out
+
+    def _receive(self, data: bytes, addr: Addr, now: float, out: Output, clear: bytes, full: int) -> None:
+        """One datagram (its 32 first bytes unmasked: clear, and the mask):
+        nothing it says is used before it is authenticated, except what
+        finds the key (src, dst) and the checks that cost less."""
+        version_kind, flags = clear[2], clear[3]
+        if version_kind >> 4 != WIRE_VERSION:
+            # only the release before is named: garbage unmasks to any version
+            if version_kind >> 4 == WIRE_VERSION - 1:
+                self._wrong_version(addr, version_kind >> 4, now)
+            else:
+                self.global_drops[DropReason.MALFORMED] += 1
+            return
+        kind, shard = version_kind & 0x0F, flags & FLAG_FRAG
+        if (flags & ~KNOWN_FLAGS or kind > KIND_MAX or (flags & FLAG_BATCH and kind != KIND_DATA)
+                or (flags & FLAG_ISAL and not shard)
+                or (shard and (kind != KIND_DATA or len(data) < SHARD_OVERHEAD + TAG_SIZE))):
+            self.global_drops[DropReason.MALFORMED] += 1
+            return
+        f = fields(clear)
+        # src == me: our own datagram reflected back (or forged); never ours to take
+        key = self.table.pair_key(f.src, f.dst) if f.src != self.me else None
+        if key is None:
+            self.global_drops[DropReason.UNKNOWN_PEER] += 1
+            return
+        header = f.header()
+        if shard:
+            # ~1 us (SipHash-2-4 of ~1.4 KB): what a forged shard costs, besides the unmask
+            shard_key = self.table.shard_key(key)
+            if header.pad or not shard_authentic(shard_key, clear, data):
+                self.global_drops[DropReason.AUTH_FAILURE] += 1
+                return
+            plaintext, shard = None, (f, clear, shard_key)
+        else:
+            try:
+                plaintext = open_sealed(key, header, data)
+            except CryptoError:
+                self.global_drops[DropReason.AUTH_FAILURE] += 1
+                return
+            if header.pad > len(plaintext):
+                self.global_drops[DropReason.MALFORMED] += 1
+                return
+            shard = None
+        src = self.table.get(header.src)
+        if header.dst != self.me:
+            self._relay(header, full, data, plaintext, addr, src, now, out)
+        elif kind == KIND_CHALLENGE:
+            self._on_challenge(src, header, plaintext, len(data), addr, now, out)
+        elif kind == KIND_RESPONSE:
+            self._on_response(src, header, plaintext, len(data), addr, now, out)
+        else:
+            self._accept(src, header, data, plaintext, shard, addr, now, out)
+
+    def _wrong_version(self, addr: Addr, version: int, now: float) -> None:
+        self.global_drops[DropReason.WRONG_VERSION] += 1
+        if now >= self._next_version_notice:
+            self._next_version_notice = now + VERSION_NOTICE_INTERVAL
+            self.notices.append(f"datagrams of wire version {version} from {addr[0]}:{addr[1]} (this release "
+                                f"speaks {WIRE_VERSION}): every peer of a group must run a release of the same "
+                                f"wire version; counted as wrong_version, not logged for {VERSION_NOTICE_INTERVAL:.0f} s")
+
+    def _accept(self, src: Peer, header: Header, data: bytes, plaintext: bytes | None, shard: tuple | None,
+                addr: Addr, now: float, out: Output) -> None:
+        """An authenticated datagram (plaintext) or shard (shard: its fields,
+        its 32 unmasked bytes and the pair's shard key) for this node."""
+        reason = src.check_own(header.session, header.ts, header.seq, now)
+        if reason is not None:
+            src.drops[reason] += 1
+            if reason is DropReason.DUPLICATE:
+                # another copy over another path: it keeps that path alive,
+                # but only a first copy may add a path (a replay could come
+                # from anywhere)
+                src.refresh(addr, now)
+            elif reason is DropReason.UNVERIFIED:
+                self._challenge(src, addr, header.path != PATH_DIRECT, now, out)
+            return
+        if plaintext is not None and header.kind == KIND_DATA:
+            # a first copy (shards are counted by the reassembly): the
+            # union of the paths. Data only: keepalives and reports must
+            # not make the other end report back (loss.py)
+            self.loss.count_arrived(src.id, header.ts)
+            if (not header.flags & FLAG_BATCH and header.src > self.me and self.settings.has_tun
+                    and self._spoofed(header.src, plaintext, header.flags)):
+                src.drops[DropReason.SPOOFED] += 1      # before it can teach a path or mark the peer up
+                return
+        self._learn(src, header, addr, len(data), now, out)
+        if shard is not None:
+            self._file_shard(src, header, shard, data, addr, now, out)
+        else:
+            self._message(src, header, plaintext, out)
+
+    def _learn(self, src: Peer, header: Header, addr: Addr, size: int, now: float, out: Output) -> None:
+        """Paths are learned only from datagrams addressed to us: a relayed
+        datagram "from src" may have been sealed by dst, who shares the key.
+        A new path is challenged before it carries more than it brought."""
+        relayed = header.path != PATH_DIRECT
+        if src.heard(addr, relayed, now, size) is not None:
+            self._path_notice(src.id, f"new {'relayed' if relayed else 'direct'} path {addr[0]}:{addr[1]}")
+        if not src.paths[addr].proven:
+            self._challenge(src, addr, relayed, now, out)
+        if not src.up:
+            src.up = True
+            self.notices.append(f"peer {format_id(src.id)} up")
+        src.rx_bytes += size
+
+    def _file_shard(self, src: Peer, header: Header, shard: tuple, data: bytes, addr: Addr, now: float,
+                    out: Output) -> None:
+        f, clear, shard_key = shard
+        base = header.seq - f.index         # the message's seq: shard i carries base + i
+        if base < 0:
+            src.drops[DropReason.BAD_SHARD] += 1
+            return
+        rkey = (src.id, header.session, header.ts, base)
+        isal = bool(header.flags & FLAG_ISAL)
+        slot, reason = self.reassembly.add(rkey, f.index, f.k, f.m, f.length, isal, data[MASK_SIZE:-MAC_SIZE], now)
+        if reason is not None:
+            src.drops[reason] += 1
+        if slot is None:
+            filed = self.reassembly.slots.get(rkey)
+            if reason is None and filed is not None and src.paths[addr].proven:
+                nxt = _Next(int.from_bytes(clear, "big"), addr, src, rkey, filed, f.index, shard_key)
+                self._next = nxt if nxt.advance() else None
+            return
+        self._complete(src, header, rkey, slot, base, now, out)
+
+    def _next_shard(self, nxt: _Next, clear: bytes, data: bytes, now: float, out: Output) -> bool:
+        """The predicted shard: True when it was taken, False to let the full
+        path look at it (nothing has changed then)."""
+        chunk = data[MASK_SIZE:-MAC_SIZE]
+        if not hmac.compare_digest(mac(nxt.shard_key, clear[MUTABLE_BYTES:] + chunk), data[-MAC_SIZE:]):
+            return False
+        src, rkey = nxt.src, nxt.rkey
+        path = src.paths.get(nxt.addr)
+        if path is None or not path.proven:
+            return False
+        seq = rkey[3] + nxt.index
+        if src.check_own(rkey[1], rkey[2], seq, now) is not None:
+            return False            # (the full path counts it: the window recorded nothing)
+        slot = nxt.slot
+        done = self.reassembly.add_next(rkey, slot, nxt.index, chunk)
+        if done is None:            # (the window has it now: the full path would call it a duplicate)
+            self._next = None
+            f = fields(clear)
+            slot, reason = self.reassembly.add(rkey, f.index, f.k, f.m, f.length, slot.isal, chunk, now)
+            if reason is not None:
+                src.drops[reason] += 1
+            done = slot is not None
+        path.last_rx = src.last_rx = now
+        src.rx_bytes += len(data)
+        if done:
+            self._next = None
+            self._complete(src, fields(clear).header(), rkey, slot, rkey[3], now, out)
+        elif self._next is nxt and not nxt.advance():
+            self._next = None
+        return True
+
+    def _complete(self, src: Peer, header: Header, rkey: tuple, slot, base: int, now: float,
+                  out: Output) -> None:
+        """A message has k of its shards: decode, authenticate, deliver (once)."""
+        self.reassembly.finish(rkey, slot)
+        header = header._replace(seq=base)
+        # Delivered once: its copies and late parity are shards with seqs of
+        # their own, so a message remembered no more could complete twice
+        reason = src.check_replay(MESSAGE_WINDOW, header.session, header.ts, base, now)
+        if reason is not None:
+            src.drops[reason] += 1
+            return
+        try:
+            plaintext = open_message(self.table.pair_key(src.id, self.me), header, slot.decode())
+        except (CryptoError, ValueError):      # a peer's bug: its shards were each authentic
+            src.drops[DropReason.BAD_SHARD] += 1
+            return
+        self._message(src, header, plaintext, out)
+
+    def _message(self, src: Peer, header: Header, plaintext: bytes, out: Output) -> None:
+        """An authenticated, fresh message for this node: a whole datagram's
+        plaintext or a reassembled one."""
+        if header.kind == KIND_KEEPALIVE:
+            src.rx_packets += 1
+            return
+        if header.kind == KIND_REPORT:
+            src.rx_packets += 1
+            self._loss_report(src, plaintext[:len(plaintext) - header.pad])
+            return
+        if not self.settings.has_tun:
+            src.rx_packets += 1
+            src.drops[DropReason.NO_TUN] += 1
+            return
+        if header.pad:
+            plaintext = plaintext[:len(plaintext) - header.pad]
+        vnet = header.flags & FLAG_VNET
+        spoof_check = header.src > self.me
+        if not header.flags & FLAG_BATCH:
+            src.rx_packets += 1
+            if spoof_check and self._spoofed(header.src, plaintext, header.flags):
+                src.drops[DropReason.SPOOFED] += 1
+                return
+            self._deliver(src, plaintext, vnet, out)
+            return
+        # a FEC batch: packets each after a 2-byte length; a zero length
+        # (padding) ends it. Sealed by src, so a bad length is src's bug.
+        at, end = 0, len(plaintext)
+        bounds = []
+        while at + BATCH_ENTRY <= end:
+            n = plaintext[at] << 8 | plaintext[at + 1]
+            if n == 0:
+                break
+            at += BATCH_ENTRY
+            bounds.append((at, at + n))
+            at += n
+        if at > end:
+            src.drops[DropReason.MALFORMED_BATCH] += 1      # all or nothing
+            return
+        for start, stop in bounds:
+            packet = plaintext[start:stop]
+            src.rx_packets += 1
+            if spoof_check and self._spoofed(header.src, packet, header.flags):
+                src.drops[DropReason.SPOOFED] += 1
+                continue
+            self._deliver(src, packet, vnet, out)
+
+    def _deliver(self, src: Peer, packet: bytes, vnet: int, out: Output) -> None:
+        """One packet to the TUN device, with or without its virtio_net_hdr
+        as the device and the packet have them."""
+        if self.settings.vnet:
+            out.tun.append(packet if vnet else ZERO_VNET + packet)
+        elif not vnet:
+            out.tun.append(packet)
+        elif packet[:VNET_HDR_SIZE] == ZERO_VNET:
+            out.tun.append(packet[VNET_HDR_SIZE:])
+        else:
+            src.drops[DropReason.NEEDS_OFFLOAD] += 1     # only a TUN with a vnet header takes it
+
+    def _spoofed(self, src: int, packet: bytes, flags: int) -> bool:
+        """A peer below us (a client of ours) may send only from its own
+        tunnel address, or from the networks configured for it
+        (peers.<id>.networks), IPv4 and IPv6 alike, like WireGuard's
+        AllowedIPs: so no member passes for another, nor for a host of the
+        server's LAN or the internet. Peers above us route for others
+        (client to client through a server), so their packets are not
+        checked. Not IP at all: nothing to check (it is not routable)."""
+        ends = inner.addresses(packet[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD] if flags & FLAG_VNET else packet)
+        if ends is None:
+            return False
+        source = ends[0]
+        if source == self._own_address(src):
+            return False
+        networks = self.settings.peer_networks.get(src)
+        if networks:
+            address = ipaddress.ip_address(source)
+            return not any(address in n for n in networks)
+        return True
+
+    def _own_address(self, peer_id: int) -> bytes:
+        packed = self._addresses.get(peer_id)
+        if packed is None:
+            if len(self._addresses) >= HOST_CACHE_LIMIT:
+                self._addresses.clear()
+            packed = self._addresses[peer_id] = self.net.address(peer_id).packed
+        return packed
+
+    def _path_notice(self, peer_id: int, what: str) -> None:
+        """Path changes are state changes worth a line each, but a peer whose
+        address changes on every datagram must not log per packet."""
+        count = self._path_notices.get(peer_id, 0)
+        self._path_notices[peer_id] = count + 1
+        if count < PATH_NOTICES_PER_INTERVAL:
+            self.notices.append(f"peer {format_id(peer_id)}: {what}")
+        elif count == PATH_NOTICES_PER_INTERVAL:
+            self.notices.append(f"peer {format_id(peer_id)}: more new paths; not logged for {PRUNE_INTERVAL:.0f} s")

@@ -1,0 +1,176 @@
+"""Outbound: a packet read from the TUN device becomes datagrams (docs/protocol.md §6-7, §12-13).
+
+  1. where to: Node._route (the ID inside a tunnel-net destination, else the
+     gateway the route lookup names; a peer we hold no key for via our gateway);
+  2. seal: header(src, dst, session, ts, seq) + XChaCha20-Poly1305 with the
+     pair key; a message too big for one datagram (a super-packet, a FEC
+     batch) is sealed once and sent as shards (wire.py), with parity from
+     the loss the peer reports (fec.py, loss.py);
+  3. emit on each target (loop guard, and no more to an unproven path than
+     it sent us), then schedule the delayed copies (`duplicate`, and one
+     early extra copy of TCP SYN / DNS).
+With FEC on for the peer, the packets of one TUN read to it are sealed
+together as one batch.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from . import fec, inner
+from .constants import (FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_DATA, OVERHEAD, PATH_DIRECT,
+                        SYN_DNS_COPY_DELAY, TAG_SIZE, VNET_HDR_SIZE)
+from .constants import ZERO_VNET, INNER_HEAD, BATCH_LIMIT, BATCH_ENTRY
+from .drops import DropReason
+from .output import Output
+from .peers import Addr, Peer
+from .wire import Header, frame_shards, seal_message
+
+
+class _Batch:
+    """Packets to one peer read in one TUN batch, sealed together when FEC is on."""
+    __slots__ = ("peer", "key", "targets", "packets", "size", "early")
+
+    def __init__(self, peer: Peer, key: bytes, targets: list[Addr]):
+        self.peer, self.key, self.targets = peer, key, targets
+        self.packets: list[bytes] = []
+        self.size = 0
+        self.early = False
+
+
+class Outbound:
+    """Methods of Node (node.py): they share its state."""
+
+    def from_tun(self, packets: list[bytes], now: float) -> Output:
+        out = Output()
+        batches: dict[int, _Batch] = {}
+        for packet in packets:
+            self._originate(packet, now, out, batches)
+        for batch in batches.values():
+            self._flush(batch, now, out)
+        return out
+
+    def _originate(self, data: bytes, now: float, out: Output, batches: dict[int, "_Batch"]) -> None:
+        flags = 0
+        if not self.settings.vnet:
+            packet = head = data
+        elif data[:VNET_HDR_SIZE] == ZERO_VNET:
+            packet = head = data[VNET_HDR_SIZE:]
+        else:
+            # a super-packet or a packet with its checksum left to the
+            # receiving kernel: the header travels with it
+            packet, head, flags = data, data[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD], FLAG_VNET
+        ends = inner.addresses(head)
+        route = self._route(ends[1], now) if ends else None
+        if route is None:
+            self.global_drops[DropReason.NOT_ROUTABLE] += 1
+            return
+        peer, key, targets = route
+        if not targets:
+            peer.drops[DropReason.NO_PATH] += 1
+            return
+        targets = self._guard(targets, ends, peer)
+        if not targets:
+            return          # every target failed the loop guard (counted there)
+        batch = batches.get(peer.id)
+        if len(packet) + OVERHEAD <= self.settings.max_datagram and self._parity(peer.id, 1):
+            # FEC on and not a super-packet: it joins the peer's batch, which
+            # is sealed once and sent with parity when this read batch ends
+            # (no packet waits for another read)
+            if batch is not None and (batch.targets != targets or batch.size + BATCH_ENTRY + len(data) > BATCH_LIMIT):
+                self._flush(batches.pop(peer.id), now, out)
+                batch = None
+            if batch is None:
+                batch = batches[peer.id] = _Batch(peer, key, targets)
+            batch.packets.append(data)
+            batch.size += BATCH_ENTRY + len(data)
+            batch.early = batch.early or inner.wants_early_copy(head)
+            return
+        if batch is not None:
+            self._flush(batches.pop(peer.id), now, out)     # keep the peer's packets in order
+        datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
+        self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), len(datagrams) == 1, now, out)
+
+    def _flush(self, batch: "_Batch", now: float, out: Output) -> None:
+        """Seal a peer's FEC batch: its packets each after a 2-byte length,
+        zero-padded to `padding` (a zero length ends the batch)."""
+        parts = []
+        for packet in batch.packets:
+            parts.append(len(packet).to_bytes(BATCH_ENTRY, "big"))
+            parts.append(packet)
+        plaintext = b"".join(parts)
+        if len(plaintext) < self.settings.padding:
+            plaintext += bytes(self.settings.padding - len(plaintext))
+        flags = FLAG_BATCH | (FLAG_VNET if self.settings.vnet else 0)
+        datagrams = self._seal_message(KIND_DATA, batch.peer.id, batch.key, plaintext, flags, now)
+        self._emit(batch.peer, datagrams, batch.targets, len(batch.packets), batch.early, False, now, out)
+
+    def _emit(self, peer: Peer, datagrams: list[bytes], targets: list[Addr], packets: int, early: bool,
+              whole: bool, now: float, out: Output) -> None:
+        """Send a message's datagrams on every target, now and as the
+        `duplicate` and SYN/DNS copies (docs/protocol.md §7). An unproven
+        path gets them only while its credit lasts."""
+        copies = 1 + self.settings.duplicate + (1 if early else 0)
+        targets = peer.sendable(targets, copies * sum(len(d) for d in datagrams))
+        if not targets:
+            peer.drops[DropReason.NO_PATH] += 1     # only unproven paths, their credit spent
+            return
+        sends = [(d, a) for a in targets for d in datagrams]
+        out.sends.extend(sends)
+        peer.tx_packets += packets
+        peer.tx_bytes += sum(len(d) for d in datagrams)
+        # duplicate sends: same datagram (same seq), later, so the
+        # receiver's dedup removes whichever copy arrives second
+        delay = self.settings.duplicate_delay
+        for k in range(1, self.settings.duplicate + 1):
+            if delay > 0:
+                self._schedule(now + k * delay, sends)
+            else:
+                out.sends.extend(sends)
+        if early:
+            self._schedule(now + SYN_DNS_COPY_DELAY, sends)
+        if whole:
+            # one datagram, once (not its copies): the receiver counts the
+            # first copy, so the loss is that of the union of the paths.
+            # Shards are counted by the receiver alone (loss.py)
+            self.loss.count_sent(peer.id, self._ts, 1)
+
+    def _policy(self, peer_id: int) -> str | tuple[int, int] | None:
+        fec = self.settings.fec
+        return self.settings.peer_fec.get(peer_id, fec) if self.settings.peer_fec else fec
+
+    def _parity(self, peer_id: int, k: int) -> int:
+        """Parity shards for a k-shard message to peer_id under its FEC policy."""
+        policy = self._policy(peer_id)
+        if policy == fec.AUTO:
+            return self.loss.parity(peer_id, k)
+        return 0 if policy is None else fec.ratio_parity(policy, k)
+
+    def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,
+                      now: float) -> list[bytes]:
+        """One datagram, or the shards (with parity) of a message too big for
+        one or of a FEC batch (docs/protocol.md §12): one AEAD call either way."""
+        if not flags & (FLAG_VNET | FLAG_BATCH) or (not flags & FLAG_BATCH
+                                                    and len(plaintext) + OVERHEAD <= self.settings.max_datagram):
+            # (a plain packet is never bigger than the TUN's MTU, unless the
+            # MTU changed under us: then it goes whole, as before offloads)
+            return [self._seal(kind, dst, key, plaintext, now, flags)]
+        max_chunk = self.max_chunk
+        k = fec.shard_count(len(plaintext) + TAG_SIZE, max_chunk)
+        m = min(self._parity(dst, k), fec.MAX_SHARDS - k)
+        isal = fec.uses_isal(k, m)          # in the authenticated header: the receiver decodes by it
+        ts, seq = self._stamp(now, k + m)   # shard i carries seq + i
+        header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
+                        flags | FLAG_FRAG | (FLAG_ISAL if isal else 0))
+        body = seal_message(key, header, plaintext)
+        chunks, k, m = fec.split(body, max_chunk, m, isal)
+        datagrams = frame_shards(self.group_key, self.table.shard_key(key), header, chunks, k, m, len(body))
+        if m and k > 1:
+            # full-size shards first and the short last data shard at the
+            # end, so the kernel sends the run with one GSO call
+            datagrams.append(datagrams.pop(k - 1))
+        return datagrams
+
+    def _schedule(self, due: float, sends: list[tuple[bytes, Addr]]) -> None:
+        self._timer_serial += 1
+        heapq.heappush(self._timers, (due, self._timer_serial, sends))

@@ -1,0 +1,17 @@
+"""What the core hands back to the daemon: datagrams to send and packets to write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .peers import Addr
+
+
+@dataclass
+class Output:
+    sends: list[tuple[bytes, Addr]] = field(default_factory=list)
+    tun: list[bytes] = field(default_factory=list)
+
+    def extend(self, other: "Output") -> None:
+        self.sends.extend(other.sends)
+        self.tun.extend(other.tun)
