@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .protocol.crypto import genkey
 from .status import format_status
-from .testbed import Testbed, wait_for, write_peer_config
+from .lab.testbed import Testbed, wait_for, write_peer_config
 
 PY = sys.executable
 TRANSFER_MB = 16

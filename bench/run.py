@@ -107,7 +107,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from alpaca.testbed import Testbed, wait_for, write_peer_config
+from alpaca.lab.testbed import Testbed, wait_for, write_peer_config
 
 UNDER_A, UNDER_B = "172.30.1.1", "172.30.1.2"
 UNDER2_A, UNDER2_B = "172.30.4.1", "172.30.4.2"     # --paths 2: the second link

@@ -46,10 +46,7 @@ Logs must hold no traceback.
 
 Prints a summary (faults by kind, recovery max/p95, outages, fd/RSS trend,
 TCP stream stalls) and exits 0 when every check passed, 1 otherwise (130
-when interrupted). `--tolerate ip_forward` reports the known product issue in
-KNOWN_ISSUES as a note instead of a failure (tests/test_soak.py uses it; a
-strict xfail test there pins the issue). Figures from a 10-minute run are in
-docs/limits.md.
+when interrupted). Figures from a 10-minute run are in docs/limits.md.
 """
 
 from __future__ import annotations
@@ -77,7 +74,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from alpaca.protocol.crypto import genkey
-from alpaca.testbed import Testbed, wait_for, write_peer_config
+from alpaca.lab.testbed import Testbed, wait_for, write_peer_config
 
 PY = sys.executable
 TOOLS = ROOT / "tests" / "tools"
@@ -91,13 +88,6 @@ WARMUP = 20.0               # seconds after a daemon's start before its fd/RSS b
 SAMPLE_INTERVAL = 2.0
 FD_MARGIN = 2               # open fds a daemon may gain over its life (transient netlink sockets)
 RSS_MARGIN_KIB = 8 * 1024   # RSS a daemon may gain over its life
-
-# Known product issues (docs/limits.md) that --tolerate can turn from a failure
-# into a note: key -> (host state key, explanation)
-KNOWN_ISSUES = {
-    "ip_forward": ("ip_forward", ("a server killed with SIGKILL leaves net.ipv4.ip_forward=1; the next start "
-                                  "takes 1 for the original value, so no later stop restores it")),
-}
 
 PEERS = {   # name: (host number, peer ID, config)
     "s1": (1, "1.1", {"mode": "server"}),
@@ -339,7 +329,6 @@ class Soak:
         self.downs: list[str] = []                       # namespaces whose eth0 is down
         self.faults: list[Fault] = []
         self.failures: list[str] = []
-        self.known: list[str] = []
         self.ip: dict[str, str] = {}
         self.keys = {name: genkey() for name in PEERS}
         self.sampling = True
@@ -532,18 +521,11 @@ class Soak:
                 self.fail(f"{name} exited with {rc} on the final SIGTERM")
         self.uncut()
         leaks = {}
-        tolerated = {KNOWN_ISSUES[k][0]: k for k in self.args.tolerate}
         for name in PEERS:
             # a bounced link gets its IPv6 link-local address back only after DAD
             diff = wait_for(lambda n=name: state_diff(self.before[n], host_state(self.tb, n)) or None, 5) or []
             if diff:
                 leaks[name] = diff
-            known = [line for line in diff if line.split(":")[0] in tolerated]
-            for key in sorted({line.split(":")[0] for line in known}):
-                issue = tolerated[key]
-                change = " ".join(line.split(": ", 1)[1] for line in known if line.startswith(key + ":"))
-                self.known.append(f"{name}: {key} {change} (known issue {issue}: {KNOWN_ISSUES[issue][1]})")
-            diff = [line for line in diff if line not in known]
             if diff:
                 self.fail(f"{name}: host state differs from before the first start:\n  " + "\n  ".join(diff))
         trends = self.trends(t_end)
@@ -625,12 +607,7 @@ class Soak:
         for name, v in extra["logs"].items():
             for line in v["errors"][:5]:
                 print(f"  {name}: {line}")
-        untolerated = any(f.startswith(f"{n}: host state") for f in self.failures for n in PEERS)
-        print("host state after the final SIGTERM: " + ("DIFFERENT" if untolerated else
-                                                          "as before" if not extra["leaks"] else
-                                                          "as before apart from tolerated known issues"))
-        for note in self.known:
-            print(f"tolerated: {note}")
+        print("host state after the final SIGTERM: " + ("DIFFERENT" if extra["leaks"] else "as before"))
         print(f"result: {'PASS' if not self.failures else 'FAIL'} ({len(self.failures)} failure(s))")
         for failure in self.failures:
             print(f"  - {failure.splitlines()[0]}")
@@ -639,7 +616,7 @@ class Soak:
             "faults": [asdict(f) | {"worst": f.worst} for f in self.faults],
             "recovery": {"max": max(finite, default=None), "p95": percentile(finite, 95) if finite else None,
                          "unrecovered": len(recoveries) - len(finite)},
-            "restarts": restarts, "failures": self.failures, "tolerated": self.known,
+            "restarts": restarts, "failures": self.failures,
             "tcp": [{"name": s.name, "points": len(s.points), "bytes": s.points[-1][1] if s.points else 0,
                      "connections": s.points[-1][2] if s.points else 0, "longest_stall": s.longest_stall()}
                     for s in self.streams],
@@ -672,8 +649,6 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=5.0, help="mean seconds between faults")
     parser.add_argument("--json", type=Path, help="write every number to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
-    parser.add_argument("--tolerate", action="append", default=[], choices=sorted(KNOWN_ISSUES),
-                        help="report this known product issue without failing (see KNOWN_ISSUES)")
     args = parser.parse_args()
     if args.seed is None:
         args.seed = random.randrange(1 << 30)

@@ -1,5 +1,5 @@
 """Shared fixtures. Tier-3 fixtures build real peers in network namespaces
-(alpaca.testbed) and always tear them down, also when a test fails."""
+(alpaca.lab.testbed) and always tear them down, also when a test fails."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca.testbed import Testbed, wait_for, write_peer_config
+from alpaca.lab.testbed import Testbed, wait_for, write_peer_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

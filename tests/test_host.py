@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca.testbed import Testbed, wait_for
+from alpaca.lab.testbed import Testbed, wait_for
 from conftest import Mesh, unique_prefix
 
 pytestmark = pytest.mark.root

@@ -644,7 +644,7 @@ def flood_bed(tmp_path_factory):
     attacker namespace with no daemon."""
     from conftest import Mesh, can_run_tier3, unique_prefix
 
-    from alpaca.testbed import Testbed, wait_for
+    from alpaca.lab.testbed import Testbed, wait_for
     if can_run_tier3():
         pytest.skip(can_run_tier3())
     tb = Testbed(unique_prefix())

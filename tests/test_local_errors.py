@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from alpaca.protocol.crypto import genkey
-from alpaca.testbed import write_peer_config
+from alpaca.lab.testbed import write_peer_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DAEMON = ROOT / ".venv" / "bin" / "alpaca-tunnel"

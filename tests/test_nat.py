@@ -1,6 +1,6 @@
 """Server NAT rules (alpaca/host/nat.py) in throw-away network namespaces.
 
-Every root test builds its own namespace(s) with alpaca.testbed.Testbed and
+Every root test builds its own namespace(s) with alpaca.lab.testbed.Testbed and
 runs alpaca.host.nat there in a child python (`tb.run(...)`), so the host's own
 ruleset is never read or written. Checks use iptables-legacy(-save) inside
 the namespace: python-iptables writes the legacy (x_tables) tables.
@@ -20,7 +20,7 @@ import pytest
 from pyroute2 import IPRoute, NetNS
 
 from alpaca.host.nat import RuleSpec, ServerNat, tag_for
-from alpaca import testbed
+from alpaca.lab import testbed
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from alpaca.host.control import default_socket_path
-from alpaca.testbed import wait_for
+from alpaca.lab.testbed import wait_for
 from conftest import PY
 
 pytestmark = pytest.mark.root
@@ -88,7 +88,7 @@ def test_a_resolver_that_never_answers_stalls_nothing(tmp_path):
     import socket
     import time
     from conftest import Mesh, TOOLS, unique_prefix
-    from alpaca.testbed import Testbed
+    from alpaca.lab.testbed import Testbed
     tb = Testbed(unique_prefix())
     mesh = Mesh(tb, tmp_path)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)

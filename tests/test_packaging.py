@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from alpaca.testbed import wait_for
+from alpaca.lab.container import CannotBoot, Container
+from alpaca.lab.testbed import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("ALPACA_TEST_CACHE", "/var/cache/alpaca-test"))
@@ -166,92 +167,16 @@ def rootfs() -> Path:
         return ROOTFS
 
 
-class CannotBoot(Exception):
-    """systemd-nspawn did not bring up a systemd here (before anything of ours was installed)."""
-
-
-class Container:
-    """A booted systemd (PID 1) on a read-only tree with a throwaway overlay."""
-
-    def __init__(self, tree: Path, nsname: str, workdir: Path, binds_ro: dict[str, Path]):
-        self.machine = f"alpacapkg{os.getpid() % 100000}"
-        self.leader = None
-        self.console_path = workdir / "console.log"
-        self.console = open(self.console_path, "wb")  # noqa: SIM115 - closed in close()
-        shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.machine}", ignore_errors=True)
-        self.proc = subprocess.Popen(
-            ["systemd-nspawn", "-D", str(tree), "--boot", "-M", self.machine,
-             "--register=no", "--keep-unit", "--console=read-only", "--volatile=overlay",
-             f"--network-namespace-path=/run/netns/{nsname}", "--capability=CAP_NET_ADMIN",
-             *[f"--bind-ro={src}:{dst}" for dst, src in binds_ro.items()],
-             "--", "systemd.unit=multi-user.target"],
-            stdout=self.console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        try:
-            self.leader = wait_for(self._leader, 30)
-            if not self.leader or not wait_for(
-                    lambda: Path(f"/proc/{self.leader}/root/run/systemd/private").exists(), 30):
-                raise CannotBoot(self.console_text())
-            self.ctl("systemctl", "is-system-running", "--wait", timeout=120)
-        except BaseException:
-            self.close()
-            raise
-
-    def _leader(self):
-        if self.proc.poll() is not None:
-            return None
-        out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], check=False, capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            pid, ppid, comm = line.split(None, 2)
-            if int(ppid) == self.proc.pid and comm.strip() == "systemd":
-                return int(pid)
-        return None
-
-    def console_text(self) -> str:
-        return self.console_path.read_text(errors="replace")[-3000:]
-
-    def ctl(self, *argv, timeout=60, input=None) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "--", *argv],
-                              check=False, capture_output=True, text=True, timeout=timeout, input=input, env=CT_ENV)
-
-    def sh(self, script: str, **kw) -> subprocess.CompletedProcess:
-        return self.ctl("/bin/sh", "-c", script, **kw)
-
-    def show(self, prop: str, unit: str = "alpaca-tunnel") -> str:
-        return self.ctl("systemctl", "show", "-P", prop, unit).stdout.strip()
-
-    def journal(self) -> str:
-        return self.ctl("journalctl", "-u", "alpaca-tunnel", "--no-pager", "-o", "cat").stdout
-
-    def exists(self, path: str) -> bool:
-        return self.ctl("test", "-e", path).returncode == 0 or self.ctl("test", "-L", path).returncode == 0
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            if self.leader:
-                try:
-                    self.ctl("systemctl", "poweroff", timeout=30)
-                except subprocess.TimeoutExpired:
-                    pass
-            else:
-                self.proc.terminate()   # nspawn shuts its container down on SIGTERM
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()        # only our nspawn, by PID
-                self.proc.wait(10)
-        self.console.close()
-        shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.machine}", ignore_errors=True)
-
-
 @pytest.fixture
 def debian(deb, rootfs, tmp_path):
-    from alpaca.testbed import Testbed
+    from alpaca.lab.testbed import Testbed
     tb = Testbed(f"pk{os.getpid() % 100000}")
     ct = None
     try:
         ip = tb.add_host("ct", 1)
         try:
-            ct = Container(rootfs, tb.ns("ct"), tmp_path, {"/mnt/alpaca-deb": deb.parent})
+            ct = Container(rootfs, tb.ns("ct"), tmp_path, {"/mnt/alpaca-deb": deb.parent}, machine="alpacapkg",
+                           env=CT_ENV)
         except CannotBoot as e:
             pytest.skip(f"systemd-nspawn cannot boot a container here: {str(e)[-500:]}")
         yield {"ct": ct, "tb": tb, "ip": ip, "deb": f"/mnt/alpaca-deb/{deb.name}"}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from alpaca import testbed
+from alpaca.lab import testbed
 from alpaca.host import routes
 from alpaca.config import ChnRoute
 

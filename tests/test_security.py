@@ -42,7 +42,7 @@ from alpaca.protocol.constants import KIND_DATA, REPLAY_WINDOW
 from alpaca.protocol.crypto import derive_group_key
 from alpaca.protocol.wire import peek
 from alpaca.protocol.ids import parse_id
-from alpaca.testbed import Testbed, wait_for
+from alpaca.lab.testbed import Testbed, wait_for
 
 pytestmark = pytest.mark.root
 TOOLS = Path(__file__).parent / "tools"

@@ -49,7 +49,7 @@ def test_soak_two_minutes(tmp_path):
 
 
 def test_server_restart_after_sigkill_restores_ip_forward(tmp_path):
-    from alpaca.testbed import Testbed, wait_for
+    from alpaca.lab.testbed import Testbed, wait_for
     if can_run_tier3():
         pytest.skip(can_run_tier3())
     tb = Testbed(unique_prefix())

@@ -9,7 +9,6 @@ systemctl from outside with nsenter, as an operator would from inside.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from alpaca.testbed import wait_for
+from alpaca.lab.container import Container, HostRoot, have_nspawn
+from alpaca.lab.testbed import wait_for
 from conftest import Mesh, unique_prefix
 
 pytestmark = pytest.mark.root
@@ -27,70 +27,14 @@ VENV_BIN = Path(sys.executable).parent
 SRC = "/run/alpaca-src"         # where the container sees this checkout
 
 
-def _have_nspawn() -> bool:
-    return shutil.which("systemd-nspawn") is not None and Path("/usr/lib/systemd/systemd").exists()
-
-
-class Container:
-    def __init__(self, tb, nsname: str, workdir: Path, confdir: Path, units: Path):
-        self.workdir = workdir
-        self.machine = f"alpaca{os.getpid() % 100000}"
-        self.root = workdir / "hostroot"
-        self.root.mkdir()
-        subprocess.run(["mount", "--bind", "/", str(self.root)], check=True)
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(self.root)], check=True)
-        self.console = open(workdir / "console.log", "wb")
-        self.proc = subprocess.Popen(
-            ["systemd-nspawn", "-D", str(self.root), "--boot", "-M", self.machine,
-             "--register=no", "--keep-unit", "--console=read-only", "--volatile=overlay",
-             f"--network-namespace-path=/run/netns/{nsname}", "--capability=CAP_NET_ADMIN",
-             f"--bind-ro={units}:/run/systemd/system", f"--bind={confdir}:/etc/alpaca-tunnel.d",
-             # the checkout and its venv; not at their own path: nspawn's /tmp
-             # tmpfs would hide a clone under /tmp
-             f"--bind-ro={ROOT}:{SRC}",
-             "--", "systemd.unit=multi-user.target"],
-            stdout=self.console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.leader = wait_for(self._leader, 30)
-        assert self.leader, (workdir / "console.log").read_text(errors="replace")[-3000:]
-        assert wait_for(lambda: Path(f"/proc/{self.leader}/root/run/systemd/private").exists(), 30)
-        self.ctl("systemctl", "is-system-running", "--wait", timeout=90)
-
-    def _leader(self):
-        out = subprocess.run(["ps", "-eo", "pid=,ppid=,comm="], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            pid, ppid, comm = line.split(None, 2)
-            if int(ppid) == self.proc.pid and comm.strip() == "systemd":
-                return int(pid)
-        return None
-
-    def ctl(self, *argv, timeout=60, check=False) -> subprocess.CompletedProcess:
-        return subprocess.run(["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "--", *argv],
-                              capture_output=True, text=True, timeout=timeout, check=check)
-
-    def show(self, prop: str) -> str:
-        return self.ctl("systemctl", "show", "-P", prop, "alpaca-tunnel").stdout.strip()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            if self.leader:
-                self.ctl("systemctl", "poweroff", timeout=30)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()        # only our nspawn, by PID
-                self.proc.wait(10)
-        subprocess.run(["umount", str(self.root)], check=False)
-        shutil.rmtree(f"/run/systemd/nspawn/propagate/{self.machine}", ignore_errors=True)
-
-
 @pytest.fixture
 def unit_world(tmp_path):
-    if not _have_nspawn():
+    if not have_nspawn():
         pytest.skip("systemd-nspawn not installed")
-    from alpaca.testbed import Testbed
+    from alpaca.lab.testbed import Testbed
     tb = Testbed(unique_prefix())
     mesh = Mesh(tb, tmp_path)
-    container = None
+    container = hostroot = None
     try:
         server_ip = tb.add_host("ct", 1)
         tb.add_host("c1", 16)
@@ -112,12 +56,19 @@ def unit_world(tmp_path):
         # needs the SIGKILL that follows TimeoutAbortSec
         unit = unit.replace("[Service]\n", "[Service]\nTimeoutAbortSec=2\n")
         (units / "alpaca-tunnel.service").write_text(unit)
-        container = Container(tb, tb.ns("ct"), tmp_path, confdir, units)
+        hostroot = HostRoot(tmp_path)
+        # the checkout and its venv at SRC, not at their own path: nspawn's
+        # /tmp tmpfs would hide a clone under /tmp
+        container = Container(hostroot.path, tb.ns("ct"), tmp_path, machine="alpaca", boot_timeout=90,
+                              binds_ro={"/run/systemd/system": units, SRC: ROOT},
+                              binds={"/etc/alpaca-tunnel.d": confdir})
         world = {"tb": tb, "mesh": mesh, "ct": container, "confdir": confdir, "server_ip": server_ip}
         yield world
     finally:
         if container is not None:
             container.close()
+        if hostroot is not None:
+            hostroot.close()
         mesh.close()
 
 
