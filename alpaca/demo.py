@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .protocol.crypto import genkey
 from .status import format_status
+from .lab.mesh import STANDARD, secrets_for
 from .lab.testbed import Testbed, wait_for, write_peer_config
 
 PY = sys.executable
@@ -50,12 +51,9 @@ def say(message: str) -> None:
 
 
 class Demo:
-    PEERS = {  # name: (host number, peer id, config)
-        "server1": (1, "1.1", {"mode": "server"}),
-        "fwd1": (2, "1.2", {"mode": "forwarder"}),
-        "client1": (16, "16.1", {"mode": "client", "gateway": "1.1", "forwarders": ["1.1", "1.2"]}),
-        "client2": (17, "16.2", {"mode": "client", "gateway": "1.1"}),
-    }
+    # the lab's standard mesh (alpaca/lab/mesh.py), with 1.2 a forwarder, under names that say what they are
+    PEERS = {name: STANDARD[std][:2] + ({"mode": "forwarder"} if std == "s2" else STANDARD[std][2],)
+             for name, std in (("server1", "s1"), ("fwd1", "s2"), ("client1", "c1"), ("client2", "c2"))}
 
     def __init__(self, workdir: Path):
         self.workdir = workdir
@@ -71,15 +69,11 @@ class Demo:
             say(f"namespace {self.tb.ns(name)}: {name} (peer {pid}) at {ips[name]}")
         self.tb.add_link("server1", "internet", "172.31.201.1", INTERNET)
         say(f"namespace {self.tb.ns('internet')}: internet host at {INTERNET}, linked to server1 only")
-        servers = [f"{pid} {keys[pid]} {ips[n]} null 1040" for n, (_, pid, c) in self.PEERS.items()
-                   if c["mode"] != "client"]
-        clients = [f"{pid} {keys[pid]} null null null" for n, (_, pid, c) in self.PEERS.items()
-                   if c["mode"] == "client"]
+        lines = secrets_for(self.PEERS, keys, ips)
         for name, (_, pid, config) in self.PEERS.items():
-            mine = servers + (clients if config["mode"] != "client" else [l for l in clients if l.startswith(pid + " ")])
             cfg = {"id": pid, "group": "demo", "name": "alpaca0", **config,
                    "control_socket": str(self.workdir / f"{name}.sock")}
-            self.configs[name] = write_peer_config(self.workdir / name, cfg, mine)
+            self.configs[name] = write_peer_config(self.workdir / name, cfg, lines[name])
 
     def start(self) -> None:
         for name, path in self.configs.items():

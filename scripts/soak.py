@@ -73,8 +73,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from alpaca.protocol.crypto import genkey
+from alpaca.lab import mesh as lab_mesh
 from alpaca.lab.testbed import Testbed, wait_for, write_peer_config
+from alpaca.protocol.crypto import genkey
 
 PY = sys.executable
 TOOLS = ROOT / "tests" / "tools"
@@ -89,12 +90,7 @@ SAMPLE_INTERVAL = 2.0
 FD_MARGIN = 2               # open fds a daemon may gain over its life (transient netlink sockets)
 RSS_MARGIN_KIB = 8 * 1024   # RSS a daemon may gain over its life
 
-PEERS = {   # name: (host number, peer ID, config)
-    "s1": (1, "1.1", {"mode": "server"}),
-    "s2": (2, "1.2", {"mode": "server"}),
-    "c1": (16, "16.1", {"mode": "client", "gateway": "1.1", "forwarders": ["1.1", "1.2"]}),
-    "c2": (17, "16.2", {"mode": "client", "gateway": "1.1"}),
-}
+PEERS = lab_mesh.STANDARD   # name: (host number, peer ID, config)
 SERVERS, CLIENTS = ("s1", "s2"), ("c1", "c2")
 CUT_PAIRS = [("c1", "s1"), ("c1", "s2"), ("c2", "s1"), ("s2", "s1")]
 WEIGHTS = {"sigterm": 2, "sigkill": 2, "rewrite": 1, "readd": 1.5, "sighup": 0.5, "cut": 2, "bounce": 1.5}
@@ -335,16 +331,8 @@ class Soak:
         self.before: dict[str, dict] = {}
 
     # -------------------------------------------------------------- setup
-    def line(self, name: str) -> str:
-        peer_id = PEERS[name][1]
-        ip = self.ip[name] if name in SERVERS else None
-        return f"{peer_id} {self.keys[name]} {ip or 'null'} null {1040 if ip else 'null'}"
-
     def secrets_for(self, name: str) -> list[str]:
-        servers = [self.line(s) for s in SERVERS]
-        if name in SERVERS:
-            return servers + [self.line(c) for c in CLIENTS]
-        return servers + [self.line(name)]
+        return lab_mesh.secrets_for(PEERS, {PEERS[n][1]: k for n, k in self.keys.items()}, self.ip)[name]
 
     def build(self) -> None:
         self.tb = Testbed(self.prefix)

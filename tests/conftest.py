@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from alpaca.lab.mesh import STANDARD, secrets_for, secrets_line
 from alpaca.lab.testbed import Testbed, wait_for, write_peer_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,7 +95,7 @@ class Mesh:
         return self.keys.setdefault(peer_id, genkey())
 
     def line(self, peer_id: str, ip: str | None) -> str:
-        return f"{peer_id} {self.key(peer_id)} {ip or 'null'} null {1040 if ip else 'null'}"
+        return secrets_line(peer_id, self.key(peer_id), ip)
 
     def add(self, name: str, host_number: int, config: dict, secrets: list[str]) -> Peer:
         self.tb.add_host(name, host_number) if name not in self.tb.hosts else None
@@ -138,24 +139,19 @@ class Mesh:
 
 @contextlib.contextmanager
 def mesh4_world(tmp_path_factory, name: str = "mesh4", c1: dict | None = None, c2: dict | None = None):
-    """The standard test mesh: servers 1.1 and 1.2, client 16.1 (gateway 1.1, forwarders
-    1.1 and 1.2), client 16.2 (gateway 1.1). Clients know only the servers.
-    `c1`, `c2`: extra config keys of the clients."""
+    """The lab's standard mesh (alpaca/lab/mesh.py): servers 1.1 and 1.2, client
+    16.1 (gateway 1.1, forwarders 1.1 and 1.2), client 16.2 (gateway 1.1).
+    Clients know only the servers. `c1`, `c2`: extra config keys of the clients."""
     if can_run_tier3():
         pytest.skip(can_run_tier3())
     tb = Testbed(unique_prefix())
     mesh = Mesh(tb, tmp_path_factory.mktemp(name))
     try:
-        ip = {"s1": tb.add_host("s1", 1), "s2": tb.add_host("s2", 2),
-              "c1": tb.add_host("c1", 16), "c2": tb.add_host("c2", 17)}
-        servers = [mesh.line("1.1", ip["s1"]), mesh.line("1.2", ip["s2"])]
-        everyone = servers + [mesh.line("16.1", None), mesh.line("16.2", None)]
-        mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, everyone)
-        mesh.add("s2", 2, {"id": "1.2", "mode": "server"}, everyone)
-        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1", "forwarders": ["1.1", "1.2"],
-                            **(c1 or {})}, servers + [mesh.line("16.1", None)])
-        mesh.add("c2", 17, {"id": "16.2", "mode": "client", "gateway": "1.1", **(c2 or {})},
-                 servers + [mesh.line("16.2", None)])
+        ip = {name: tb.add_host(name, host) for name, (host, _, _) in STANDARD.items()}
+        lines = secrets_for(STANDARD, {peer_id: mesh.key(peer_id) for _, peer_id, _ in STANDARD.values()}, ip)
+        extra = {"c1": c1 or {}, "c2": c2 or {}}
+        for name, (host, peer_id, config) in STANDARD.items():
+            mesh.add(name, host, {"id": peer_id, **config, **extra.get(name, {})}, lines[name])
         mesh.ip = ip
         mesh.start_all()
         # the first keepalives teach the servers where the clients are
