@@ -31,6 +31,8 @@ from .host.hooks import HookError, run_hooks
 from .host.nat import NatError, ServerNat
 from .host.notify import Notifier
 from .host.resolver import Resolver, resolve_host
+from .host.route_lookup import RouteLookup
+from .host.route_monitor import RouteMonitor
 from .host.routes import RouteError
 from .host.sysctl import IP_FORWARD, Sysctl
 from .host.tun import Tun, TunError
@@ -225,8 +227,8 @@ class Daemon:
             list(cfg.local_routes), cfg.chnroute)
         stack.callback(self.client_routes.remove)
         self.client_routes.apply()
-        self.route_lookup = routes.RouteLookup(cfg.name)
-        self.route_monitor = stack.enter_context(contextlib.closing(routes.RouteMonitor()))
+        self.route_lookup = RouteLookup(cfg.name)
+        self.route_monitor = stack.enter_context(contextlib.closing(RouteMonitor()))
 
     def _on_names_moved(self) -> None:
         """(In the resolver's thread.) Wake the loop; it re-reads secrets.txt."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from alpaca.lab import testbed
-from alpaca.host import routes
+from alpaca.host import chnroute, routes
 from alpaca.config import ChnRoute
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ TAG = f"proto {routes.ALPACA_RTPROTO}"
 PRELUDE = """
 import json, logging, select, socket, subprocess, sys, time
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
-from alpaca.host import routes
+from alpaca.host import route_lookup, route_monitor, routes
 from alpaca.config import ChnRoute
 def ip(*args):
     subprocess.run(["ip", *args], check=True)
@@ -132,13 +132,13 @@ def test_read_chnroute_counts_bad_lines(tmp_path):
     path = tmp_path / "chn.txt"
     path.write_text("# header\n\n1.0.1.0/24\n1.0.2.7/23  # host bits cleared\n8.8.8.8\nnope\n"
                     "0.0.0.0/0\n1.0.1.0/24\n300.1.1.1/8\n")
-    data = routes.read_chnroute(path)
+    data = chnroute.read_chnroute(path)
     assert data.prefixes == [("1.0.1.0", 24), ("1.0.2.0", 23), ("8.8.8.8", 32)]
     assert data.bad == 3
     assert "line 6" in data.first_bad
     summary = data.summary(path)
     assert "3 bad lines ignored" in summary and "\n" not in summary
-    missing = routes.read_chnroute(tmp_path / "missing.txt")
+    missing = chnroute.read_chnroute(tmp_path / "missing.txt")
     assert missing.prefixes == [] and "cannot read" in missing.summary("missing.txt")
 
 
@@ -295,7 +295,7 @@ def test_monitor_notices_new_default_and_lost_state_and_reapplies(client, tmp_pa
     chn = write_chnroute(tmp_path / "chn.txt", 500)
     out = client.py(f"""
         cr.apply()
-        mon = routes.RouteMonitor()
+        mon = route_monitor.RouteMonitor()
         out = {{"idle": mon.drain(), "nothing": cr.reapply_if_needed()}}
         # DHCP / NetworkManager: the default route goes away and comes back via another gateway
         ip("route", "del", "default")
@@ -346,7 +346,7 @@ def test_route_lookup_follows_policy_routes_and_caches(client):
         cr.apply()
         ip("route", "add", "default", "via", "10.17.1.2", "dev", "alpaca0", "table", "200")
         ip("rule", "add", "to", "192.0.2.0/24", "lookup", "200", "pref", "1000")
-        lk = routes.RouteLookup("alpaca0")
+        lk = route_lookup.RouteLookup("alpaca0")
         a = socket.inet_aton
         out = {"policy": lk.gateway_for(a("192.0.2.5")), "default": lk.gateway_for(a("8.8.8.8")),
                "server": lk.gateway_for(a("198.51.100.7")), "lan": lk.gateway_for(a("172.31.77.9"))}
@@ -357,7 +357,7 @@ def test_route_lookup_follows_policy_routes_and_caches(client):
         out["stale"] = lk.gateway_for(a("192.0.2.5"))
         lk.invalidate()
         out["fresh"] = lk.gateway_for(a("192.0.2.5"))
-        small = routes.RouteLookup("alpaca0", max_entries=8)
+        small = route_lookup.RouteLookup("alpaca0", max_entries=8)
         for i in range(20):
             small.gateway_for(bytes([203, 0, 113, i]))
         out["bounded"] = len(small._cache)
@@ -378,7 +378,7 @@ def test_update_changes_only_the_difference_and_remove_stays_exact(client, tmp_p
     before = client.snapshot()
     out = client.py(f"""
         cr.apply()
-        mon = routes.RouteMonitor()
+        mon = route_monitor.RouteMonitor()
         out = {{}}
         out["hosts"] = cr.update(underlay_hosts=["198.51.100.8"])
         out["same"] = cr.update(underlay_hosts=["198.51.100.8"])

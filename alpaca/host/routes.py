@@ -19,15 +19,15 @@ import errno
 import ipaddress
 import logging
 import os
-import select
 import socket
 import time
 from collections import namedtuple
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyroute2 import IPRoute, IPRSocket
+from .chnroute import ChnrouteData, plural, read_chnroute
+
+from pyroute2 import IPRoute
 from pyroute2.netlink import rtnl
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rt_files import RtTablesFile
@@ -53,7 +53,7 @@ SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_NOWHERE = (rtnl.rt_scope[s] for s in ("univers
 NL_ERRORS = (OSError, NetlinkError)
 _ABSENT = (errno.ENOENT, errno.ESRCH)   # "already gone" answers to a delete
 _KEEP = object()
-_OWN_PORTIDS: set[int] = set()          # port ids of ClientRoutes' sockets: the monitor ignores their changes
+OWN_PORTIDS: set[int] = set()          # port ids of ClientRoutes' sockets: the monitor ignores their changes
 
 OriginalGateway = namedtuple("OriginalGateway", "gateway dev ifindex")   # main's default route (next hop may be None)
 
@@ -68,7 +68,7 @@ def _err_text(e: BaseException) -> str:
     return (e.strerror if isinstance(e, OSError) else None) or str(e) or type(e).__name__
 
 
-def _ifindex(name: str) -> int | None:
+def ifindex(name: str) -> int | None:
     try:
         return socket.if_nametoindex(name)
     except OSError:
@@ -84,10 +84,6 @@ def _ifname(index: int) -> str | None:
 
 def _table_name(table: int) -> str:
     return {v: k for k, v in TABLE_NAMES.items()}.get(table, str(table))
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 def mark_socket(sock: socket.socket, fwmark: int = FWMARK) -> None:
@@ -175,7 +171,7 @@ class Rule:
         return f"{self.priority}: from all{mark} lookup {_table_name(self.table)}{suppress} proto {ALPACA_RTPROTO}"
 
 
-def _route_of(msg) -> Route:
+def route_of(msg) -> Route:
     oif, gateway = msg.get("oif") or 0, msg.get("gateway")
     if not oif and msg.get("multipath"):          # a multipath route: its first next hop
         hop = msg.get("multipath")[0]
@@ -186,7 +182,7 @@ def _route_of(msg) -> Route:
 
 def _routes(ipr: IPRoute) -> list[Route]:
     """All IPv4 routes of every table: one dump."""
-    return [_route_of(m) for m in ipr.route("dump", family=socket.AF_INET)]
+    return [route_of(m) for m in ipr.route("dump", family=socket.AF_INET)]
 
 
 def _our_rules(ipr: IPRoute) -> set[Rule]:
@@ -234,47 +230,6 @@ def _covering(main: list[Route], host: str, tun: int | None) -> Route | None:
 
 def _gw_text(gw: OriginalGateway) -> str:
     return f"{'via ' + gw.gateway + ' ' if gw.gateway else ''}dev {gw.dev}"
-
-
-# ---------------------------------------------------------------- chnroute files
-@dataclass
-class ChnrouteData:
-    prefixes: list[tuple[str, int]]
-    bad: int
-    first_bad: str | None
-    error: str | None = None
-
-    def summary(self, path) -> str | None:
-        if self.error:
-            return f"chnroute: cannot read {path}: {self.error}; no chnroute prefixes installed"
-        if self.bad:
-            return (f"chnroute: {path}: {_plural(self.bad, 'bad line')} ignored "
-                    f"(first: {self.first_bad}); {len(self.prefixes)} prefixes used")
-        return None
-
-
-def read_chnroute(path) -> ChnrouteData:
-    """One IPv4 prefix per line ("1.0.1.0/24"; a bare address means /32); '#' starts a
-    comment; blank lines are ignored; host bits are cleared. Bad lines are counted, never fatal."""
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        return ChnrouteData([], 0, None, e.strerror or str(e))
-    prefixes: dict[tuple[str, int], None] = {}      # ordered, without duplicates
-    bad, first_bad = 0, None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not (item := line.split("#", 1)[0].strip()):
-            continue
-        try:
-            net = ipaddress.IPv4Network(item, strict=False)
-            if net.prefixlen == 0:
-                raise ValueError("a default route is not a chnroute prefix")
-        except ValueError:
-            bad += 1
-            first_bad = first_bad or f"line {number}: {item[:40]!r}"
-            continue
-        prefixes[(str(net.network_address), net.prefixlen)] = None
-    return ChnrouteData(list(prefixes), bad, first_bad)
 
 
 # ---------------------------------------------------------------- client routes
@@ -361,13 +316,13 @@ class ClientRoutes:
                 ipr.close()
                 raise
             self._ipr, self._port = ipr, ipr.getsockname()[0]
-            _OWN_PORTIDS.add(self._port)
+            OWN_PORTIDS.add(self._port)
         return self._ipr
 
     def close(self) -> None:
         """Close the netlink socket (remove() does this too)."""
         if self._ipr is not None:
-            _OWN_PORTIDS.discard(self._port)
+            OWN_PORTIDS.discard(self._port)
             self._ipr.close()
             self._ipr = None
 
@@ -379,7 +334,7 @@ class ClientRoutes:
 
     def apply(self) -> None:
         """Install everything; applying again changes nothing that is already right."""
-        if _ifindex(self.tun_name) is None:
+        if ifindex(self.tun_name) is None:
             raise RouteError(f"cannot route into the tunnel: device {self.tun_name!r} does not exist")
         self._applied = True
         self.chnroute_data(warn=True)
@@ -416,7 +371,7 @@ class ClientRoutes:
 
     def describe(self) -> list[str]:
         """What apply() would install, one human line each (for `alpaca-tunnel check`)."""
-        tun = _ifindex(self.tun_name) or 0
+        tun = ifindex(self.tun_name) or 0
         lines = [f"fwmark {self.fwmark:#x} on the daemon's UDP socket: its own datagrams use the main table"]
         try:
             with IPRoute() as ipr:
@@ -484,7 +439,7 @@ class ClientRoutes:
         """Compare the wanted state with the kernel's and change only the difference: routes first (so that
         what the rules point to is in place when they appear), then rules, then what is ours but no longer
         wanted. Returns one log line (None: nothing to do) and the routes the kernel refused."""
-        tun = _ifindex(self.tun_name)
+        tun = ifindex(self.tun_name)
         if tun is None:
             return None, []     # the daemon is going down; nothing to route into
         ipr = self._nl()
@@ -541,112 +496,17 @@ class ClientRoutes:
 
         what = []
         if other := [r for r in to_set if r.why != "chnroute"]:
-            what.append(f"{_plural(len(other), 'route')} set ({', '.join(sorted({r.why for r in other}))})")
+            what.append(f"{plural(len(other), 'route')} set ({', '.join(sorted({r.why for r in other}))})")
         if chn_set := len(to_set) - len(other):
             what.append(f"{chn_set} chnroute prefixes re-added")
         if missing_rules:
-            what.append(f"{_plural(len(missing_rules), 'rule')} restored")
+            what.append(f"{plural(len(missing_rules), 'rule')} restored")
         if stale or stale_rules:
-            what.append(_plural(len(stale), "stale route")
-                        + (f" and {_plural(len(stale_rules), 'stale rule')}" if stale_rules else "") + " removed")
+            what.append(plural(len(stale), "stale route")
+                        + (f" and {plural(len(stale_rules), 'stale rule')}" if stale_rules else "") + " removed")
         if failures:
             what.append(f"{len(failures)} failed ({failures[0][0].text()}: {_err_text(failures[0][1])})")
         return "routes: " + "; ".join(notes + what), failures
-
-
-# ---------------------------------------------------------------- monitor
-class RouteMonitor:
-    """A pyroute2 IPRSocket subscribed to IPv4 route, rule and address changes, for the daemon's selector.
-    drain() reads everything pending without blocking and says whether anything happened that may change
-    our routes or a route lookup. Changes made by ClientRoutes' sockets are ignored; a receive-buffer
-    overrun counts as a change."""
-
-    def __init__(self) -> None:
-        self._sock = IPRSocket()
-        try:
-            try:       # room for a burst (a flushed chnroute table); past net.core.rmem_max with CAP_NET_ADMIN
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
-            except OSError:
-                pass
-            self._sock.bind(groups=rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV4_RULE | rtnl.RTMGRP_IPV4_IFADDR)
-        except BaseException:
-            self._sock.close()
-            raise
-
-    def fileno(self) -> int:
-        return self._sock.fileno()
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def drain(self) -> bool:
-        relevant = False
-        while select.select([self._sock], [], [], 0)[0]:
-            try:
-                relevant = any(self._relevant(m) for m in self._sock.get()) or relevant
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
-                relevant = True          # we missed events: assume the worst
-        return relevant
-
-    @staticmethod
-    def _relevant(msg) -> bool:
-        kind = msg["header"]["type"]
-        if msg["header"]["pid"] in _OWN_PORTIDS or msg.get("family") != socket.AF_INET:
-            return False
-        if kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):      # a new route of ours (another socket): no loss
-            return msg.get("table") != RT_TABLE_LOCAL and not (
-                kind == rtnl.RTM_NEWROUTE and msg["proto"] == ALPACA_RTPROTO)
-        if kind in (rtnl.RTM_NEWRULE, rtnl.RTM_DELRULE):
-            return not (kind == rtnl.RTM_NEWRULE and msg.get("protocol") == ALPACA_RTPROTO)
-        return kind in (rtnl.RTM_NEWADDR, rtnl.RTM_DELADDR)
-
-
-# ---------------------------------------------------------------- route lookup
-class RouteLookup:
-    """dst_id for destinations outside the tunnel net (docs/protocol.md §6): ask the kernel which route a packet
-    to dst takes (an output lookup without fwmark, as the packets that end up in the TUN see it)
-    and answer its next hop when that route goes out through our TUN. Cached until invalidate()."""
-
-    def __init__(self, tun_name: str, max_entries: int = LOOKUP_CACHE_SIZE):
-        self.tun_name = tun_name
-        self.max_entries = max_entries
-        self._cache: dict[bytes, str | None] = {}
-        self._tun: int | None = None
-        self._ipr: IPRoute | None = None
-        self.lookups = 0
-
-    def gateway_for(self, dst_packed: bytes) -> str | None:
-        if dst_packed in self._cache:
-            return self._cache[dst_packed]
-        answer = self._lookup(dst_packed)
-        if len(self._cache) >= self.max_entries:
-            del self._cache[next(iter(self._cache))]     # oldest first
-        self._cache[dst_packed] = answer
-        return answer
-
-    def _lookup(self, dst_packed: bytes) -> str | None:
-        self.lookups += 1
-        self._tun = self._tun or _ifindex(self.tun_name)
-        if self._tun is None:
-            return None
-        try:
-            self._ipr = self._ipr or IPRoute()
-            found = self._ipr.route("get", dst=socket.inet_ntoa(dst_packed))
-        except NL_ERRORS:
-            return None      # unreachable, or netlink trouble: the daemon falls back to its gateway
-        route = _route_of(found[0]) if found else None
-        return route.gateway if route is not None and route.oif == self._tun else None
-
-    def invalidate(self) -> None:
-        self._cache.clear()
-        self._tun = None
-
-    def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
 
 
 # ---------------------------------------------------------------- cleanup
