@@ -15,6 +15,8 @@ import pytest
 
 from conftest import PY
 
+from alpaca.lab.testbed import wait_for
+
 pytestmark = pytest.mark.root
 TOOLS = Path(__file__).parent / "tools"
 
@@ -27,6 +29,11 @@ def ping(peer, address: str, count: int = 10, interval: float = 0.05):
 
 def test_ping_through_forwarders_without_duplicates(mesh4):
     c1 = mesh4.peers["c1"]
+    # both ways to the gateway proven (until then a way carries no more than
+    # it brought, so a copy may not go): status says so per path
+    via_12 = f"{mesh4.ip['s2']}:1040"
+    assert wait_for(lambda: any(p["address"] == via_12 and p["proven"] and p.get("delivers")
+                                for p in c1.peer_status("1.1")["paths"]), 15), c1.peer_status("1.1")
     r, received = ping(c1, "10.17.1.1", count=20)
     assert received == 20, r.stdout
     # both paths carry every packet, so both ends see copies; none reach ping
