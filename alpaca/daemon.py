@@ -46,7 +46,7 @@ from .protocol.node import Node, NodeSettings
 from .protocol.peers import PeerEntry
 from .secrets import PeerSecret, load_secrets
 from .supervision import (DROP_SUMMARY_INTERVAL, FLOOD_CHECK_INTERVAL, FLOOD_HOLD, FLOOD_MIN, DropSummary,
-                          FloodGuard)
+                          FloodGuard, Schedule)
 
 log = logging.getLogger("alpaca")
 
@@ -160,11 +160,10 @@ class Daemon:
         self.reload_requested = False
         self.started = time.time()
         self.tun_write_errors = 0
-        self._secrets_changed_at: float | None = None
+        self.timers = Schedule()            # the daemon's own timers (the core has its own: Node.tick)
         self.resolver: Resolver | None = None
         self._names_moved = False           # set by the resolver's thread: a host name's address changed
         self._wake_w: socket.socket | None = None
-        self._routes_changed_at: float | None = None
         self._drop_summary = DropSummary()
         self._hook_env: dict[str, str] = {}
         # the socket filter against garbage floods (_check_flood)
@@ -424,11 +423,12 @@ class Daemon:
             wake_w.close()
 
     def _loop(self, wake_r: socket.socket) -> int:
-        node, udp, tun = self.node, self.udp, self.tun
+        """Sleep until a descriptor is ready or the next deadline (the core's
+        or one of the daemon's own, self.timers), then do what is due."""
         sel = self._selector = selectors.DefaultSelector()
-        sel.register(udp.fd, selectors.EVENT_READ, "udp")
-        if tun is not None:
-            sel.register(tun.fd, selectors.EVENT_READ, "tun")
+        sel.register(self.udp.fd, selectors.EVENT_READ, "udp")
+        if self.tun is not None:
+            sel.register(self.tun.fd, selectors.EVENT_READ, "tun")
         self.control.attach(sel, "control")
         self._watch_fd = self.watch.fileno()
         sel.register(self._watch_fd, selectors.EVENT_READ, "watch")
@@ -436,83 +436,80 @@ class Daemon:
             sel.register(self.route_monitor.fileno(), selectors.EVENT_READ, "routes")
         sel.register(wake_r.fileno(), selectors.EVENT_READ, "wake")
         now = time.time()
-        next_summary = now + DROP_SUMMARY_INTERVAL
-        next_status = now + STATUS_INTERVAL
-        next_resolve = now + RESOLVE_INTERVAL
-        next_flood_check = now + FLOOD_CHECK_INTERVAL
+        for name, interval in (("summary", DROP_SUMMARY_INTERVAL), ("status", STATUS_INTERVAL),
+                               ("flood", FLOOD_CHECK_INTERVAL), ("resolve", RESOLVE_INTERVAL)):
+            self.timers.every(name, interval, now)
         while not self.stop_requested:
             now = time.time()
-            timeout = min(max(node.next_deadline() - now, 0.0), MAX_SLEEP)
+            timeout = min(max(min(self.node.next_deadline(), self.timers.next_deadline()) - now, 0.0), MAX_SLEEP)
             if self.control.clients:
                 timeout = min(timeout, max(self.control.next_deadline() - time.monotonic(), 0.0))
-            if self._secrets_changed_at is not None:
-                timeout = min(timeout, max(self._secrets_changed_at + RELOAD_DEBOUNCE - now, 0.0))
-            if self._routes_changed_at is not None:
-                timeout = min(timeout, max(self._routes_changed_at + ROUTES_DEBOUNCE - now, 0.0))
             for key, _ in sel.select(timeout):
-                now = time.time()
-                what = key.data
-                if what == "udp":
-                    self._perform(node.from_udp(udp.recv_batch(BATCH), now))
-                elif what == "tun":
-                    self._perform(node.from_tun(tun.read_batch(BATCH), now))
-                elif what == "control":
-                    self.control.serve_ready(key.fd)
-                elif what == "watch":
-                    if self.watch.drain():
-                        self._secrets_changed_at = now
-                elif what == "routes":
-                    if self.route_monitor.drain():
-                        # lookups must see the change at once; the repair
-                        # (which compares every route of ours) waits until
-                        # a burst of changes (DHCP, NetworkManager) is over
-                        self.route_lookup.invalidate()
-                        self._routes_changed_at = now
-                else:
-                    try:
-                        wake_r.recv(512)
-                    except BlockingIOError:
-                        pass
-            now = time.time()
-            if self.control.clients:
-                self.control.expire()
-            self.notifier.watchdog(now)
-            if now >= node.next_deadline():
-                self._perform(node.tick(now))
-            if self.reload_requested:
-                self.reload_requested = False
-                self.notifier.reloading()
-                self.reload_config()
-                self.resolver.refresh_all()    # a reload also re-resolves host names (in the background)
+                self._ready(key, wake_r)
+            self._after_wakeup(time.time())
+        sel.close()
+        return 0
+
+    def _ready(self, key: selectors.SelectorKey, wake_r: socket.socket) -> None:
+        now = time.time()
+        what = key.data
+        if what == "udp":
+            self._perform(self.node.from_udp(self.udp.recv_batch(BATCH), now))
+        elif what == "tun":
+            self._perform(self.node.from_tun(self.tun.read_batch(BATCH), now))
+        elif what == "control":
+            self.control.serve_ready(key.fd)
+        elif what == "watch":
+            if self.watch.drain():
+                self.timers.once("secrets", now + RELOAD_DEBOUNCE)     # editors write in several steps
+        elif what == "routes":
+            if self.route_monitor.drain():
+                # lookups must see the change at once; the repair (which
+                # compares every route of ours) waits until a burst of
+                # changes (DHCP, NetworkManager) is over
+                self.route_lookup.invalidate()
+                self.timers.once("routes", now + ROUTES_DEBOUNCE)
+        else:
+            try:
+                wake_r.recv(512)
+            except BlockingIOError:
+                pass
+
+    def _after_wakeup(self, now: float) -> None:
+        """Everything that is not a descriptor: expiries, the core's timers,
+        signals, the resolver's news and the daemon's own timers."""
+        if self.control.clients:
+            self.control.expire()
+        self.notifier.watchdog(now)
+        if now >= self.node.next_deadline():
+            self._perform(self.node.tick(now))
+        if self.reload_requested:
+            self.reload_requested = False
+            self.notifier.reloading()
+            self.reload_config()
+            self.resolver.refresh_all()    # a reload also re-resolves host names (in the background)
+            self.reload_secrets()
+            self.notifier.ready(self.status_line())
+        elif self._names_moved:
+            self._names_moved = False
+            self.reload_secrets()          # with the resolver's new answer
+        if self.node.notices:
+            self._log_notices()
+        for name, elapsed in self.timers.take_due(now):
+            if name == "secrets":
                 self.reload_secrets()
-                self.notifier.ready(self.status_line())
-            elif self._secrets_changed_at is not None and now >= self._secrets_changed_at + RELOAD_DEBOUNCE:
-                self._secrets_changed_at = None
-                self.reload_secrets()
-            elif self._names_moved:
-                self._names_moved = False
-                self.reload_secrets()      # with the resolver's new answer
-            if self._routes_changed_at is not None and now >= self._routes_changed_at + ROUTES_DEBOUNCE:
-                self._routes_changed_at = None
+            elif name == "routes":
                 change = self.client_routes.reapply_if_needed()
                 if change:
                     log.info("%s", change)
-            if node.notices:
-                self._log_notices()
-            if now >= next_summary:
-                next_summary = now + DROP_SUMMARY_INTERVAL
+            elif name == "summary":
                 self._log_drop_summary()
-            if now >= next_status:
-                next_status = now + STATUS_INTERVAL
+            elif name == "status":
                 self.notifier.status(self.status_line())
-            if now >= next_flood_check:
-                self._check_flood(now, now - next_flood_check + FLOOD_CHECK_INTERVAL)
-                next_flood_check = now + FLOOD_CHECK_INTERVAL
-            if now >= next_resolve:
-                next_resolve = now + RESOLVE_INTERVAL
+            elif name == "flood":
+                self._check_flood(now, elapsed)
+            elif name == "resolve":
                 self.resolver.refresh_all()    # in its thread: an answer that moved wakes us (_names_moved)
-        sel.close()
-        return 0
 
 
 def has_net_admin() -> bool:

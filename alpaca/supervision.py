@@ -87,3 +87,44 @@ class DropSummary:
                                f"{DROP_SUMMARY_INTERVAL:.0f} s: {who}"))
         self._last = dict(counts)
         return out
+
+
+class Schedule:
+    """The daemon's own timers, by name, beside the core's (Node.tick): periodic
+    ones (`every`) and one-shot ones (`once`, e.g. a debounce), with one next
+    deadline for the loop to sleep until. `now` is the wall clock, so a
+    periodic deadline further ahead than its interval (the clock stepped
+    back) is pulled in."""
+
+    def __init__(self):
+        self._due: dict[str, float] = {}
+        self._interval: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+
+    def every(self, name: str, interval: float, now: float) -> None:
+        self._interval[name], self._due[name], self._last[name] = interval, now + interval, now
+
+    def once(self, name: str, when: float) -> None:
+        """Run `name` at `when` (a later call moves it: a debounce)."""
+        self._due[name] = when
+
+    def next_deadline(self) -> float:
+        return min(self._due.values(), default=float("inf"))
+
+    def take_due(self, now: float) -> list[tuple[str, float]]:
+        """The timers due at `now`, each with the seconds since it last ran
+        (periodic ones are rescheduled, one-shot ones forgotten)."""
+        out = []
+        for name, due in list(self._due.items()):
+            interval = self._interval.get(name)
+            if interval is not None and due - now > interval:
+                due = self._due[name] = now
+            if now < due:
+                continue
+            if interval is None:
+                del self._due[name]
+                out.append((name, 0.0))
+            else:
+                out.append((name, now - self._last[name]))
+                self._due[name], self._last[name] = now + interval, now
+        return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from alpaca.protocol.drops import DropReason
 from alpaca.supervision import FLOOD_HOLD, FLOOD_MIN, FLOOD_RATE, DropSummary, FloodGuard
 
@@ -45,3 +47,21 @@ def test_the_summary_names_the_peers_with_the_most_and_only_what_grew():
     assert summary.lines(counts) == []                           # nothing new
     counts[(4099, DropReason.REPLAY)] += 4
     assert summary.lines(counts) == [(logging.INFO, "dropped 4 datagrams (replay) in the last 10 s: peer 16.3 4")]
+
+
+def test_the_daemons_timers_periodic_one_shot_and_a_clock_step_back():
+    from alpaca.supervision import Schedule
+    timers = Schedule()
+    timers.every("status", 5.0, 100.0)
+    timers.every("flood", 0.5, 100.0)
+    assert timers.next_deadline() == 100.5 and timers.take_due(100.4) == []
+    due = timers.take_due(100.6)
+    assert [n for n, _ in due] == ["flood"] and due[0][1] == pytest.approx(0.6)    # seconds since it last ran
+    timers.once("secrets", 101.0)
+    timers.once("secrets", 101.3)                  # a second edit moves the debounce
+    assert [n for n, _ in timers.take_due(101.2)] == ["flood"]
+    assert [n for n, _ in timers.take_due(101.3)] == ["secrets"]
+    assert "secrets" not in [n for n, _ in timers.take_due(200.0)]   # one-shot: gone
+    # the wall clock steps back a day: periodic timers run at once, not in a day
+    assert sorted(n for n, _ in timers.take_due(200.0 - 86400)) == ["flood", "status"]
+    assert timers.next_deadline() == 200.0 - 86400 + 0.5
