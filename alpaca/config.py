@@ -223,103 +223,117 @@ def _path_sort_key(error):
 
 def _semantic_problems(data: dict) -> list[tuple[str, str]]:
     """What the schema cannot check: ID rules, nets and addresses."""
-    out: list[tuple[str, str]] = []
+    check = _Semantics(data)
+    check.ids()
+    check.addresses()
+    check.fec_and_peers()
+    return check.out
 
-    def peer_id(key: str, text) -> int | None:
+
+class _Semantics:
+    """The checks of _semantic_problems, a section each; problems collect in
+    `out` as (key, message). A value of the wrong type is skipped: the schema
+    has reported it."""
+
+    def __init__(self, data: dict):
+        self.data = data
+        self.out: list[tuple[str, str]] = []
+        self.my_id = self.peer_id("id", data.get("id"))
+
+    def peer_id(self, key: str, text) -> int | None:
         if not isinstance(text, str):
-            return None  # wrong type: already reported by the schema
+            return None
         try:
             return parse_id(text)
         except IdError as e:
-            out.append((key, str(e)))
+            self.out.append((key, str(e)))
             return None
 
-    my_id = peer_id("id", data.get("id"))
-    my_text = data.get("id")
+    def ids(self) -> None:
+        data, out, my_id = self.data, self.out, self.my_id
+        gateway = self.peer_id("gateway", data.get("gateway"))
+        if gateway is not None and my_id is not None:
+            if gateway == my_id:
+                out.append(("gateway", f"gateway {data['gateway']!r} is this peer's own id"))
+            elif gateway > my_id:
+                out.append(("gateway", f"gateway {data['gateway']!r} is not a server: it must be "
+                                       f"a smaller ID than this peer's id {data.get('id')!r}"))
+        if data.get("mode", "client") == "client" and data.get("gateway") is None:
+            out.append(("gateway", "client mode needs a gateway: the ID of a server, e.g. '1.1'"))
+        forwarders = data.get("forwarders")
+        if isinstance(forwarders, list):
+            seen: dict[int, int] = {}
+            for i, text in enumerate(forwarders):
+                fid = self.peer_id(f"forwarders[{i}]", text)
+                if fid is None:
+                    continue
+                if fid == my_id:
+                    out.append((f"forwarders[{i}]", f"{text!r} is this peer's own id"))
+                elif fid in seen and forwarders[seen[fid]] != text:  # same text: uniqueItems says so
+                    out.append((f"forwarders[{i}]", f"{text!r} is the same peer as "
+                                                    f"forwarders[{seen[fid]}] ({format_id(fid)})"))
+                seen.setdefault(fid, i)
 
-    gateway = peer_id("gateway", data.get("gateway"))
-    if gateway is not None and my_id is not None:
-        if gateway == my_id:
-            out.append(("gateway", f"gateway {data['gateway']!r} is this peer's own id"))
-        elif gateway > my_id:
-            out.append(("gateway", f"gateway {data['gateway']!r} is not a server: it must be "
-                                   f"a smaller ID than this peer's id {my_text!r}"))
-    if data.get("mode", "client") == "client" and data.get("gateway") is None:
-        out.append(("gateway", "client mode needs a gateway: the ID of a server, e.g. '1.1'"))
-
-    forwarders = data.get("forwarders")
-    if isinstance(forwarders, list):
-        seen: dict[int, int] = {}
-        for i, text in enumerate(forwarders):
-            fid = peer_id(f"forwarders[{i}]", text)
-            if fid is None:
-                continue
-            if fid == my_id:
-                out.append((f"forwarders[{i}]", f"{text!r} is this peer's own id"))
-            elif fid in seen and forwarders[seen[fid]] != text:  # same text: uniqueItems says so
-                out.append((f"forwarders[{i}]", f"{text!r} is the same peer as "
-                                                f"forwarders[{seen[fid]}] ({format_id(fid)})"))
-            seen.setdefault(fid, i)
-
-    for key in ("net", "virtual_net"):
-        if isinstance(data.get(key), str):
+    def addresses(self) -> None:
+        data, out = self.data, self.out
+        for key in ("net", "virtual_net"):
+            if isinstance(data.get(key), str):
+                try:
+                    parse_net(data[key])
+                except IdError as e:
+                    out.append((key, str(e)))
+        listen = data.get("listen")
+        if isinstance(listen, str) and listen:
             try:
-                parse_net(data[key])
-            except IdError as e:
-                out.append((key, str(e)))
+                ipaddress.ip_address(listen)
+            except ValueError:
+                out.append(("listen", f"{listen!r} is not an IP address "
+                                      "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)"))
+        self.ipv4_networks("local_routes", strict=False)
+        self.ipv4_networks("allow_inbound_from", strict=True)
+        chn = data.get("chnroute")
+        if isinstance(chn, dict) and isinstance(chn.get("gateway"), str):
+            try:
+                ipaddress.IPv4Address(chn["gateway"])
+            except ValueError:
+                out.append(("chnroute.gateway", f"{chn['gateway']!r} is not an IPv4 address"))
 
-    listen = data.get("listen")
-    if isinstance(listen, str) and listen:
-        try:
-            ipaddress.ip_address(listen)
-        except ValueError:
-            out.append(("listen", f"{listen!r} is not an IP address "
-                                  "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)"))
-
-    def ipv4_networks(key: str, strict: bool) -> None:
-        texts = data.get(key)
+    def ipv4_networks(self, key: str, strict: bool) -> None:
+        texts = self.data.get(key)
         for i, text in enumerate(texts if isinstance(texts, list) else ()):
             if isinstance(text, str):
                 try:
                     ipaddress.IPv4Network(text, strict=strict)
                 except ValueError:
-                    out.append((f"{key}[{i}]", f"{text!r} is not an IPv4 network like 192.168.1.0/24"
-                                + (" (host bits must be zero)" if strict else "")))
+                    self.out.append((f"{key}[{i}]", f"{text!r} is not an IPv4 network like 192.168.1.0/24"
+                                     + (" (host bits must be zero)" if strict else "")))
 
-    ipv4_networks("local_routes", strict=False)
-    ipv4_networks("allow_inbound_from", strict=True)
-
-    def fec(key: str, text) -> None:
+    def fec(self, key: str, text) -> None:
         if isinstance(text, str):
             try:
                 parse_fec(text)
             except ValueError as e:
-                out.append((key, str(e)))
+                self.out.append((key, str(e)))
 
-    fec("fec", data.get("fec"))
-    peers = data.get("peers")
-    if isinstance(peers, dict):
+    def fec_and_peers(self) -> None:
+        self.fec("fec", self.data.get("fec"))
+        peers = self.data.get("peers")
+        if not isinstance(peers, dict):
+            return
         for text, entry in peers.items():
-            if peer_id(f"peers.{text}", text) == my_id and my_id is not None:
-                out.append((f"peers.{text}", "this is this peer's own id"))
-            if isinstance(entry, dict):
-                fec(f"peers.{text}.fec", entry.get("fec"))
-                for i, net in enumerate(entry.get("networks") or ()):
-                    if isinstance(net, str):
-                        try:
-                            ipaddress.ip_network(net, strict=True)
-                        except ValueError:
-                            out.append((f"peers.{text}.networks[{i}]",
-                                        f"{net!r} is not a network like 192.168.5.0/24 or 2001:db8:5::/48 "
-                                        f"(host bits must be zero)"))
-
-    chn = data.get("chnroute")
-    if isinstance(chn, dict) and isinstance(chn.get("gateway"), str):
-        try:
-            ipaddress.IPv4Address(chn["gateway"])
-        except ValueError:
-            out.append(("chnroute.gateway", f"{chn['gateway']!r} is not an IPv4 address"))
-    return out
+            if self.peer_id(f"peers.{text}", text) == self.my_id and self.my_id is not None:
+                self.out.append((f"peers.{text}", "this is this peer's own id"))
+            if not isinstance(entry, dict):
+                continue
+            self.fec(f"peers.{text}.fec", entry.get("fec"))
+            for i, net in enumerate(entry.get("networks") or ()):
+                if isinstance(net, str):
+                    try:
+                        ipaddress.ip_network(net, strict=True)
+                    except ValueError:
+                        self.out.append((f"peers.{text}.networks[{i}]",
+                                         f"{net!r} is not a network like 192.168.5.0/24 or 2001:db8:5::/48 "
+                                         f"(host bits must be zero)"))
 
 
 def validate_config(data: object, source: str = "config.json") -> list[str]:
