@@ -445,20 +445,7 @@ class ClientRoutes:
         ipr = self._nl()
         kernel = _routes(ipr)
         main = [r for r in kernel if r.table == RT_TABLE_MAIN]
-        current = _pick_default(main, tun)
-        if first:
-            self.original_gateway, self._default_missing_reported = current, current is None
-        notes = []
-        if current is None:            # keep the underlay routes until a default route comes back
-            if not self._default_missing_reported and self.original_gateway is not None:
-                notes.append(f"the main table lost its default route; keeping underlay routes via "
-                             f"{_gw_text(self.original_gateway)} until one comes back")
-            self._default_missing_reported = True
-        else:
-            if current != self.original_gateway:
-                old = _gw_text(self.original_gateway) if self.original_gateway else "none"
-                notes.append(f"original gateway {old} -> {_gw_text(current)}")
-            self.original_gateway, self._default_missing_reported = current, False
+        notes = self._follow_original_gateway(_pick_default(main, tun), first)
         plan = self._plan(main, tun, self.original_gateway)
         actual = {r.key: r for r in kernel if r.proto == ALPACA_RTPROTO}
         to_set = [r for key, r in plan.items() if not r.satisfied_by(actual.get(key))]
@@ -494,19 +481,42 @@ class ClientRoutes:
         for problem in _delete(ipr, stale_rules, stale)[1]:
             log.warning("could not delete stale %s", problem)
 
-        what = []
-        if other := [r for r in to_set if r.why != "chnroute"]:
-            what.append(f"{plural(len(other), 'route')} set ({', '.join(sorted({r.why for r in other}))})")
-        if chn_set := len(to_set) - len(other):
-            what.append(f"{chn_set} chnroute prefixes re-added")
-        if missing_rules:
-            what.append(f"{plural(len(missing_rules), 'rule')} restored")
-        if stale or stale_rules:
-            what.append(plural(len(stale), "stale route")
-                        + (f" and {plural(len(stale_rules), 'stale rule')}" if stale_rules else "") + " removed")
-        if failures:
-            what.append(f"{len(failures)} failed ({failures[0][0].text()}: {_err_text(failures[0][1])})")
-        return "routes: " + "; ".join(notes + what), failures
+        return "routes: " + "; ".join(notes + _changes(to_set, missing_rules, stale, stale_rules, failures)), failures
+
+    def _follow_original_gateway(self, current: OriginalGateway | None, first: bool) -> list[str]:
+        """The main table's default route is the original gateway the underlay
+        routes go via; what changed about it, as log notes."""
+        if first:
+            self.original_gateway, self._default_missing_reported = current, current is None
+        notes = []
+        if current is None:            # keep the underlay routes until a default route comes back
+            if not self._default_missing_reported and self.original_gateway is not None:
+                notes.append(f"the main table lost its default route; keeping underlay routes via "
+                             f"{_gw_text(self.original_gateway)} until one comes back")
+            self._default_missing_reported = True
+        else:
+            if current != self.original_gateway:
+                old = _gw_text(self.original_gateway) if self.original_gateway else "none"
+                notes.append(f"original gateway {old} -> {_gw_text(current)}")
+            self.original_gateway, self._default_missing_reported = current, False
+        return notes
+
+
+def _changes(to_set, missing_rules, stale, stale_rules, failures) -> list[str]:
+    """What a sync did, for its log line."""
+    what = []
+    if other := [r for r in to_set if r.why != "chnroute"]:
+        what.append(f"{plural(len(other), 'route')} set ({', '.join(sorted({r.why for r in other}))})")
+    if chn_set := len(to_set) - len(other):
+        what.append(f"{chn_set} chnroute prefixes re-added")
+    if missing_rules:
+        what.append(f"{plural(len(missing_rules), 'rule')} restored")
+    if stale or stale_rules:
+        what.append(plural(len(stale), "stale route")
+                    + (f" and {plural(len(stale_rules), 'stale rule')}" if stale_rules else "") + " removed")
+    if failures:
+        what.append(f"{len(failures)} failed ({failures[0][0].text()}: {_err_text(failures[0][1])})")
+    return what
 
 
 # ---------------------------------------------------------------- cleanup
