@@ -1,6 +1,6 @@
 """Tier 1: fuzzing the whole receive path (Node.from_udp) of a small mesh with real keys.
 
-The harness is scripts/fuzz.py (docs/fuzzing.md); here it runs short, with a
+The harness is tests/fuzz_harness.py (docs/fuzzing.md; scripts/fuzz.py runs it long); here it runs short, with a
 fixed seed. The invariant, checked for every input: it is either a valid
 packet (delivered once, byte-identical to what a real sender sealed; a shard
 held for its message; relayed once; a keepalive, loss report or answer
@@ -11,14 +11,12 @@ state. The mesh proves its sessions and paths by real challenges.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+import fuzz_harness as fuzz
 from protocol_helpers import T0, addr, make_node, pid, trust, tun_ip, udp
 
 from alpaca.protocol import challenges as challenges_module
@@ -29,16 +27,6 @@ from alpaca.protocol import peers as peers_module
 from alpaca.protocol.drops import DropReason
 
 
-def _load_fuzz():
-    path = Path(__file__).resolve().parent.parent / "scripts" / "fuzz.py"
-    spec = importlib.util.spec_from_file_location("alpaca_fuzz_script", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look the module up while it loads
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_fuzz()
 
 
 def harness(seed: int, **kw):
