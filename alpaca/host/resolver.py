@@ -28,12 +28,19 @@ log = logging.getLogger(__name__)
 START_WAIT = 5.0        # seconds the daemon's start waits for its names before going on without them
 
 
-def resolve_host(host: str) -> str | None:
-    """The IPv4 address of an ip column (literal or host name); None when it does not resolve."""
+def ipv4_literal(host: str) -> str | None:
+    """`host` as an IPv4 address when it is one written out; None for a name."""
     try:
         return str(ipaddress.IPv4Address(host))
     except ValueError:
-        pass
+        return None
+
+
+def resolve_host(host: str) -> str | None:
+    """The IPv4 address of an ip column (literal or host name); None when it does not resolve."""
+    literal = ipv4_literal(host)
+    if literal is not None:
+        return literal
     try:
         infos = socket.getaddrinfo(host, None, socket.AF_INET)
         return infos[0][4][0] if infos else None
@@ -57,21 +64,14 @@ class Resolver:
     def lookup(self, host: str) -> str | None:
         """The address of `host` as known now (a literal IP as is); never
         blocks. A name not known yet is queued, and None returned."""
-        try:
-            return str(ipaddress.IPv4Address(host))
-        except ValueError:
-            pass
+        literal = ipv4_literal(host)
+        if literal is not None:
+            return literal
         with self._lock:
             answer = self._answers.get(host)
             if host not in self._tried:
                 self._enqueue(host)
         return answer
-
-    def refresh(self, hosts) -> None:
-        """Look these names up again (in the worker); `on_change` if one moved."""
-        with self._lock:
-            for host in hosts:
-                self._enqueue(host)
 
     def refresh_all(self) -> None:
         """Look every name asked about so far up again."""
@@ -81,7 +81,8 @@ class Resolver:
 
     def wait(self, hosts, timeout: float = START_WAIT) -> list[str]:
         """Wait until each name was looked up once, at most `timeout`
-        seconds; the names still waiting."""
+        seconds; the names still waiting. Literal addresses need no lookup."""
+        hosts = [h for h in hosts if ipv4_literal(h) is None]
         deadline = time.monotonic() + timeout
         with self._lock:
             for host in hosts:
