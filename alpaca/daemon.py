@@ -101,6 +101,18 @@ def read_secrets(config: Config, at_start: bool, resolver: Resolver) -> dict[int
     return peer_entries(secrets, config.port, resolver.lookup)
 
 
+def server_nat(config: Config, net: TunnelNet) -> ServerNat:
+    """A server's NAT and FORWARD rules, as config.json asks for them."""
+    return ServerNat(config.name, str(net.network), config.mtu, config.allow_inbound_from)
+
+
+def client_routes(config: Config, peers: dict[int, PeerEntry], net: TunnelNet):
+    """A client's routing (host/routes.py ClientRoutes), as config.json and secrets.txt ask for it."""
+    from .host import routes
+    return routes.ClientRoutes(config.name, str(net.address(config.gateway)), underlay_hosts(config, peers),
+                               list(config.local_routes), config.chnroute)
+
+
 def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
     """What the daemon would do to the host, for people to read (`alpaca-tunnel check`)."""
     net = TunnelNet(config.net)
@@ -111,15 +123,9 @@ def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
         lines.append(f"TUN device {config.name}, MTU {config.mtu}, address {net.address(config.id)}/16")
     if config.mode == "server":
         lines.append("sysctl net.ipv4.ip_forward = 1 (restored on stop)")
-        nat = ServerNat(config.name, str(net.network), config.mtu, config.allow_inbound_from)
-        lines += [f"iptables-legacy {rule}" for rule in nat.rules()]
+        lines += [f"iptables-legacy {rule}" for rule in server_nat(config, net).rules()]
     if config.mode == "client" and config.gateway is not None:
-        from .host import routes
-        entries = peer_entries(secrets, config.port, resolve_host)
-        client_routes = routes.ClientRoutes(config.name, str(net.address(config.gateway)),
-                                            underlay_hosts(config, entries), list(config.local_routes),
-                                            config.chnroute)
-        lines += client_routes.describe()
+        lines += client_routes(config, peer_entries(secrets, config.port, resolve_host), net).describe()
     for stage in ("pre_up", "post_up", "pre_down", "post_down"):
         for command in getattr(config, f"{stage}_cmds"):
             lines.append(f"{stage} hook: {command}")
@@ -202,9 +208,9 @@ class Daemon:
             sysctl = Sysctl(cfg.name)
             sysctl.set(IP_FORWARD, "1")     # servers route between clients and out
             stack.callback(sysctl.restore)
-            server_nat = ServerNat(cfg.name, str(net.network), cfg.mtu, cfg.allow_inbound_from)
-            stack.callback(server_nat.remove)
-            server_nat.apply()
+            rules = server_nat(cfg, net)
+            stack.callback(rules.remove)
+            rules.apply()
         if cfg.mode == "client" and cfg.gateway is not None:
             self._setup_client_routes(stack, peers, net)
         self.control = stack.enter_context(contextlib.closing(ControlServer(socket_path(cfg), self.handle_control)))
@@ -221,9 +227,7 @@ class Daemon:
         from .host import routes
         cfg = self.config
         routes.mark_socket(self.udp.sock, routes.FWMARK)
-        self.client_routes = routes.ClientRoutes(
-            cfg.name, str(net.address(cfg.gateway)), underlay_hosts(cfg, peers),
-            list(cfg.local_routes), cfg.chnroute)
+        self.client_routes = client_routes(cfg, peers, net)
         stack.callback(self.client_routes.remove)
         self.client_routes.apply()
         self.route_lookup = RouteLookup(cfg.name)
