@@ -209,21 +209,22 @@ class Peer:
             if not path.proven:
                 path.credit = min(path.credit + size, CREDIT_LIMIT)
             return None
-        if len(self.paths) >= MAX_PATHS_PER_PEER:
-            learned = [p for p in self.paths.values() if not p.static]
-            oldest = min(learned, key=lambda p: (p.proven, p.last_rx))   # unproven ones first
-            del self.paths[oldest.addr]
+        self._make_room()
         path = self.paths[addr] = Path(addr, relayed, last_rx=now, credit=min(size, CREDIT_LIMIT))
         return path
+
+    def _make_room(self) -> None:
+        """Before a new path: at MAX_PATHS_PER_PEER the oldest learned one goes, unproven ones first."""
+        if len(self.paths) >= MAX_PATHS_PER_PEER:
+            learned = [p for p in self.paths.values() if not p.static]
+            del self.paths[min(learned, key=lambda p: (p.proven, p.last_rx)).addr]
 
     def prove(self, addr: Addr, relayed: bool, now: float) -> bool:
         """A challenge sent to addr came back answered: it reaches the peer.
         True when that changed something."""
         path = self.paths.get(addr)
         if path is None:
-            if len(self.paths) >= MAX_PATHS_PER_PEER:
-                learned = [p for p in self.paths.values() if not p.static]
-                del self.paths[min(learned, key=lambda p: (p.proven, p.last_rx)).addr]
+            self._make_room()
             self.paths[addr] = Path(addr, relayed, last_rx=now, proven=True)
             return True
         changed = not path.proven
