@@ -770,13 +770,20 @@ class Harness:
         ways = {frm} | set(peer.paths)          # and upward, the paths of our forwarders
         for f in node.settings.forwarders:
             ways.update(node.table.peers[f].paths)
-        challenges = answers = reports = 0
+        challenges = answers = 0
+        reports: collections.Counter[bytes] = collections.Counter()
         for d, to in sends:
+            if d in reports:
+                reports[d] += 1             # (a copy: recorded once)
+                if reports[d] > 1 + node.loss.parity(src, 1):
+                    fail("sent a loss report more often than a one-datagram message to the peer")
+                continue
             rec = self._record(d, name, None)
             if rec.src == me and rec.dst == src and rec.kind == KIND_REPORT and to in ways:
-                # the first shard tally for src goes out at once (loss.py), once
-                reports += 1
-                if reports > 1 or src not in node.loss.told:
+                # the first shard tally for src goes out at once (loss.py),
+                # one report in its copies (node._send_reports)
+                reports[d] += 1
+                if len(reports) > 1 or src not in node.loss.told:
                     fail("sent a loss report on input other than its first tally for the peer")
                 continue
             if rec.src != me or rec.dst != src or rec.kind not in CHALLENGE_KINDS:

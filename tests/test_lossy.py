@@ -37,8 +37,10 @@ def test_tcp_over_a_lossy_path_arrives_intact_and_the_sender_adapts(lossy):
     assert wait_for(lambda: lossy.peers["s1"].peer_status("16.1")["loss"] is not None, 6)
     row = lossy.peers["c1"].peer_status("1.1")
     print(f"\n16.1 -> 1.1: loss {row['loss']}, parity {row['parity']}, copies {row['copies']}")
-    # a short transfer: the last samples are small, so the smoothed estimate is noisy
-    assert 0.02 < row["loss"] < 0.25, row
+    # every shard is counted as soon as its fate is known, so the estimate
+    # is that of the whole transfer (it once read 0-2 % here: the messages
+    # that lost a shard were reported 0.5 s after those that lost none)
+    assert 0.06 < row["loss"] < 0.15, row
     assert row["parity"] >= 3 and row["copies"] >= 1, row
     # and the other way, with 1.1's fixed 20:10 for 16.1: it still measures the loss
     lossy.transfer("s1", "c1", "10.17.16.1")

@@ -7,13 +7,12 @@ arrives, however many paths, `duplicate` copies or early copies carry it. A
 clean second path makes it ~0 and parity goes away (multi-path and FEC are
 not paid twice); two paths of 30 % loss each make it ~9 %. Two counts:
 
-- Shards: each carries its message's k and m, so the receiver alone knows
-  what was sent. When a message leaves reassembly (decoded, or expired
-  incomplete from a peer we have authenticated) it adds k + m shards sent
-  and its distinct shard indices arrived to the source's tally. A tally is
-  reported every REPORT_INTERVAL, so the sender hears of loss ~1 s after it
-  starts (a message leaves reassembly REASSEMBLY_TIMEOUT after its first
-  shard).
+- Shards: each carries its message's k and m and its index, so the
+  receiver alone knows what was sent. Reassembly counts each shard into the
+  source's tally as soon as its fate is known (reassembly.py: at the
+  message's decoding, at a later shard, or when the message is forgotten).
+  A tally is reported every REPORT_INTERVAL, and the first at once, so the
+  sender hears of loss within a report interval of the first lossy message.
 - Whole datagrams: every datagram carries its sender's clock second (`ts`);
   both ends count them per peer and second (the receiver a first copy that
   passed the replay check), and the receiver reports the complete seconds,
@@ -23,8 +22,12 @@ Keepalives and reports are not counted, so two idle peers never report to
 each other. Both ends keep a few counters per peer (and second), pruned
 after REPORT_HORIZON seconds or when the peer leaves.
 
-The sender turns the smoothed loss into parity shards per message size k
-(fec.parity_for, cached per peer until the estimate moves).
+The estimate is lost / sent over the samples, the older ones weighed down by
+KEEP per sample: a big sample outweighs a few small ones after it (a
+transfer's last report of 10 shards does not halve what 20,000 measured),
+and it changes on reports only, so it survives an idle tunnel. The sender
+turns it into parity shards per message size k (fec.parity_for, cached per
+peer until the estimate moves).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ REPORT_DELAY = 2          # a second of whole datagrams is reported once it is t
 REPORT_MAX_SECONDS = 16   # seconds per report
 REPORT_HORIZON = 30       # counters older than this are forgotten unreported
 MIN_SAMPLE = 10           # datagrams and shards sent before a loss estimate moves
-SMOOTHING = 0.5           # weight of the newest sample
+KEEP = 0.5                # what the evidence before a sample still weighs after it
 # what a sender assumes of a peer that has not reported yet: the worst loss
 # the parity table is built for (docs/protocol.md §13)
 PRIOR_LOSS = 0.3
@@ -68,7 +71,8 @@ class LossMeter:
         self.first: set[int] = set()
         self.told: set[int] = set()                          # peers reported to at least once
         self._sample: dict[int, list[int]] = {}              # peer -> [arrived, sent] so far
-        self.loss: dict[int, float] = {}                     # peer -> smoothed loss of what we send it
+        self._evidence: dict[int, list[float]] = {}          # peer -> [lost, sent], weighed down by KEEP
+        self.loss: dict[int, float] = {}                     # peer -> estimated loss of what we send it
         # derived from `loss` per message size k, and forgotten when it moves
         # (parity_for sums binomial tails: not once per message)
         self._parity: dict[int, dict[int, int]] = {}         # peer -> {k: parity shards}
@@ -131,6 +135,11 @@ class LossMeter:
                         del self.arrived[peer]
                     self.reported[peer] = last
             tally = self.tally.pop(peer, (0, 0))
+            if tally[1] > tally[0]:
+                # a shard out of order after its gap went out counted as lost
+                # (reassembly.py): it waits for a report with more sent
+                self.tally[peer] = [0, tally[1] - tally[0]]
+                tally = (tally[0], tally[0])
             self.first.discard(peer)
             if any(counts) or tally[0]:
                 self.told.add(peer)
@@ -158,10 +167,13 @@ class LossMeter:
             sample[1] += sent.pop(first + i, 0) if sent else 0
         if sample[1] < MIN_SAMPLE:
             return None
-        loss = max(0.0, 1 - sample[0] / sample[1])
         self._sample[peer] = [0, 0]
-        old = self.loss.get(peer)
-        self.loss[peer] = estimate = loss if old is None else SMOOTHING * loss + (1 - SMOOTHING) * old
+        evidence = self._evidence.get(peer)
+        if evidence is None:
+            evidence = self._evidence[peer] = [0.0, 0.0]
+        evidence[0] = KEEP * evidence[0] + max(0, sample[1] - sample[0])
+        evidence[1] = KEEP * evidence[1] + sample[1]
+        self.loss[peer] = estimate = evidence[0] / evidence[1]
         self._parity[peer] = {}
         return estimate
 
@@ -179,7 +191,7 @@ class LossMeter:
                     del counter[ts]
                 if not counter:
                     del table[peer]
-        for table in (self.reported, self.tally, self._sample, self.loss, self._parity):
+        for table in (self.reported, self.tally, self._sample, self._evidence, self.loss, self._parity):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]
         self.first &= set(peers)

@@ -300,13 +300,19 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._send_reports(self.loss.reports(now), now, out)
 
     def _send_reports(self, reports: list[tuple[int, bytes]], now: float, out: Output) -> None:
+        """A report carries a sample that no later report repeats, so it goes
+        as many times as a one-datagram message to the peer would (1 + its
+        parity for k = 1, whatever the `fec` policy: 9 before the peer's
+        first report). The copies share a seq: one is taken."""
         for peer_id, payload in reports:
             peer = self.table.get(peer_id)
             key = self.table.pair_key(self.me, peer_id) if peer is not None else None
             if key is None:
                 continue
             datagram = self._seal(KIND_REPORT, peer_id, key, payload, now)
-            out.sends.extend((datagram, a) for a in peer.sendable(self._towards(peer, now), len(datagram)))
+            copies = 1 + self.loss.parity(peer_id, 1)
+            addrs = peer.sendable(self._towards(peer, now), copies * len(datagram))
+            out.sends.extend((datagram, a) for a in addrs for _ in range(copies))
 
     def _loss_report(self, peer: Peer, payload: bytes) -> None:
         """What arrived of what we sent the peer: adapt parity and copies."""

@@ -167,7 +167,8 @@ class Outbound:
         datagrams = frame_shards(self.group_key, self.table.shard_key(key), header, chunks, k, m, len(body))
         if m and k > 1:
             # full-size shards first and the short last data shard at the
-            # end, so the kernel sends the run with one GSO call
+            # end, so the kernel sends the run with one GSO call (the
+            # receiver's loss tally knows this order: reassembly.send_position)
             datagrams.append(datagrams.pop(k - 1))
         return datagrams
 

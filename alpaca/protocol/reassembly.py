@@ -12,15 +12,29 @@ the memory of the others:
 - a message still incomplete REASSEMBLY_TIMEOUT after its first shard is
   dropped (counted `incomplete` against its peer).
 
+For each source it tallies shards sent against the distinct indices that
+arrived, straight into the loss meter (`count`: loss.LossMeter.count_shards,
+which reports it). A shard is counted as soon as its fate is known, so a
+report never holds back the messages that lost shards while those that
+lost none go out (that bias once read 0 % on a 10 % path):
+
+- shards leave in a known order (`send_position`: by index, but with
+  parity the short last data shard goes last), so a shard missing before
+  the latest one that arrived is lost;
+- when a message is decoded: positions 0 .. the latest arrived are sent,
+  the distinct shards that arrived arrived;
+- a late shard of a decoded message: arrived, and sent as far as its
+  position reaches past the latest before (one that comes out of order,
+  after its gap was counted, only adds itself as arrived);
+- when the message is forgotten (all k + m in, or REASSEMBLY_TIMEOUT after
+  its first shard, or pushed out of the DONE_LIMIT messages remembered):
+  the positions past the latest that never came are sent, not arrived;
+- a message that expires short of k: k + m sent, what came arrived.
+
 A decoded message is remembered (which chunk indices arrived, not their
-bytes; at most DONE_LIMIT) for the same time, so its late parity counts
-for the loss report instead of starting a new message; once all k + m
-are in it is tallied at once (a clean path's first report then goes out
-within a round trip, loss.py). A copy of a shard never gets here: it has
-the seq of the shard, and the replay window drops it. For each
-source it tallies k + m chunks sent against the distinct indices that
-arrived, per message as it leaves, straight into the loss meter's tally
-(`count`: loss.LossMeter.count_shards, which reports it).
+bytes) so its late parity is counted instead of starting a new message. A
+copy of a shard never gets here: it has the seq of the shard, and the
+replay window drops it.
 """
 
 from __future__ import annotations
@@ -36,6 +50,15 @@ from .fec import decode, shard_size, valid_sub
 DONE_LIMIT = 8192          # decoded messages remembered (a few hundred bytes each)
 
 Key = tuple                # (src, session, ts, seq of the message)
+
+
+def send_position(index: int, k: int, m: int) -> int:
+    """Where shard `index` is in the order a sender sends its message: with
+    parity (and k > 1) the short last data shard goes after the parity, so
+    the full-size ones leave in one GSO run (outbound.py)."""
+    if not m or k == 1 or index < k - 1:
+        return index
+    return k + m - 1 if index == k - 1 else index - 1
 
 
 class Reassembly:
@@ -65,7 +88,7 @@ class Reassembler:
         self.per_peer: collections.Counter[int] = collections.Counter()      # src -> slots
         self.peer_bytes: collections.Counter[int] = collections.Counter()    # src -> bytes held
         self.bytes = 0
-        # decoded messages: key -> [bitmask of chunk indices seen, k + m, born]
+        # decoded messages: key -> [bitmask of chunk indices seen, k + m, born, latest send position seen, k]
         self.done: collections.OrderedDict[Key, list] = collections.OrderedDict()
         # messages that expired incomplete since take_expired: their peers' `incomplete` drops
         self.expired: list[tuple[Key, Reassembly]] = []
@@ -82,10 +105,14 @@ class Reassembler:
             if seen is not None:
                 if index >= seen[1]:        # (k + m of the message decoded)
                     return None, DropReason.BAD_SHARD
-                seen[0] |= 1 << index       # a surplus shard (parity, a copy): for the loss report
-                if seen[0] == (1 << seen[1]) - 1:
-                    del self.done[key]      # all k + m in: nothing more to wait for
-                    self._retire(key, seen)
+                bit = 1 << index            # a surplus shard (late parity): for the loss report
+                if not seen[0] & bit:
+                    seen[0] |= bit
+                    reached = max(send_position(index, seen[4], seen[1] - seen[4]) - seen[3], 0)
+                    seen[3] += reached
+                    self.count(key[0], reached, 1)
+                    if seen[0] == (1 << seen[1]) - 1:
+                        del self.done[key]  # all k + m in: nothing more to wait for
                 return None, None
             if not valid_sub(index, k, m, length, len(chunk)):
                 return None, DropReason.BAD_SHARD
@@ -138,15 +165,18 @@ class Reassembler:
         """The message of `slot` was decoded (or failed to): remember which
         chunks arrived, free its bytes."""
         self._forget(key, slot)
+        k, m = slot.k, slot.m
         mask = 0
         for i in slot.chunks:
             mask |= 1 << i
-        if mask == (1 << (slot.k + slot.m)) - 1:
-            self._retire(key, [mask, slot.k + slot.m])     # every shard in (no parity, or no loss)
-            return
+        # (the order is by index but for the last data shard, which goes last)
+        latest = k + m - 1 if m and k > 1 and k - 1 in slot.chunks else send_position(max(slot.chunks), k, m)
+        self.count(key[0], latest + 1, len(slot.chunks))
+        if mask == (1 << (k + m)) - 1:
+            return                  # every shard in (no parity, or no loss): nothing to wait for
         if len(self.done) >= DONE_LIMIT:
             self._retire(*self.done.popitem(last=False))
-        self.done[key] = [mask, slot.k + slot.m, slot.born]
+        self.done[key] = [mask, k + m, slot.born, latest, k]
 
     def _forget(self, key: Key, slot: Reassembly) -> None:
         del self.slots[key]
@@ -160,12 +190,17 @@ class Reassembler:
         self.bytes -= slot.held
 
     def _retire(self, key: Key, seen: list) -> None:
-        self.count(key[0], seen[1], seen[0].bit_count())
+        """A decoded message is forgotten: its shards after the latest that
+        arrived are lost."""
+        tail = seen[1] - 1 - seen[3]
+        if tail:
+            self.count(key[0], tail, 0)
 
     def expire(self, now: float) -> None:
         """Forget messages older than the timeout; those that never completed
-        go to `expired` and into their source's loss tally. Decoded ones go
-        into the tally here, when no more of their shards are expected."""
+        go to `expired` and into their source's loss tally. Decoded ones add
+        their missing tail to it here, when no more of their shards are
+        expected."""
         lost = self.expired
         slots = self.slots
         while slots:
