@@ -510,7 +510,13 @@ def test_nonces_never_repeat_across_restarts_and_twin_daemons(sec):
             tb.stop(proc, signal.SIGKILL)
         stop(a)
         stop(b)
-    heads = {name: [header(d) for d in s.datagrams(stop=True)] for name, s in sniffers.items()}
+    captured = {name: s.datagrams(stop=True) for name, s in sniffers.items()}
+    # a loss report goes out in copies of one datagram (same bytes, same
+    # nonce): a copy, not a reuse; any other repeat of a nonce would be one
+    by_nonce = {}
+    for d in (d for ds in captured.values() for d in ds):
+        assert by_nonce.setdefault(nonce(header(d)), d) == d, "a nonce sealed two different datagrams"
+    heads = {name: [header(d) for d in dict.fromkeys(ds)] for name, ds in captured.items()}
     odd = [(name, i, h) for name, hs in heads.items() for i, h in enumerate(hs)
            if (h.src, h.dst) != (parse_id(N), parse_id("1.1"))]
     assert not odd, (odd, {n: s.path for n, s in sniffers.items()})
