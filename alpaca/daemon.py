@@ -199,7 +199,10 @@ class Daemon:
         # the commands of the config as it is at stop time: a reload may have changed them
         stack.callback(lambda: run_hooks("post_down", self.config.post_down_cmds, self._hook_env, False))
 
-        self.node = Node(settings_from(cfg), peers, now, gateway_for=self._gateway_for)
+        # a client with a gateway follows the kernel's routing for what
+        # leaves the tunnel net (policy routes may name another peer)
+        self.node = Node(settings_from(cfg), peers, now,
+                         asks_next_hops=cfg.mode == "client" and cfg.gateway is not None)
         self.udp = stack.enter_context(contextlib.closing(Udp(cfg.listen, cfg.port)))
         self._flood_guard = FloodGuard(self.udp.kernel_drops() or 0)
         if cfg.mode != "forwarder":
@@ -230,7 +233,7 @@ class Daemon:
         self.client_routes = client_routes(cfg, peers, net)
         stack.callback(self.client_routes.remove)
         self.client_routes.apply()
-        self.route_lookup = RouteLookup(cfg.name)
+        self.route_lookup = stack.enter_context(contextlib.closing(RouteLookup(cfg.name)))
         self.route_monitor = stack.enter_context(contextlib.closing(RouteMonitor()))
 
     def _on_names_moved(self) -> None:
@@ -242,16 +245,16 @@ class Daemon:
             except OSError:
                 pass        # (a full pipe wakes the loop anyway)
 
-    def _gateway_for(self, dst: bytes) -> int | None:
-        """docs/protocol.md §6: a destination outside the tunnel net goes to the peer the
-        kernel's routing chose (a policy route may name another peer)."""
-        if self.route_lookup is not None:
-            gateway_ip = self.route_lookup.gateway_for(dst)
-            if gateway_ip is not None:
-                peer_id = self.node.net.id_of(socket.inet_aton(gateway_ip))
-                if peer_id is not None:
-                    return peer_id
-        return self.node.settings.gateway
+    def _answer_next_hops(self, now: float) -> None:
+        """docs/protocol.md §6: the core holds packets to destinations
+        outside the tunnel net until it knows the peer the kernel's routing
+        chose for them; ask the kernel (after the batch, never mid-packet)
+        and send what was held."""
+        answers = {}
+        for dst in list(self.node.unresolved):
+            gateway_ip = self.route_lookup.next_hop(dst) if self.route_lookup is not None else None
+            answers[dst] = self.node.net.id_of(socket.inet_aton(gateway_ip)) if gateway_ip else None
+        self._perform(self.node.learn_next_hops(answers, now))
 
     # ------------------------------------------------------------ signals, reload
     def _on_signal(self, signum: int, _frame) -> None:
@@ -461,6 +464,8 @@ class Daemon:
             self._perform(self.node.from_udp(self.udp.recv_batch(BATCH), now))
         elif what == "tun":
             self._perform(self.node.from_tun(self.tun.read_batch(BATCH), now))
+            if self.node.unresolved:
+                self._answer_next_hops(now)
         elif what == "control":
             self.control.serve_ready(key.fd)
         elif what == "watch":
@@ -472,6 +477,7 @@ class Daemon:
                 # compares every route of ours) waits until a burst of
                 # changes (DHCP, NetworkManager) is over
                 self.route_lookup.invalidate()
+                self.node.forget_next_hops()
                 self.timers.once("routes", now + ROUTES_DEBOUNCE)
         else:
             try:

@@ -117,3 +117,28 @@ def test_replay_and_garbage_never_reach_tun(mesh4):
     r, received = ping(c2, "10.17.1.1", count=3)
     assert received == 3, r.stdout
     assert "Traceback" not in s1.log_text()
+
+
+def test_a_policy_route_to_another_peer_carries_a_connections_first_packet(mesh4):
+    """docs/protocol.md §6 "Route lookup": a user rule sends 192.0.2.0/24
+    to server 1.2 instead of the gateway 1.1. The core holds a packet to a
+    new destination until the daemon has asked the kernel, so the very
+    first ping already goes to 1.2 (through 1.1 it would die: 1.1 has no
+    route to 192.0.2.5; 1.2 has it on its loopback)."""
+    c1, s2 = mesh4.peers["c1"], mesh4.peers["s2"]
+    added = []
+    try:
+        for host, argv in (("s2", ["addr", "add", "192.0.2.5/32", "dev", "lo"]),
+                           ("c1", ["route", "add", "default", "via", "10.17.1.2", "dev", "alpaca", "table", "200"]),
+                           ("c1", ["rule", "add", "to", "192.0.2.0/24", "lookup", "200", "pref", "1000"])):
+            mesh4.peers[host].run(["ip", *argv], check=True)
+            added.append((host, argv))
+        before = s2.peer_status("16.1")["rx_packets"]
+        r, received = ping(c1, "192.0.2.5", count=1)
+        assert received == 1, r.stdout
+        assert s2.peer_status("16.1")["rx_packets"] > before
+        r, received = ping(c1, "192.0.2.5", count=3)
+        assert received == 3, r.stdout
+    finally:
+        for host, argv in reversed(added):
+            mesh4.peers[host].run(["ip", argv[0], "del", *argv[2:]])

@@ -13,6 +13,7 @@ import copy
 import ipaddress
 import itertools
 import random
+import socket
 
 import pytest
 from hypothesis import given, settings
@@ -50,6 +51,7 @@ from protocol_helpers import (
 from alpaca.protocol.constants import (
     DEFAULT_TTL,
     HEADER_SIZE,
+    HELD_PACKETS,
     KEEPALIVE_INTERVAL,
     KIND_CHALLENGE,
     KIND_DATA,
@@ -1033,3 +1035,36 @@ def test_a_stale_datagram_opens_no_replay_window():
     peer = relay.table.get(pid("16.1"))
     assert peer.drops == {DropReason.REPLAY: 1}
     assert pid("1.2") not in peer.replay
+
+
+def test_a_destination_outside_the_net_waits_for_the_hosts_next_hop_never_the_host():
+    """docs/protocol.md §6 "Route lookup": the core never asks the host
+    mid-packet. A packet to a destination it has no answer for is held;
+    the daemon asks the kernel after the batch and hands the answer back,
+    which sends the held packets (in order) where the kernel's routing said."""
+    client = make_node("16.1", gateway="1.1")
+    client.asks_next_hops = True
+    dst = socket.inet_aton("192.0.2.5")
+    out = client.from_tun([udp(tun_ip("16.1"), "192.0.2.5", data=b"one"),
+                           udp(tun_ip("16.1"), "192.0.2.5", data=b"two")], T0)
+    assert not out.sends and list(client.unresolved) == [dst]
+    out = client.learn_next_hops({dst: pid("1.2")}, T0)          # a policy route names 1.2
+    assert [a for _, a in out.sends] == [addr("1.2"), addr("1.2")] and not client.unresolved
+    assert [header_of(d).dst for d, _ in out.sends] == [pid("1.2")] * 2
+    # known now: straight out, nothing held
+    out = client.from_tun([udp(tun_ip("16.1"), "192.0.2.5")], T0)
+    assert [a for _, a in out.sends] == [addr("1.2")] and not client.unresolved
+    # "no route through the tunnel" is an answer too: the configured gateway
+    other = socket.inet_aton("198.51.100.9")
+    client.from_tun([udp(tun_ip("16.1"), "198.51.100.9")], T0)
+    assert [a for _, a in client.learn_next_hops({other: None}, T0).sends] == [addr("1.1")]
+    # a route change: asked again
+    client.forget_next_hops()
+    assert not client.from_tun([udp(tun_ip("16.1"), "192.0.2.5")], T0).sends and list(client.unresolved) == [dst]
+    # bounded: past HELD_PACKETS a packet goes to the gateway rather than wait
+    packets = [udp(tun_ip("16.1"), f"203.0.113.{i % 250}") for i in range(HELD_PACKETS + 10)]
+    out = client.from_tun(packets, T0)
+    assert client._held_count == HELD_PACKETS and len(out.sends) == 11
+    # a node that does not ask (server, forwarder, the core alone): the gateway at once
+    plain = make_node("16.1", gateway="1.1")
+    assert [a for _, a in plain.from_tun([udp(tun_ip("16.1"), "192.0.2.5")], T0).sends] == [addr("1.1")]

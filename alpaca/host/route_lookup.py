@@ -1,52 +1,45 @@
-"""The kernel's routing decision for a destination outside the tunnel net,
-cached: which peer's tunnel address is the next hop (docs/protocol.md §6)."""
+"""The kernel's routing decision for a destination outside the tunnel net:
+which peer's tunnel address is the next hop (docs/protocol.md §6). The
+core keeps the answers (Node.next_hops) and asks again after a route
+change; this module is the question, one netlink round trip to the local
+kernel."""
 
 from __future__ import annotations
 
-import socket
+import ipaddress
 
 from pyroute2 import IPRoute
 
-from .routes import LOOKUP_CACHE_SIZE, NL_ERRORS, ifindex, route_of
+from .routes import NL_ERRORS, ifindex, route_of
 
 
 class RouteLookup:
-    """dst_id for destinations outside the tunnel net (docs/protocol.md §6): ask the kernel which route a packet
-    to dst takes (an output lookup without fwmark, as the packets that end up in the TUN see it)
-    and answer its next hop when that route goes out through our TUN. Cached until invalidate()."""
+    """Ask the kernel which route a packet to dst takes (an output lookup
+    without fwmark, as the packets that end up in the TUN see it) and
+    answer its next hop when that route goes out through our TUN."""
 
-    def __init__(self, tun_name: str, max_entries: int = LOOKUP_CACHE_SIZE):
+    def __init__(self, tun_name: str):
         self.tun_name = tun_name
-        self.max_entries = max_entries
-        self._cache: dict[bytes, str | None] = {}
         self._tun: int | None = None
         self._ipr: IPRoute | None = None
         self.lookups = 0
 
-    def gateway_for(self, dst_packed: bytes) -> str | None:
-        if dst_packed in self._cache:
-            return self._cache[dst_packed]
-        answer = self._lookup(dst_packed)
-        if len(self._cache) >= self.max_entries:
-            del self._cache[next(iter(self._cache))]     # oldest first
-        self._cache[dst_packed] = answer
-        return answer
-
-    def _lookup(self, dst_packed: bytes) -> str | None:
+    def next_hop(self, dst_packed: bytes) -> str | None:
+        """The gateway of the route to dst when it leaves through our TUN, else None."""
         self.lookups += 1
         self._tun = self._tun or ifindex(self.tun_name)
-        if self._tun is None:
-            return None
+        if self._tun is None or len(dst_packed) != 4:
+            return None         # (IPv6 destinations: the configured gateway)
         try:
             self._ipr = self._ipr or IPRoute()
-            found = self._ipr.route("get", dst=socket.inet_ntoa(dst_packed))
+            found = self._ipr.route("get", dst=str(ipaddress.IPv4Address(dst_packed)))
         except NL_ERRORS:
-            return None      # unreachable, or netlink trouble: the daemon falls back to its gateway
+            return None      # unreachable, or netlink trouble: the core falls back to its gateway
         route = route_of(found[0]) if found else None
         return route.gateway if route is not None and route.oif == self._tun else None
 
     def invalidate(self) -> None:
-        self._cache.clear()
+        """Routes or links changed: find the TUN's index again."""
         self._tun = None
 
     def close(self) -> None:

@@ -42,7 +42,6 @@ ALPACA_METRIC = 0x414C       # 16716: metric of every route we add (never clobbe
 FWMARK = 0x414C              # SO_MARK of the daemon's UDP socket ("AL")
 TABLE = 0x414C               # routing table holding the tunnel's default route
 PRIORITY = 32600             # rule P; P-1 and P-2 are used too (after users' rules, before main's 32766)
-LOOKUP_CACHE_SIZE = 4096
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 RT_TABLE_COMPAT, RT_TABLE_DEFAULT, RT_TABLE_MAIN, RT_TABLE_LOCAL = 252, 253, 254, 255

@@ -27,14 +27,14 @@ from typing import Callable
 
 from . import fec, loss
 from .challenges import Challenges
-from .constants import (DEFAULT_TTL, HOST_CACHE_LIMIT, KEEPALIVE_INTERVAL, KIND_CHALLENGE, KIND_KEEPALIVE,
-                        KIND_REPORT, OVERHEAD, PATH_DIRECT, PEER_LIFETIME, PRUNE_INTERVAL, REPORT_INTERVAL, SEQ_LIMIT,
-                        TAG_SIZE, VNET_HDR_SIZE)
+from .constants import (DEFAULT_TTL, HELD_PACKETS, HOST_CACHE_LIMIT, KEEPALIVE_INTERVAL, KIND_CHALLENGE,
+                        KIND_KEEPALIVE, KIND_REPORT, NEXT_HOPS_KEPT, OVERHEAD, PATH_DIRECT, PEER_LIFETIME,
+                        PRUNE_INTERVAL, REPORT_INTERVAL, SEQ_LIMIT, TAG_SIZE, VNET_HDR_SIZE)
 from .crypto import derive_group_key, mask_state
 from .drops import DropReason
 from .ids import TunnelNet, format_id
 from .inbound import Inbound, _Next
-from .outbound import Outbound
+from .outbound import UNRESOLVED, Outbound
 from .output import Output
 from .peers import Addr, Peer, PeerEntry, PeerTable
 from .reassembly import Reassembler
@@ -91,8 +91,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
     the state, where to send, timers and status."""
 
     def __init__(self, settings: NodeSettings, peers: dict[int, PeerEntry], now: float,
-                 random_bytes: Callable[[int], bytes] = os.urandom,
-                 gateway_for: Callable[[bytes], int | None] | None = None):
+                 random_bytes: Callable[[int], bytes] = os.urandom, asks_next_hops: bool = False):
         self.settings = settings
         self.me = settings.my_id
         self.net = TunnelNet(settings.net)
@@ -101,9 +100,16 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self.table = PeerTable(self.me, self.group_key)
         self.table.apply(peers, now)
         self._random_bytes = random_bytes
-        # route lookup for destinations outside the tunnel net (the daemon
-        # plugs in the kernel's answer, docs/protocol.md §6); default: the configured gateway
-        self.gateway_for = gateway_for or (lambda dst: settings.gateway)
+        # Destinations outside the tunnel net go to the peer the host's
+        # routing names (docs/protocol.md §6). The core never asks the host
+        # mid-packet: with asks_next_hops, a packet to a destination it has
+        # no answer for is held, the daemon looks the destination up after
+        # the batch (`unresolved`) and hands the answer back
+        # (`learn_next_hops`, which sends what was held). Without it: the gateway.
+        self.asks_next_hops = asks_next_hops
+        self.next_hops: dict[bytes, int | None] = {}     # dst -> peer ID (None: the configured gateway)
+        self._held: dict[bytes, list[bytes]] = {}        # dst -> packets waiting for its answer
+        self._held_count = 0
         self.session = random_bytes(8)
         self._ts = int(now)
         self._seq = 0
@@ -222,19 +228,26 @@ class Node(Inbound, Outbound, Relay, Challenges):
         return passed
 
     # ------------------------------------------------------------ outbound
-    def _route(self, dst_ip: bytes, now: float) -> tuple[Peer, bytes, list[Addr]] | None:
-        """(dst peer, pair key, targets) for a packet to dst_ip; None when not routable.
+    def _route(self, dst_ip: bytes, now: float) -> tuple[Peer, bytes, list[Addr]] | None | object:
+        """(dst peer, pair key, targets) for a packet to dst_ip; None when not
+        routable; UNRESOLVED when it waits for the host's next hop.
 
-        dst_id is the ID inside a tunnel-net address, else the peer the route
-        lookup names (gateway_for). A tunnel peer we hold no key or path for
-        is reached via our gateway, whose kernel routes it back into the
-        tunnel (client to client)."""
+        dst_id is the ID inside a tunnel-net address, else the peer the
+        host's routing names (next_hops). A tunnel peer we hold no key or
+        path for is reached via our gateway, whose kernel routes it back
+        into the tunnel (client to client)."""
         if len(dst_ip) == 16 and (dst_ip[0] == 0xFF or (dst_ip[0] == 0xFE and dst_ip[1] & 0xC0 == 0x80)):
             return None     # IPv6 multicast / link-local (router solicitations, MLD): this link only
         peer_id = self.net.id_of(dst_ip) if len(dst_ip) == 4 else None
         fallback = self.settings.gateway if peer_id is not None else None
         if peer_id is None:
-            peer_id = self.gateway_for(dst_ip)
+            peer_id = self.next_hops.get(dst_ip, UNRESOLVED)
+            if peer_id is UNRESOLVED:
+                if self.asks_next_hops and self._held_count < HELD_PACKETS:
+                    return UNRESOLVED
+                peer_id = None
+            if peer_id is None:
+                peer_id = self.settings.gateway
         if fallback == peer_id:
             fallback = None
         for candidate in (peer_id, fallback):
@@ -247,7 +260,28 @@ class Node(Inbound, Outbound, Relay, Challenges):
         return None
 
 
-    # ------------------------------------------------------------ challenges
+    # ------------------------------------------------------------ next hops
+    @property
+    def unresolved(self):
+        """Destinations with packets held for the host's next hop (a view)."""
+        return self._held.keys()
+
+    def learn_next_hops(self, answers: dict[bytes, int | None], now: float) -> Output:
+        """The host's next hop per destination (None: the configured
+        gateway); sends what was held for them, in order."""
+        held = []
+        for dst, peer_id in answers.items():
+            if len(self.next_hops) >= NEXT_HOPS_KEPT:
+                del self.next_hops[next(iter(self.next_hops))]      # oldest first
+            self.next_hops[dst] = peer_id
+            held += self._held.pop(dst, ())
+        self._held_count -= len(held)
+        return self.from_tun(held, now)
+
+    def forget_next_hops(self) -> None:
+        """The host's routes changed: ask again."""
+        self.next_hops.clear()
+
 
 
     # ------------------------------------------------------------ timers

@@ -1,7 +1,8 @@
 """Outbound: a packet read from the TUN device becomes datagrams (docs/protocol.md §6-7, §12-13).
 
   1. where to: Node._route (the ID inside a tunnel-net destination, else the
-     gateway the route lookup names; a peer we hold no key for via our gateway);
+     peer the host's routing names, held until the daemon has asked it; a
+     peer we hold no key for via our gateway);
   2. seal: header(src, dst, session, ts, seq) + XChaCha20-Poly1305 with the
      pair key; a message too big for one datagram (a super-packet, a FEC
      batch) is sealed once and sent as shards (wire.py), with parity from
@@ -25,6 +26,9 @@ from .drops import DropReason
 from .output import Output
 from .peers import Addr, Peer
 from .wire import Header, frame_shards, seal_message
+
+
+UNRESOLVED = object()       # Node._route: the destination waits for the host's next hop
 
 
 class _Batch:
@@ -62,6 +66,10 @@ class Outbound:
             packet, head, flags = data, data[VNET_HDR_SIZE:VNET_HDR_SIZE + INNER_HEAD], FLAG_VNET
         ends = inner.addresses(head)
         route = self._route(ends[1], now) if ends else None
+        if route is UNRESOLVED:
+            self._held.setdefault(ends[1], []).append(data)    # until learn_next_hops
+            self._held_count += 1
+            return
         if route is None:
             self.global_drops[DropReason.NOT_ROUTABLE] += 1
             return
