@@ -19,6 +19,7 @@ from alpaca.protocol.constants import DEFAULT_TTL, KIND_DATA
 from alpaca.protocol.crypto import derive_group_key, derive_pair_key, derive_psk_key
 from alpaca.protocol.wire import Header, peek, rewrite_mutable, seal
 from alpaca.protocol.ids import format_id, parse_id
+from alpaca.protocol.inner import checksum
 from alpaca.protocol.node import Node, NodeSettings
 from alpaca.protocol.peers import PeerEntry
 
@@ -94,19 +95,10 @@ def name(node: Node) -> str:
 
 # ---------------------------------------------------------------- inner packets
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f">{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def ipv4(src: str, dst: str, proto: int, payload: bytes, ttl: int = 64, ident: int = 1) -> bytes:
     header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000, ttl, proto, 0,
                          socket.inet_aton(src), socket.inet_aton(dst))
-    header = header[:10] + struct.pack(">H", _checksum(header)) + header[12:]
+    header = header[:10] + struct.pack(">H", checksum(header)) + header[12:]
     return header + payload
 
 

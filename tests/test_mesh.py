@@ -142,3 +142,18 @@ def test_a_policy_route_to_another_peer_carries_a_connections_first_packet(mesh4
     finally:
         for host, argv in reversed(added):
             mesh4.peers[host].run(["ip", argv[0], "del", *argv[2:]])
+
+
+def test_a_tunnel_address_no_peer_has_is_refused_at_once(mesh4):
+    """docs/protocol.md §6: ICMP host unreachable, as WireGuard answers; a
+    client's connect() fails at once instead of after its SYN timeouts."""
+    r = mesh4.peers["c1"].run(["ping", "-n", "-c", "1", "-W", "3", "10.17.16.99"], timeout=10)
+    assert r.returncode != 0 and "From 10.17.1.1" in r.stdout and "Destination Host Unreachable" in r.stdout, r.stdout
+    r = mesh4.peers["s1"].run(["ping", "-n", "-c", "1", "-W", "3", "10.17.16.99"], timeout=10)
+    assert "From 10.17.16.99" in r.stdout and "Destination Host Unreachable" in r.stdout, r.stdout
+    connect = ("import socket, time\nt = time.monotonic()\n"
+               "try:\n    socket.create_connection(('10.17.16.99', 80), timeout=10)\n"
+               "except OSError as e:\n    print(e.errno, round(time.monotonic() - t, 1))")
+    r = mesh4.peers["c1"].run([PY, "-c", connect], timeout=20)
+    errno, seconds = r.stdout.split()
+    assert errno == "113" and float(seconds) < 3, r.stdout       # EHOSTUNREACH

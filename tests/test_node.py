@@ -52,6 +52,8 @@ from alpaca.protocol.constants import (
     DEFAULT_TTL,
     HEADER_SIZE,
     HELD_PACKETS,
+    UNREACHABLE_BURST,
+    UNREACHABLE_PER_SECOND,
     KEEPALIVE_INTERVAL,
     KIND_CHALLENGE,
     KIND_DATA,
@@ -67,6 +69,7 @@ from alpaca.protocol.constants import (
 from alpaca.protocol.crypto import derive_group_key
 from alpaca.protocol.wire import MUTABLE_BYTES, Header, seal
 from alpaca.protocol.drops import DropReason
+from alpaca.protocol.inner import checksum
 
 UP = udp(tun_ip("16.1"), INTERNET)                  # a client's packet to the internet
 DOWN = udp(INTERNET, tun_ip("16.1"), 443, 40000)    # the answer, at the gateway
@@ -1068,3 +1071,38 @@ def test_a_destination_outside_the_net_waits_for_the_hosts_next_hop_never_the_ho
     # a node that does not ask (server, forwarder, the core alone): the gateway at once
     plain = make_node("16.1", gateway="1.1")
     assert [a for _, a in plain.from_tun([udp(tun_ip("16.1"), "192.0.2.5")], T0).sends] == [addr("1.1")]
+
+
+def _icmp_unreachable(packet: bytes) -> tuple[str, str, bytes]:
+    """(source, destination, quoted packet) of an ICMP host unreachable; checks its checksums."""
+    assert packet[0] == 0x45 and packet[9] == 1 and checksum(packet[:20]) == 0
+    assert packet[20:22] == b"\x03\x01" and checksum(packet[20:]) == 0
+    return socket.inet_ntoa(packet[12:16]), socket.inet_ntoa(packet[16:20]), packet[28:]
+
+
+def test_a_tunnel_address_no_peer_has_gets_an_icmp_host_unreachable_at_once():
+    """docs/protocol.md §6: as WireGuard does, the sender learns at once
+    (ping: "Destination Host Unreachable", connect(): EHOSTUNREACH), rate-limited."""
+    server, client = make_node("1.1"), make_node("16.1", gateway="1.1")
+    wire = Wire(server, client)
+    # from this host: back through the TUN, from the unreachable address
+    # (one of ours would be a martian source to the kernel)
+    probe = udp(tun_ip("1.1"), "10.17.16.99")
+    out = server.from_tun([probe], T0)
+    assert not out.sends and server.global_drops[DropReason.NOT_ROUTABLE] == 1
+    (answer,) = out.tun
+    assert _icmp_unreachable(answer) == ("10.17.16.99", tun_ip("1.1"), probe)
+    # from a client, through its gateway: back through the tunnel, from the gateway
+    probe = udp(tun_ip("16.1"), "10.17.16.99")
+    d = wire.originate(client, [probe], T0)
+    assert d.tun["1.1"] == [probe]                 # the gateway's kernel routes it back into its TUN ...
+    d = wire.originate(server, d.tun["1.1"], T0)   # ... where no peer has 16.99
+    (answer,) = d.tun["16.1"]
+    assert _icmp_unreachable(answer) == (tun_ip("1.1"), tun_ip("16.1"), probe)
+    # never an error for an error, nor for multicast
+    assert not server.from_tun([answer], T0).tun
+    assert not server.from_tun([udp(tun_ip("1.1"), "224.0.0.251")], T0 + 1).tun
+    # at most UNREACHABLE_BURST at once, UNREACHABLE_PER_SECOND after that
+    burst = server.from_tun([udp(tun_ip("1.1"), "10.17.16.99")] * 50, T0 + 10).tun
+    assert len(burst) == UNREACHABLE_BURST
+    assert len(server.from_tun([udp(tun_ip("1.1"), "10.17.16.99")] * 50, T0 + 10.5).tun) == UNREACHABLE_PER_SECOND // 2

@@ -2,7 +2,9 @@
 
 Only what forwarding needs is looked at: the addresses (for dst_id and the
 loop guard) and whether the packet earns the extra early copy that TCP SYN
-and DNS packets get (docs/protocol.md §7).
+and DNS packets get (docs/protocol.md §7). And the one packet the core
+writes itself: an ICMP "host unreachable" for a packet to a tunnel address
+no peer has (docs/protocol.md §6).
 """
 
 from __future__ import annotations
@@ -52,3 +54,41 @@ def wants_early_copy(packet: bytes) -> bool:
         return sport == DNS_PORT or dport == DNS_PORT
     return False
 
+
+
+# ICMP types that report an error: never answered with another error (RFC 1122 3.2.2)
+_ICMP, _ICMP_ERRORS = 1, frozenset((3, 4, 5, 11, 12))
+QUOTE_LIMIT = 576 - 28      # an ICMP error and its quote fit in 576 bytes (RFC 1812 4.3.2.3)
+
+
+def checksum(data: bytes) -> int:
+    """The Internet checksum (RFC 1071)."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def host_unreachable(packet: bytes, source: bytes) -> bytes | None:
+    """An ICMP "host unreachable" from `source` answering an IPv4 packet, or
+    None where no error may be sent (RFC 1122 3.2.2, RFC 1812 4.3.2.7): not
+    IPv4, a later fragment, an ICMP error, or a source that is not one host
+    (0/8, loopback, multicast, broadcast) or a multicast destination."""
+    if version(packet) != 4 or len(packet) < 20:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    src, dst = packet[12:16], packet[16:20]
+    if ihl < 20 or len(packet) < ihl or int.from_bytes(packet[6:8], "big") & 0x1FFF:
+        return None
+    if src[0] in (0, 127) or src[0] >= 224 or dst[0] >= 224:
+        return None
+    if packet[9] == _ICMP and (len(packet) <= ihl or packet[ihl] in _ICMP_ERRORS):
+        return None
+    message = bytes((3, 1, 0, 0, 0, 0, 0, 0)) + packet[:QUOTE_LIMIT]
+    message = message[:2] + checksum(message).to_bytes(2, "big") + message[4:]
+    header = bytearray(b"\x45\xc0" + (20 + len(message)).to_bytes(2, "big") + bytes(4)
+                       + bytes((64, _ICMP)) + bytes(2) + source + src)
+    header[10:12] = checksum(bytes(header)).to_bytes(2, "big")
+    return bytes(header) + message

@@ -29,7 +29,7 @@ from . import fec, loss
 from .challenges import Challenges
 from .constants import (DEFAULT_TTL, HELD_PACKETS, HOST_CACHE_LIMIT, KEEPALIVE_INTERVAL, KIND_CHALLENGE,
                         KIND_KEEPALIVE, KIND_REPORT, NEXT_HOPS_KEPT, OVERHEAD, PATH_DIRECT, PEER_LIFETIME,
-                        PRUNE_INTERVAL, REPORT_INTERVAL, SEQ_LIMIT, TAG_SIZE, VNET_HDR_SIZE)
+                        PRUNE_INTERVAL, REPORT_INTERVAL, SEQ_LIMIT, TAG_SIZE, UNREACHABLE_BURST, VNET_HDR_SIZE)
 from .crypto import derive_group_key, mask_state
 from .drops import DropReason
 from .ids import TunnelNet, format_id
@@ -110,6 +110,8 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self.next_hops: dict[bytes, int | None] = {}     # dst -> peer ID (None: the configured gateway)
         self._held: dict[bytes, list[bytes]] = {}        # dst -> packets waiting for its answer
         self._held_count = 0
+        self._my_address = self.net.address(self.me).packed
+        self._unreachable_tokens, self._unreachable_at = float(UNREACHABLE_BURST), now
         self.session = random_bytes(8)
         self._ts = int(now)
         self._seq = 0

@@ -20,7 +20,7 @@ import heapq
 
 from . import fec, inner
 from .constants import (FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_DATA, OVERHEAD, PATH_DIRECT,
-                        SYN_DNS_COPY_DELAY, TAG_SIZE, VNET_HDR_SIZE)
+                        SYN_DNS_COPY_DELAY, TAG_SIZE, UNREACHABLE_BURST, UNREACHABLE_PER_SECOND, VNET_HDR_SIZE)
 from .constants import ZERO_VNET, INNER_HEAD, BATCH_LIMIT, BATCH_ENTRY
 from .drops import DropReason
 from .output import Output
@@ -72,6 +72,8 @@ class Outbound:
             return
         if route is None:
             self.global_drops[DropReason.NOT_ROUTABLE] += 1
+            if ends is not None:
+                self._unreachable(data[VNET_HDR_SIZE:] if self.settings.vnet else data, ends, now, out, batches)
             return
         peer, key, targets = route
         if not targets:
@@ -98,6 +100,33 @@ class Outbound:
             self._flush(batches.pop(peer.id), now, out)     # keep the peer's packets in order
         datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
         self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), len(datagrams) == 1, now, out)
+
+    def _unreachable(self, packet: bytes, ends: tuple[bytes, bytes], now: float, out: Output,
+                     batches: dict[int, "_Batch"]) -> None:
+        """No peer has this address: tell the sender at once with an ICMP
+        host unreachable (as WireGuard does), not by a timeout; at most
+        UNREACHABLE_PER_SECOND. To a peer it goes through the tunnel, from
+        our address; to this host (or a LAN behind it) through the TUN,
+        from the unreachable address (one of ours would be a martian source
+        to the kernel)."""
+        tokens = min(UNREACHABLE_BURST,
+                     self._unreachable_tokens + max(now - self._unreachable_at, 0) * UNREACHABLE_PER_SECOND)
+        self._unreachable_at = now
+        self._unreachable_tokens = tokens
+        if tokens < 1:
+            return
+        src_id = self.net.id_of(ends[0]) if len(ends[0]) == 4 else None
+        through_tunnel = src_id is not None and src_id != self.me
+        error = inner.host_unreachable(packet, self._my_address if through_tunnel else ends[1])
+        if error is None:
+            return
+        self._unreachable_tokens -= 1
+        if self.settings.vnet:
+            error = ZERO_VNET + error
+        if through_tunnel:
+            self._originate(error, now, out, batches)     # (an error never earns an error: no loop)
+        else:
+            out.tun.append(error)
 
     def _flush(self, batch: "_Batch", now: float, out: Output) -> None:
         """Seal a peer's FEC batch: its packets each after a 2-byte length,

@@ -62,9 +62,7 @@ from alpaca.protocol.constants import KIND_CHALLENGE, KIND_RESPONSE, SEQ_LIMIT
 from alpaca.protocol.crypto import CryptoError, derive_group_key, derive_pair_key, derive_psk_key, genkey
 from alpaca.protocol.wire import Header, open_sealed, peek, seal
 from alpaca.protocol.ids import parse_id
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from protocol_helpers import _checksum  # noqa: E402  (tests/, beside tools/)
+from alpaca.protocol.inner import checksum
 
 NET = (10, 17)
 NONCE = 16                              # bytes of a challenge
@@ -75,11 +73,11 @@ PROOF_WAIT = 0.4                        # seconds to wait for the receiver's cha
 def echo_request(src: int | bytes, dst: int, ident: int, seq: int) -> bytes:
     """src: a peer ID (its tunnel address) or a packed IPv4 address."""
     icmp = struct.pack(">BBHHH", 8, 0, 0, ident & 0xFFFF, seq & 0xFFFF) + b"forged by M" + bytes(21)
-    icmp = icmp[:2] + struct.pack(">H", _checksum(icmp)) + icmp[4:]
+    icmp = icmp[:2] + struct.pack(">H", checksum(icmp)) + icmp[4:]
     addr = lambda peer: bytes((NET[0], NET[1], peer >> 8, peer & 0xFF))
     header = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), ident & 0xFFFF, 0x4000, 64, 1, 0,
                          src if isinstance(src, bytes) else addr(src), addr(dst))
-    header = header[:10] + struct.pack(">H", _checksum(header)) + header[12:]
+    header = header[:10] + struct.pack(">H", checksum(header)) + header[12:]
     return header + icmp
 
 
