@@ -21,7 +21,7 @@ import jsonschema
 from jsonschema import Draft202012Validator
 
 from alpaca.protocol.fec import AUTO, FEC_MAX
-from alpaca.protocol.ids import IdError, format_id, parse_id, parse_net
+from alpaca.protocol.ids import IdError, format_id, group_prefix6, parse_id, parse_net
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.json"
 RENAMED = {"parity": "fec"}     # keys of earlier versions
@@ -69,6 +69,7 @@ class Config:
     mode: str
     group: str
     net: tuple[int, int]
+    net6: bytes | None          # the IPv6 /64's first 8 bytes; None: no IPv6 in the tunnel
     id: int
     gateway: int | None
     forwarders: tuple[int, ...]
@@ -103,6 +104,21 @@ class Config:
     @property
     def has_tun(self) -> bool:
         return self.mode != "forwarder"
+
+
+def parse_net6(text: str, group: str) -> bytes | None:
+    """Config `net6`: "auto" (from the group), "off", or a /64 prefix."""
+    if text == "auto":
+        return group_prefix6(group)
+    if text == "off":
+        return None
+    try:
+        network = ipaddress.IPv6Network(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not 'auto', 'off' or an IPv6 prefix like 'fd12:3456:789a::/64'") from None
+    if network.prefixlen != 64:
+        raise ValueError(f"{text!r} is a /{network.prefixlen}; the tunnel's IPv6 prefix is a /64")
+    return network.network_address.packed[:8]
 
 
 @lru_cache(maxsize=1)
@@ -289,6 +305,12 @@ class _Semantics:
             except ValueError:
                 out.append(("listen", f"{listen!r} is not an IP address "
                                       "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)"))
+        net6 = data.get("net6")
+        if isinstance(net6, str) and net6 not in ("auto", "off"):
+            try:
+                parse_net6(net6, "")
+            except ValueError as e:
+                out.append(("net6", str(e)))
         self.ipv4_networks("local_routes", strict=False)
         self.ipv4_networks("allow_inbound_from", strict=True)
         chn = data.get("chnroute")
@@ -399,6 +421,7 @@ def load_config(path: str | Path) -> Config:
         mode=d["mode"],
         group=d["group"],
         net=parse_net(d["net"]),
+        net6=parse_net6(d["net6"], d["group"]),
         id=parse_id(d["id"]),
         gateway=None if d["gateway"] is None else parse_id(d["gateway"]),
         forwarders=tuple(parse_id(f) for f in d["forwarders"]),

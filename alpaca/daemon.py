@@ -70,7 +70,7 @@ class StartError(Exception):
 
 
 def settings_from(config: Config) -> NodeSettings:
-    return NodeSettings(my_id=config.id, net=config.net, group=config.group, mode=config.mode,
+    return NodeSettings(my_id=config.id, net=config.net, net6=config.net6, group=config.group, mode=config.mode,
                         gateway=config.gateway, forwarders=config.forwarders,
                         duplicate=config.duplicate, duplicate_delay=config.duplicate_delay_ms / 1000,
                         inactive_downward_static=config.inactive_downward_static,
@@ -115,12 +115,14 @@ def client_routes(config: Config, peers: dict[int, PeerEntry], net: TunnelNet):
 
 def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
     """What the daemon would do to the host, for people to read (`alpaca-tunnel check`)."""
-    net = TunnelNet(config.net)
+    net = TunnelNet(config.net, config.net6)
     lines = [f"peer {format_id(config.id)} ({config.mode}) in group {config.group!r}, "
              f"{len(secrets) - (config.id in secrets)} other peers",
              f"UDP socket on {config.listen}:{config.port}"]
     if config.mode != "forwarder":
-        lines.append(f"TUN device {config.name}, MTU {config.mtu}, address {net.address(config.id)}/16")
+        address6 = net.address6(config.id)
+        lines.append(f"TUN device {config.name}, MTU {config.mtu}, address {net.address(config.id)}/16"
+                     + (f" and {address6}/64" if address6 else ""))
     if config.mode == "server":
         lines.append("sysctl net.ipv4.ip_forward = 1 (restored on stop)")
         lines += [f"iptables-legacy {rule}" for rule in server_nat(config, net).rules()]
@@ -192,7 +194,7 @@ class Daemon:
             raise StartError(codec)
         for warning in config_warnings(cfg):
             log.warning("%s", warning)
-        net = TunnelNet(cfg.net)
+        net = TunnelNet(cfg.net, cfg.net6)
         self._hook_env = {"ALPACA_TUN": cfg.name, "ALPACA_ID": format_id(cfg.id), "ALPACA_MODE": cfg.mode,
                           "ALPACA_NET": str(net.network)}
         run_hooks("pre_up", cfg.pre_up_cmds, self._hook_env, fatal=True)
@@ -206,7 +208,12 @@ class Daemon:
         self.udp = stack.enter_context(contextlib.closing(Udp(cfg.listen, cfg.port)))
         self._flood_guard = FloodGuard(self.udp.kernel_drops() or 0)
         if cfg.mode != "forwarder":
-            self.tun = stack.enter_context(contextlib.closing(Tun(cfg.name, cfg.mtu, str(net.address(cfg.id)), offload=cfg.offload)))
+            address6 = net.address6(cfg.id)
+            self.tun = stack.enter_context(contextlib.closing(Tun(cfg.name, cfg.mtu, str(net.address(cfg.id)),
+                                                                  offload=cfg.offload,
+                                                                  address6=address6 and str(address6))))
+            if self.tun.ipv6_problem:
+                log.warning("%s; the tunnel carries IPv4 only", self.tun.ipv6_problem)
         if cfg.mode == "server":
             sysctl = Sysctl(cfg.name)
             sysctl.set(IP_FORWARD, "1")     # servers route between clients and out

@@ -94,6 +94,28 @@ def test_net_octet_above_255():
     assert problems(net="10.300") == ["config.json: net: net '10.300' has an octet above 255"]
 
 
+def test_net6_is_auto_off_or_a_64():
+    assert problems(net6="auto") == [] and problems(net6="off") == [] and problems(net6="fd12:3456:789a::/64") == []
+    assert problems(net6="fd12::/48") == ["config.json: net6: 'fd12::/48' is a /48; the tunnel's IPv6 prefix is a /64"]
+    assert problems(net6="10.17") == ["config.json: net6: '10.17' is not 'auto', 'off' or an IPv6 prefix "
+                                      "like 'fd12:3456:789a::/64'"]
+
+
+def test_net6_auto_is_a_unique_local_prefix_of_the_group(tmp_path):
+    from alpaca.protocol.ids import TunnelNet, group_prefix6
+    one, other = group_prefix6("office"), group_prefix6("home")
+    assert one[0] == 0xFD and one[6:] == b"\0\0" and one != other
+    cfg = load_config(write(tmp_path, {**GOOD, "group": "office"}))
+    assert cfg.net6 == one
+    net = TunnelNet(cfg.net, cfg.net6)
+    # peer a.b is <prefix>::a:b, the ID's decimal octets read as hex digits
+    address = net.address6(cfg.id)
+    assert str(address).endswith("::16:1") and net.id_of(address.packed) == cfg.id
+    assert all(net.id_of(net.address6(i).packed) == i for i in (0x0102, 0xFFFE, 0x1001, 0x0A0B))
+    assert net.id_of(bytes(16)) is None and net.id_of(address.packed[:14] + b"\x00\x0a") is None
+    assert load_config(write(tmp_path, {**GOOD, "net6": "off"}, "off.json")).net6 is None
+
+
 def test_gateway_not_a_server():
     assert problems(gateway="16.2") == [
         "config.json: gateway: gateway '16.2' is not a server: it must be a smaller ID than this peer's id '16.1'"]

@@ -157,3 +157,17 @@ def test_a_tunnel_address_no_peer_has_is_refused_at_once(mesh4):
     r = mesh4.peers["c1"].run([PY, "-c", connect], timeout=20)
     errno, seconds = r.stdout.split()
     assert errno == "113" and float(seconds) < 3, r.stdout       # EHOSTUNREACH
+
+
+def test_ipv6_inside_the_tunnel_between_a_client_and_its_gateway(mesh4):
+    """Every peer has <net6>::a:b on its TUN (net6 "auto": a unique local
+    /64 from the group), and IPv6 packets route by the ID in it."""
+    from alpaca.protocol.ids import TunnelNet, group_prefix6
+    net = TunnelNet((10, 17), group_prefix6("test"))
+    s1_v6, c1_v6 = str(net.address6(0x0101)), str(net.address6(0x1001))
+    assert mesh4.peers["c1"].peer_status("1.1")["address6"] == s1_v6
+    for peer, address in (("c1", s1_v6), ("s1", c1_v6)):
+        r = mesh4.peers[peer].run(["ping", "-6", "-n", "-c", "3", "-i", "0.2", "-W", "2", address], timeout=20)
+        assert " 0% packet loss" in r.stdout, (peer, r.stdout, r.stderr)
+    r = mesh4.peers["c1"].run([PY, "-c", f"import socket; s = socket.create_connection(('{s1_v6}', 22), 3)"])
+    assert "refused" in r.stderr.lower(), r.stderr                 # TCP over IPv6 reaches 1.1's stack

@@ -1106,3 +1106,21 @@ def test_a_tunnel_address_no_peer_has_gets_an_icmp_host_unreachable_at_once():
     burst = server.from_tun([udp(tun_ip("1.1"), "10.17.16.99")] * 50, T0 + 10).tun
     assert len(burst) == UNREACHABLE_BURST
     assert len(server.from_tun([udp(tun_ip("1.1"), "10.17.16.99")] * 50, T0 + 10.5).tun) == UNREACHABLE_PER_SECOND // 2
+
+
+def test_an_ipv6_tunnel_address_routes_to_its_peer_like_an_ipv4_one():
+    """Peer a.b is <net6>::a:b: the same rules as for x.y.a.b (docs/protocol.md §6)."""
+    from alpaca.protocol.ids import group_prefix6
+    prefix = group_prefix6("test")
+    s1, s2 = make_node("1.1", net6=prefix), make_node("1.2", net6=prefix)
+    c1, c2 = make_node("16.1", gateway="1.1", net6=prefix), make_node("16.2", gateway="1.1", net6=prefix)
+    wire = Wire(s1, s2, c1, c2)
+    v6 = {n: str(s1.net.address6(pid(n))) for n in ("1.1", "1.2", "16.1", "16.2")}
+    to_s2 = udp6(v6["16.1"], v6["1.2"])
+    assert wire.originate(c1, [to_s2], T0).tun["1.2"] == [to_s2]          # a server: straight to it
+    to_c2 = udp6(v6["16.1"], v6["16.2"])
+    assert wire.originate(c1, [to_c2], T0).tun["1.1"] == [to_c2]          # a client: through the gateway
+    back = udp6(v6["1.1"], v6["16.1"])
+    assert wire.originate(s1, [back], T0).tun["16.1"] == [back]
+    outside = udp6(v6["16.1"], "2001:db8::1")
+    assert wire.originate(c1, [outside], T0).tun["1.1"] == [outside]      # out through the gateway

@@ -64,3 +64,15 @@ def test_a_server_routing_for_others_is_not_checked():
     from_internet = udp("8.8.8.8", tun_ip("16.1"), sport=53, dport=40000)
     assert wire.originate(server, [from_internet], T0).tun["16.1"] == [from_internet]
     assert client.table.get(pid("1.1")).drops[DropReason.SPOOFED] == 0
+
+
+def test_a_client_may_send_from_its_own_tunnel_ipv6_address_and_no_other():
+    from alpaca.protocol.ids import group_prefix6
+    prefix = group_prefix6("test")
+    client = make_node("16.1", gateway="1.1", net6=prefix)
+    server = make_node("1.1", net6=prefix)
+    wire = Wire(client, server)
+    own = udp6(str(server.net.address6(pid("16.1"))), "2001:4860:4860::8888")
+    other = udp6(str(server.net.address6(pid("16.2"))), "2001:4860:4860::8888")
+    assert wire.originate(client, [own, other], T0).tun["1.1"] == [own]
+    assert spoofed(server) == 1

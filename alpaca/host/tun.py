@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 
 import pytun
 from pyroute2 import IPRoute
@@ -45,7 +46,8 @@ _DEVICE_GONE = {errno.EBADFD, errno.EIO, errno.ENXIO, errno.ENODEV}
 
 
 class Tun:
-    def __init__(self, name: str, mtu: int, address: str, prefixlen: int = 16, offload: bool = True):
+    def __init__(self, name: str, mtu: int, address: str, prefixlen: int = 16, offload: bool = True,
+                 address6: str | None = None):
         try:
             self.dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI | pytun.IFF_VNET_HDR)
         except pytun.Error as e:
@@ -75,6 +77,14 @@ class Tun:
         except (NetlinkError, OSError) as e:
             self.close()
             raise TunError(f"cannot configure TUN device {self.name!r}: {e}") from None
+        # IPv6 is an addition: a host with IPv6 turned off keeps the IPv4 tunnel
+        self.ipv6_problem = None
+        if address6 is not None:
+            try:
+                with IPRoute() as ipr:
+                    ipr.addr("replace", index=index, address=address6, prefixlen=64, family=socket.AF_INET6)
+            except (NetlinkError, OSError) as e:
+                self.ipv6_problem = f"no IPv6 address {address6}/64 on {self.name}: {e}"
 
     def read_batch(self, limit: int) -> list[bytes]:
         packets = []

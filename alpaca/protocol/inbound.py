@@ -322,7 +322,7 @@ class Inbound:
         if ends is None:
             return False
         source = ends[0]
-        if source == self._own_address(src):
+        if source in self._own_addresses(src):
             return False
         networks = self.settings.peer_networks.get(src)
         if networks:
@@ -330,12 +330,14 @@ class Inbound:
             return not any(address in n for n in networks)
         return True
 
-    def _own_address(self, peer_id: int) -> bytes:
+    def _own_addresses(self, peer_id: int) -> tuple[bytes, ...]:
+        """A peer's tunnel addresses, packed: IPv4, and IPv6 when the tunnel has it."""
         packed = self._addresses.get(peer_id)
         if packed is None:
             if len(self._addresses) >= HOST_CACHE_LIMIT:
                 self._addresses.clear()
-            packed = self._addresses[peer_id] = self.net.address(peer_id).packed
+            v6 = self.net.address6(peer_id)
+            packed = self._addresses[peer_id] = (self.net.address(peer_id).packed,) + ((v6.packed,) if v6 else ())
         return packed
 
     def _path_notice(self, peer_id: int, what: str) -> None:

@@ -49,6 +49,7 @@ class NodeSettings:
     net: tuple[int, int]
     group: str
     mode: str = "client"                  # server | client | forwarder
+    net6: bytes | None = None             # the tunnel's IPv6 /64 (8 bytes), or none
     gateway: int | None = None
     forwarders: tuple[int, ...] = ()
     duplicate: int = 0
@@ -94,7 +95,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
                  random_bytes: Callable[[int], bytes] = os.urandom, asks_next_hops: bool = False):
         self.settings = settings
         self.me = settings.my_id
-        self.net = TunnelNet(settings.net)
+        self.net = TunnelNet(settings.net, settings.net6)
         self.group_key = derive_group_key(settings.group)
         self._mask_state = mask_state(self.group_key)
         self.table = PeerTable(self.me, self.group_key)
@@ -123,7 +124,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._keepalives_sent = 0
         self._next_prune = now + PRUNE_INTERVAL
         self._packed: dict[str, bytes | None] = {}
-        self._addresses: dict[int, bytes] = {}    # peer ID -> its tunnel address, packed
+        self._addresses: dict[int, tuple[bytes, ...]] = {}    # peer ID -> its tunnel addresses, packed
         self._loop_noticed: set[Addr] = set()
         self._path_notices: dict[int, int] = {}
         self.started = now
@@ -240,7 +241,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         into the tunnel (client to client)."""
         if len(dst_ip) == 16 and (dst_ip[0] == 0xFF or (dst_ip[0] == 0xFE and dst_ip[1] & 0xC0 == 0x80)):
             return None     # IPv6 multicast / link-local (router solicitations, MLD): this link only
-        peer_id = self.net.id_of(dst_ip) if len(dst_ip) == 4 else None
+        peer_id = self.net.id_of(dst_ip)
         fallback = self.settings.gateway if peer_id is not None else None
         if peer_id is None:
             peer_id = self.next_hops.get(dst_ip, UNRESOLVED)
@@ -413,6 +414,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
             peers.append({
                 "id": format_id(peer.id),
                 "address": str(self.net.address(peer.id)),
+                "address6": str(self.net.address6(peer.id)) if self.net.prefix6 is not None else None,
                 "up": peer.up,
                 "last_rx_age": None if peer.last_rx == -math.inf else round(now - peer.last_rx, 3),
                 "paths": self._path_snapshot(peer, now),
