@@ -775,7 +775,7 @@ class Harness:
         for d, to in sends:
             if d in reports:
                 reports[d] += 1             # (a copy: recorded once)
-                if reports[d] > 1 + node.loss.parity(src, 1):
+                if reports[d] > node.report_copies(src):
                     fail("sent a loss report more often than a one-datagram message to the peer")
                 continue
             rec = self._record(d, name, None)

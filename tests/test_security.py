@@ -299,7 +299,11 @@ def test_member_cannot_forge_a_datagram_from_another_member(sec):
     assert len(reused) >= 5, [(h.ts, h.seq) for h in map(header, captured)]
     for h, extra in (("s1", {"replay": 1}), ("s2", {})):
         drops = peer_of(status(mesh.peers[h]), X)["drops"]
-        assert delta(drops, peer_of(before[h], X)["drops"]) == extra, (h, drops)
+        # (X's loss reports go in copies, each further copy a `duplicate`;
+        # that all 10 pings, which reused forged nonces, were delivered is
+        # what shows the forgeries never entered X's window)
+        changed = {r: n for r, n in delta(drops, peer_of(before[h], X)["drops"]).items() if r != "duplicate"}
+        assert changed == extra, (h, drops)
     print(f"\nforgery: {sum(expected.values())} forged datagrams -> auth_failure {expected}; "
           f"X then reused {len(reused)} forged nonces, all delivered")
 
@@ -340,9 +344,11 @@ def test_member_holding_a_pair_key_with_x_teaches_no_path_for_x(sec):
     for h in ("s1", "s2"):
         b, a = peer_of(before[h], X), peer_of(status(mesh.peers[h]), X)
         assert frozen(a)["paths"] == frozen(b)["paths"], (h, b["paths"], a["paths"])   # no path learned
-        assert a["rx_packets"] - b["rx_packets"] <= (30 + 4 if h == "s1" else 4), (h, a)
+        # X's 30 pings and its keepalives and loss reports, not one of the 3,008 forgeries
+        assert a["rx_packets"] - b["rx_packets"] <= (30 + 8 if h == "s1" else 8), (h, a)
         changed = delta(a["drops"], b["drops"])
-        assert set(changed) <= {"too_many_sessions", "no_path"}, (h, changed)
+        # (`duplicate`: the further copies of X's loss reports)
+        assert set(changed) <= {"too_many_sessions", "no_path", "duplicate"}, (h, changed)
         # the forgeries did authenticate: 1.1 relayed them down to M, 1.2
         # (which has no path to M) counted them as no_path; both on X
         moved = a["relayed_packets"] - b["relayed_packets"] if h == "s1" else changed.get("no_path", 0)

@@ -336,18 +336,22 @@ class Node(Inbound, Outbound, Relay, Challenges):
                 peer.drops[DropReason.INCOMPLETE] += 1
         self._send_reports(self.loss.reports(now), now, out)
 
-    def _send_reports(self, reports: list[tuple[int, bytes]], now: float, out: Output) -> None:
+    def report_copies(self, peer_id: int) -> int:
         """A report carries a sample that no later report repeats, so it goes
         as many times as a one-datagram message to the peer would (1 + its
-        parity for k = 1, whatever the `fec` policy: 9 before the peer's
-        first report). The copies share a seq: one is taken."""
+        parity for k = 1, whatever the `fec` policy), and twice while we
+        know nothing of the loss towards it. The copies share a seq: the
+        receiver takes one and counts the others `duplicate`."""
+        return 1 + (self.loss.parity(peer_id, 1) if peer_id in self.loss.loss else 1)
+
+    def _send_reports(self, reports: list[tuple[int, bytes]], now: float, out: Output) -> None:
         for peer_id, payload in reports:
             peer = self.table.get(peer_id)
             key = self.table.pair_key(self.me, peer_id) if peer is not None else None
             if key is None:
                 continue
             datagram = self._seal(KIND_REPORT, peer_id, key, payload, now)
-            copies = 1 + self.loss.parity(peer_id, 1)
+            copies = self.report_copies(peer_id)
             addrs = peer.sendable(self._towards(peer, now), copies * len(datagram))
             out.sends.extend((datagram, a) for a in addrs for _ in range(copies))
 
