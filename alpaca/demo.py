@@ -10,7 +10,6 @@ link to show multi-path at work, and removes everything, also on Ctrl-C.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -19,31 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from .protocol.crypto import genkey
+from .lab.daemons import Mesh
+from .lab.mesh import STANDARD
+from .lab.testbed import Testbed, wait_for
 from .status import format_status
-from .lab.mesh import STANDARD, secrets_for
-from .lab.testbed import Testbed, wait_for, write_peer_config
 
-PY = sys.executable
 TRANSFER_MB = 16
 INTERNET = "172.31.201.2"
-
-_SINK = """
-import hashlib, socket, sys
-srv = socket.create_server((sys.argv[1], 5201)); srv.settimeout(60)
-print("ready", flush=True)
-conn, _ = srv.accept(); h = hashlib.sha256(); n = 0
-while chunk := conn.recv(1 << 16):
-    h.update(chunk); n += len(chunk)
-print(n, h.hexdigest(), flush=True)
-"""
-_SEND = """
-import hashlib, os, socket, sys, time
-data = os.urandom(int(sys.argv[2]) << 20); t = time.monotonic()
-with socket.create_connection((sys.argv[1], 5201), timeout=60) as s:
-    s.sendall(data)
-print(len(data), hashlib.sha256(data).hexdigest(), time.monotonic() - t, flush=True)
-"""
 
 
 def say(message: str) -> None:
@@ -56,39 +37,28 @@ class Demo:
              for name, std in (("server1", "s1"), ("fwd1", "s2"), ("client1", "c1"), ("client2", "c2"))}
 
     def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.tb = Testbed(f"ad{os.getpid() % 100000}", subnet=78)
-        self.procs = {}
-        self.configs = {}
+        self.mesh = Mesh(Testbed(f"ad{os.getpid() % 100000}", subnet=78), workdir,
+                         defaults={"group": "demo", "name": "alpaca0"})
+        self.tb = self.mesh.tb
 
     def build(self) -> None:
-        keys = {pid: genkey() for _, pid, _ in self.PEERS.values()}
-        ips = {}
-        for name, (host, pid, _) in self.PEERS.items():
-            ips[name] = self.tb.add_host(name, host)
-            say(f"namespace {self.tb.ns(name)}: {name} (peer {pid}) at {ips[name]}")
+        self.mesh.add_topology(self.PEERS)
+        for name, (_, pid, _) in self.PEERS.items():
+            say(f"namespace {self.tb.ns(name)}: {name} (peer {pid}) at {self.mesh.ip[name]}")
         self.tb.add_link("server1", "internet", "172.31.201.1", INTERNET)
         say(f"namespace {self.tb.ns('internet')}: internet host at {INTERNET}, linked to server1 only")
-        lines = secrets_for(self.PEERS, keys, ips)
-        for name, (_, pid, config) in self.PEERS.items():
-            cfg = {"id": pid, "group": "demo", "name": "alpaca0", **config,
-                   "control_socket": str(self.workdir / f"{name}.sock")}
-            self.configs[name] = write_peer_config(self.workdir / name, cfg, lines[name])
 
     def start(self) -> None:
-        for name, path in self.configs.items():
-            log = open(self.workdir / name / "daemon.log", "wb")
-            self.procs[name] = self.tb.popen(name, [PY, "-m", "alpaca", "-C", str(path)], stdout=log, stderr=log)
-        for name, path in self.configs.items():
-            sock = Path(json.loads(path.read_text())["control_socket"])
-            if not wait_for(sock.exists, 15):
-                raise RuntimeError(f"{name} did not start: {(self.workdir / name / 'daemon.log').read_text()}")
+        self.mesh.start_all(timeout=15)
         say("4 daemons running; waiting for the clients' first keepalives")
-        wait_for(lambda: all(p["up"] for p in self.status("server1")["peers"] if p["id"].startswith("16.")), 10)
+        wait_for(lambda: all(p["up"] for p in self.status("server1").get("peers", []) if p["id"].startswith("16.")),
+                 10)
 
     def status(self, name: str) -> dict:
-        r = self.tb.run(name, [PY, "-m", "alpaca", "-C", str(self.configs[name]), "status", "--json"])
-        return json.loads(r.stdout) if r.returncode == 0 else {}
+        try:
+            return self.mesh.peers[name].status()
+        except RuntimeError:
+            return {}
 
     def ping(self, name: str, address: str, count: int = 10) -> str:
         r = self.tb.run(name, ["ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "1", address])
@@ -96,17 +66,13 @@ class Demo:
         return "; ".join(summary) or r.stderr.strip()
 
     def transfer(self) -> None:
-        sink = self.tb.popen("server1", [PY, "-c", _SINK, "10.17.1.1"], stdout=__import__("subprocess").PIPE, text=True)
-        sink.stdout.readline()
-        r = self.tb.run("client1", [PY, "-c", _SEND, "10.17.1.1", str(TRANSFER_MB)], timeout=120)
-        got = sink.stdout.readline().split()
-        sink.wait(10)
-        sent = r.stdout.split()
-        if len(sent) == 3 and got == sent[:2]:
-            rate = int(sent[0]) * 8 / float(sent[2]) / 1e6
-            say(f"TCP {TRANSFER_MB} MiB client1 -> server1: sha256 matches, {rate:.0f} Mbit/s")
-        else:
-            say(f"TCP transfer FAILED: sent {sent} received {got}")
+        try:
+            seconds = self.mesh.transfer("client1", "server1", "10.17.1.1", TRANSFER_MB << 20)
+        except RuntimeError as e:
+            say(f"TCP transfer FAILED: {e}")
+            return
+        rate = (TRANSFER_MB << 20) * 8 / seconds / 1e6
+        say(f"TCP {TRANSFER_MB} MiB client1 -> server1: sha256 matches, {rate:.0f} Mbit/s")
 
     def show(self) -> None:
         for name in self.PEERS:
@@ -122,9 +88,7 @@ class Demo:
             ns.link("set", index=ns.link_lookup(ifname="eth0")[0], state="down" if down else "up")
 
     def close(self) -> None:
-        for proc in self.procs.values():
-            self.tb.stop(proc)
-        self.tb.close()
+        self.mesh.close()
 
 
 def run_demo(keep: bool = False) -> int:

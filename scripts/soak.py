@@ -10,10 +10,11 @@ namespaces (unique prefix `sk<pid>`), sends traffic only between them, ends
 only the processes it started (by PID) and removes everything, also when it
 fails or is interrupted (SIGINT/SIGTERM).
 
-Mesh (as tests/conftest.py mesh4): servers 1.1 (s1) and 1.2 (s2), client 16.1
-(c1: gateway 1.1, forwarders 1.1 and 1.2), client 16.2 (c2: gateway 1.1).
+Mesh: the lab's standard one (alpaca/lab/mesh.py), run by alpaca.lab.daemons:
+servers 1.1 (s1) and 1.2 (s2), client 16.1 (c1: gateway 1.1, forwarders 1.1
+and 1.2), client 16.2 (c2: gateway 1.1).
 Traffic: `ping -i 0.05` from each client to 10.17.1.1 (the recovery probe),
-and a TCP stream from each client to 10.17.1.1 (tests/tools/soak_stream.py).
+and a TCP stream from each client to 10.17.1.1 (alpaca.lab.tcp_stream).
 
 Faults, one at a time, one every --interval seconds (random, --seed):
   sigterm   SIGTERM a daemon, start it again at once
@@ -73,12 +74,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from alpaca.lab import mesh as lab_mesh
-from alpaca.lab.testbed import Testbed, wait_for, write_peer_config
-from alpaca.protocol.crypto import genkey
+from alpaca.lab.daemons import Daemon, Mesh, lab_module
+from alpaca.lab.mesh import STANDARD as PEERS    # name: (host number, peer ID, config)
+from alpaca.lab.testbed import Testbed, missing_for_lab, wait_for
 
-PY = sys.executable
-TOOLS = ROOT / "tests" / "tools"
 TARGET = "10.17.1.1"
 TCP_PORT = 5300
 GROUP = "soak"
@@ -90,7 +89,6 @@ SAMPLE_INTERVAL = 2.0
 FD_MARGIN = 2               # open fds a daemon may gain over its life (transient netlink sockets)
 RSS_MARGIN_KIB = 8 * 1024   # RSS a daemon may gain over its life
 
-PEERS = lab_mesh.STANDARD   # name: (host number, peer ID, config)
 SERVERS, CLIENTS = ("s1", "s2"), ("c1", "c2")
 CUT_PAIRS = [("c1", "s1"), ("c1", "s2"), ("c2", "s1"), ("s2", "s1")]
 WEIGHTS = {"sigterm": 2, "sigkill": 2, "rewrite": 1, "readd": 1.5, "sighup": 0.5, "cut": 2, "bounce": 1.5}
@@ -104,53 +102,37 @@ def log(msg: str) -> None:
 
 @dataclass
 class Instance:
+    """One process of a daemon, with its (time, open fds, RSS KiB) samples."""
     pid: int
     started: float
     ended: float | None = None
-    how: str | None = None            # sigterm / sigkill / died / final
-    rc: int | None = None
-    samples: list[tuple[float, int, int]] = field(default_factory=list)   # (time, fds, rss KiB)
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
 
 
-class Daemon:
-    def __init__(self, soak: Soak, name: str):
-        self.soak, self.name = soak, name
-        _, self.id, extra = PEERS[name]
-        self.dir = soak.workdir / name
-        self.config = {"id": self.id, "group": GROUP, "control_socket": str(soak.workdir / f"{name}.sock"), **extra}
-        self.lines = soak.secrets_for(name)
-        self.config_path = write_peer_config(self.dir, self.config, self.lines)
-        self.secrets_path = self.dir / "secrets.txt"
-        self.log_path = self.dir / "daemon.log"
-        self.proc: subprocess.Popen | None = None
+class SoakDaemon(Daemon):
+    """A lab Daemon that remembers each of its processes and samples them."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
         self.instances: list[Instance] = []
         self.lock = threading.Lock()
 
     def start(self) -> None:
         with open(self.log_path, "ab") as logf:
             logf.write(f"=== soak: start at {time.strftime('%H:%M:%S')} ===\n".encode())
-            logf.flush()
-            proc = self.soak.tb.popen(self.name, [PY, "-m", "alpaca", "-C", str(self.config_path)],
-                                      stdout=logf, stderr=logf, cwd=str(ROOT))
         with self.lock:
-            self.proc = proc
-            self.instances.append(Instance(proc.pid, time.time()))
+            super().start()
+            self.instances.append(Instance(self.proc.pid, time.time()))
 
-    def stop(self, sig: int, how: str) -> tuple[int | None, float]:
+    def end(self, sig: int) -> tuple[int | None, float]:
+        """Stop this process (SIGKILL after 15 s); its exit status and how long it took."""
         t0 = time.time()
         with self.lock:
             proc, inst = self.proc, self.instances[-1]
             self.proc = None
-        rc = self.soak.tb.stop(proc, sig, timeout=15)
-        inst.ended, inst.how, inst.rc = time.time(), how, rc
+        rc = self.mesh.tb.stop(proc, sig, timeout=15)
+        inst.ended = time.time()
         return rc, inst.ended - t0
-
-    def write_secrets(self, lines: list[str]) -> None:
-        """Editor-style: write a new file, then rename it over secrets.txt."""
-        tmp = self.dir / ".secrets.txt.new"
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.chmod(0o600)
-        os.rename(tmp, self.secrets_path)
 
     def sample(self) -> None:
         with self.lock:
@@ -164,9 +146,6 @@ class Daemon:
             return
         rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
         inst.samples.append((time.time(), fds, rss))
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 # ------------------------------------------------------------------ traffic
@@ -220,7 +199,7 @@ class Stream:
     def __init__(self, soak: Soak, name: str, argv: list[str]):
         self.name = name
         self.points: list[tuple[float, int, int]] = []
-        self.proc = soak.tb.popen(name, [PY, str(TOOLS / "soak_stream.py"), *argv],
+        self.proc = soak.tb.popen(name, lab_module("alpaca.lab.tcp_stream", *argv),
                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -317,8 +296,9 @@ class Soak:
         self.rng = random.Random(args.seed)
         self.prefix = f"sk{os.getpid() % 100000}"
         self.workdir = Path(tempfile.mkdtemp(prefix="alpaca-soak-"))
+        self.mesh: Mesh | None = None
         self.tb: Testbed | None = None
-        self.daemons: dict[str, Daemon] = {}
+        self.daemons: dict[str, SoakDaemon] = {}
         self.pingers: dict[str, Pinger] = {}
         self.streams: list[Stream] = []
         self.cuts: list[tuple[str, list[str]]] = []     # (namespace, iptables rule) currently in place
@@ -326,27 +306,17 @@ class Soak:
         self.faults: list[Fault] = []
         self.failures: list[str] = []
         self.ip: dict[str, str] = {}
-        self.keys = {name: genkey() for name in PEERS}
         self.sampling = True
         self.before: dict[str, dict] = {}
 
     # -------------------------------------------------------------- setup
-    def secrets_for(self, name: str) -> list[str]:
-        return lab_mesh.secrets_for(PEERS, {PEERS[n][1]: k for n, k in self.keys.items()}, self.ip)[name]
-
     def build(self) -> None:
-        self.tb = Testbed(self.prefix)
-        for name, (host, _, _) in PEERS.items():
-            self.ip[name] = self.tb.add_host(name, host)
+        self.mesh = Mesh(Testbed(self.prefix), self.workdir, defaults={"group": GROUP}, daemon_class=SoakDaemon)
+        self.tb, self.daemons, self.ip = self.mesh.tb, self.mesh.peers, self.mesh.ip
+        self.mesh.add_topology(PEERS)
         for name in PEERS:
             self.before[name] = settled_state(self.tb, name)
-            self.daemons[name] = Daemon(self, name)
-        for daemon in self.daemons.values():
-            daemon.start()
-        ok = wait_for(lambda: all(Path(d.config["control_socket"]).exists() for d in self.daemons.values()), 15)
-        if not ok:
-            tails = "\n".join(d.log_text()[-2000:] for d in self.daemons.values())
-            raise RuntimeError(f"daemons did not start:\n{tails}")
+        self.mesh.start_all(timeout=15)
         threading.Thread(target=self._sampler, daemon=True).start()
         self.pingers = {c: Pinger(self, c) for c in CLIENTS}
         self.streams.append(Stream(self, "s1", ["sink", "0.0.0.0", str(TCP_PORT)]))
@@ -365,7 +335,7 @@ class Soak:
     # -------------------------------------------------------------- faults
     def restart(self, fault: Fault, sig: int) -> None:
         daemon = self.daemons[fault.target]
-        rc, took = daemon.stop(sig, "sigterm" if sig == signal.SIGTERM else "sigkill")
+        rc, took = daemon.end(sig)
         if sig == signal.SIGTERM:
             if rc != 0:
                 self.fail(f"fault {fault.n}: {fault.target} exited with {rc} on SIGTERM")
@@ -374,13 +344,13 @@ class Soak:
         fault.notes.append(f"stopped in {took:.2f} s, rc {rc}")
         daemon.start()
 
-    def do_fault(self, fault: Fault, steady: set[str], second_half: bool) -> None:
+    def do_fault(self, fault: Fault) -> None:
         kind, rng = fault.kind, self.rng
         if kind in ("sigterm", "sigkill"):
             self.restart(fault, signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
             fault.t_ref = fault.t_fault
         elif kind == "rewrite":
-            self.daemons[fault.target].write_secrets(self.daemons[fault.target].lines)
+            self.daemons[fault.target].write_secrets(self.daemons[fault.target].secrets_lines)
             fault.t_ref = time.time()
         elif kind == "sighup":
             proc = self.daemons[fault.target].proc
@@ -388,12 +358,12 @@ class Soak:
             fault.t_ref = time.time()
         elif kind == "readd":
             daemon = self.daemons[fault.target]
-            others = [line for line in daemon.lines if line.split()[0] != daemon.id]
+            others = [line for line in daemon.secrets_lines if line.split()[0] != daemon.id]
             victim = rng.choice(others)
             fault.detail = f"peer {victim.split()[0]} removed from {fault.target}'s secrets.txt"
-            daemon.write_secrets([line for line in daemon.lines if line != victim])
+            daemon.write_secrets([line for line in daemon.secrets_lines if line != victim])
             time.sleep(rng.uniform(1.5, 3.0))
-            daemon.write_secrets(daemon.lines)
+            daemon.write_secrets(daemon.secrets_lines)
             fault.t_ref = time.time()
         elif kind == "cut":
             a, b = fault.target.split("-")
@@ -445,8 +415,7 @@ class Soak:
         for daemon in self.daemons.values():
             proc = daemon.proc
             if proc is not None and proc.poll() is not None:
-                inst = daemon.instances[-1]
-                inst.ended, inst.how, inst.rc = time.time(), "died", proc.returncode
+                daemon.instances[-1].ended = time.time()
                 self.fail(f"{daemon.name} (pid {proc.pid}) exited by itself with {proc.returncode}; log tail:\n"
                           + daemon.log_text()[-1500:])
                 daemon.proc = None
@@ -476,7 +445,7 @@ class Soak:
             second_half = now >= start + (end - start) / 2
             kind, target = self.pick(steady, second_half)
             fault = Fault(n, kind, target, "", time.time())
-            self.do_fault(fault, steady, second_half)
+            self.do_fault(fault)
             self.wait_recovery(fault)
             self.faults.append(fault)
             rec = ", ".join(f"{k} {'never' if v is None else f'{v:.2f} s'}" for k, v in fault.recovery.items())
@@ -491,9 +460,10 @@ class Soak:
         t_end = time.time()
         statuses = {}
         for name, daemon in self.daemons.items():
-            r = self.tb.run(name, [PY, "-m", "alpaca", "-C", str(daemon.config_path), "status", "--json"],
-                            cwd=str(ROOT))
-            statuses[name] = json.loads(r.stdout) if r.returncode == 0 else None
+            try:
+                statuses[name] = daemon.status()
+            except RuntimeError:
+                statuses[name] = None
         for daemon in self.daemons.values():
             daemon.sample()
         self.sampling = False
@@ -504,7 +474,7 @@ class Soak:
         for name, daemon in self.daemons.items():
             if daemon.proc is None:
                 continue
-            rc, _ = daemon.stop(signal.SIGTERM, "final")
+            rc, _ = daemon.end(signal.SIGTERM)
             if rc != 0:
                 self.fail(f"{name} exited with {rc} on the final SIGTERM")
         self.uncut()
@@ -616,7 +586,7 @@ class Soak:
         self.sampling = False
         for pinger in self.pingers.values():
             pinger.stopping = True
-        if self.tb is None:
+        if self.mesh is None:
             return
         try:
             for where in list(self.downs):
@@ -624,10 +594,8 @@ class Soak:
             self.uncut()
         except (OSError, subprocess.SubprocessError) as e:
             log(f"cleanup: {e} (the namespaces are removed anyway)")
-        for daemon in self.daemons.values():
-            if daemon.proc is not None and daemon.proc.poll() is None:
-                daemon.stop(signal.SIGTERM, "cleanup")
-        self.tb.close()            # SIGKILLs whatever else we started (by PID), removes the namespaces
+        # SIGTERM to the daemons; the testbed SIGKILLs whatever else we started (by PID), removes the namespaces
+        self.mesh.close()
 
 
 def main() -> int:
@@ -640,8 +608,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.seed is None:
         args.seed = random.randrange(1 << 30)
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        print("soak.py needs root and /dev/net/tun", file=sys.stderr)
+    if missing_for_lab():
+        print(f"soak.py {missing_for_lab()}", file=sys.stderr)
         return 2
     for tool in ("ping", "ip", "iptables-legacy", "iptables-legacy-save"):
         if shutil.which(tool) is None:

@@ -35,8 +35,9 @@ INTERNET = "8.8.8.8"
 _HOST = {"1.1": 1, "1.2": 2, "1.3": 3, "1.4": 4, "16.1": 161, "16.2": 162, "16.9": 169}
 
 
-def pid(text: str) -> int:
-    return parse_id(text)
+def pid(peer: str | int) -> int:
+    """A peer ID from its `a.b` text (an int is taken as it is)."""
+    return peer if isinstance(peer, int) else parse_id(peer)
 
 
 def psk(text: str) -> str:
@@ -64,14 +65,16 @@ def entries(ids=EVERYONE, static=SERVERS, keys: dict[str, str] | None = None) ->
 
 def make_node(me: str, ids=EVERYONE, static=SERVERS, now: float = START, mode: str | None = None,
               gateway: str | None = None, forwarders=(), group: str = GROUP,
-              keys: dict[str, str] | None = None, trust_test_session: bool = True, **settings) -> Node:
+              keys: dict[str, str] | None = None, trust_test_session: bool = True,
+              peer_entries: dict[int, PeerEntry] | None = None, **settings) -> Node:
+    """A Node for `me`; its peers are `ids` (as entries() makes them) or `peer_entries`."""
     if mode is None:
         mode = "server" if pid(me) < pid("16.0") else "client"
     ids = tuple(ids) if me in ids else tuple(ids) + (me,)
     s = NodeSettings(my_id=pid(me), net=NET, group=group, mode=mode,
                      gateway=pid(gateway) if gateway else None,
                      forwarders=tuple(pid(f) for f in forwarders), **settings)
-    node = Node(s, entries(ids, static, keys), now)
+    node = Node(s, entries(ids, static, keys) if peer_entries is None else peer_entries, now)
     if trust_test_session:
         trust(node, TEST_SESSION)
     return node
@@ -84,8 +87,9 @@ def trust(node: Node, session: bytes, peers=None) -> None:
     """Take `session` as proven live from every peer (or those named), as if
     it had answered a challenge before anything it sealed: the shortcut of
     tests that are not about challenges (tests/test_challenge.py is)."""
+    wanted = None if peers is None else {pid(p) for p in peers}
     for peer_id, peer in node.table.peers.items():
-        if peers is None or format_id(peer_id) in peers:
+        if wanted is None or peer_id in wanted:
             peer.verify(session, 0, -1, START)
 
 
@@ -125,19 +129,21 @@ def tcp(src: str, dst: str, sport: int = 40000, dport: int = 443, flags: int = A
 
 # ---------------------------------------------------------------- datagrams
 
-def pair_key(a: str, b: str, group: str = GROUP, keys: dict[str, str] | None = None) -> bytes:
+def pair_key(a: str | int, b: str | int, group: str = GROUP, keys: dict[str, str] | None = None) -> bytes:
     bigger = a if pid(a) > pid(b) else b
-    key_text = (keys or {}).get(bigger, psk(bigger))
+    key_text = keys[bigger] if keys and bigger in keys else psk(bigger)
     return derive_pair_key(derive_group_key(group), derive_psk_key(key_text), pid(a), pid(b))
 
 
 def make_datagram(src: str, dst: str, payload: bytes, ts: float = T0, seq: int = 0,
                   session: bytes = b"\x07" * 8, ttl: int = DEFAULT_TTL, path: int = 0,
                   kind: int = KIND_DATA, pad: int = 0, group: str = GROUP,
-                  keys: dict[str, str] | None = None) -> bytes:
-    """A datagram exactly as peer `src` would seal it (made without a Node)."""
+                  keys: dict[str, str] | None = None, key: bytes | None = None) -> bytes:
+    """A datagram exactly as peer `src` would seal it (made without a Node);
+    `key`: the pair key to seal it with instead of the one src and dst share."""
     header = Header(ttl, path, kind, pid(src), pid(dst), session, int(ts), seq, pad)
-    return seal(derive_group_key(group), pair_key(src, dst, group, keys), header, payload + bytes(pad))
+    key = pair_key(src, dst, group, keys) if key is None else key
+    return seal(derive_group_key(group), key, header, payload + bytes(pad))
 
 
 def header_of(datagram: bytes, group: str = GROUP) -> Header:

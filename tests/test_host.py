@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import signal
 from pathlib import Path
 
 import pytest
 
-from alpaca.lab.testbed import Testbed, wait_for
-from conftest import Mesh, unique_prefix
+from alpaca.lab.daemons import Mesh
+from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
 
 pytestmark = pytest.mark.root
 INET = "172.31.200.2"
@@ -108,15 +107,6 @@ def test_readded_default_route_is_taken_back(world):
     assert wait_for(lambda: f"via {ORIG_GW}" in route_get(tb, "c1", "192.0.2.5"), 5)
 
 
-def edit_secrets(peer, lines: list[str]) -> None:
-    """As an editor does it: write a new file and rename it over the old one."""
-    path = peer.config_path.parent / "secrets.txt"
-    tmp = path.with_suffix(".swp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.chmod(0o600)
-    os.rename(tmp, path)
-
-
 def test_secrets_edit_admits_and_cuts_off_a_client(world):
     tb, s1 = world.tb, world.peers["s1"]
     c2 = world.add("c2", 17, {"id": "16.2", "mode": "client", "gateway": "1.1"},
@@ -126,12 +116,12 @@ def test_secrets_edit_admits_and_cuts_off_a_client(world):
     assert tb.run("c2", ["ping", "-c2", "-W1", "10.17.1.1"]).returncode != 0
     c1_before = s1.peer_status("16.1")
     base = [world.line("1.1", world.s1_ip), world.line("16.1", None)]
-    edit_secrets(s1, base + [world.line("16.2", None)])
+    s1.write_secrets(base + [world.line("16.2", None)])
     assert wait_for(lambda: tb.run("c2", ["ping", "-c1", "-W1", "10.17.1.1"]).returncode == 0, 10)
     # the unchanged peer kept its counters and paths
     c1_after = s1.peer_status("16.1")
     assert c1_after["rx_packets"] >= c1_before["rx_packets"] and c1_after["paths"], c1_after
-    edit_secrets(s1, base)
+    s1.write_secrets(base)
     assert wait_for(lambda: tb.run("c2", ["ping", "-c2", "-W1", "10.17.1.1"]).returncode != 0, 10)
     assert "16.2" not in [p["id"] for p in s1.status()["peers"]]
     assert tb.run("c1", ["ping", "-c1", "-W1", "10.17.1.1"]).returncode == 0

@@ -21,8 +21,7 @@ from test_fragments import super_packet
 from alpaca.protocol import fec
 from alpaca.protocol.constants import KIND_REPORT
 from alpaca.protocol.loss import PRIOR_LOSS
-
-from conftest import lossy_pair
+from alpaca.lab.worlds import lossy_pair
 
 
 def auto_pair():
@@ -118,7 +117,7 @@ LOSS = 0.3
 
 @pytest.fixture
 def cold(tmp_path_factory):
-    with lossy_pair(tmp_path_factory, "cold", LOSS, s1={}, c1={}, up_timeout=30) as mesh:   # no fec key: the default
+    with lossy_pair(tmp_path_factory.mktemp("cold"), LOSS, s1={}, c1={}, up_timeout=30) as mesh:   # no fec key: the default
         yield mesh
 
 

@@ -15,7 +15,8 @@ import re
 
 import pytest
 
-from conftest import lossy_pair, wait_for
+from alpaca.lab.testbed import wait_for
+from alpaca.lab.worlds import lossy_pair
 
 pytestmark = pytest.mark.root
 LOSS = 0.1
@@ -25,7 +26,7 @@ LOSS = 0.1
 def lossy(tmp_path_factory):
     # 1.1 protects what it sends 16.1 with a fixed ratio from the first
     # packet (per-peer `fec`); 16.1 sizes parity from 1.1's loss reports
-    with lossy_pair(tmp_path_factory, "lossy", LOSS, s1={"peers": {"16.1": {"fec": "20:10"}}},
+    with lossy_pair(tmp_path_factory.mktemp("lossy"), LOSS, s1={"peers": {"16.1": {"fec": "20:10"}}},
                     c1={"fec": "auto"}) as mesh:
         yield mesh
 

@@ -1,6 +1,6 @@
 """Tier 3: real daemons in network namespaces, real TUN devices, real traffic.
 
-Topology (conftest.mesh4): servers 1.1 and 1.2, client 16.1 with gateway 1.1
+Topology (alpaca.lab.worlds.mesh4_world): servers 1.1 and 1.2, client 16.1 with gateway 1.1
 and forwarders [1.1, 1.2], client 16.2 with gateway 1.1, all on one bridge.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY
+from alpaca.lab.daemons import PY
 
 from alpaca.lab.testbed import wait_for
 

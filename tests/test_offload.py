@@ -2,7 +2,7 @@
 
 Servers 1.1 and 1.2 run with offloads (the default); client 16.1 too, and
 uses both servers as forwarders; client 16.2 runs with `offload: false`
-(conftest.mesh4_world). TCP transfers in both directions arrive intact
+(alpaca.lab.worlds.mesh4_world). TCP transfers in both directions arrive intact
 whether the sender hands over super-packets or single packets, and shards
 relayed by a forwarder are reassembled exactly once.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import mesh4_world
+from alpaca.lab.worlds import mesh4_world
 
 pytestmark = pytest.mark.root
 
@@ -21,7 +21,7 @@ def mixed(tmp_path_factory):
     # 16.2 also sends without parity: with the default `fec: "auto"` its
     # first second goes out as FEC batches (the prior, docs/protocol.md §13),
     # and these tests are about what happens to single packets
-    with mesh4_world(tmp_path_factory, "offload", c2={"offload": False, "fec": "off"}) as mesh:
+    with mesh4_world(tmp_path_factory.mktemp("offload"), c2={"offload": False, "fec": "off"}) as mesh:
         yield mesh
 
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from alpaca.host.control import default_socket_path
-from alpaca.lab.testbed import wait_for
-from conftest import PY
+from alpaca.lab.daemons import PY, Mesh
+from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
 
 pytestmark = pytest.mark.root
+TOOLS = Path(__file__).parent / "tools"
 
 
 def test_demo_runs_end_to_end_and_cleans_up():
@@ -87,8 +89,6 @@ def test_a_resolver_that_never_answers_stalls_nothing(tmp_path):
     (WATCHDOG_USEC 2 s: one every 0.5 s) never pause."""
     import socket
     import time
-    from conftest import Mesh, TOOLS, unique_prefix
-    from alpaca.lab.testbed import Testbed
     tb = Testbed(unique_prefix())
     mesh = Mesh(tb, tmp_path)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -111,9 +111,7 @@ def test_a_resolver_that_never_answers_stalls_nothing(tmp_path):
         notify.bind(str(notify_path))
         notify.settimeout(0.2)
         env = {**__import__("os").environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "2000000"}
-        client.log = open(client.log_path, "ab")
-        client.proc = tb.popen("c1", [PY, str(TOOLS / "daemon_with_resolv.py"), str(resolv), "1.5",
-                                      "-C", str(client.config_path)], stdout=client.log, stderr=client.log, env=env)
+        client.start(env=env, launcher=[PY, str(TOOLS / "daemon_with_resolv.py"), str(resolv), "1.5"])
         messages = []                     # (time, message) from the daemon's notify socket
 
         def drain(until: float) -> None:

@@ -35,14 +35,14 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, Mesh, can_run_tier3, unique_prefix
 
 from alpaca.host.control import ControlError, query
 from alpaca.protocol.constants import KIND_DATA, REPLAY_WINDOW
 from alpaca.protocol.crypto import derive_group_key
 from alpaca.protocol.wire import peek
 from alpaca.protocol.ids import parse_id
-from alpaca.lab.testbed import Testbed, wait_for
+from alpaca.lab.daemons import PY, Mesh
+from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
 
 pytestmark = pytest.mark.root
 TOOLS = Path(__file__).parent / "tools"
@@ -55,13 +55,9 @@ FAKETIME_GLOB = "/usr/lib/*/faketime/libfaketime.so.1"      # Debian package lib
 
 # ---------------------------------------------------------------- helpers
 
-def control_path(peer) -> Path:
-    return Path(json.loads(peer.config_path.read_text())["control_socket"])
-
-
 def status(peer) -> dict:
     """The daemon's status, straight from its control socket (no CLI process)."""
-    return query(control_path(peer), {"command": "status"})
+    return query(peer.control_socket, {"command": "status"})
 
 
 def peer_of(st: dict, peer_id: str) -> dict:
@@ -82,10 +78,8 @@ def frozen(p: dict) -> dict:
 
 def start(peer, env: dict | None = None) -> None:
     """Start (or restart) a daemon, optionally with another environment (libfaketime)."""
-    control_path(peer).unlink(missing_ok=True)       # a SIGKILLed daemon leaves its socket
-    with open(peer.log_path, "ab") as log:
-        peer.proc = peer.mesh.tb.popen(peer.name, [PY, "-m", "alpaca", "-C", str(peer.config_path)],
-                                       stdout=log, stderr=log, env=env)
+    peer.control_socket.unlink(missing_ok=True)       # a SIGKILLed daemon leaves its socket
+    peer.start(env=env)
 
 
 def stop(peer, sig: int = signal.SIGTERM) -> None:
@@ -179,13 +173,11 @@ def settle(fn, expected, timeout: float = 10):
 
 @pytest.fixture(scope="module")
 def sec(tmp_path_factory):
-    if can_run_tier3():
-        pytest.skip(can_run_tier3())
     tb = Testbed(unique_prefix())
     mesh = Mesh(tb, tmp_path_factory.mktemp("security"))
     try:
-        mesh.ip = {name: tb.add_host(name, number) for name, number in
-                   (("s1", 1), ("s2", 2), ("c1", 16), ("c2", 17), ("c3", 18), ("c3b", 19), ("eve", 66))}
+        for name, number in (("s1", 1), ("s2", 2), ("c1", 16), ("c2", 17), ("c3", 18), ("c3b", 19), ("eve", 66)):
+            tb.add_host(name, number)
         ip = mesh.ip
         for name in mesh.ip:
             # no IPv6 on the TUN devices: the kernel's router solicitations and

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Mesh, can_run_tier3, unique_prefix
+
+from alpaca.lab.daemons import Mesh
+from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +51,6 @@ def test_soak_two_minutes(tmp_path):
 
 
 def test_server_restart_after_sigkill_restores_ip_forward(tmp_path):
-    from alpaca.lab.testbed import Testbed, wait_for
-    if can_run_tier3():
-        pytest.skip(can_run_tier3())
     tb = Testbed(unique_prefix())
     mesh = Mesh(tb, tmp_path)
     try:

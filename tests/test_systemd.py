@@ -19,7 +19,8 @@ import pytest
 
 from alpaca.lab.container import Container, HostRoot, have_nspawn
 from alpaca.lab.testbed import wait_for
-from conftest import Mesh, unique_prefix
+from alpaca.lab.daemons import Mesh
+from alpaca.lab.testbed import Testbed, unique_prefix
 
 pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +32,6 @@ SRC = "/run/alpaca-src"         # where the container sees this checkout
 def unit_world(tmp_path):
     if not have_nspawn():
         pytest.skip("systemd-nspawn not installed")
-    from alpaca.lab.testbed import Testbed
     tb = Testbed(unique_prefix())
     mesh = Mesh(tb, tmp_path)
     container = hostroot = None

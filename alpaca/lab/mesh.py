@@ -4,8 +4,9 @@
     c1  client 16.1: gateway 1.1, through forwarders 1.1 and 1.2
     c2  client 16.2: gateway 1.1
 
-Used by the tests (tests/conftest.py mesh4_world), the soak
-(scripts/soak.py) and, with 1.2 as a forwarder, the demo (alpaca/demo.py).
+Built by Mesh.add_topology (daemons.py) for the tests (worlds.mesh4_world),
+the soak (scripts/soak.py) and, with 1.2 as a forwarder, the demo
+(alpaca/demo.py).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ setns() in the child, and ended by PID.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -20,6 +21,21 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetNS, netns
 
 SUBNET = "172.31.{}.{}"
+_prefixes = itertools.count()
+
+
+def missing_for_lab() -> str | None:
+    """Why this machine cannot run a Testbed with daemons, or None if it can."""
+    if os.geteuid() != 0:
+        return "needs root"
+    if not os.path.exists("/dev/net/tun"):
+        return "needs /dev/net/tun"
+    return None
+
+
+def unique_prefix() -> str:
+    """A Testbed prefix no other Testbed of this process or another one uses."""
+    return f"at{os.getpid() % 100000}{next(_prefixes)}"
 
 
 class Testbed:

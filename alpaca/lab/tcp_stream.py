@@ -1,7 +1,7 @@
 """Continuous TCP traffic for scripts/soak.py; runs until killed.
 
-usage: soak_stream.py sink BIND PORT
-       soak_stream.py source HOST PORT
+    python -m alpaca.lab.tcp_stream sink BIND PORT
+    python -m alpaca.lab.tcp_stream source HOST PORT
 
 sink: accepts any number of connections, reads everything, and prints one line
 per second: `<unix time> <total bytes received> <connections accepted>`.
