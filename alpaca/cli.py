@@ -52,19 +52,54 @@ def cmd_genkey(_args) -> int:
 
 
 def cmd_status(args) -> int:
-    if (config := _load(args)) is None:
-        return 1
+    """-C: the daemon of that config. Otherwise every daemon findable in
+    RUN_DIR (docs/operations.md "Status"), or the one named NAME. Each
+    daemon answers with one snapshot; the table and --json are both
+    rendered from it, never from a second question."""
+    from .host.control import RUN_DIR, discover, socket_name
+    if args.config is not None:
+        if args.name is not None:
+            return _fail("give NAME or -C, not both")
+        if (config := _load(args)) is None:
+            return 1
+        try:
+            status = query(socket_path(config), {"command": "status"})
+        except ControlError as e:
+            return _fail(str(e))
+        if "error" in status:
+            return _fail(status["error"])
+        return _show_status(status, args.json)
     try:
-        status = query(socket_path(config), {"command": "status"})
+        found, stale, failed = discover(RUN_DIR)
     except ControlError as e:
         return _fail(str(e))
-    if "error" in status:
-        return _fail(status["error"])
-    if args.json:
+    for line in failed:
+        _fail(line)
+    if args.name is not None:
+        stale = [p for p in stale if socket_name(p) == args.name]
+        found = [s for s in found if s.get("name") == args.name]
+    if stale:
+        _fail(f"skipped {len(stale)} stale control socket{'s' if len(stale) > 1 else ''} "
+              f"(daemon gone; `alpaca-tunnel cleanup -C CONFIG` removes it): {', '.join(map(str, stale))}")
+    if not found:
+        what = "no daemon is running" if args.name is None else f"no daemon named {args.name} is running"
+        return _fail(f"{what} (no live control socket in {RUN_DIR}; for a daemon not registered there use -C)")
+    if args.name is not None:
+        if len(found) > 1:
+            return _fail(f"{len(found)} daemons are named {args.name} (configs "
+                         f"{', '.join(s['config'] for s in found)}): choose one with -C")
+        return _show_status(found[0], args.json)
+    found.sort(key=lambda s: (s.get("name") or "", s.get("config") or ""))
+    return _show_status(found, args.json)
+
+
+def _show_status(status: dict | list[dict], as_json: bool) -> int:
+    """One snapshot (an object) or several (a list), as --json or tables."""
+    if as_json:
         print(json.dumps(status, indent=2, sort_keys=True))
-    else:
-        from .status import format_status
-        print(format_status(status))
+        return 0
+    from .status import format_status
+    print("\n\n".join(format_status(s) for s in (status if isinstance(status, list) else [status])))
     return 0
 
 
@@ -73,12 +108,16 @@ def cmd_cleanup(args) -> int:
     if (config := _load(args)) is None:
         return 1
     from .daemon import cleanup_leftovers
+    from .host.control import remove_stale
     try:
         removed = cleanup_leftovers(config.name)
+        sockets = remove_stale(config)      # a killed daemon's control socket (and its link in RUN_DIR)
     except Exception as e:    # report in one line; cleanup must never leave a traceback in the journal
         return _fail(f"cleanup failed: {e}")
     if removed:
         print(f"alpaca-tunnel: undid {removed} changes (rules, routes, sysctls) left by {config.name}")
+    if sockets:
+        print(f"alpaca-tunnel: removed the stale control socket {', '.join(map(str, sockets))}")
     return 0
 
 
@@ -98,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("run", help="run the daemon in the foreground (the default)")
     sub.add_parser("genkey", help="print a new pre-shared key for secrets.txt")
-    status = sub.add_parser("status", help="show peers, paths and counters of the running daemon")
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status = sub.add_parser("status", help="show peers, paths and counters of the running daemons "
+                                           "(all, the one named NAME, or with -C the one of that config)")
+    status.add_argument("name", nargs="?", metavar="NAME", help="the daemon whose config has this name (its interface)")
+    status.add_argument("--json", action="store_true",
+                        help="machine-readable output: an object for one daemon (NAME or -C), else a list")
     sub.add_parser("check", help="validate config.json and secrets.txt and print what the daemon would do")
     sub.add_parser("cleanup", help="remove routes and rules a crashed daemon left behind")
     demo = sub.add_parser("demo", help="build a demo mesh in network namespaces, show it, tear it down")

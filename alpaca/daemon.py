@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError, config_warnings, load_config, parse_fec
-from .host.control import ControlError, ControlServer, socket_path
+from .host.control import ControlError, ControlServer, registry_path, socket_path
 from .host.hooks import HookError, run_hooks
 from .host.nat import NatError, ServerNat
 from .host.notify import Notifier
@@ -223,7 +224,10 @@ class Daemon:
             rules.apply()
         if cfg.mode == "client" and cfg.gateway is not None:
             self._setup_client_routes(stack, peers, net)
-        self.control = stack.enter_context(contextlib.closing(ControlServer(socket_path(cfg), self.handle_control)))
+        self.control = stack.enter_context(contextlib.closing(
+            ControlServer(socket_path(cfg), self.handle_control, register=registry_path(cfg))))
+        if self.control.register_error:
+            log.warning("%s: `alpaca-tunnel status` finds this daemon only with -C", self.control.register_error)
         self.watch = FileWatch(cfg.secret_file)
         stack.callback(lambda: self.watch.close())      # the current one: a reload may replace it
         run_hooks("post_up", cfg.post_up_cmds, self._hook_env, fatal=True)
@@ -331,6 +335,9 @@ class Daemon:
         now = time.time()
         status = self.node.snapshot(now)
         status.update({
+            "name": self.config.name,
+            "config": os.path.abspath(self.config.path),
+            "control_socket": str(self.control.path) if self.control else None,
             "uptime": round(now - self.started, 1),
             "tun": self.tun.name if self.tun else None,
             "listen": f"{self.config.listen}:{self.config.port}",

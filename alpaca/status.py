@@ -1,4 +1,10 @@
-"""`alpaca-tunnel status`: the daemon's snapshot as a table for an 80-column terminal."""
+"""`alpaca-tunnel status`: the daemon's snapshot as a table for an 80-column terminal.
+
+The table is rendered from the very object `status --json` prints (one
+answer of the daemon, taken at one instant): no field is fetched or
+computed anew here, so the two views of one snapshot cannot disagree.
+Two separate runs are two snapshots; `uptime` tells them apart.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,11 @@ WIDTH = 80
 def _wrapped(label: str, counts: dict) -> list[str]:
     text = label + ", ".join(f"{k} {v}" for k, v in counts.items())
     return textwrap.wrap(text, WIDTH, subsequent_indent="    ")
+
+
+def _clipped(line: str) -> str:
+    """A line that may hold a long path, cut at its start to fit WIDTH."""
+    return line if len(line) <= WIDTH else line[:WIDTH // 2 - 2] + "..." + line[-(WIDTH - WIDTH // 2 - 1):]
 
 
 def _age(seconds) -> str:
@@ -61,6 +72,8 @@ def format_status(status: dict) -> str:
     lines = [f"alpaca-tunnel {status['id']} ({status['mode']}), group {status['group']}, "
              f"up {_age(status['uptime'])}",
              f"  net {status['net']}.0.0/16, TUN {status['tun'] or '-'}, UDP {status['listen']}"]
+    if status.get("config"):
+        lines.append(_clipped(f"  name {status['name']}, config {status['config']}"))
     if status["drops"]:
         lines += _wrapped("  drops not tied to a peer: ", status["drops"])
     for peer in status["peers"]:

@@ -64,6 +64,37 @@ def test_a_trickling_request_is_cut_off_at_its_deadline_without_blocking(tmp_pat
     server.close()
 
 
+def test_discover_asks_each_daemon_once_and_reports_stale_sockets(tmp_path):
+    """Tier 1, in a run directory of its own: a live daemon's socket, a link
+    to it (asked once), a socket nobody listens on and a dangling link
+    (stale), and a file that is not a socket (ignored)."""
+    import os
+    import threading
+    from alpaca.host.control import discover, socket_name
+    run = tmp_path / "run"
+    live = ControlServer(run / "wg0-0123abcd.sock", lambda request: {"id": "1.1", "name": "wg0"},
+                         register=run / "wg0-89abcdef.sock")
+    os.symlink(tmp_path / "gone.sock", run / "gone-01234567.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(run / "dead-76543210.sock"))       # bound, never listening: what SIGKILL leaves
+    (run / "sysctl-wg0-1.json").write_text("{}")
+    stop = threading.Event()
+    serving = threading.Thread(target=lambda: [live.serve_ready() or time.sleep(0.01) for _ in iter(stop.is_set, True)])
+    serving.start()
+    try:
+        found, stale, failed = discover(run, timeout=5)
+    finally:
+        stop.set()
+        serving.join()
+        dead.close()
+    assert found == [{"id": "1.1", "name": "wg0"}] and not failed
+    assert stale == [run / "dead-76543210.sock", run / "gone-01234567.sock"]
+    assert [socket_name(p) for p in stale] == ["dead", "gone"]
+    live.close()
+    assert sorted(os.listdir(run)) == ["dead-76543210.sock", "gone-01234567.sock", "sysctl-wg0-1.json"]
+    assert discover(tmp_path / "missing") == ([], [], [])
+
+
 def ping_stats(peer, count: int = 60) -> tuple[float, int]:
     r = peer.run(["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "1", "10.17.1.1"], timeout=60)
     rtt = re.search(r"= [\d.]+/([\d.]+)/", r.stdout)

@@ -9,6 +9,7 @@ systemctl from outside with nsenter, as an operator would from inside.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -84,6 +85,12 @@ def test_unit_lifecycle(unit_world):
     assert "alpaca-tunnel:alpaca0" in tb.run("ct", ["iptables-legacy-save"]).stdout
     assert re.search(r"peers up", ct.show("StatusText")), ct.show("StatusText")
     pid = ct.show("MainPID")
+    # `status` with no -C finds it through /run/alpaca-tunnel (RuntimeDirectory=)
+    status = [f"{SRC}/{VENV_BIN.relative_to(ROOT)}/python", "-m", "alpaca", "status"]
+    r = ct.sh(f"cd {SRC} && exec " + " ".join(status + ["--json"]))
+    assert r.returncode == 0, r.stderr
+    assert [(s["id"], s["name"], s["config"]) for s in json.loads(r.stdout)] == [
+        ("1.1", "alpaca0", "/etc/alpaca-tunnel.d/config.json")]
 
     # a client that the server knows
     c1 = mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1"},
@@ -113,6 +120,9 @@ def test_unit_lifecycle(unit_world):
     save = tb.run("ct", ["iptables-legacy-save"]).stdout
     assert save.count("MASQUERADE") == 1, save
     assert wait_for(lambda: c1.run(["ping", "-c1", "-W1", "10.17.1.1"]).returncode == 0, 15)
+    # the killed run's control socket is gone (ExecStopPost's cleanup; the new run binds the same path)
+    r = ct.sh(f"cd {SRC} && exec " + " ".join(status + ["alpaca0"]))
+    assert r.returncode == 0 and r.stderr == "" and r.stdout.startswith("alpaca-tunnel 1.1 (server)"), r.stderr
 
     # stop restores the host
     r = ct.ctl("systemctl", "stop", "alpaca-tunnel", timeout=60)
@@ -121,6 +131,8 @@ def test_unit_lifecycle(unit_world):
     assert tb.run("ct", ["ip", "link", "show", "alpaca0"]).returncode != 0
     assert "alpaca-tunnel" not in tb.run("ct", ["iptables-legacy-save"]).stdout
     assert "Traceback" not in journal
+    r = ct.sh(f"cd {SRC} && exec " + " ".join(status))
+    assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "no daemon is running" in r.stderr, r.stderr
 
 
 def test_units_verify(tmp_path):

@@ -4,6 +4,13 @@ Protocol: the client sends one JSON object on one line ({"command": "status"}),
 the daemon answers one JSON object on one line and closes. Unknown commands
 and bad JSON get {"error": "..."}; nothing a client sends can crash the daemon.
 The socket is mode 0600 (root only), like wg's.
+
+Finding the daemons: every daemon is reachable through RUN_DIR, like wg's
+/var/run/wireguard. Its socket is RUN_DIR/<name>-<hash>.sock by default; a
+daemon whose config names another `control_socket` puts a symlink of that
+name to it there (`registry_path`). `alpaca-tunnel status` with no -C asks
+every *.sock in RUN_DIR (`discover`); a socket or link nobody answers on
+is stale (its daemon was killed) and is only reported.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ class ControlError(Exception):
     pass
 
 
+class _Stale(ControlError):
+    """Nobody listens on the socket (or the link points nowhere): its daemon is gone."""
+
+
 def default_socket_path(config_path: Path, tun_name: str) -> Path:
     """One socket per daemon instance: the TUN name for people, plus a hash of
     the config file path so two daemons with the same TUN name (in two network
@@ -40,6 +51,47 @@ def default_socket_path(config_path: Path, tun_name: str) -> Path:
 def socket_path(config) -> Path:
     """The control socket of the daemon that runs with this config."""
     return Path(config.control_socket) if config.control_socket else default_socket_path(config.path, config.name)
+
+
+def registry_path(config) -> Path | None:
+    """Where the daemon with this config is found in RUN_DIR when its socket
+    is elsewhere (a symlink to the socket); None when the socket is there."""
+    path = default_socket_path(config.path, config.name)
+    if not config.control_socket or Path(os.path.abspath(config.control_socket)) == path:
+        return None
+    return path
+
+
+def _live(path: Path) -> bool:
+    """Someone listens on the socket at path (or at the end of the symlink)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def remove_stale(config) -> list[Path]:
+    """The socket and registry link of this config that nobody answers on
+    (its daemon was killed), removed; a live daemon's are left alone."""
+    removed = []
+    for path in (socket_path(config), registry_path(config)):
+        if path is None or _live(path):
+            continue
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            continue
+        if stat.S_ISSOCK(mode) or stat.S_ISLNK(mode):
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 class _Client:
@@ -59,18 +111,36 @@ class ControlServer:
     MAX_REQUEST bytes; the answer gets CLIENT_TIMEOUT plus its size at
     REPLY_BYTES_PER_SECOND."""
 
-    def __init__(self, path: Path, handler: Callable[[dict], dict], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, path: Path, handler: Callable[[dict], dict], clock: Callable[[], float] = time.monotonic,
+                 register: Path | None = None):
         self.path = Path(path)
         self.handler = handler
         self.clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._remove_stale()
+        self._remove_stale(self.path)
+        # `register`: the symlink in RUN_DIR that makes this daemon findable
+        # (registry_path). Not fatal when it cannot be made: the daemon
+        # logs register_error and runs, found only with -C.
+        self.link: Path | None = None
+        self.register_error: str | None = None
+        if register is not None:
+            try:
+                self._remove_stale(register)
+            except OSError as e:
+                self.register_error, register = f"cannot register in {register.parent}: {e.strerror or e}", None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
             self.sock.bind(str(self.path))
         finally:
             os.umask(old_umask)
+        if register is not None:
+            try:
+                register.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.path.abspath(self.path), register)
+                self.link = register
+            except OSError as e:
+                self.register_error = f"cannot register in {register.parent}: {e.strerror or e}"
         self.sock.listen(8)
         self.sock.setblocking(False)
         self.fd = self.sock.fileno()
@@ -84,23 +154,20 @@ class ControlServer:
         self.selector, self._data = selector, data
         selector.register(self.fd, selectors.EVENT_READ, data)
 
-    def _remove_stale(self) -> None:
-        """A socket left by a dead daemon is replaced; a live one is refused."""
+    @staticmethod
+    def _remove_stale(path: Path) -> None:
+        """A socket (or registry link) left by a dead daemon is replaced; a
+        live one is refused."""
         try:
-            mode = os.lstat(self.path).st_mode
+            mode = os.lstat(path).st_mode
         except FileNotFoundError:
             return
-        if not stat.S_ISSOCK(mode):
-            raise ControlError(f"control socket path {self.path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.path))
-        except OSError:
-            os.unlink(self.path)      # nobody listens: stale
+        if not (stat.S_ISSOCK(mode) or stat.S_ISLNK(mode)):
+            raise ControlError(f"control socket path {path} exists and is not a socket")
+        if not _live(path):
+            os.unlink(path)           # nobody listens: stale
             return
-        finally:
-            probe.close()
-        raise ControlError(f"another daemon is already running with control socket {self.path}")
+        raise ControlError(f"another daemon is already running with control socket {path}")
 
     def serve_ready(self, fd: int | None = None) -> None:
         """The listening socket (self.fd) or one client is ready. fd None:
@@ -200,6 +267,12 @@ class ControlServer:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        if self.link is not None:
+            try:
+                if os.readlink(self.link) == os.path.abspath(self.path):
+                    os.unlink(self.link)
+            except OSError:
+                pass
 
 
 def query(path: Path, request: dict, timeout: float = 30.0) -> dict:
@@ -216,8 +289,10 @@ def query(path: Path, request: dict, timeout: float = 30.0) -> dict:
             chunks.append(chunk)
         data = b"".join(chunks)
     except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            raise ControlError(f"no daemon is running (no control socket at {path})") from None
+        if e.errno == errno.ENOENT:
+            raise _Stale(f"no daemon is running (no control socket at {path})") from None
+        if e.errno == errno.ECONNREFUSED:
+            raise _Stale(f"no daemon is running (stale control socket at {path})") from None
         raise ControlError(f"cannot talk to the daemon at {path}: {e.strerror or e}") from None
     finally:
         sock.close()
@@ -225,3 +300,45 @@ def query(path: Path, request: dict, timeout: float = 30.0) -> dict:
         return json.loads(data)
     except ValueError:
         raise ControlError(f"the daemon at {path} gave an unreadable answer") from None
+
+
+DISCOVER_TIMEOUT = 5.0          # per daemon: a wedged one must not hang `status` for long
+
+
+def discover(run_dir: Path = RUN_DIR, timeout: float = DISCOVER_TIMEOUT) -> tuple[list[dict], list[Path], list[str]]:
+    """Every daemon findable in run_dir: (their status snapshots, the stale
+    sockets or links nobody answers on, one line per other failure).
+    A daemon reached by two names (its socket in run_dir and a link to it)
+    is asked once. Raises ControlError when run_dir cannot be read."""
+    try:
+        entries = sorted(p for p in run_dir.iterdir() if p.name.endswith(".sock"))
+    except FileNotFoundError:
+        entries = []
+    except OSError as e:
+        raise ControlError(f"cannot read {run_dir}: {e.strerror or e}") from None
+    found, stale, failed, asked = [], [], [], set()
+    for entry in entries:
+        target = os.path.realpath(entry)
+        if target in asked:
+            continue
+        asked.add(target)
+        try:
+            snapshot = query(entry, {"command": "status"}, timeout=timeout)
+        except _Stale:
+            stale.append(entry)
+            continue
+        except ControlError as e:
+            failed.append(str(e))
+            continue
+        if "error" in snapshot:
+            failed.append(f"{entry}: {snapshot['error']}")
+            continue
+        found.append(snapshot)
+    return found, stale, failed
+
+
+def socket_name(entry: Path) -> str:
+    """The interface name in a RUN_DIR entry's file name (<name>-<hash>.sock)."""
+    stem = entry.name[:-len(".sock")] if entry.name.endswith(".sock") else entry.name
+    name, sep, digest = stem.rpartition("-")
+    return name if sep and len(digest) == 8 else stem
