@@ -104,6 +104,12 @@ class Config:
     def has_tun(self) -> bool:
         return self.mode != "forwarder"
 
+    @property
+    def gateway_in_use(self) -> int | None:
+        """The gateway the daemon uses: `gateway`, except a server's or forwarder's own
+        id (a config copied from a client), which is ignored (config_warnings says so)."""
+        return None if self.gateway == self.id and self.mode != "client" else self.gateway
+
 
 @lru_cache(maxsize=1)
 def load_schema() -> dict:
@@ -254,7 +260,11 @@ class _Semantics:
         gateway = self.peer_id("gateway", data.get("gateway"))
         if gateway is not None and my_id is not None:
             if gateway == my_id:
-                out.append(("gateway", f"gateway {data['gateway']!r} is this peer's own id"))
+                # a server's or forwarder's own id (a config copied from a client) is ignored, with
+                # a warning (config_warnings), as WireGuard ignores a peer with the device's own key
+                if data.get("mode", "client") == "client":
+                    out.append(("gateway", f"gateway {data['gateway']!r} is this client's own id: "
+                                           "name a server, a smaller ID such as '1.1'"))
             elif gateway > my_id:
                 out.append(("gateway", f"gateway {data['gateway']!r} is not a server: it must be "
                                        f"a smaller ID than this peer's id {data.get('id')!r}"))
@@ -439,6 +449,9 @@ def config_warnings(config: Config) -> list[str]:
                    "and timing in packet headers (not their contents); set a group name of your own")
     if config.virtual_net is not None:
         out.append(f"{config.path}: virtual_net is accepted for compatibility but has no effect yet")
+    if config.gateway is not None and config.gateway_in_use is None:
+        out.append(f"{config.path}: gateway {format_id(config.gateway)!r} is this {config.mode}'s own id "
+                   f"(a config copied from a client?): ignored; remove it, or name another server")
     return out
 
 
