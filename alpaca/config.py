@@ -25,6 +25,7 @@ from alpaca.protocol.ids import IdError, format_id, parse_id, parse_net
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.json"
 RENAMED = {"parity": "fec"}     # keys of earlier versions
+CHN_ORIGINAL = "original"      # chnroute.gateway: the original default gateway, followed as it changes
 
 # Keys whose form (a.b / x.y) is checked by parse_id/parse_net, which give a
 # better sentence than the schema's pattern.
@@ -302,11 +303,12 @@ class _Semantics:
         self.ipv4_networks("local_routes", strict=False)
         self.ipv4_networks("allow_inbound_from", strict=True)
         chn = data.get("chnroute")
-        if isinstance(chn, dict) and isinstance(chn.get("gateway"), str):
+        if isinstance(chn, dict) and isinstance(chn.get("gateway"), str) and chn["gateway"] != CHN_ORIGINAL:
             try:
                 ipaddress.IPv4Address(chn["gateway"])
             except ValueError:
-                out.append(("chnroute.gateway", f"{chn['gateway']!r} is not an IPv4 address"))
+                out.append(("chnroute.gateway", f"{chn['gateway']!r} is neither an IPv4 address nor "
+                                                f'"{CHN_ORIGINAL}" (follow the original default gateway)'))
 
     def ipv4_networks(self, key: str, strict: bool) -> None:
         texts = self.data.get(key)

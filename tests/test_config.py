@@ -156,7 +156,10 @@ def test_bad_listen_and_chnroute_gateway():
     assert problems(listen="any", chnroute=chn) == [
         "config.json: listen: 'any' is not an IP address "
         "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)",
-        "config.json: chnroute.gateway: 'gw' is not an IPv4 address"]
+        "config.json: chnroute.gateway: 'gw' is neither an IPv4 address nor \"original\" "
+        "(follow the original default gateway)"]
+    assert problems(chnroute={**chn, "gateway": "original"}) == []
+    assert problems(chnroute={**chn, "gateway": "Original"}) != []      # one spelling only
 
 
 def test_tun_name_too_long():
