@@ -25,6 +25,7 @@ from alpaca.protocol.ids import IdError, format_id, group_prefix6, parse_id, par
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "config.schema.json"
 RENAMED = {"parity": "fec"}     # keys of earlier versions
+CHN_ORIGINAL = "original"      # chnroute.gateway: the original default gateway, followed as it changes
 
 # Keys whose form (a.b / x.y) is checked by parse_id/parse_net, which give a
 # better sentence than the schema's pattern.
@@ -104,6 +105,12 @@ class Config:
     @property
     def has_tun(self) -> bool:
         return self.mode != "forwarder"
+
+    @property
+    def gateway_in_use(self) -> int | None:
+        """The gateway the daemon uses: `gateway`, except a server's or forwarder's own
+        id (a config copied from a client), which is ignored (config_warnings says so)."""
+        return None if self.gateway == self.id and self.mode != "client" else self.gateway
 
 
 def parse_net6(text: str, group: str) -> bytes | None:
@@ -270,7 +277,11 @@ class _Semantics:
         gateway = self.peer_id("gateway", data.get("gateway"))
         if gateway is not None and my_id is not None:
             if gateway == my_id:
-                out.append(("gateway", f"gateway {data['gateway']!r} is this peer's own id"))
+                # a server's or forwarder's own id (a config copied from a client) is ignored, with
+                # a warning (config_warnings), as WireGuard ignores a peer with the device's own key
+                if data.get("mode", "client") == "client":
+                    out.append(("gateway", f"gateway {data['gateway']!r} is this client's own id: "
+                                           "name a server, a smaller ID such as '1.1'"))
             elif gateway > my_id:
                 out.append(("gateway", f"gateway {data['gateway']!r} is not a server: it must be "
                                        f"a smaller ID than this peer's id {data.get('id')!r}"))
@@ -314,11 +325,12 @@ class _Semantics:
         self.ipv4_networks("local_routes", strict=False)
         self.ipv4_networks("allow_inbound_from", strict=True)
         chn = data.get("chnroute")
-        if isinstance(chn, dict) and isinstance(chn.get("gateway"), str):
+        if isinstance(chn, dict) and isinstance(chn.get("gateway"), str) and chn["gateway"] != CHN_ORIGINAL:
             try:
                 ipaddress.IPv4Address(chn["gateway"])
             except ValueError:
-                out.append(("chnroute.gateway", f"{chn['gateway']!r} is not an IPv4 address"))
+                out.append(("chnroute.gateway", f"{chn['gateway']!r} is neither an IPv4 address nor "
+                                                f'"{CHN_ORIGINAL}" (follow the original default gateway)'))
 
     def ipv4_networks(self, key: str, strict: bool) -> None:
         texts = self.data.get(key)
@@ -462,6 +474,9 @@ def config_warnings(config: Config) -> list[str]:
                    "and timing in packet headers (not their contents); set a group name of your own")
     if config.virtual_net is not None:
         out.append(f"{config.path}: virtual_net is accepted for compatibility but has no effect yet")
+    if config.gateway is not None and config.gateway_in_use is None:
+        out.append(f"{config.path}: gateway {format_id(config.gateway)!r} is this {config.mode}'s own id "
+                   f"(a config copied from a client?): ignored; remove it, or name another server")
     return out
 
 

@@ -72,7 +72,7 @@ class StartError(Exception):
 
 def settings_from(config: Config) -> NodeSettings:
     return NodeSettings(my_id=config.id, net=config.net, net6=config.net6, group=config.group, mode=config.mode,
-                        gateway=config.gateway, forwarders=config.forwarders,
+                        gateway=config.gateway_in_use, forwarders=config.forwarders,
                         duplicate=config.duplicate, duplicate_delay=config.duplicate_delay_ms / 1000,
                         inactive_downward_static=config.inactive_downward_static,
                         padding=config.padding, vnet=True, mtu=config.mtu, fec=parse_fec(config.fec),

@@ -46,7 +46,7 @@ def cross_problems(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
     own = secrets.get(config.id)
     if own is None or own.key is None:
         problems.append(f"{source}: this peer's own ID {format_id(config.id)} needs a line with its key (not null)")
-    needed = ([("gateway", config.gateway)] if config.gateway is not None else []) + \
+    needed = ([("gateway", config.gateway_in_use)] if config.gateway_in_use is not None else []) + \
         [("forwarder", f) for f in config.forwarders]
     for role, peer_id in needed:
         entry = secrets.get(peer_id)

@@ -1,6 +1,7 @@
 """secrets.txt: the group's peer list with each peer's pre-shared key (docs/configuration.md).
 
-One peer per line, `id key ip ip6 port`.  Parsing is pure and never resolves
+One peer per line, `id key ip ip6 port`; the trailing columns may be left
+out (`16.3 KEY` is `16.3 KEY null null null`).  Parsing is pure and never resolves
 host names, so the daemon can re-read the file on every change and decide
 itself what to do with bad lines (fatal at start, skipped on reload).  Each
 bad line becomes one SecretsProblem naming the file and the line number.
@@ -95,6 +96,21 @@ def _parse_line(cols: list[str]) -> tuple[int, str, str | None, str | None, int 
     return peer_id, key, host, addr6, port
 
 
+def _column_problem(cols: list[str]) -> str | None:
+    """Why a line's columns cannot be read as `id key [ip [ip6 [port]]]`, or None."""
+    if len(cols) < 2:
+        return f"expected at least 2 columns ({COLUMNS}; the last three may be left out), found 1"
+    if len(cols) > 5:
+        return f"expected at most 5 columns ({COLUMNS}), found {len(cols)}"
+    if len(cols) in (3, 4) and cols[-1].isdigit():
+        # a port written without the columns before it: meant as the port, read as ip or ip6
+        column = COLUMNS.split()[len(cols) - 1]
+        fixed = " ".join([cols[0], "<key>", *cols[2:-1]] + ["null"] * (5 - len(cols)) + [cols[-1]])
+        return (f"{cols[-1]!r} is in the {column} column but looks like a port; the port is the 5th "
+                f"column: write `{fixed}`")
+    return None
+
+
 def parse_secrets(text: str, source: str = "secrets.txt") -> tuple[dict[int, PeerSecret], list[SecretsProblem]]:
     """The good peers by ID, and one problem per bad line (bad lines are skipped)."""
     peers: dict[int, PeerSecret] = {}
@@ -103,10 +119,10 @@ def parse_secrets(text: str, source: str = "secrets.txt") -> tuple[dict[int, Pee
         cols = raw.split("#", 1)[0].split()
         if not cols:
             continue
-        if len(cols) != 5:
-            problems.append(SecretsProblem(number, f"expected 5 columns ({COLUMNS}), found "
-                                                   f"{len(cols)}; write null for an unused column", source))
+        if (problem := _column_problem(cols)) is not None:
+            problems.append(SecretsProblem(number, problem, source))
             continue
+        cols += ["null"] * (5 - len(cols))          # left-out trailing columns are null
         try:
             peer_id, key, host, ip6, port = _parse_line(cols)
         except ValueError as e:

@@ -8,6 +8,7 @@
 #                                       the project and its PyPI dependencies
 #   /usr/bin/alpaca-tunnel              -> /opt/alpaca-tunnel/bin/alpaca-tunnel
 #   /lib/systemd/system/alpaca-tunnel.service, alpaca-tunnel@.service
+#   /usr/lib/tmpfiles.d/alpaca-tunnel.conf   creates /run/xtables.lock (the units' ReadWritePaths)
 #   /etc/alpaca-tunnel.d/config.json (0640), secrets.txt (0600)    conffiles, root:root
 #   /usr/share/doc/alpaca-tunnel/       README.md, docs/, README.Debian, copyright
 #
@@ -129,11 +130,12 @@ if grep -rlF "$WORK" "$V" >/dev/null; then
 fi
 
 # ------------------------------------------------------------------ the rest of the tree
-mkdir -p "$STAGE/usr/bin" "$STAGE/lib/systemd/system" "$STAGE/etc/alpaca-tunnel.d" \
-         "$STAGE/usr/share/doc/$PKG" "$STAGE/DEBIAN"
+mkdir -p "$STAGE/usr/bin" "$STAGE/lib/systemd/system" "$STAGE/usr/lib/tmpfiles.d" \
+         "$STAGE/etc/alpaca-tunnel.d" "$STAGE/usr/share/doc/$PKG" "$STAGE/DEBIAN"
 ln -s "$PREFIX/bin/alpaca-tunnel" "$STAGE/usr/bin/alpaca-tunnel"
 install -m 0644 "$SRC/systemd/alpaca-tunnel.service" "$SRC/systemd/alpaca-tunnel@.service" \
     "$STAGE/lib/systemd/system/"
+install -m 0644 "$SRC/systemd/alpaca-tunnel.tmpfiles" "$STAGE/usr/lib/tmpfiles.d/alpaca-tunnel.conf"
 # not a key, but it names the group, which hides the packet headers: not for every local user
 install -m 0640 "$SRC/etc/alpaca-tunnel.d/config.json" "$STAGE/etc/alpaca-tunnel.d/config.json"
 install -m 0600 "$SRC/etc/alpaca-tunnel.d/secrets.txt" "$STAGE/etc/alpaca-tunnel.d/secrets.txt"
@@ -232,6 +234,10 @@ if [ "$1" = configure ]; then
     private /etc/alpaca-tunnel.d/secrets.txt 0600 go-rwx "$2"
     # not a key, but it names the group, which hides the packet headers
     private /etc/alpaca-tunnel.d/config.json 0640 o-rwx "$2"
+    # /run/xtables.lock now, not only at the next boot: the units need it to take the lock
+    if command -v systemd-tmpfiles >/dev/null 2>&1; then
+        systemd-tmpfiles --create alpaca-tunnel.conf >/dev/null 2>&1 || true
+    fi
     if [ -d /run/systemd/system ]; then
         systemctl daemon-reload >/dev/null 2>&1 || true
         if [ -n "$2" ]; then

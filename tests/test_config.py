@@ -122,7 +122,29 @@ def test_gateway_not_a_server():
 
 
 def test_gateway_is_own_id():
-    assert problems(gateway="16.1") == ["config.json: gateway: gateway '16.1' is this peer's own id"]
+    assert problems(gateway="16.1") == [
+        "config.json: gateway: gateway '16.1' is this client's own id: name a server, a smaller ID such as '1.1'"]
+
+
+def test_server_with_own_id_as_gateway_is_accepted_and_warned(tmp_path):
+    """A config copied from a client onto its server: the gateway is ignored, with one warning
+    (as WireGuard ignores a peer with the interface's own key), instead of a refusal."""
+    from alpaca.peerlist import cross_problems
+    from alpaca.secrets import parse_secrets
+    for mode, my_id in (("server", "1.1"), ("forwarder", "2.1")):
+        data = {"id": my_id, "mode": mode, "gateway": my_id, "group": "g"}
+        assert validate_config(data) == []
+        path = write(tmp_path, data)
+        config = load_config(path)
+        assert config.gateway_in_use is None
+        assert config_warnings(config) == [
+            f"{path}: gateway '{my_id}' is this {mode}'s own id (a config copied from a client?): ignored; "
+            "remove it, or name another server"]
+        secrets, _ = parse_secrets(f"{my_id} {'k' * 43}\n")         # its own line has no address
+        assert cross_problems(config, secrets) == []
+    # another server as a server's gateway still counts, and no warning
+    config = load_config(write(tmp_path, {"id": "1.2", "mode": "server", "gateway": "1.1", "group": "g"}))
+    assert config.gateway_in_use == 0x0101 and config_warnings(config) == []
 
 
 def test_forwarder_is_own_id():
@@ -156,7 +178,10 @@ def test_bad_listen_and_chnroute_gateway():
     assert problems(listen="any", chnroute=chn) == [
         "config.json: listen: 'any' is not an IP address "
         "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)",
-        "config.json: chnroute.gateway: 'gw' is not an IPv4 address"]
+        "config.json: chnroute.gateway: 'gw' is neither an IPv4 address nor \"original\" "
+        "(follow the original default gateway)"]
+    assert problems(chnroute={**chn, "gateway": "original"}) == []
+    assert problems(chnroute={**chn, "gateway": "Original"}) != []      # one spelling only
 
 
 def test_tun_name_too_long():

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import re
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,41 @@ def test_tun_deleted_under_a_running_daemon_exits_with_one_line(testbed, tmp_pat
     # the rules it added are gone too (the stack unwound)
     save = testbed.run("s1", ["iptables-legacy-save"])
     assert save.returncode == 0 and "alpaca-tunnel" not in save.stdout
+
+
+def test_server_copied_config_and_chnroute_following_the_original_gateway(testbed, tmp_path):
+    """A server whose config names itself as gateway (copied from a client) starts, says once
+    that it ignores it, and serves; a client with chnroute gateway "original" sends the
+    chnroute prefixes via the namespace's default gateway, and they move when it changes."""
+    tb, mesh = testbed, Mesh(testbed, tmp_path)
+    s1_ip = tb.add_host("s1", 1)
+    tb.add_host("c1", 16)
+    tb.run("c1", ["ip", "route", "add", "default", "via", ORIG_GW], check=True)
+    chn = tmp_path / "chnroute.txt"
+    chn.write_text("100.0.7.0/24\n100.0.8.0/24\n100.0.9.0/24\n")
+    everyone = [mesh.line("1.1", s1_ip), mesh.line("16.1", None)]
+    s1 = mesh.add("s1", 1, {"id": "1.1", "mode": "server", "gateway": "1.1"}, everyone)
+    c1 = mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1",
+                             "chnroute": {"table": 100, "gateway": "original", "data": str(chn)}}, everyone)
+    mesh.start_all()
+    assert wait_for(lambda: tb.run("c1", ["ping", "-c1", "-W1", "10.17.1.1"]).returncode == 0, 15)
+    assert s1.log_text().count("gateway '1.1' is this server's own id") == 1, s1.log_text()[-2000:]
+
+    def chn_routes() -> list[str]:
+        return tb.run("c1", ["ip", "route", "show", "table", "100"]).stdout.splitlines()
+    assert wait_for(lambda: len(chn_routes()) == 3 and all(f"via {ORIG_GW} dev eth0" in r for r in chn_routes()), 5)
+    assert f"via {ORIG_GW} dev eth0" in route_get(tb, "c1", "100.0.8.9")
+    assert "dev alpaca" in route_get(tb, "c1", "100.0.10.1")        # not listed: the tunnel
+    check = tb.run("c1", [sys.executable, "-m", "alpaca", "-C", str(c1.config_path), "check"])
+    assert f"via the original gateway (now via {ORIG_GW} dev eth0)" in check.stdout, check.stdout + check.stderr
+
+    # DHCP moves the default gateway: the chnroute prefixes follow
+    new_gw = "172.31.77.252"
+    tb.run("c1", ["ip", "route", "replace", "default", "via", new_gw], check=True)
+    assert wait_for(lambda: all(f"via {new_gw} dev eth0" in r for r in chn_routes()), 5), chn_routes()
+    assert len(chn_routes()) == 3 and f"via {new_gw} dev eth0" in route_get(tb, "c1", "100.0.8.9")
+    assert "dev alpaca" in route_get(tb, "c1", "8.8.8.8")
+    # stop: they go with the rest
+    c1.stop()
+    assert chn_routes() == []
+    assert "Traceback" not in c1.log_text() + s1.log_text()

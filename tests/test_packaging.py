@@ -198,6 +198,7 @@ def test_deb_in_clean_debian(debian):
     # the container is clean: no alpaca-tunnel, no network beyond the testbed
     assert not ct.exists("/usr/bin/alpaca-tunnel")
     assert ct.ctl("dpkg", "-s", "alpaca-tunnel").returncode != 0
+    assert not ct.exists("/run/xtables.lock")       # nothing has run iptables yet
 
     # install: every Depends is already in the minbase tree (there is no network to fetch more)
     r = ct.ctl("dpkg", "-i", debian["deb"], timeout=120)
@@ -209,6 +210,9 @@ def test_deb_in_clean_debian(debian):
     assert st == ["600", "root", "root"], st
     st = ct.ctl("stat", "-c", "%a %U %G", "/etc/alpaca-tunnel.d/config.json").stdout.split()
     assert st == ["640", "root", "root"], st      # names the group: not for every local user
+    # the xtables lock file that the units make writable: made at once by postinst, at boot by tmpfiles.d
+    assert ct.exists("/usr/lib/tmpfiles.d/alpaca-tunnel.conf")
+    assert ct.ctl("stat", "-c", "%a %U %F", "/run/xtables.lock").stdout.split() == ["600", "root", "regular", "empty", "file"]
     conffiles = ct.ctl("dpkg-query", "-W", "-f=${Conffiles}", "alpaca-tunnel").stdout
     assert "/etc/alpaca-tunnel.d/config.json" in conffiles and "/etc/alpaca-tunnel.d/secrets.txt" in conffiles
     # postinst reloaded systemd but neither enabled nor started the service (example keys)
@@ -244,6 +248,7 @@ def test_deb_in_clean_debian(debian):
     assert r.returncode == 0 and "16.1" in r.stdout, r.stdout + r.stderr
     assert ct.ctl("alpaca-tunnel", "status", "--json").returncode == 0
     assert "alpaca-tunnel" in ct.ctl("iptables-legacy-save").stdout    # NAT via python-iptables
+    assert "xtables lock" not in ct.journal(), ct.journal()[-3000:]   # it changed them holding the lock
     pid = ct.show("MainPID")
     assert ct.ctl("systemctl", "reload", "alpaca-tunnel").returncode == 0
     assert wait_for(lambda: ct.show("ActiveState") == "active", 10) and ct.show("MainPID") == pid

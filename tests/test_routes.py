@@ -161,6 +161,27 @@ def test_tables_and_arguments_are_checked():
     assert [r.table for r in cr.rules()] == [254, routes.TABLE]
 
 
+def test_chnroute_original_follows_the_original_gateway(tmp_path):
+    """chnroute.gateway "original": the prefixes go where the main table's default
+    route goes (next hop and device), whatever it is now; none while there is none."""
+    data = tmp_path / "chn.txt"
+    data.write_text("100.64.0.0/24\n100.64.1.0/24\n")
+    cr = routes.ClientRoutes("alpaca0", TUN_GW, [], [], ChnRoute(100, "original", data))
+    assert cr.chn_gateway is None
+
+    def chn(original):
+        return sorted((r.dst, r.gateway, r.oif) for r in cr._plan([], 7, original).values() if r.why == "chnroute")
+    assert chn(routes.OriginalGateway(GW, "eth0", 2)) == [("100.64.0.0", GW, 2), ("100.64.1.0", GW, 2)]
+    assert chn(routes.OriginalGateway(GW2, "wlan0", 3)) == [("100.64.0.0", GW2, 3), ("100.64.1.0", GW2, 3)]
+    assert chn(routes.OriginalGateway(None, "ppp0", 4)) == [("100.64.0.0", None, 4), ("100.64.1.0", None, 4)]
+    assert chn(None) == []
+    assert cr._chn_via(routes.OriginalGateway(GW, "eth0", 2)) == f"the original gateway (now via {GW} dev eth0)"
+    # a literal address stays where it is
+    fixed = routes.ClientRoutes("alpaca0", TUN_GW, [], [], ChnRoute(100, CHN_GW, data))
+    assert {(r.gateway, r.oif) for r in fixed._plan([], 7, routes.OriginalGateway(GW2, "wlan0", 3)).values()
+            if r.why == "chnroute"} == {(CHN_GW, 0)}
+
+
 # ---------------------------------------------------------------- in a namespace
 @pytest.mark.root
 def test_apply_routes_default_into_tunnel_and_keeps_underlay(client):

@@ -57,12 +57,40 @@ def test_ipv6_in_ip_column():
                         "column (the ip column takes an IPv4 address or a host name)"]
 
 
+def test_trailing_columns_may_be_left_out():
+    """A client's line as a user writes it: the missing columns are null."""
+    text = f"16.3 {KEY}\n16.4 {KEY} 192.0.2.4\n16.5 {KEY} vpn.example.com 2001:db8::5\n1.2 {KEY} null null\n"
+    peers, problems = parse(text)
+    assert problems == []
+    assert peers == {
+        parse_id("16.3"): PeerSecret(parse_id("16.3"), KEY, None, None, None, 1),
+        parse_id("16.4"): PeerSecret(parse_id("16.4"), KEY, "192.0.2.4", None, None, 2),
+        parse_id("16.5"): PeerSecret(parse_id("16.5"), KEY, "vpn.example.com", "2001:db8::5", None, 3),
+        parse_id("1.2"): PeerSecret(parse_id("1.2"), KEY, None, None, None, 4),
+    }
+    peers, problems = parse("16.6 null  # a server's line on a client may be just its ID and null\n")
+    assert problems == [] and peers[parse_id("16.6")].key is None
+
+
 def test_bad_column_count():
-    peers, problems = parse(f"1.1 {KEY} null null\n1.2 {KEY} null null 1 extra\n1.3 {KEY} null null 1\n")
+    peers, problems = parse(f"1.1\n1.2 {KEY} null null 1 extra\n1.3 {KEY} null null 1\n")
     assert problems == [
-        "secrets.txt: line 1: expected 5 columns (id key ip ip6 port), found 4; write null for an unused column",
-        "secrets.txt: line 2: expected 5 columns (id key ip ip6 port), found 6; write null for an unused column"]
+        "secrets.txt: line 1: expected at least 2 columns (id key ip ip6 port; the last three may be left out), "
+        "found 1",
+        "secrets.txt: line 2: expected at most 5 columns (id key ip ip6 port), found 6"]
     assert list(peers) == [259]
+
+
+def test_port_without_the_columns_before_it():
+    """A short line ending in a number is ambiguous (a port, read as ip or ip6): refused, with
+    the line to write instead (never echoing the key)."""
+    peers, problems = parse(f"1.1 {KEY} 192.0.2.1 1040\n1.2 {KEY} 1040\n")
+    assert problems == [
+        "secrets.txt: line 1: '1040' is in the ip6 column but looks like a port; the port is the 5th column: "
+        "write `1.1 <key> 192.0.2.1 null 1040`",
+        "secrets.txt: line 2: '1040' is in the ip column but looks like a port; the port is the 5th column: "
+        "write `1.2 <key> null null 1040`"]
+    assert peers == {} and KEY not in "".join(problems)
 
 
 def test_reserved_id():

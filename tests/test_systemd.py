@@ -29,6 +29,15 @@ VENV_BIN = Path(sys.executable).parent
 SRC = "/run/alpaca-src"         # where the container sees this checkout
 
 
+def _venv_in_container() -> str:
+    """The venv's bin directory as the container sees it: under SRC when it is
+    inside this checkout, else at its own path through the host root."""
+    try:
+        return f"{SRC}/{VENV_BIN.relative_to(ROOT)}"
+    except ValueError:
+        return str(VENV_BIN)
+
+
 @pytest.fixture
 def unit_world(tmp_path):
     if not have_nspawn():
@@ -51,17 +60,22 @@ def unit_world(tmp_path):
         units.mkdir()
         unit = (ROOT / "systemd" / "alpaca-tunnel.service").read_text()
         # this checkout's venv, seen at SRC inside the container
-        unit = unit.replace("/usr/bin/alpaca-tunnel", f"{SRC}/{VENV_BIN.relative_to(ROOT)}/python -m alpaca")
+        unit = unit.replace("/usr/bin/alpaca-tunnel", f"{_venv_in_container()}/python -m alpaca")
         unit = unit.replace("[Service]\n", f"[Service]\nEnvironment=PYTHONPATH={SRC}\n")
         # a wedged process is SIGABRTed on watchdog timeout; a stopped one
         # needs the SIGKILL that follows TimeoutAbortSec
         unit = unit.replace("[Service]\n", "[Service]\nTimeoutAbortSec=2\n")
+        # /run read-only for the daemon, as ProtectSystem=strict makes it on a Debian 12 host; on a
+        # cgroup-v1 machine systemd 252 leaves it writable when ProtectControlGroups= is set
+        unit = unit.replace("[Service]\n", "[Service]\nReadOnlyPaths=/run\n")
         (units / "alpaca-tunnel.service").write_text(unit)
         hostroot = HostRoot(tmp_path)
         # the checkout and its venv at SRC, not at their own path: nspawn's
         # /tmp tmpfs would hide a clone under /tmp
         container = Container(hostroot.path, tb.ns("ct"), tmp_path, machine="alpaca", boot_timeout=90,
-                              binds_ro={"/run/systemd/system": units, SRC: ROOT},
+                              binds_ro={"/run/systemd/system": units, SRC: ROOT,
+                                        # as the .deb installs it, so /run/xtables.lock is made at boot
+                                        "/etc/tmpfiles.d/alpaca-tunnel.conf": ROOT / "systemd" / "alpaca-tunnel.tmpfiles"},
                               binds={"/etc/alpaca-tunnel.d": confdir})
         world = {"tb": tb, "mesh": mesh, "ct": container, "confdir": confdir, "server_ip": server_ip}
         yield world
@@ -133,6 +147,45 @@ def test_unit_lifecycle(unit_world):
     assert "Traceback" not in journal
     r = ct.sh(f"cd {SRC} && exec " + " ".join(status))
     assert r.returncode == 1 and len(r.stderr.splitlines()) == 1 and "no daemon is running" in r.stderr, r.stderr
+
+
+def test_unit_takes_the_xtables_lock(unit_world):
+    """Under ProtectSystem=strict the daemon still flocks /run/xtables.lock (the
+    units' ReadWritePaths, the file made by the shipped tmpfiles.d entry): while
+    another process holds the lock, as `iptables-legacy -w` or Docker would, the
+    daemon's rule changes wait for it instead of racing."""
+    ct, tb = unit_world["ct"], unit_world["tb"]
+    assert ct.exists("/run/xtables.lock"), ct.ctl("systemctl", "status", "systemd-tmpfiles-setup").stdout
+
+    # another program holds the lock, as a transient unit of the container's systemd
+    r = ct.ctl("systemd-run", "--unit=xtables-holder", "--service-type=exec", "flock", "/run/xtables.lock",
+               "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    try:
+        assert wait_for(lambda: ct.show("ActiveState", "xtables-holder") == "active", 10)
+        assert ct.ctl("flock", "-n", "/run/xtables.lock", "true").returncode != 0    # it really holds it
+        assert ct.ctl("systemctl", "start", "--no-block", "alpaca-tunnel").returncode == 0
+
+        def waiting_on_lock() -> bool:
+            pid = ct.show("MainPID")
+            fds = ct.sh(f"ls -l /proc/{pid}/fd 2>/dev/null").stdout if pid not in ("", "0") else ""
+            return "/run/xtables.lock" in fds
+        # the daemon has the lock file open and is still starting: it waits, its rules are not there
+        assert wait_for(waiting_on_lock, 20), ct.journal()[-3000:]
+        pid = ct.show("MainPID")
+        probe = ct.ctl("nsenter", "-t", pid, "-m", "touch", "/run/alpaca-probe")     # what the daemon sees
+        assert probe.returncode != 0 and "Read-only" in probe.stderr, probe.stderr
+        assert ct.show("ActiveState") == "activating"
+        assert "alpaca-tunnel" not in tb.run("ct", ["iptables-legacy-save"]).stdout
+    finally:
+        ct.ctl("systemctl", "stop", "xtables-holder")
+    # released: the daemon takes the lock, changes the rules and reports ready
+    assert wait_for(lambda: ct.show("ActiveState") == "active", 20), ct.journal()[-3000:]
+    assert "alpaca-tunnel:alpaca0" in tb.run("ct", ["iptables-legacy-save"]).stdout
+    journal = ct.journal()
+    assert "xtables lock" not in journal, journal[-3000:]     # neither "without it" nor a timeout
+    assert ct.ctl("systemctl", "stop", "alpaca-tunnel", timeout=60).returncode == 0
+    assert "alpaca-tunnel" not in tb.run("ct", ["iptables-legacy-save"]).stdout
 
 
 def test_units_verify(tmp_path):

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import ipaddress
 import logging
@@ -554,7 +555,13 @@ def _xtables_lock(wait: float | None = None):
         fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         # libiptc itself does not need the lock; carry on rather than fail start-up
-        log.warning("cannot open xtables lock %s (%s); changing rules without it", path, exc)
+        hint = ""
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and path == XT_LOCK_PATH:
+            # the units' ProtectSystem=strict: only an existing lock file is made writable
+            hint = (" (under ProtectSystem=strict the unit needs ReadWritePaths=-/run/xtables.lock and the file "
+                    "must exist before the start: systemd-tmpfiles --create alpaca-tunnel.conf)")
+        log.warning("cannot open xtables lock %s (%s); changing rules without it%s", path,
+                    exc.strerror or exc, hint)
         yield
         return
     try:

@@ -7,7 +7,7 @@ Design and values: docs/operations.md, "Client routing". In short (P = PRIORITY,
     P:   not from all fwmark FWMARK lookup TABLE
     TABLE: default via <gateway's tunnel address> dev <tun>
     main: <servers, forwarders, local_routes> via <original gateway>   (metric ALPACA_METRIC)
-    <chnroute.table>: <chnroute prefixes> via <chnroute.gateway>
+    <chnroute.table>: <chnroute prefixes> via <chnroute.gateway>   ("original": via the original gateway)
 
 All netlink goes through pyroute2: IPRoute for changes, dumps and lookups, IPRSocket for the monitor.
 Deletes name the tag, so the kernel never deletes an untagged twin of one of ours.
@@ -24,6 +24,8 @@ import time
 from collections import namedtuple
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from alpaca.config import CHN_ORIGINAL
 
 from .chnroute import ChnrouteData, plural, read_chnroute
 
@@ -296,7 +298,16 @@ class ClientRoutes:
             self.chn_table = resolve_table(chnroute.table)
             if self.chn_table == self.table:
                 raise RouteError(f"chnroute.table {self.chn_table} is the tunnel's own table; choose another")
-            self.chn_gateway = _ipv4(chnroute.gateway, "chnroute.gateway")
+            if chnroute.gateway != CHN_ORIGINAL:
+                self.chn_gateway = _ipv4(chnroute.gateway, "chnroute.gateway")
+
+    def _chn_via(self, original: OriginalGateway | None) -> str:
+        """Where the chnroute prefixes go, for people."""
+        if self.chn_gateway is not None:
+            return self.chn_gateway
+        if original is None:
+            return "the original gateway (none now: added when the main table has a default route)"
+        return f"the original gateway (now {_gw_text(original)})"
 
     def chnroute_data(self, warn: bool = False) -> ChnrouteData | None:
         """The chnroute file, read on first use; warn: log its problems (one line)."""
@@ -348,7 +359,7 @@ class ClientRoutes:
                              + (f" (and {len(essential) - 1} more)" if len(essential) > 1 else ""))
         if failures:
             log.warning("chnroute: %d of %d prefixes could not be added via %s (%s); they use the tunnel",
-                        len(failures), len(self.chnroute_data().prefixes), self.chn_gateway,
+                        len(failures), len(self.chnroute_data().prefixes), self._chn_via(self.original_gateway),
                         _err_text(failures[0][1]))
 
     def remove(self) -> None:
@@ -389,7 +400,7 @@ class ClientRoutes:
                 lines.append(f"no host route for {host}: main already routes it via "
                              f"{cover.dst}/{cover.dst_len} dev {_ifname(cover.oif) or cover.oif}")
         if (data := self.chnroute_data()) is not None:
-            lines.append(f"chnroute: {len(data.prefixes)} prefixes from {self.chnroute.data} via {self.chn_gateway} "
+            lines.append(f"chnroute: {len(data.prefixes)} prefixes from {self.chnroute.data} via {self._chn_via(original)} "
                          f"in table {_table_name(self.chn_table)} metric {ALPACA_METRIC} proto {ALPACA_RTPROTO}")
             lines += [summary] if (summary := data.summary(self.chnroute.data)) else []
         return lines
@@ -428,7 +439,11 @@ class ClientRoutes:
                        for host in self.underlay_hosts if _covering(main, host, tun) is None]
             routes += [Route(RT_TABLE_MAIN, dst, plen, gw, oif, why="local_routes") for dst, plen in self.local_routes]
         if with_chnroute and (data := self.chnroute_data()) is not None:
-            routes += [Route(self.chn_table, dst, plen, self.chn_gateway, why="chnroute") for dst, plen in data.prefixes]
+            # "original" (no chn_gateway): via the original gateway, moving with it; none until there is one
+            hop = (self.chn_gateway, 0) if self.chn_gateway is not None else (
+                (original.gateway, original.ifindex) if original is not None else None)
+            if hop is not None:
+                routes += [Route(self.chn_table, dst, plen, *hop, why="chnroute") for dst, plen in data.prefixes]
         plan: dict[tuple, Route] = {}
         for route in routes:
             plan.setdefault(route.key, route)
