@@ -347,6 +347,11 @@ class Daemon:
             "udp_kernel_drops": self.udp.kernel_drops(),
             "udp_socket_filter": self.udp.filtered,
         })
+        for peer in status["peers"]:
+            for path in peer["paths"]:
+                # the local address this path's datagrams arrive on and our replies leave from
+                host, port = path["address"].rsplit(":", 1)
+                path["local"] = self.udp.reply_source((host, int(port)))
         return status
 
     def status_line(self) -> str:

@@ -87,7 +87,8 @@ def format_status(status: dict) -> str:
         if fec:
             lines.append(fec)
         for path in peer["paths"]:
-            lines.append(f"  path {path['address']:<22} {path['learned']:<8} {_path_state(path)}")
+            local = f", local {path['local']}" if path.get("local") else ""
+            lines.append(f"  path {path['address']:<22} {path['learned']:<8} {_path_state(path)}{local}")
         if peer["drops"]:
             lines += _wrapped("  drops: ", peer["drops"])
     return "\n".join(lines)

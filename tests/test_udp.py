@@ -1,5 +1,7 @@
 """Tier 2: the UDP module on loopback — GSO trains and GRO splitting keep
-every datagram intact and in order, whatever the mix of sizes and addresses."""
+every datagram intact and in order, whatever the mix of sizes and addresses;
+replies leave from the address the remote sent to (IP_PKTINFO). Tier 1: the
+socket filter's program and the bounded map of reply sources."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import time
 
 import pytest
 
-from alpaca.host.udp import MAX_FILTER_ADDRESSES, Udp, filter_program
+from alpaca.host.udp import MAX_FILTER_ADDRESSES, ReplySources, Udp, filter_program
 
 
 def drain(udp: Udp, expected: int, timeout: float = 3.0) -> list[bytes]:
@@ -170,3 +172,97 @@ def test_socket_filter_in_the_kernel(listen):
         assert arrivals(rx, ["127.0.0.1", "127.0.0.3"], 3) == {"127.0.0.1": 3, "127.0.0.3": 3}
     finally:
         rx.close()
+
+
+# ---------------------------------------------------------------- reply sources (IP_PKTINFO)
+
+A, B = b"\x0a\x00\x00\x01", b"\x0a\x00\x00\x02"      # two local addresses
+
+
+def test_reply_sources_follow_the_last_arrival():
+    m = ReplySources(limit=4)
+    assert m.source(("192.0.2.1", 1040)) is None                # never heard: the kernel chooses
+    m.arrived(("192.0.2.1", 1040), A)
+    assert m.get(("192.0.2.1", 1040)) == A
+    assert m.source(("192.0.2.1", 1040)) == A
+    m.arrived(("192.0.2.1", 1040), B)                           # the remote now sends to B
+    assert m.source(("192.0.2.1", 1040)) == B
+    assert m.source(("192.0.2.1", 1041)) is None                # another port is another remote
+    m.forget(("192.0.2.1", 1040))
+    assert m.source(("192.0.2.1", 1040)) is None and len(m) == 0
+
+
+def test_reply_sources_are_bounded_and_a_flood_keeps_the_answered_peers():
+    """Arrivals from many addresses push out only each other (oldest first);
+    the remotes we send to stay, the least recently sent-to going first."""
+    m = ReplySources(limit=3)
+    peers = [(f"192.0.2.{i}", 1040) for i in range(3)]
+    for peer in peers:
+        m.arrived(peer, A)
+        assert m.source(peer) == A                               # answered: kept apart
+    for i in range(1000):                                        # garbage from spoofed addresses
+        m.arrived((f"198.51.100.{i % 250}", i), B)
+    assert len(m) == 6
+    assert [m.get(p) for p in peers] == [A, A, A]
+    assert m.get(("198.51.100.249", 999)) == B and m.get(("198.51.100.246", 996)) is None
+    m.source(peers[0])                                           # sent to again: the newest
+    m.arrived(("203.0.113.1", 1040), A)
+    m.source(("203.0.113.1", 1040))                              # a fourth peer answered: peers[1] goes
+    assert m.get(peers[1]) is None
+    assert m.get(peers[0]) == A and m.get(peers[2]) == A and m.get(("203.0.113.1", 1040)) == A
+
+
+def recv_from(sock: socket.socket, count: int, timeout: float = 3.0) -> list[tuple[bytes, str]]:
+    """`count` datagrams on a plain socket, each with its source host."""
+    sock.settimeout(timeout)
+    got = []
+    for _ in range(count):
+        data, addr = sock.recvfrom(65535)
+        got.append((data, addr[0]))
+    return got
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "::"])
+def test_replies_leave_from_the_address_the_remote_sent_to(listen):
+    """Bound to the wildcard address, a datagram that arrived on 127.0.0.5 is
+    answered from 127.0.0.5 (not 127.0.0.1, the kernel's choice), single and
+    GSO trains alike; a remembered address that is gone is forgotten and the
+    kernel chooses again."""
+    rx = Udp(listen, 0)
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    try:
+        assert rx.sources is not None
+        port = rx.sock.getsockname()[1]
+        remote = peer.getsockname()
+        peer.sendto(b"hello", ("127.0.0.5", port))
+        got = []
+        deadline = time.monotonic() + 3
+        while not got and time.monotonic() < deadline:
+            got = rx.recv_batch(8)
+        assert got == [(b"hello", remote)]
+        assert rx.reply_source(remote) == "127.0.0.5"
+        train = [os.urandom(1000) for _ in range(5)] + [b"last"]
+        rx.send_batch([(d, remote) for d in train])
+        assert recv_from(peer, 6) == [(d, "127.0.0.5") for d in train]
+        # the address is gone (here: one that was never local): sent from the kernel's choice
+        rx.sources.used[remote] = socket.inet_aton("192.0.2.1")
+        train = [b"x" * 1000] * 3 + [b"end"]
+        rx.send_batch([(d, remote) for d in train])                 # a GSO train
+        assert recv_from(peer, 4) == [(d, "127.0.0.1") for d in train]
+        rx.sources.used[remote] = socket.inet_aton("192.0.2.1")
+        rx.send_batch([(b"one", remote)])                           # a single datagram
+        assert recv_from(peer, 1) == [(b"one", "127.0.0.1")]
+        assert rx.stale_sources == 2 and rx.send_errors == 0 and rx.gso
+        assert rx.reply_source(remote) is None
+    finally:
+        rx.close()
+        peer.close()
+
+
+def test_a_socket_on_one_address_needs_no_reply_sources():
+    udp = Udp("127.0.0.1", 0)
+    try:
+        assert udp.sources is None and udp.reply_source(("127.0.0.2", 1)) is None
+    finally:
+        udp.close()

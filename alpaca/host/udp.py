@@ -12,6 +12,16 @@ kernel accept every datagram from a known peer address and only a random
 1/UNKNOWN_ONE_IN of the rest, so garbage from elsewhere is dropped before it
 takes the socket buffer from tunnel traffic. The kernel counts what it drops
 in the socket's drop counter (kernel_drops, `ss -m`: d) and in UDP InErrors.
+
+Reply source (docs/operations.md, multi-homed servers): bound to the wildcard
+address, the socket asks for IP_PKTINFO, remembers for each remote address
+the local address its datagrams last arrived on (ReplySources), and sends to
+that remote from that address (an IP_PKTINFO control message on the sendmsg,
+GSO trains included), so a peer that reaches a secondary address, through a
+NAT say, gets its answers from that address and not from the one the kernel
+would choose. Bound to one address nothing of this is done. The map holds
+local addresses as raw bytes, 4 for IPv4 and (to come) 16 for IPv6 with
+IPV6_RECVPKTINFO; _source_cmsg turns one into the control message.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import errno
 import ipaddress
 import socket
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable
 
 RECV_SIZE = 65535
@@ -30,7 +41,14 @@ UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64       # UDP_MAX_SEGMENTS in the kernel
 GSO_MAX_BYTES = 65000       # a GSO send must fit one IP datagram's worth of payload
 _U16 = struct.Struct("=H")
-_CMSG_SPACE = socket.CMSG_SPACE(_U16.size * 2)
+IP_PKTINFO = 8              # linux/in.h (socket.IP_PKTINFO only from Python 3.12 on)
+_PKTINFO_SIZE = 12          # struct in_pktinfo: ifindex, spec_dst (the local address), addr
+_CMSG_SPACE = socket.CMSG_SPACE(_U16.size * 2) + socket.CMSG_SPACE(_PKTINFO_SIZE)
+REPLY_SOURCES = 4096        # remote addresses ReplySources keeps, in each of its two tiers
+# a send from a remembered local address that fails with one of these: the
+# address is gone (ENETUNREACH, older kernels EINVAL) or unusable; send again
+# without it (the kernel chooses) and forget it
+_SOURCE_GONE = frozenset((errno.ENETUNREACH, errno.EINVAL, errno.EADDRNOTAVAIL, errno.EHOSTUNREACH))
 
 
 # socket filters (linux/filter.h, asm-generic/socket.h)
@@ -121,6 +139,74 @@ def _to_v6(addr: tuple) -> tuple:
     return (f"::ffff:{addr[0]}", addr[1]) if ":" not in addr[0] else addr
 
 
+class ReplySources:
+    """Remote (host, port) -> the local address (raw bytes) its datagrams last
+    arrived on, for the replies to leave from. Two tiers, each bounded by
+    `limit`: `heard` takes every arrival from a remote we have not sent to
+    (garbage from spoofed addresses churns through it, oldest out first), and
+    a remote moves to `used` on the first send to it, where the least
+    recently sent-to goes first; so a flood from many addresses does not push
+    out the peers we answer."""
+
+    __slots__ = ("limit", "heard", "used")
+
+    def __init__(self, limit: int = REPLY_SOURCES):
+        self.limit = limit
+        self.heard: OrderedDict[tuple, bytes] = OrderedDict()
+        self.used: OrderedDict[tuple, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.heard) + len(self.used)
+
+    def arrived(self, remote: tuple, local: bytes) -> None:
+        """A datagram from `remote` arrived on `local`."""
+        if remote in self.used:
+            self.used[remote] = local
+            return
+        heard = self.heard
+        heard[remote] = local
+        if len(heard) > self.limit:
+            heard.popitem(last=False)
+
+    def source(self, remote: tuple) -> bytes | None:
+        """The local address to send to `remote` from; None: unknown (the kernel chooses)."""
+        used = self.used
+        local = used.get(remote)
+        if local is not None:
+            used.move_to_end(remote)
+            return local
+        local = self.heard.pop(remote, None)
+        if local is not None:
+            used[remote] = local
+            if len(used) > self.limit:
+                used.popitem(last=False)
+        return local
+
+    def get(self, remote: tuple) -> bytes | None:
+        """What source() would answer, without counting it as a send."""
+        local = self.used.get(remote)
+        return local if local is not None else self.heard.get(remote)
+
+    def forget(self, remote: tuple) -> None:
+        self.used.pop(remote, None)
+        self.heard.pop(remote, None)
+
+
+def _source_cmsg(local: bytes) -> tuple[int, int, bytes]:
+    """The control message that makes a send leave from `local` (any output
+    interface: the route to the remote from that source decides)."""
+    if len(local) == 4:
+        return (socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + local + bytes(4))
+    return (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, local + bytes(4))   # struct in6_pktinfo
+
+
+def local_text(local: bytes | None) -> str | None:
+    """A remembered local address as text (status)."""
+    if local is None:
+        return None
+    return socket.inet_ntop(socket.AF_INET if len(local) == 4 else socket.AF_INET6, local)
+
+
 class Udp:
     def __init__(self, listen: str, port: int):
         family = socket.AF_INET6 if ":" in listen else socket.AF_INET
@@ -149,6 +235,19 @@ class Udp:
             self.gro = True
         except OSError:
             self.gro = False
+        # on the wildcard address: answer each remote from the address it sent to
+        self.sources: ReplySources | None = None
+        self.stale_sources = 0          # sends whose remembered source address was gone
+        if ipaddress.ip_address(listen).is_unspecified:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                self.sources = ReplySources()
+            except OSError:
+                pass
+
+    def reply_source(self, remote: tuple) -> str | None:
+        """The local address replies to `remote` leave from, if remembered (status)."""
+        return local_text(self.sources.get(remote)) if self.sources is not None else None
 
     # ------------------------------------------------------------ socket filter
     def filter_known(self, addresses: set[str] | None, unknown_one_in: int = UNKNOWN_ONE_IN) -> bool:
@@ -178,6 +277,8 @@ class Udp:
     def recv_batch(self, limit: int) -> list[tuple[bytes, tuple]]:
         batch = []
         recvmsg = self.sock.recvmsg
+        sources = self.sources
+        used = sources.used if sources is not None else None
         try:
             for _ in range(limit):
                 data, ancdata, _flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE)
@@ -187,6 +288,10 @@ class Udp:
                 for level, kind, value in ancdata:
                     if level == socket.IPPROTO_UDP and kind == UDP_GRO:
                         size = _U16.unpack_from(value)[0]
+                    elif kind == IP_PKTINFO and level == socket.IPPROTO_IP:
+                        local = value[4:8]          # ipi_spec_dst: the address to answer from
+                        if used.get(addr) != local:
+                            sources.arrived(addr, local)
                 if size and len(data) > size:
                     # a coalesced train: cut it back into the datagrams it was
                     # (views, not copies: a shard is copied once, when its message is joined)
@@ -202,11 +307,14 @@ class Udp:
 
     def send_batch(self, sends: list[tuple[bytes, tuple]]) -> None:
         """Send in order; runs of equal-size datagrams to one address go as one GSO send."""
+        sources = self.sources
+        remotes = sends                 # the core's (host, port) pairs: the keys of `sources`
         if self.v6:
             sends = [(d, _to_v6(a)) for d, a in sends]
         i, n = 0, len(sends)
         while i < n:
             data, addr = sends[i]
+            src = sources.source(remotes[i][1]) if sources is not None else None
             size = len(data)
             j, total = i + 1, size
             if self.gso:
@@ -220,26 +328,47 @@ class Udp:
                     if nxt < size:      # only the last segment may be shorter
                         break
             if j - i > 1:
-                self._send_gso([d for d, _ in sends[i:j]], size, addr)
+                self._send_gso([d for d, _ in sends[i:j]], size, addr, src)
             else:
-                self._send_one(data, addr)
+                self._send_one(data, addr, src)
             i = j
 
-    def _send_one(self, data: bytes, addr: tuple) -> None:
+    def _source_gone(self, addr: tuple) -> None:
+        """Sending from the remembered address failed: forget it, the kernel chooses."""
+        self.stale_sources += 1
+        self.sources.forget(_from_v6(addr) if self.v6 else addr)
+
+    def _send_one(self, data: bytes, addr: tuple, src: bytes | None = None) -> None:
         try:
-            self.sock.sendto(data, addr)
-        except OSError:
+            if src is None:
+                self.sock.sendto(data, addr)
+            else:
+                self.sock.sendmsg([data], [_source_cmsg(src)], 0, addr)
+        except OSError as e:
+            if src is not None and e.errno in _SOURCE_GONE:
+                self._source_gone(addr)
+                self._send_one(data, addr)
+                return
             # unreachable network, full buffer, ...: UDP is lossy anyway
             self.send_errors += 1
 
-    def _send_gso(self, datagrams: list[bytes], size: int, addr: tuple) -> None:
+    def _send_gso(self, datagrams: list[bytes], size: int, addr: tuple, src: bytes | None = None) -> None:
+        cmsgs = [(socket.IPPROTO_UDP, UDP_SEGMENT, _U16.pack(size))]
+        if src is not None:
+            cmsgs.append(_source_cmsg(src))
         try:
-            self.sock.sendmsg(datagrams, [(socket.IPPROTO_UDP, UDP_SEGMENT, _U16.pack(size))], 0, addr)
+            self.sock.sendmsg(datagrams, cmsgs, 0, addr)
         except OSError as e:
+            if src is not None and e.errno in _SOURCE_GONE:
+                # the source address first (EINVAL could be either): if GSO is
+                # what the kernel refuses, the send without it says so
+                self._source_gone(addr)
+                self._send_gso(datagrams, size, addr)
+                return
             if e.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
                 self.gso = False          # the device cannot segment: one by one from now on
             for data in datagrams:
-                self._send_one(data, addr)
+                self._send_one(data, addr, src)
 
     def close(self) -> None:
         self.sock.close()
