@@ -439,6 +439,12 @@ def config_warnings(config: Config) -> list[str]:
                    "and timing in packet headers (not their contents); set a group name of your own")
     if config.virtual_net is not None:
         out.append(f"{config.path}: virtual_net is accepted for compatibility but has no effect yet")
+    if config.padding > config.mtu:
+        # a full-size packet makes a datagram of mtu + OVERHEAD; padding past mtu makes
+        # every datagram bigger than that, so a path sized for mtu fragments all of them
+        out.append(f"{config.path}: padding {config.padding} is above mtu {config.mtu}: every datagram grows "
+                   f"past the largest a packet makes and is fragmented where mtu fits the path; "
+                   f"set padding to {config.mtu} or less")
     return out
 
 
