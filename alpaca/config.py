@@ -477,6 +477,12 @@ def config_warnings(config: Config) -> list[str]:
     if config.gateway is not None and config.gateway_in_use is None:
         out.append(f"{config.path}: gateway {format_id(config.gateway)!r} is this {config.mode}'s own id "
                    f"(a config copied from a client?): ignored; remove it, or name another server")
+    if config.padding > config.mtu:
+        # a full-size packet makes a datagram of mtu + OVERHEAD; padding past mtu makes
+        # every datagram bigger than that, so a path sized for mtu fragments all of them
+        out.append(f"{config.path}: padding {config.padding} is above mtu {config.mtu}: every datagram grows "
+                   f"past the largest a packet makes and is fragmented where mtu fits the path; "
+                   f"set padding to {config.mtu} or less")
     return out
 
 

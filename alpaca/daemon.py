@@ -291,6 +291,9 @@ class Daemon:
         self.config = new
         if not live:
             return
+        before = config_warnings(old)
+        for warning in (w for w in config_warnings(new) if w not in before):
+            log.warning("%s", warning)      # e.g. padding raised above mtu
         self.node.settings = settings_from(new)
         logging.getLogger().setLevel(new.log_level.upper())
         if "secret_file" in live:

@@ -306,6 +306,17 @@ def test_default_group_warns_once(tmp_path):
         f"{path}: virtual_net is accepted for compatibility but has no effect yet"]
 
 
+def test_padding_above_mtu_warns(tmp_path):
+    """Padding past mtu makes every datagram bigger than a full packet's, so a path
+    sized for mtu fragments each one: allowed, but worth one line naming both keys."""
+    path = write(tmp_path, {**GOOD, "group": "g", "mtu": 1400, "padding": 1401})
+    assert config_warnings(load_config(path)) == [
+        f"{path}: padding 1401 is above mtu 1400: every datagram grows past the largest a packet makes "
+        "and is fragmented where mtu fits the path; set padding to 1400 or less"]
+    assert config_warnings(load_config(write(tmp_path, {**GOOD, "group": "g", "mtu": 1400, "padding": 1400}))) == []
+    assert config_warnings(load_config(write(tmp_path, {**GOOD, "group": "g", "mtu": 1280, "padding": 1400})))
+
+
 def test_fec_is_auto_unless_asked_otherwise(tmp_path):
     """Adaptive FEC is the default: a clean path gets no parity, a lossy one
     is protected without a setting (docs/configuration.md)."""

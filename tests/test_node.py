@@ -731,6 +731,18 @@ def test_unauthenticated_input_changes_no_peer_state(data):
     assert not logged or s1.global_drops[DropReason.WRONG_VERSION]
 
 
+def test_a_wrong_group_shows_as_malformed():
+    """docs/operations.md troubleshooting: the group keys the header mask, so
+    another group's datagrams unmask to random bytes: `malformed` (about one
+    in 16 `wrong_version`), not `auth_failure` as a wrong key would be."""
+    _c, s1 = established()
+    for seq in range(400):
+        s1.from_udp([(make_datagram("16.1", "1.1", UP, ts=T0 + 6, seq=seq, group="another"), addr("16.1"))],
+                    T0 + 6)
+    drops = s1.global_drops
+    assert drops[DropReason.MALFORMED] > 0.8 * 400 and drops[DropReason.AUTH_FAILURE] == 0, drops
+
+
 def test_authenticated_but_pad_longer_than_the_plaintext():
     _c, s1 = established()
     before = guarded_state(s1)

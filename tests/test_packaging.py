@@ -316,3 +316,109 @@ def test_pip_install(tmp_path):
     r = subprocess.run([str(exe), "check", "-C", str(example / "config.json")], check=False,
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------ the README's tour
+
+TOUR_BLOCK = re.compile(r"<!-- tour:(\S+)(?: ([^\n]*?))? -->\n```[a-z]*\n(.*?)```", re.S)
+TOUR_SERVER_ADDRESS = "203.0.113.10"     # the tour's example public address of 1.1
+
+
+def tour_blocks() -> dict[str, str]:
+    """The README's tour: each fenced block after a `<!-- tour:NAME [what] -->`
+    marker, by NAME and what (the files' blocks say which file on which host)."""
+    text = (ROOT / "README.md").read_text()
+    return {" ".join(filter(None, (name, what))): body for name, what, body in TOUR_BLOCK.findall(text)}
+
+
+def tour_commands(block: str) -> list[str]:
+    """A block's command lines, without the comments a reader needs and a shell does not."""
+    return [cmd for cmd in (re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines())
+            if cmd and not cmd.startswith("#")]
+
+
+def test_tour_blocks_are_all_there():
+    blocks = tour_blocks()
+    assert set(blocks) == {"build", "install", "start", "ping", "file /etc/alpaca-tunnel.d/secrets.txt",
+                           "file /etc/alpaca-tunnel.d/config.json on the server",
+                           "file /etc/alpaca-tunnel.d/config.json on the client"}, set(blocks)
+    # the deb fixture runs exactly this, on the machine that runs the tests
+    assert tour_commands(blocks["build"]) == ["packaging/build-deb.sh"]
+    assert not any("pip install" in cmd for cmd in tour_commands(blocks["install"]))
+
+
+@pytest.fixture
+def tour_hosts(deb, rootfs, tmp_path):
+    """Two clean Debian 12 hosts on one LAN, no way out, the .deb in /mnt/alpaca-deb."""
+    from alpaca.lab.testbed import Testbed
+    tb = Testbed(f"tr{os.getpid() % 100000}")
+    hosts = {}
+    try:
+        ips = {"server": tb.add_host("server", 1), "client": tb.add_host("client", 2)}
+        # the client's uplink router: what a client's default route points at before the tunnel
+        tb.run("client", ["ip", "route", "add", "default", "via", ips["server"]], check=True)
+        for name in ("server", "client"):
+            (tmp_path / name).mkdir()
+            try:
+                hosts[name] = Container(rootfs, tb.ns(name), tmp_path / name, {"/mnt/alpaca-deb": deb.parent},
+                                        machine=f"tour{name[0]}", env=CT_ENV)
+            except CannotBoot as e:
+                pytest.skip(f"systemd-nspawn cannot boot a container here: {str(e)[-500:]}")
+        yield hosts, ips
+    finally:
+        for ct in hosts.values():
+            ct.close()
+        tb.close()
+
+
+@pytest.mark.root
+def test_readme_tour_in_clean_debian(tour_hosts):
+    """The README's tour, its commands as printed, on two clean Debian 12 hosts
+    without network: install the .deb, make keys, write the files (the test
+    fills in the placeholders: the keys and the server's address), start both
+    under systemd, ping the server through the tunnel."""
+    hosts, ips = tour_hosts
+    blocks = tour_blocks()
+
+    def run(host: str, cmd: str) -> str:
+        r = hosts[host].sh(f"cd /mnt/alpaca-deb && {cmd}", timeout=120)
+        assert r.returncode == 0, f"{host}: {cmd}: {r.stdout[-2000:]}{r.stderr[-2000:]}{hosts[host].journal()[-2000:]}"
+        return r.stdout
+
+    keys = {}
+    for host, peer in (("server", "1.1"), ("client", "16.1")):
+        for cmd in tour_commands(blocks["install"]):
+            out = run(host, cmd)
+            if cmd == "alpaca-tunnel genkey":
+                keys[peer] = out.strip()
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{43}", k) for k in keys.values()), keys
+
+    def fill(text: str) -> str:
+        for peer, key in keys.items():
+            text = text.replace(f"<key of {peer}>", key)
+        return text.replace(TOUR_SERVER_ADDRESS, ips["server"])
+
+    secrets = "/etc/alpaca-tunnel.d/secrets.txt"
+    for host in ("server", "client"):
+        for path, text in ((secrets, blocks[f"file {secrets}"]),
+                           ("/etc/alpaca-tunnel.d/config.json",
+                            blocks[f"file /etc/alpaca-tunnel.d/config.json on the {host}"])):
+            assert "<" not in fill(text), fill(text)
+            assert hosts[host].sh(f"cat > {path}", input=fill(text)).returncode == 0
+        assert hosts[host].ctl("stat", "-c", "%a", secrets).stdout.strip() == "600"
+
+    for host in ("server", "client"):
+        for cmd in tour_commands(blocks["start"]):
+            run(host, cmd)
+        assert hosts[host].show("ActiveState") == "active"
+    for cmd in tour_commands(blocks["ping"]):
+        run("client", cmd)
+
+    status = run("client", "alpaca-tunnel status")
+    assert re.search(r"peer 1\.1 \(10\.17\.1\.1\) up", status), status
+    # what the tour says next: the client's default route now goes through the tunnel,
+    # and the server's own address stays outside it
+    assert " dev alpaca " in run("client", "ip route get 198.51.100.1")
+    assert " dev alpaca " not in run("client", f"ip route get {ips['server']}")
+    for ct in hosts.values():
+        assert "Traceback" not in ct.journal()
