@@ -483,7 +483,9 @@ class Daemon:
         now = time.time()
         what = key.data
         if what == "udp":
-            self._perform(self.node.from_udp(self.udp.recv_batch(BATCH), now))
+            out = self.node.from_udp(self.udp.recv_batch(BATCH), now)
+            self.udp.confirm(out.heard)     # before the answers leave: they go from where it was sent to
+            self._perform(out)
         elif what == "tun":
             self._perform(self.node.from_tun(self.tun.read_batch(BATCH), now))
             if self.node.unresolved:

@@ -19,9 +19,8 @@ import re
 
 import pytest
 
-from conftest import Mesh, can_run_tier3, unique_prefix
-
-from alpaca.lab.testbed import Testbed, wait_for
+from alpaca.lab.daemons import Mesh
+from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -40,8 +39,6 @@ def ping(peer, address: str, count: int) -> int:
 
 @pytest.fixture
 def behind_nat(tmp_path):
-    if can_run_tier3():
-        pytest.skip(can_run_tier3())
     tb = Testbed(unique_prefix())
     mesh = Mesh(tb, tmp_path)
     try:

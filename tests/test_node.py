@@ -1136,3 +1136,15 @@ def test_an_ipv6_tunnel_address_routes_to_its_peer_like_an_ipv4_one():
     assert wire.originate(s1, [back], T0).tun["16.1"] == [back]
     outside = udp6(v6["16.1"], "2001:db8::1")
     assert wire.originate(c1, [outside], T0).tun["1.1"] == [outside]      # out through the gateway
+
+
+def test_only_authenticated_senders_are_heard():
+    """Output.heard names the addresses whose datagram for us passed its MAC,
+    session proof and replay window: the host learns nothing else from a
+    sender (the local address to answer it from, host/udp.py)."""
+    server = make_node("1.1")
+    good = make_datagram("16.1", "1.1", udp(tun_ip("16.1"), tun_ip("1.1")), seq=1)
+    forged = make_datagram("16.1", "1.1", b"x" * 40, seq=2, key=bytes(32))
+    assert server.from_udp([(forged, ("203.0.113.9", 1040))], T0).heard == set()
+    assert server.from_udp([(good, ("198.51.100.7", 1040))], T0).heard == {("198.51.100.7", 1040)}
+    assert server.from_udp([(good, ("203.0.113.9", 1040))], T0).heard == set()     # a replay

@@ -225,8 +225,8 @@ def recv_from(sock: socket.socket, count: int, timeout: float = 3.0) -> list[tup
 @pytest.mark.parametrize("listen", ["0.0.0.0", "::"])
 def test_replies_leave_from_the_address_the_remote_sent_to(listen):
     """Bound to the wildcard address, a datagram that arrived on 127.0.0.5 is
-    answered from 127.0.0.5 (not 127.0.0.1, the kernel's choice), single and
-    GSO trains alike; a remembered address that is gone is forgotten and the
+    answered from 127.0.0.5 (not 127.0.0.1, the kernel's choice) once the
+    core has vouched for its sender (confirm), single and GSO trains alike; a remembered address that is gone is forgotten and the
     kernel chooses again."""
     rx = Udp(listen, 0)
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -241,6 +241,11 @@ def test_replies_leave_from_the_address_the_remote_sent_to(listen):
         while not got and time.monotonic() < deadline:
             got = rx.recv_batch(8)
         assert got == [(b"hello", remote)]
+        # only what the core authenticated teaches the reply address
+        assert rx.reply_source(remote) is None and rx.arrivals == {remote: socket.inet_aton("127.0.0.5")}
+        rx.confirm(set())
+        assert rx.reply_source(remote) is None
+        rx.confirm({remote})
         assert rx.reply_source(remote) == "127.0.0.5"
         train = [os.urandom(1000) for _ in range(5)] + [b"last"]
         rx.send_batch([(d, remote) for d in train])

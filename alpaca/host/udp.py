@@ -237,6 +237,7 @@ class Udp:
             self.gro = False
         # on the wildcard address: answer each remote from the address it sent to
         self.sources: ReplySources | None = None
+        self.arrivals: dict[tuple, bytes] = {}  # remote -> local address, from the last recv_batch
         self.stale_sources = 0          # sends whose remembered source address was gone
         if ipaddress.ip_address(listen).is_unspecified:
             try:
@@ -275,10 +276,16 @@ class Udp:
         return struct.unpack_from("=I", info, 4 * SK_MEMINFO_DROPS)[0]
 
     def recv_batch(self, limit: int) -> list[tuple[bytes, tuple]]:
+        """Up to `limit` datagrams. The local address each arrived on is
+        only noted (`arrivals`): what a datagram's sender says is hostile
+        until the core has authenticated it, so it is remembered for
+        replies by `confirm`, for the senders the core vouches for."""
         batch = []
         recvmsg = self.sock.recvmsg
         sources = self.sources
         used = sources.used if sources is not None else None
+        arrivals = self.arrivals
+        arrivals.clear()
         try:
             for _ in range(limit):
                 data, ancdata, _flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE)
@@ -291,7 +298,7 @@ class Udp:
                     elif kind == IP_PKTINFO and level == socket.IPPROTO_IP:
                         local = value[4:8]          # ipi_spec_dst: the address to answer from
                         if used.get(addr) != local:
-                            sources.arrived(addr, local)
+                            arrivals[addr] = local
                 if size and len(data) > size:
                     # a coalesced train: cut it back into the datagrams it was
                     # (views, not copies: a shard is copied once, when its message is joined)
@@ -304,6 +311,16 @@ class Udp:
         except OSError:
             pass    # e.g. ECONNREFUSED from an earlier ICMP; nothing to read now
         return batch
+
+    def confirm(self, heard: Iterable[tuple]) -> None:
+        """The remotes of the last recv_batch that the core authenticated
+        (Output.heard): answer them from the address they sent to."""
+        arrivals, sources = self.arrivals, self.sources
+        if arrivals and sources is not None:
+            for remote in heard:
+                local = arrivals.get(remote)
+                if local is not None:
+                    sources.arrived(remote, local)
 
     def send_batch(self, sends: list[tuple[bytes, tuple]]) -> None:
         """Send in order; runs of equal-size datagrams to one address go as one GSO send."""

@@ -67,6 +67,7 @@ class Challenges:
             src.drops[DropReason.RATE_LIMITED] += 1
             return
         src.responses[1] += 1
+        out.heard.add(addr)
         response = self._seal(KIND_RESPONSE, src.id, key, nonce, now)
         targets = [a for a in self._towards(src, now) if a != addr]
         if len(response) <= size or addr in src.paths and src.paths[addr].proven:

@@ -173,6 +173,7 @@ class Inbound:
         datagram "from src" may have been sealed by dst, who shares the key.
         A new path is challenged before it carries more than it brought."""
         relayed = header.path != PATH_DIRECT
+        out.heard.add(addr)
         if src.heard(addr, relayed, now, size) is not None:
             self._path_notice(src.id, f"new {'relayed' if relayed else 'direct'} path {addr[0]}:{addr[1]}")
         if not src.paths[addr].proven:
@@ -226,6 +227,7 @@ class Inbound:
             done = slot is not None
         path.last_rx = src.last_rx = now
         src.rx_bytes += len(data)
+        out.heard.add(nxt.addr)
         if done:
             self._next = None
             self._complete(src, fields(clear).header(), rkey, slot, rkey[3], now, out)
