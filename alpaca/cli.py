@@ -107,15 +107,22 @@ def cmd_cleanup(args) -> int:
     """Remove what a daemon with this config left behind (ExecStopPost)."""
     if (config := _load(args)) is None:
         return 1
-    from .daemon import cleanup_leftovers
+    from .daemon import cleanup_leftovers, keeps_kill_switch
     from .host.control import remove_stale
+    # systemd's ExecStopPost gets SERVICE_RESULT: "success" after a requested stop, else why it ended
+    crashed = os.environ.get("SERVICE_RESULT", "success") != "success"
+    keep = crashed and keeps_kill_switch(config)
     try:
-        removed = cleanup_leftovers(config.name)
+        removed = cleanup_leftovers(config.name, keep_routes=keep)
         sockets = remove_stale(config)      # a killed daemon's control socket (and its link in RUN_DIR)
     except Exception as e:    # report in one line; cleanup must never leave a traceback in the journal
         return _fail(f"cleanup failed: {e}")
     if removed:
         print(f"alpaca-tunnel: undid {removed} changes (rules, routes, sysctls) left by {config.name}")
+    if keep:
+        print(f"alpaca-tunnel: kill switch: the routes of {config.name} stay and block its traffic until the "
+              f"daemon is back (SERVICE_RESULT={os.environ['SERVICE_RESULT']}); "
+              "`alpaca-tunnel cleanup` run by hand removes them")
     if sockets:
         print(f"alpaca-tunnel: removed the stale control socket {', '.join(map(str, sockets))}")
     return 0

@@ -93,6 +93,7 @@ class Config:
     padding: int
     control_socket: str | None
     offload: bool = True
+    kill_switch: bool = True                        # client: block, not leak, while the daemon is dead
     fec: str = "auto"                               # parity only where the receiver reports loss
     peers: tuple[tuple[int, str], ...] = ()         # per-peer settings: (peer ID, fec)
     # networks a peer may send from besides its tunnel address: (peer ID, CIDRs)
@@ -456,6 +457,7 @@ def load_config(path: str | Path) -> Config:
         padding=d["padding"],
         control_socket=d["control_socket"],
         offload=d["offload"],
+        kill_switch=d["kill_switch"],
         fec=d["fec"],
         peers=tuple(sorted((parse_id(k), v["fec"]) for k, v in d["peers"].items() if "fec" in v)),
         peer_networks=tuple(sorted((parse_id(k), tuple(v["networks"])) for k, v in d["peers"].items()

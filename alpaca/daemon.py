@@ -111,7 +111,12 @@ def client_routes(config: Config, peers: dict[int, PeerEntry], net: TunnelNet):
     """A client's routing (host/routes.py ClientRoutes), as config.json and secrets.txt ask for it."""
     from .host import routes
     return routes.ClientRoutes(config.name, str(net.address(config.gateway)), underlay_hosts(config, peers),
-                               list(config.local_routes), config.chnroute)
+                               list(config.local_routes), config.chnroute, kill_switch=config.kill_switch)
+
+
+def keeps_kill_switch(config: Config) -> bool:
+    """Whether this config's routes block traffic while the daemon is dead (docs/operations.md "Kill switch")."""
+    return config.mode == "client" and config.gateway is not None and config.kill_switch
 
 
 def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
@@ -147,10 +152,11 @@ def known_hosts(node: Node, limit: int = MAX_FILTER_ADDRESSES) -> set[str] | Non
     return hosts
 
 
-def cleanup_leftovers(tun_name: str) -> int:
-    """Remove what a previous run with this TUN name left behind (SIGKILL)."""
+def cleanup_leftovers(tun_name: str, keep_routes: bool = False) -> int:
+    """Remove what a previous run with this TUN name left behind (SIGKILL). keep_routes: leave the
+    client routes and rules, whose kill switch blocks traffic until the daemon is back."""
     from .host import nat, routes, sysctl
-    return nat.cleanup(tun_name) + routes.cleanup(tun_name) + sysctl.cleanup(tun_name)
+    return nat.cleanup(tun_name) + (0 if keep_routes else routes.cleanup(tun_name)) + sysctl.cleanup(tun_name)
 
 
 class Daemon:
@@ -183,7 +189,8 @@ class Daemon:
     def start(self, stack: contextlib.ExitStack) -> None:
         cfg = self.config
         now = time.time()
-        removed = cleanup_leftovers(cfg.name)
+        # with the kill switch an earlier run's routes keep blocking until ours replace them (apply)
+        removed = cleanup_leftovers(cfg.name, keep_routes=keeps_kill_switch(cfg))
         if removed:
             log.warning("undid %d changes (rules, routes, sysctls) left by an earlier run that did not stop cleanly",
                     removed)
@@ -242,8 +249,9 @@ class Daemon:
         cfg = self.config
         routes.mark_socket(self.udp.sock, routes.FWMARK)
         self.client_routes = client_routes(cfg, peers, net)
-        stack.callback(self.client_routes.remove)
-        self.client_routes.apply()
+        # only a requested stop (SIGTERM, SIGINT) lifts the kill switch; a failure leaves it blocking
+        stack.callback(lambda: self.client_routes.remove(keep_kill_switch=not self.stop_requested))
+        self.client_routes.apply(adopt_leftovers=keeps_kill_switch(cfg))
         self.route_lookup = stack.enter_context(contextlib.closing(RouteLookup(cfg.name)))
         self.route_monitor = stack.enter_context(contextlib.closing(RouteMonitor()))
 

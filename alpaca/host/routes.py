@@ -6,6 +6,7 @@ Design and values: docs/operations.md, "Client routing". In short (P = PRIORITY,
     P-1: from all lookup <chnroute.table> suppress_prefixlength 0     (only with chnroute)
     P:   not from all fwmark FWMARK lookup TABLE
     TABLE: default via <gateway's tunnel address> dev <tun>
+    TABLE: unreachable default metric KILL_SWITCH_METRIC            (only with the kill switch)
     main: <servers, forwarders, local_routes> via <original gateway>   (metric ALPACA_METRIC)
     <chnroute.table>: <chnroute prefixes> via <chnroute.gateway>   ("original": via the original gateway)
 
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 ALPACA_RTPROTO = 0x61        # 97: route/rule "proto" tag; not assigned in /etc/iproute2/rt_protos
 ALPACA_METRIC = 0x414C       # 16716: metric of every route we add (never clobbers a metric-0 route)
+KILL_SWITCH_METRIC = ALPACA_METRIC + 1   # worse than the tunnel's default: used only once that one is gone
 FWMARK = 0x414C              # SO_MARK of the daemon's UDP socket ("AL")
 TABLE = 0x414C               # routing table holding the tunnel's default route
 PRIORITY = 32600             # rule P; P-1 and P-2 are used too (after users' rules, before main's 32766)
@@ -50,6 +52,7 @@ RT_TABLE_COMPAT, RT_TABLE_DEFAULT, RT_TABLE_MAIN, RT_TABLE_LOCAL = 252, 253, 254
 TABLE_NAMES = {"default": RT_TABLE_DEFAULT, "main": RT_TABLE_MAIN, "local": RT_TABLE_LOCAL}
 FIB_RULE_INVERT = 0x2        # linux/fib_rules.h ("not ..."); pyroute2 has no name for it
 RTN_UNICAST = rtnl.rtypes["RTN_UNICAST"]
+RTN_UNREACHABLE = rtnl.rtypes["RTN_UNREACHABLE"]
 SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_NOWHERE = (rtnl.rt_scope[s] for s in ("universe", "link", "nowhere"))
 NL_ERRORS = (OSError, NetlinkError)
 _ABSENT = (errno.ENOENT, errno.ESRCH)   # "already gone" answers to a delete
@@ -131,19 +134,22 @@ class Route:
         return (self.table, self.dst, self.dst_len, self.metric)
 
     def satisfied_by(self, actual: Route | None) -> bool:
-        return actual is not None and actual.gateway == self.gateway and self.oif in (0, actual.oif)
+        return (actual is not None and actual.type == self.type and actual.gateway == self.gateway
+                and self.oif in (0, actual.oif))
 
     def nl(self, delete: bool = False) -> dict:
         """Keyword arguments for IPRoute.route("replace" | "del")."""
         spec = {"dst": self.dst, "dst_len": self.dst_len, "table": self.table, "proto": ALPACA_RTPROTO,
-                "priority": self.metric}
+                "priority": self.metric, "type": self.type}      # a delete must name the type it deletes
         if delete:
             return spec | {"scope": SCOPE_NOWHERE}          # whatever scope it got
-        spec["scope"] = SCOPE_UNIVERSE if self.gateway else SCOPE_LINK
+        spec["scope"] = SCOPE_UNIVERSE if self.gateway or self.type != RTN_UNICAST else SCOPE_LINK
         return spec | ({"gateway": self.gateway} if self.gateway else {}) | ({"oif": self.oif} if self.oif else {})
 
     def text(self, dev: str | None = None) -> str:
         dst = "default" if self.dst_len == 0 else f"{self.dst}/{self.dst_len}"
+        if self.type == RTN_UNREACHABLE:
+            dst = f"unreachable {dst}"
         via = f" via {self.gateway}" if self.gateway else ""
         dev = dev or (_ifname(self.oif) or self.oif if self.oif else None)
         dev = f" dev {dev}" if dev else ""
@@ -270,8 +276,9 @@ class ClientRoutes:
 
     def __init__(self, tun_name: str, gateway_ip: str, underlay_hosts: list[str], local_routes: list[str],
                  chnroute: ChnRoute | None = None, fwmark: int = FWMARK, table: int = TABLE,
-                 priority: int = PRIORITY):
+                 priority: int = PRIORITY, kill_switch: bool = False):
         self.tun_name = tun_name
+        self.kill_switch = kill_switch
         self.gateway_ip = _ipv4(gateway_ip, "tunnel gateway")
         self.fwmark = fwmark
         self.table = resolve_table(table, "routing table")
@@ -342,14 +349,18 @@ class ClientRoutes:
             out.append(Rule(self.priority - 1, self.chn_table, suppress=0))
         return out + [Rule(self.priority, self.table, fwmark=self.fwmark, invert=True)]
 
-    def apply(self) -> None:
-        """Install everything; applying again changes nothing that is already right."""
+    def apply(self, adopt_leftovers: bool = False) -> None:
+        """Install everything; applying again changes nothing that is already right. adopt_leftovers:
+        routes and rules tagged by an earlier (killed) run were left in place, so that its kill switch
+        kept blocking until now; take over those still wanted, then delete the rest."""
         if ifindex(self.tun_name) is None:
             raise RouteError(f"cannot route into the tunnel: device {self.tun_name!r} does not exist")
         self._applied = True
         self.chnroute_data(warn=True)
         try:
             _, failures = self._sync(first=True)
+            if adopt_leftovers:
+                self._delete_leftovers()
         except NL_ERRORS as e:
             self.close()
             raise RouteError(f"cannot set up the client routes: {_err_text(e)}") from None
@@ -362,10 +373,31 @@ class ClientRoutes:
                         len(failures), len(self.chnroute_data().prefixes), self._chn_via(self.original_gateway),
                         _err_text(failures[0][1]))
 
-    def remove(self) -> None:
+    def _delete_leftovers(self) -> None:
+        """Delete what is tagged as ours in the kernel but not in this run's plan (apply(adopt_leftovers))."""
+        ipr = self._nl()
+        tagged = [r for r in _routes(ipr) if r.proto == ALPACA_RTPROTO]
+        if _other_instance(tagged, self.tun_name):
+            return
+        rules = sorted(_our_rules(ipr) - self._rules, key=lambda r: -r.priority)
+        routes = [r for r in tagged if r.key not in self._routes]
+        deleted, problems = _delete(ipr, rules, routes)
+        if deleted:
+            log.info("routes: removed %d routes/rules an earlier run left and this one does not use", deleted)
+        for problem in problems:
+            log.warning("could not delete leftover %s", problem)
+
+    def remove(self, keep_kill_switch: bool = False) -> None:
         """Delete exactly what apply() (and reapply) added: the tunnel rule first, so that traffic leaves
-        the tunnel table before it empties, then the other rules, then the routes."""
+        the tunnel table before it empties, then the other rules, then the routes. keep_kill_switch (the
+        daemon ends without being asked to): delete nothing, so that once the TUN device and its route
+        are gone the kill switch blocks, as after SIGKILL; `alpaca-tunnel cleanup` removes it all."""
         self._applied = False
+        if keep_kill_switch and self.kill_switch:
+            self._rules.clear()
+            self._routes.clear()
+            self.close()
+            return
         problems = []
         try:
             if self._routes or self._rules:
@@ -433,6 +465,9 @@ class ClientRoutes:
     def _plan(self, main: list[Route], tun: int, original: OriginalGateway | None,
               with_chnroute: bool = True) -> dict[tuple, Route]:
         routes = [Route(self.table, "0.0.0.0", 0, self.gateway_ip, tun, why="tunnel default")]
+        if self.kill_switch:    # what the tunnel table answers once the TUN device (and its route) is gone
+            routes.append(Route(self.table, "0.0.0.0", 0, None, metric=KILL_SWITCH_METRIC, why="kill switch",
+                                type=RTN_UNREACHABLE))
         if original is not None:
             gw, oif = original.gateway, original.ifindex
             routes += [Route(RT_TABLE_MAIN, host, 32, gw, oif, why="server/forwarder underlay address")
@@ -534,6 +569,16 @@ def _changes(to_set, missing_rules, stale, stale_rules, failures) -> list[str]:
 
 
 # ---------------------------------------------------------------- cleanup
+def _other_instance(tagged: list[Route], tun_name: str) -> bool:
+    """Whether a tagged tunnel default route goes out through an existing device other than tun_name:
+    another alpaca-tunnel client runs, and the tagged routes and rules are its own (logged)."""
+    for name in {_ifname(r.oif) for r in tagged if r.dst_len == 0 and r.oif} - {None, tun_name}:
+        log.warning("cleanup: routes tagged proto %d belong to a running alpaca-tunnel on %s; "
+                    "leaving them alone", ALPACA_RTPROTO, name)
+        return True
+    return False
+
+
 def cleanup(tun_name: str) -> int:
     """Remove routes and rules a previous (killed) run left behind: everything tagged with
     ALPACA_RTPROTO, in any table. Untagged routes and rules are never touched. If a tagged
@@ -541,9 +586,7 @@ def cleanup(tun_name: str) -> int:
     alpaca-tunnel client is running: nothing is removed. Returns how many were removed."""
     with IPRoute(ext_ack=True) as ipr:
         routes = [r for r in _routes(ipr) if r.proto == ALPACA_RTPROTO]
-        for name in {_ifname(r.oif) for r in routes if r.dst_len == 0 and r.oif} - {None, tun_name}:
-            log.warning("cleanup: routes tagged proto %d belong to a running alpaca-tunnel on %s; "
-                        "leaving them alone", ALPACA_RTPROTO, name)
+        if _other_instance(routes, tun_name):
             return 0
         deleted, problems = _delete(ipr, _our_rules(ipr), routes)
     for problem in problems:
