@@ -324,7 +324,7 @@ class _Semantics:
             except ValueError as e:
                 out.append(("net6", str(e)))
         self.ipv4_networks("local_routes", strict=False)
-        self.ipv4_networks("allow_inbound_from", strict=True)
+        self.ip_networks("allow_inbound_from", net6_off=data.get("net6") == "off")
         chn = data.get("chnroute")
         if isinstance(chn, dict) and isinstance(chn.get("gateway"), str) and chn["gateway"] != CHN_ORIGINAL:
             try:
@@ -342,6 +342,20 @@ class _Semantics:
                 except ValueError:
                     self.out.append((f"{key}[{i}]", f"{text!r} is not an IPv4 network like 192.168.1.0/24"
                                      + (" (host bits must be zero)" if strict else "")))
+
+    def ip_networks(self, key: str, net6_off: bool) -> None:
+        """IPv4 or IPv6 networks, host bits zero; IPv6 ones only with an IPv6 tunnel."""
+        texts = self.data.get(key)
+        for i, text in enumerate(texts if isinstance(texts, list) else ()):
+            if isinstance(text, str):
+                try:
+                    network = ipaddress.ip_network(text, strict=True)
+                except ValueError:
+                    self.out.append((f"{key}[{i}]", f"{text!r} is not a network like 192.168.1.0/24 or "
+                                                    "2001:db8:1::/64 (host bits must be zero)"))
+                    continue
+                if network.version == 6 and net6_off:
+                    self.out.append((f"{key}[{i}]", f"{text!r} is an IPv6 network, but net6 is \"off\""))
 
     def fec(self, key: str, text) -> None:
         if isinstance(text, str):

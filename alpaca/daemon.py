@@ -35,7 +35,7 @@ from .host.resolver import Resolver, resolve_host
 from .host.route_lookup import RouteLookup
 from .host.route_monitor import RouteMonitor
 from .host.routes import RouteError
-from .host.sysctl import IP_FORWARD, Sysctl
+from .host.sysctl import IP_FORWARD, IPV6_FORWARDING, Sysctl
 from .host.tun import Tun, TunError
 from .host.udp import MAX_FILTER_ADDRESSES, UNKNOWN_ONE_IN, Udp, UdpError
 from .host.watch import FileWatch
@@ -102,9 +102,11 @@ def read_secrets(config: Config, at_start: bool, resolver: Resolver) -> dict[int
     return peer_entries(secrets, config.port, resolver.lookup)
 
 
-def server_nat(config: Config, net: TunnelNet) -> ServerNat:
-    """A server's NAT and FORWARD rules, as config.json asks for them."""
-    return ServerNat(config.name, str(net.network), config.mtu, config.allow_inbound_from)
+def server_nat(config: Config, net: TunnelNet, ipv6: bool = True) -> ServerNat:
+    """A server's NAT and FORWARD rules, as config.json asks for them; the
+    IPv6 ones when the tunnel has IPv6 (`ipv6`: its TUN got its address)."""
+    return ServerNat(config.name, str(net.network), config.mtu, config.allow_inbound_from,
+                     str(net.network6) if net.network6 is not None and ipv6 else None)
 
 
 def client_routes(config: Config, peers: dict[int, PeerEntry], net: TunnelNet):
@@ -131,7 +133,10 @@ def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
                      + (f" and {address6}/64" if address6 else ""))
     if config.mode == "server":
         lines.append("sysctl net.ipv4.ip_forward = 1 (restored on stop)")
-        lines += [f"iptables-legacy {rule}" for rule in server_nat(config, net).rules()]
+        if net.network6 is not None:
+            lines.append("sysctl net.ipv6.conf.all.forwarding = 1, after accept_ra 1 -> 2 on every interface "
+                         "that has 1 (restored on stop)")
+        lines += [f"{rule.command} {rule}" for rule in server_nat(config, net).rules()]
     if config.mode == "client" and config.gateway is not None:
         lines += client_routes(config, peer_entries(secrets, config.port, resolve_host), net).describe()
     for stage in ("pre_up", "post_up", "pre_down", "post_down"):
@@ -223,10 +228,19 @@ class Daemon:
             if self.tun.ipv6_problem:
                 log.warning("%s; the tunnel carries IPv4 only", self.tun.ipv6_problem)
         if cfg.mode == "server":
+            ipv6 = self.tun.ipv6_problem is None and net.network6 is not None
             sysctl = Sysctl(cfg.name)
-            sysctl.set(IP_FORWARD, "1")     # servers route between clients and out
             stack.callback(sysctl.restore)
-            rules = server_nat(cfg, net)
+            sysctl.set(IP_FORWARD, "1")     # servers route between clients and out
+            try:
+                forwarding = not ipv6 or sysctl.forward_ipv6()
+            except OSError as exc:          # e.g. a unit that leaves /proc/sys/net/ipv6 read-only
+                forwarding = False
+                log.warning("%s", exc)
+            if not forwarding:
+                log.warning("cannot turn on IPv6 forwarding (%s): IPv6 goes only between this server and "
+                            "its clients", IPV6_FORWARDING)
+            rules = server_nat(cfg, net, ipv6)
             stack.callback(rules.remove)
             rules.apply()
         if cfg.mode == "client" and cfg.gateway is not None:

@@ -54,6 +54,15 @@ def test_check_server_plan_lists_nat_rules(tmp_path):
     r = check(tmp_path, {"id": "1.1", "mode": "server", "group": "g"})
     assert r.returncode == 0, r.stderr
     assert "MASQUERADE" in r.stdout and "--set-mss 1360" in r.stdout
+    # net6 "auto": IPv6 forwarding and the same rules for ip6tables, MSS 40 bytes less
+    from alpaca.protocol.ids import TunnelNet, group_prefix6
+    net6 = TunnelNet((10, 17), group_prefix6("g")).network6
+    assert "sysctl net.ipv6.conf.all.forwarding = 1, after accept_ra 1 -> 2" in r.stdout
+    assert (f'ip6tables-legacy -t nat -A POSTROUTING -s {net6} ! -d {net6} -m comment --comment '
+            '"alpaca-tunnel:alpaca" -j MASQUERADE') in r.stdout
+    assert "ip6tables-legacy -t mangle" in r.stdout and "--set-mss 1340" in r.stdout
+    r = check(tmp_path, {"id": "1.1", "mode": "server", "group": "g", "net6": "off"})
+    assert "ip6tables" not in r.stdout and "net.ipv6" not in r.stdout
 
 
 @pytest.mark.parametrize("config, expected", [

@@ -169,8 +169,11 @@ def test_bad_local_route():
     assert problems(local_routes=["192.168.0.0/16", "10.0.0.0/33"]) == [
         "config.json: local_routes[1]: '10.0.0.0/33' is not an IPv4 network like 192.168.1.0/24"]
     assert problems(allow_inbound_from=["192.168.1.0/24", "192.168.1.1/24"]) == [
-        "config.json: allow_inbound_from[1]: '192.168.1.1/24' is not an IPv4 network like 192.168.1.0/24 "
-        "(host bits must be zero)"]
+        "config.json: allow_inbound_from[1]: '192.168.1.1/24' is not a network like 192.168.1.0/24 "
+        "or 2001:db8:1::/64 (host bits must be zero)"]
+    assert problems(allow_inbound_from=["192.168.1.0/24", "2001:db8:1::/64"]) == []
+    assert problems(allow_inbound_from=["2001:db8:1::/64"], net6="off") == [
+        "config.json: allow_inbound_from[0]: '2001:db8:1::/64' is an IPv6 network, but net6 is \"off\""]
 
 
 def test_bad_listen_and_chnroute_gateway():

@@ -13,7 +13,8 @@ import sys
 
 
 def sink(address: str, port: int) -> tuple[int, str]:
-    srv = socket.create_server((address, port))
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    srv = socket.create_server((address, port), family=family)
     print("ready", flush=True)
     srv.settimeout(60)
     conn, _ = srv.accept()
