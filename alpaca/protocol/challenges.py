@@ -102,9 +102,8 @@ class Challenges:
         (which bounds what others can make us send)."""
         full = self.settings.max_datagram
         for peer in self.table.peers.values():
-            if not peer.sends_big:
-                continue
-            peer.sends_big = False
+            if now - peer.sent_big > pmtu.ACTIVE:
+                continue        # (a TCP sender in backoff sends rarely: the search goes on meanwhile)
             key = self.table.pair_key(self.me, peer.id)
             if key is None:
                 continue

@@ -99,7 +99,7 @@ class Outbound:
         if batch is not None:
             self._flush(batches.pop(peer.id), now, out)     # keep the peer's packets in order
         datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now,
-                                       self._limit(peer, targets, len(packet)))
+                                       self._limit(peer, targets, len(packet), now))
         self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), len(datagrams) == 1, now, out)
 
     def _unreachable(self, packet: bytes, ends: tuple[bytes, bytes], now: float, out: Output,
@@ -141,7 +141,7 @@ class Outbound:
             plaintext += bytes(self.settings.padding - len(plaintext))
         flags = FLAG_BATCH | (FLAG_VNET if self.settings.vnet else 0)
         datagrams = self._seal_message(KIND_DATA, batch.peer.id, batch.key, plaintext, flags, now,
-                                       self._limit(batch.peer, batch.targets, len(plaintext)))
+                                       self._limit(batch.peer, batch.targets, len(plaintext), now))
         self._emit(batch.peer, datagrams, batch.targets, len(batch.packets), batch.early, False, now, out)
 
     def _emit(self, peer: Peer, datagrams: list[bytes], targets: list[Addr], packets: int, early: bool,
@@ -185,13 +185,13 @@ class Outbound:
             return self.loss.parity(peer_id, k)
         return 0 if policy is None else fec.ratio_parity(policy, k)
 
-    def _limit(self, peer: Peer, targets: list[Addr], size: int) -> int:
+    def _limit(self, peer: Peer, targets: list[Addr], size: int, now: float) -> int:
         """The largest datagram for a message of `size` bytes to the peer on
         `targets`; one that a path MTU could stop has the peer's ways probed
         (pmtu.py: only ways that carry big datagrams are, so an idle tunnel
         sends no big probes)."""
         if size + OVERHEAD > pmtu.FLOOR:
-            peer.sends_big = True
+            peer.sent_big = now
         return peer.datagram_limit(targets, self.settings.max_datagram)
 
     def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,

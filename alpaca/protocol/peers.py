@@ -114,7 +114,7 @@ class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
                  "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows",
                  "verified", "challenges", "next_challenge", "responses", "old_floors", "probes",
-                 "limited", "sends_big")
+                 "limited", "sent_big")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
         self.id = peer_id
@@ -147,7 +147,7 @@ class Peer:
         # our ways to the peer (its paths, or forwarders) -> what challenges on them found
         self.probes: dict[Addr, Probe] = {}
         self.limited = False        # a way to the peer carries less than full-size datagrams
-        self.sends_big = False      # sent a message a path MTU could stop since its ways were probed
+        self.sent_big = -math.inf   # when it was last sent a message a path MTU could stop
         self.next_challenge = -math.inf
         self.responses = [0.0, 0]      # [second, responses sent in it]: answers are rate-limited
         # (window, session) -> newest second forgotten, for sessions gone from

@@ -39,6 +39,7 @@ PRECISION = 16      # bytes: the search stops when it knows the size this closel
 CONFIRM = 30.0      # full size works: probed again this often
 RAISE = 60.0        # a limited way tries full size again this often
 SPREAD = 3          # sizes per search round
+ACTIVE = 10.0       # a peer's ways are probed until this long after its last big message
 
 
 @dataclass(slots=True)
