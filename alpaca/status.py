@@ -65,6 +65,10 @@ def _path_state(path: dict) -> str:
     delivers = {True: "delivers", False: "DOES NOT DELIVER", None: "probing"}[path["delivers"]]
     if path["probe_loss"] is not None:
         delivers += f", {100 * path['probe_loss']:.0f} % of {path['probes']} probes lost"
+    if path.get("max_datagram"):
+        delivers += f"; path MTU: datagrams of at most {path['max_datagram']} bytes pass (sent as smaller shards)"
+    elif path.get("path_mtu") == "searching":
+        delivers += "; path MTU: full-size datagrams lost, searching"
     return f"{state}; {delivers}"
 
 

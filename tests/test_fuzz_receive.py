@@ -146,7 +146,7 @@ def test_catches_an_answer_taken_for_a_nonce_never_sent(monkeypatch):
     def credulous(self, src, header, plaintext, size, addr, now, out):
         nonce = plaintext[:len(plaintext) - header.pad]
         if nonce not in src.challenges:
-            src.challenges[nonce] = (now, addr, False, False)
+            src.challenges[nonce] = (now, addr, False, False, 0)
         return real_on_response(self, src, header, plaintext, size, addr, now, out)
     monkeypatch.setattr(node_module.Node, "_on_response", credulous)
     assert "response input" in _must_catch(h)

@@ -3,19 +3,21 @@
 A node accepts a peer's traffic for itself only from a session that
 answered one of its challenges, and a learned path carries more than it
 brought only once a challenge sent on it was answered. Each challenge on one
-of our ways to a peer is also a probe of that way (peers.Probe).
+of our ways to a peer is also a probe of that way (peers.Probe), and a
+challenge padded to a size probes the way's MTU (pmtu.py).
 """
 
 from __future__ import annotations
 
 
-from .constants import KIND_CHALLENGE, KIND_RESPONSE, PATH_DIRECT
+from . import pmtu
+from .constants import KIND_CHALLENGE, KIND_RESPONSE, OVERHEAD, PATH_DIRECT
 from .constants import NONCE_SIZE, CHALLENGE_INTERVAL, RESPONSE_LIMIT
 from .drops import DropReason
+from .ids import format_id
 from .output import Output
 from .peers import CHALLENGE_WINDOW, Addr, Peer
 from .wire import Header
-
 
 
 class Challenges:
@@ -86,8 +88,51 @@ class Challenges:
             # took (it is sent on every path), or a stale or replayed one
             src.drops[DropReason.DUPLICATE if header.session in src.verified else DropReason.REPLAY] += 1
             return
-        _, target, relayed, _ = challenge
+        _, target, relayed, _, _ = challenge
         if header.session not in src.verified:
             src.verify(header.session, header.ts, header.seq, now)
         src.prove(target, relayed, now)
         self._learn(src, header, addr, size, now, out)
+
+    def _path_mtus(self, now: float, out: Output) -> None:
+        """Probe the MTU of our ways to the peers we send big messages to
+        (bigger than pmtu.FLOOR): pmtu.PathMtu says which sizes, when. Each
+        round is a few padded challenges and one small one per way, at most
+        every pmtu.RETRY: a budget of its own, apart from CHALLENGE_INTERVAL
+        (which bounds what others can make us send)."""
+        full = self.settings.max_datagram
+        for peer in self.table.peers.values():
+            if now - peer.sent_big > pmtu.ACTIVE:
+                continue        # (a TCP sender in backoff sends rarely: the search goes on meanwhile)
+            key = self.table.pair_key(self.me, peer.id)
+            if key is None:
+                continue
+            for way in self._towards(peer, now):
+                probe = peer.probe_of(way)
+                mtu = probe.mtu
+                before = mtu.limit
+                sizes = mtu.step(full, probe.last_answer, now)
+                if mtu.limit != before:
+                    self._mtu_notice(peer, way, mtu.limit)
+                    peer.limited = any(p.mtu.limit for p in peer.probes.values())
+                if sizes:
+                    for size in [0] + sizes:
+                        self._mtu_probe(peer, key, way, size, now, out)
+
+    def _mtu_probe(self, peer: Peer, key: bytes, way: Addr, size: int, now: float, out: Output) -> None:
+        """A challenge on `way`, padded to a datagram of `size` bytes (0: a small one)."""
+        nonce = self._random_bytes(NONCE_SIZE)
+        pad = max(size - OVERHEAD - NONCE_SIZE, 0)
+        path = peer.paths.get(way)
+        peer.challenge_sent(nonce, way, path is None or path.relayed, size == 0, now, size)
+        out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now, pad=pad), way))
+
+    def _mtu_notice(self, peer: Peer, way: Addr, limit: int | None) -> None:
+        where = f"peer {format_id(peer.id)} via {way[0]}:{way[1]}"
+        if limit is None:
+            self.notices.append(f"{where}: full-size datagrams pass again; no longer split")
+            return
+        self.notices.append(
+            f"{where}: datagrams over {limit} bytes are lost without an ICMP error (a path MTU black hole); "
+            f"sending them as shards of at most {limit} bytes (mtu {limit - self.settings.max_datagram + self.settings.mtu}"
+            f" or less avoids the split)")

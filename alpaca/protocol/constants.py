@@ -86,5 +86,6 @@ BATCH_LIMIT = 65535               # plaintext bytes of one FEC batch (about 47 s
 BATCH_ENTRY = 2                   # the length before each packet of a batch
 NONCE_SIZE = 16                   # of a challenge
 CHALLENGE_INTERVAL = 0.25         # challenges to one peer at most this often
+PATH_MTU_INTERVAL = 0.25          # path MTU probes looked after this often (pmtu.py)
 RESPONSE_LIMIT = 20               # answers to one peer's challenges per second
 VERSION_NOTICE_INTERVAL = 60.0    # one line about datagrams of another wire version

@@ -29,7 +29,7 @@ from . import fec, loss
 from .challenges import Challenges
 from .constants import (DEFAULT_TTL, HELD_PACKETS, HOST_CACHE_LIMIT, KEEPALIVE_INTERVAL, KIND_CHALLENGE,
                         KIND_KEEPALIVE, KIND_REPORT, NEXT_HOPS_KEPT, OVERHEAD, PATH_DIRECT, PEER_LIFETIME,
-                        PRUNE_INTERVAL, REPORT_INTERVAL, SEQ_LIMIT, TAG_SIZE, UNREACHABLE_BURST, VNET_HDR_SIZE)
+                        PATH_MTU_INTERVAL, PRUNE_INTERVAL, REPORT_INTERVAL, SEQ_LIMIT, TAG_SIZE, UNREACHABLE_BURST, VNET_HDR_SIZE)
 from .crypto import derive_group_key, mask_state
 from .drops import DropReason
 from .ids import TunnelNet, format_id
@@ -123,6 +123,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._next_keepalive = now
         self._keepalives_sent = 0
         self._next_prune = now + PRUNE_INTERVAL
+        self._next_path_mtu = now
         self._packed: dict[str, bytes | None] = {}
         self._addresses: dict[int, tuple[bytes, ...]] = {}    # peer ID -> its tunnel addresses, packed
         self._loop_noticed: set[Addr] = set()
@@ -170,12 +171,14 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._seq += n
         return self._ts, seq
 
-    def _seal(self, kind: int, dst: int, key: bytes, payload: bytes, now: float, flags: int = 0) -> bytes:
-        # challenges and answers are never padded: their size says nothing,
-        # and an answer must be no bigger than its challenge to go back to
-        # where the challenge came from
-        padding = self.settings.padding if kind < KIND_CHALLENGE else 0
-        pad = padding - len(payload) if len(payload) < padding else 0
+    def _seal(self, kind: int, dst: int, key: bytes, payload: bytes, now: float, flags: int = 0,
+              pad: int | None = None) -> bytes:
+        # challenges and answers are not padded to `padding`: their size says
+        # nothing, and an answer must be no bigger than its challenge to go
+        # back to where the challenge came from; `pad`: a path MTU probe
+        if pad is None:
+            padding = self.settings.padding if kind < KIND_CHALLENGE else 0
+            pad = padding - len(payload) if len(payload) < padding else 0
         ts, seq = self._stamp(now)
         header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, pad, flags)
         return seal(self.group_key, key, header, payload + bytes(pad) if pad else payload)
@@ -289,7 +292,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
 
     # ------------------------------------------------------------ timers
     def next_deadline(self) -> float:
-        due = min(self._next_keepalive, self._next_prune, self._next_report)
+        due = min(self._next_keepalive, self._next_prune, self._next_report, self._next_path_mtu)
         return min(due, self._timers[0][0]) if self._timers else due
 
     def tick(self, now: float) -> Output:
@@ -302,6 +305,8 @@ class Node(Inbound, Outbound, Relay, Challenges):
             self._next_report = now
         if self._next_prune - now > PRUNE_INTERVAL:
             self._next_prune = now
+        if self._next_path_mtu - now > PATH_MTU_INTERVAL:
+            self._next_path_mtu = now
         while self._timers and self._timers[0][0] <= now:
             out.sends.extend(heapq.heappop(self._timers)[2])
         if now >= self._next_keepalive:
@@ -310,6 +315,9 @@ class Node(Inbound, Outbound, Relay, Challenges):
             self._keepalives_sent += 1
             self._next_keepalive = now + (KEEPALIVE_INTERVAL if self._keepalives_sent > 3 else 1.0)
             self._keepalives(now, out)
+        if now >= self._next_path_mtu:
+            self._next_path_mtu = now + PATH_MTU_INTERVAL
+            self._path_mtus(now, out)
         if now >= self._next_report:
             self._next_report = now + REPORT_INTERVAL
             self._reassembly_tick(now, out)
@@ -405,7 +413,8 @@ class Node(Inbound, Outbound, Relay, Challenges):
             if probe is not None:
                 loss_ = probe.loss()
                 entry.update(delivers=probe.delivers(now), last_answer_age=age(probe.last_answer),
-                             probe_loss=None if loss_ is None else round(loss_, 3), probes=probe.count)
+                             probe_loss=None if loss_ is None else round(loss_, 3), probes=probe.count,
+                             path_mtu=probe.mtu.state, max_datagram=probe.mtu.limit)
             paths.append(entry)
         return paths
 

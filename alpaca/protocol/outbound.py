@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import heapq
 
-from . import fec, inner
+from . import fec, inner, pmtu
 from .constants import (FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_DATA, OVERHEAD, PATH_DIRECT,
                         SYN_DNS_COPY_DELAY, TAG_SIZE, UNREACHABLE_BURST, UNREACHABLE_PER_SECOND, VNET_HDR_SIZE)
 from .constants import ZERO_VNET, INNER_HEAD, BATCH_LIMIT, BATCH_ENTRY
 from .drops import DropReason
 from .output import Output
 from .peers import Addr, Peer
-from .wire import Header, frame_shards, seal_message
+from .wire import SHARD_OVERHEAD, Header, frame_shards, seal_message
 
 
 UNRESOLVED = object()       # Node._route: the destination waits for the host's next hop
@@ -98,7 +98,8 @@ class Outbound:
             return
         if batch is not None:
             self._flush(batches.pop(peer.id), now, out)     # keep the peer's packets in order
-        datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now)
+        datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now,
+                                       self._limit(peer, targets, len(packet), now))
         self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), len(datagrams) == 1, now, out)
 
     def _unreachable(self, packet: bytes, ends: tuple[bytes, bytes], now: float, out: Output,
@@ -139,7 +140,8 @@ class Outbound:
         if len(plaintext) < self.settings.padding:
             plaintext += bytes(self.settings.padding - len(plaintext))
         flags = FLAG_BATCH | (FLAG_VNET if self.settings.vnet else 0)
-        datagrams = self._seal_message(KIND_DATA, batch.peer.id, batch.key, plaintext, flags, now)
+        datagrams = self._seal_message(KIND_DATA, batch.peer.id, batch.key, plaintext, flags, now,
+                                       self._limit(batch.peer, batch.targets, len(plaintext), now))
         self._emit(batch.peer, datagrams, batch.targets, len(batch.packets), batch.early, False, now, out)
 
     def _emit(self, peer: Peer, datagrams: list[bytes], targets: list[Addr], packets: int, early: bool,
@@ -183,16 +185,27 @@ class Outbound:
             return self.loss.parity(peer_id, k)
         return 0 if policy is None else fec.ratio_parity(policy, k)
 
+    def _limit(self, peer: Peer, targets: list[Addr], size: int, now: float) -> int:
+        """The largest datagram for a message of `size` bytes to the peer on
+        `targets`; one that a path MTU could stop has the peer's ways probed
+        (pmtu.py: only ways that carry big datagrams are, so an idle tunnel
+        sends no big probes)."""
+        if size + OVERHEAD > pmtu.FLOOR:
+            peer.sent_big = now
+        return peer.datagram_limit(targets, self.settings.max_datagram)
+
     def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,
-                      now: float) -> list[bytes]:
+                      now: float, limit: int) -> list[bytes]:
         """One datagram, or the shards (with parity) of a message too big for
-        one or of a FEC batch (docs/protocol.md §12): one AEAD call either way."""
-        if not flags & (FLAG_VNET | FLAG_BATCH) or (not flags & FLAG_BATCH
-                                                    and len(plaintext) + OVERHEAD <= self.settings.max_datagram):
+        one or of a FEC batch (docs/protocol.md §12): one AEAD call either way.
+        `limit`: the largest datagram the targets carry (path MTU, pmtu.py)."""
+        full = self.settings.max_datagram
+        if not flags & FLAG_BATCH and (len(plaintext) + OVERHEAD <= limit
+                                       or (not flags & FLAG_VNET and limit >= full)):
             # (a plain packet is never bigger than the TUN's MTU, unless the
             # MTU changed under us: then it goes whole, as before offloads)
             return [self._seal(kind, dst, key, plaintext, now, flags)]
-        max_chunk = self.max_chunk
+        max_chunk = self.max_chunk if limit >= full else limit - SHARD_OVERHEAD
         k = fec.shard_count(len(plaintext) + TAG_SIZE, max_chunk)
         m = min(self._parity(dst, k), fec.MAX_SHARDS - k)
         isal = fec.uses_isal(k, m)          # in the authenticated header: the receiver decodes by it

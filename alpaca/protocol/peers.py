@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import collections
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .constants import (MAX_PATHS_PER_PEER, MAX_SESSIONS_PER_PEER, MAX_WINDOWS_PER_PEER, PATH_LIFETIME,
                         PEER_LIFETIME, REPLAY_WINDOW, SEQ_LIMIT)
 from .crypto import derive_pair_key, derive_psk_key, derive_shard_key
 from .drops import DropReason
+from .pmtu import PathMtu
 from .replay import ReplayWindow
 
 RELAY_KEY_CACHE = 4096
@@ -75,6 +76,7 @@ class Probe:
     unanswered_since: float | None = None    # the oldest probe sent since the last answer
     outcomes: int = 0                         # bit i: the (i+1)-th latest probe was answered
     count: int = 0                            # outcomes kept (<= PROBE_HISTORY)
+    mtu: PathMtu = field(default_factory=PathMtu)   # the largest datagram this way carries
 
     def sent(self, now: float) -> None:
         self.last_sent = now
@@ -111,7 +113,8 @@ class PeerEntry:
 class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
                  "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows",
-                 "verified", "challenges", "next_challenge", "responses", "old_floors", "probes")
+                 "verified", "challenges", "next_challenge", "responses", "old_floors", "probes",
+                 "limited", "sent_big")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
         self.id = peer_id
@@ -139,10 +142,12 @@ class Peer:
         # sessions proven live: session -> [ts, seq, when]; only datagrams
         # sealed after (ts, seq) are accepted for this node (oldest evicted)
         self.verified: collections.OrderedDict[bytes, list] = collections.OrderedDict()
-        # challenges outstanding: nonce -> (when sent, address, relayed, probed)
+        # challenges outstanding: nonce -> (when sent, address, relayed, probed, size probed or 0)
         self.challenges: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
         # our ways to the peer (its paths, or forwarders) -> what challenges on them found
         self.probes: dict[Addr, Probe] = {}
+        self.limited = False        # a way to the peer carries less than full-size datagrams
+        self.sent_big = -math.inf   # when it was last sent a message a path MTU could stop
         self.next_challenge = -math.inf
         self.responses = [0.0, 0]      # [second, responses sent in it]: answers are rate-limited
         # (window, session) -> newest second forgotten, for sessions gone from
@@ -286,29 +291,45 @@ class Peer:
             self.challenge_done(nonce, False, now)
         for addr in [a for a, p in self.probes.items() if now - p.last_sent > PEER_LIFETIME]:
             del self.probes[addr]
+        self.limited = any(p.mtu.limit for p in self.probes.values())
 
-    def challenge_sent(self, nonce: bytes, target: Addr, relayed: bool, probed: bool, now: float) -> None:
+    def challenge_sent(self, nonce: bytes, target: Addr, relayed: bool, probed: bool, now: float,
+                       size: int = 0) -> None:
         """A challenge went to target; probed: target is one of our ways to
-        the peer (not only the source of a datagram), so its outcome counts."""
+        the peer (not only the source of a datagram), so its outcome counts.
+        size: a padded challenge probing the way's MTU (its outcome counts
+        there, not in the way's probe loss)."""
         if len(self.challenges) >= 16:
             self.challenge_done(next(iter(self.challenges)), False, now)
-        self.challenges[nonce] = (now, target, relayed, probed)
+        self.challenges[nonce] = (now, target, relayed, probed, size)
         if probed:
-            probe = self.probes.get(target)
-            if probe is None:
-                if len(self.probes) >= MAX_PROBED:
-                    del self.probes[min(self.probes, key=lambda a: self.probes[a].last_sent)]
-                probe = self.probes[target] = Probe()
-            probe.sent(now)
+            self.probe_of(target).sent(now)
+
+    def probe_of(self, target: Addr) -> Probe:
+        probe = self.probes.get(target)
+        if probe is None:
+            if len(self.probes) >= MAX_PROBED:
+                del self.probes[min(self.probes, key=lambda a: self.probes[a].last_sent)]
+            probe = self.probes[target] = Probe()
+        return probe
+
+    def datagram_limit(self, targets: list[Addr], full: int) -> int:
+        """The largest datagram all of `targets` carry (path MTU probes)."""
+        if not self.limited:
+            return full
+        limits = [p.mtu.limit for p in map(self.probes.get, targets) if p is not None and p.mtu.limit]
+        return min(limits + [full])
 
     def challenge_done(self, nonce: bytes, answered: bool, now: float) -> tuple | None:
         """The challenge was answered, or is given up: (when, target, relayed,
-        probed), None when it was not outstanding."""
+        probed, size), None when it was not outstanding."""
         challenge = self.challenges.pop(nonce, None)
-        if challenge is not None and challenge[3]:
+        if challenge is not None and (challenge[3] or challenge[4]):
             probe = self.probes.get(challenge[1])
-            if probe is not None:
+            if probe is not None and challenge[3]:
                 probe.record(answered, now)
+            elif probe is not None and answered:
+                probe.mtu.answer(challenge[4])
         return challenge
 
     def release_window(self, dst: int) -> None:
