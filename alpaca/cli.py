@@ -55,52 +55,94 @@ def cmd_status(args) -> int:
     """-C: the daemon of that config. Otherwise every daemon findable in
     RUN_DIR (docs/operations.md "Status"), or the one named NAME. Each
     daemon answers with one snapshot; the table and --json are both
-    rendered from it, never from a second question."""
+    rendered from it, never from a second question. With --check, every
+    problem finding a daemon is a CRITICAL line on stdout instead of an
+    error on stderr (docs/operations.md "Monitoring")."""
     from .host.control import RUN_DIR, discover, socket_name
+    fail = _critical if args.check else _fail
     if args.config is not None:
         if args.name is not None:
-            return _fail("give NAME or -C, not both")
+            return _usage(args, "give NAME or -C, not both")
         if (config := _load(args)) is None:
-            return 1
+            return UNKNOWN if args.check else 1
         try:
             status = query(socket_path(config), {"command": "status"})
         except ControlError as e:
-            return _fail(str(e))
+            return fail(str(e))
         if "error" in status:
-            return _fail(status["error"])
-        return _show_status(status, args.json)
+            return fail(status["error"])
+        return _show_status(status, args)
     try:
         found, stale, failed = discover(RUN_DIR)
     except ControlError as e:
-        return _fail(str(e))
-    for line in failed:
-        _fail(line)
+        return fail(str(e))
+    code = max((fail(line) for line in failed), default=0)
     if args.name is not None:
         stale = [p for p in stale if socket_name(p) == args.name]
         found = [s for s in found if s.get("name") == args.name]
     if stale:
-        _fail(f"skipped {len(stale)} stale control socket{'s' if len(stale) > 1 else ''} "
-              f"(daemon gone; `alpaca-tunnel cleanup -C CONFIG` removes it): {', '.join(map(str, stale))}")
+        code = max(code, fail(f"skipped {len(stale)} stale control socket{'s' if len(stale) > 1 else ''} "
+                              f"(daemon gone; `alpaca-tunnel cleanup -C CONFIG` removes it): "
+                              f"{', '.join(map(str, stale))}"))
     if not found:
         what = "no daemon is running" if args.name is None else f"no daemon named {args.name} is running"
-        return _fail(f"{what} (no live control socket in {RUN_DIR}; for a daemon not registered there use -C)")
+        return fail(f"{what} (no live control socket in {RUN_DIR}; for a daemon not registered there use -C)")
     if args.name is not None:
         if len(found) > 1:
-            return _fail(f"{len(found)} daemons are named {args.name} (configs "
-                         f"{', '.join(s['config'] for s in found)}): choose one with -C")
-        return _show_status(found[0], args.json)
-    found.sort(key=lambda s: (s.get("name") or "", s.get("config") or ""))
-    return _show_status(found, args.json)
+            return _usage(args, f"{len(found)} daemons are named {args.name} (configs "
+                                f"{', '.join(s['config'] for s in found)}): choose one with -C")
+        found = found[0]
+    else:
+        found.sort(key=lambda s: (s.get("name") or "", s.get("config") or ""))
+    shown = _show_status(found, args)
+    return _worst(code, shown) if args.check else shown
 
 
-def _show_status(status: dict | list[dict], as_json: bool) -> int:
-    """One snapshot (an object) or several (a list), as --json or tables."""
-    if as_json:
+# the exit codes of a Nagios plugin, and which of two a check reports
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+SEVERITY = (OK, UNKNOWN, WARNING, CRITICAL)
+
+
+def _worst(*codes: int) -> int:
+    return max(codes, key=SEVERITY.index)
+
+
+def _usage(args, message: str) -> int:
+    """A question status cannot answer as asked: 1, or for --check UNKNOWN."""
+    _fail(message)
+    return UNKNOWN if args.check else 1
+
+
+def _critical(message: str) -> int:
+    """--check: a daemon that cannot be asked is a CRITICAL line on stdout."""
+    print(f"ALPACA CRITICAL - {message}")
+    return CRITICAL
+
+
+def _show_status(status: dict | list[dict], args) -> int:
+    """One snapshot (an object) or several (a list), as --json or tables;
+    with --check one line each (unless --json), and the worst verdict as
+    the exit status."""
+    snapshots = status if isinstance(status, list) else [status]
+    if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
+    from .status import format_check, format_status
+    if not args.check:
+        if not args.json:
+            print("\n\n".join(format_status(s) for s in snapshots))
         return 0
-    from .status import format_status
-    print("\n\n".join(format_status(s) for s in (status if isinstance(status, list) else [status])))
-    return 0
+    codes = []
+    for snapshot in snapshots:
+        if "health" not in snapshot:        # a daemon of a version before `health`
+            codes.append(UNKNOWN)
+            if not args.json:
+                print(f"ALPACA UNKNOWN - {snapshot.get('name') or snapshot['id']}: "
+                      "the daemon reports no health (an older version)")
+            continue
+        codes.append(snapshot["health"]["code"])
+        if not args.json:
+            print(format_check(snapshot))
+    return _worst(*codes)
 
 
 def cmd_cleanup(args) -> int:
@@ -149,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("name", nargs="?", metavar="NAME", help="the daemon whose config has this name (its interface)")
     status.add_argument("--json", action="store_true",
                         help="machine-readable output: an object for one daemon (NAME or -C), else a list")
+    status.add_argument("--check", action="store_true",
+                        help="monitoring: one line per daemon, exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN "
+                             "(Nagios plugin conventions)")
     sub.add_parser("check", help="validate config.json and secrets.txt and print what the daemon would do")
     sub.add_parser("cleanup", help="remove routes and rules a crashed daemon left behind")
     demo = sub.add_parser("demo", help="build a demo mesh in network namespaces, show it, tear it down")

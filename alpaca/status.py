@@ -72,6 +72,23 @@ def _path_state(path: dict) -> str:
     return f"{state}; {delivers}"
 
 
+def _peer_state(peer: dict) -> str:
+    """The state word (alpaca/protocol/health.py), upper case when it is a
+    fault, after the role of a peer we depend on; a snapshot of a daemon
+    from before `state` existed: up or down."""
+    if "state" not in peer:
+        return "up" if peer["up"] else "down"
+    word = peer["state"].upper() if peer["state"] == "unreachable" else peer["state"]
+    return f"{peer['role']} {word}" if peer.get("role") else word
+
+
+def format_check(status: dict) -> str:
+    """`status --check`: one line, Nagios style (`ALPACA OK - ...`)."""
+    verdict = status["health"]
+    who = status.get("name") or status["id"]
+    return f"ALPACA {verdict['status'].upper()} - {who} ({status['id']}, {status['mode']}): {verdict['summary']}"
+
+
 def format_status(status: dict) -> str:
     lines = [f"alpaca-tunnel {status['id']} ({status['mode']}), group {status['group']}, "
              f"up {_age(status['uptime'])}",
@@ -80,11 +97,13 @@ def format_status(status: dict) -> str:
         lines.append(_clipped(f"  name {status['name']}, config {status['config']}"))
     if status["drops"]:
         lines += _wrapped("  drops not tied to a peer: ", status["drops"])
+    if "health" in status:
+        lines += textwrap.wrap(f"  health {status['health']['status'].upper()}: {status['health']['summary']}",
+                               WIDTH, subsequent_indent="    ")
     for peer in status["peers"]:
-        state = "up" if peer["up"] else "down"
         heard = "never heard" if peer["last_rx_age"] is None else f"last packet {_age(peer['last_rx_age'])} ago"
         lines.append("")
-        lines.append(f"peer {peer['id']} ({peer['address']}) {state}, {heard}")
+        lines.append(f"peer {peer['id']} ({peer['address']}) {_peer_state(peer)}, {heard}")
         lines.append(f"  rx {peer['rx_packets']} pkts {_size(peer['rx_bytes'])}, "
                      f"tx {peer['tx_packets']} pkts {_size(peer['tx_bytes'])}, relayed {peer['relayed_packets']}")
         fec = _fec_line(peer)

@@ -137,6 +137,41 @@ def test_genkey():
     assert r.returncode == 0 and len(keys) == 3 and all(len(k) == 43 for k in keys)
 
 
+def test_status_check_without_daemon_is_critical_and_a_bad_question_unknown(tmp_path):
+    """Nagios conventions (docs/operations.md "Monitoring"): a daemon that
+    does not answer is CRITICAL (2) in one line on stdout; a question that
+    cannot be asked is UNKNOWN (3)."""
+    config = str(write(tmp_path, {**GOOD, "control_socket": str(tmp_path / "none.sock")}))
+    r = run("status", "--check", "-C", config)
+    assert r.returncode == 2 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("ALPACA CRITICAL - no daemon is running") and len(r.stdout.splitlines()) == 1
+    r = run("status", "--check", "alpaca", "-C", config)
+    assert r.returncode == 3 and r.stdout == "" and "give NAME or -C, not both" in r.stderr
+    r = run("status", "--check", "-C", str(tmp_path / "missing.json"))
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+
+
+def test_status_check_line_and_table_show_the_states():
+    from alpaca.status import format_check, format_status
+    gateway = {"id": "1.1", "address": "10.17.1.1", "up": True, "role": "gateway", "state": "unreachable",
+               "last_rx_age": 14.0, "last_data_age": None, "paths": [], "rx_packets": 0, "rx_bytes": 0,
+               "tx_packets": 0, "tx_bytes": 0, "relayed_packets": 0, "drops": {}, "fec": "auto"}
+    other = {**gateway, "id": "16.2", "address": "10.17.16.2", "role": None, "state": "silent", "last_rx_age": None}
+    health = {"status": "critical", "code": 2, "summary": "gateway 1.1 unreachable (no answer for 14s)"}
+    status = {"id": "16.1", "mode": "client", "group": "g", "uptime": 50, "net": "10.17", "tun": "alpaca",
+              "listen": "0.0.0.0:1040", "drops": {}, "peers": [gateway, other], "health": health, "name": "alpaca"}
+    assert format_check(status) == ("ALPACA CRITICAL - alpaca (16.1, client): "
+                                    "gateway 1.1 unreachable (no answer for 14s)")
+    table = format_status(status).splitlines()
+    assert "  health CRITICAL: gateway 1.1 unreachable (no answer for 14s)" in table
+    assert "peer 1.1 (10.17.1.1) gateway UNREACHABLE, last packet 14.0s ago" in table
+    assert "peer 16.2 (10.17.16.2) silent, never heard" in table
+    # a snapshot of a daemon from before `state`: up or down, as then
+    old = {**status, "peers": [{k: v for k, v in gateway.items() if k not in ("state", "role")}]}
+    del old["health"]
+    assert "peer 1.1 (10.17.1.1) up, last packet 14.0s ago" in format_status(old).splitlines()
+
+
 def test_status_table_shows_loss_and_fec_within_80_columns():
     from alpaca.status import format_status
     peer = {"id": "1.1", "address": "10.17.1.1", "up": True, "last_rx_age": 0.2, "paths": [],

@@ -184,7 +184,7 @@ def test_no_daemon_is_one_line_and_exit_1():
 # ---------------------------------------------------------------- the two views
 
 UPTIME = re.compile(r"^alpaca-tunnel 16\.1 \(client\), group \S+, up ([\d.]+)s$", re.M)
-GATEWAY = re.compile(r"^peer 1\.1 \(10\.17\.1\.1\) (up|down), (?:never heard|last packet ([\d.]+)s ago)$", re.M)
+GATEWAY = re.compile(r"^peer 1\.1 \(10\.17\.1\.1\) gateway (\w+), (?:never heard|last packet ([\d.]+)s ago)$", re.M)
 
 
 def _view(r: subprocess.CompletedProcess, as_json: bool) -> tuple[float, bool, float | None]:
@@ -198,7 +198,8 @@ def _view(r: subprocess.CompletedProcess, as_json: bool) -> tuple[float, bool, f
         uptime = float(UPTIME.search(r.stdout).group(1))
         m = GATEWAY.search(r.stdout)
         assert m, r.stdout
-        up, age = m.group(1) == "up", None if m.group(2) is None else float(m.group(2))
+        # (the table shows the state: heard lately is active or idle; docs/operations.md "Monitoring")
+        up, age = m.group(1) in ("active", "idle"), None if m.group(2) is None else float(m.group(2))
     return uptime, up, None if age is None else uptime - age
 
 

@@ -181,6 +181,8 @@ class Inbound:
         if not src.up:
             src.up = True
             self.notices.append(f"peer {format_id(src.id)} up")
+        if header.kind == KIND_DATA:
+            self.last_data[src.id] = now        # status tells a peer carrying traffic from an idle one
         src.rx_bytes += size
 
     def _file_shard(self, src: Peer, header: Header, shard: tuple, data: bytes, addr: Addr, now: float,

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import fec, loss
+from . import fec, health, loss
 from .challenges import Challenges
 from .constants import (DEFAULT_TTL, HELD_PACKETS, HOST_CACHE_LIMIT, KEEPALIVE_INTERVAL, KIND_CHALLENGE,
                         KIND_KEEPALIVE, KIND_REPORT, NEXT_HOPS_KEPT, OVERHEAD, PATH_DIRECT, PEER_LIFETIME,
@@ -134,6 +134,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._next_report = now + REPORT_INTERVAL
         self._next_version_notice = -math.inf
         self._next: _Next | None = None       # the shard predicted next (from_udp)
+        self.last_data: dict[int, float] = {}   # peer ID -> when it last sent us data (status: active or idle)
 
     @property
     def max_chunk(self) -> int:
@@ -146,6 +147,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._next = None           # it may name a peer object that is gone
         for peer_id in changed + removed:
             self.reassembly.forget_peer(peer_id)
+            self.last_data.pop(peer_id, None)
         for verb, ids in (("added", added), ("changed", changed), ("removed", removed)):
             if ids:
                 self.notices.append(f"peers {verb}: {', '.join(format_id(i) for i in ids)}")
@@ -418,8 +420,17 @@ class Node(Inbound, Outbound, Relay, Challenges):
             paths.append(entry)
         return paths
 
+    def _role(self, peer_id: int) -> str | None:
+        """What this node depends on the peer for: None for a peer it only
+        answers (another client; a server's clients)."""
+        if peer_id == self.settings.gateway:
+            return "gateway"
+        return "forwarder" if peer_id in self.settings.forwarders else None
+
     def snapshot(self, now: float) -> dict:
         """Plain data for `alpaca-tunnel status` (JSON-able)."""
+        def age(t: float | None) -> float | None:
+            return None if t is None or t == -math.inf else round(now - t, 3)
         peers = []
         for peer in sorted(self.table.peers.values(), key=lambda p: p.id):
             if peer.id == self.me:
@@ -429,7 +440,9 @@ class Node(Inbound, Outbound, Relay, Challenges):
                 "address": str(self.net.address(peer.id)),
                 "address6": str(self.net.address6(peer.id)) if self.net.prefix6 is not None else None,
                 "up": peer.up,
-                "last_rx_age": None if peer.last_rx == -math.inf else round(now - peer.last_rx, 3),
+                "role": self._role(peer.id),
+                "last_rx_age": age(peer.last_rx),
+                "last_data_age": age(self.last_data.get(peer.id)),
                 "paths": self._path_snapshot(peer, now),
                 "rx_packets": peer.rx_packets, "rx_bytes": peer.rx_bytes,
                 "tx_packets": peer.tx_packets, "tx_bytes": peer.tx_bytes,
@@ -440,7 +453,8 @@ class Node(Inbound, Outbound, Relay, Challenges):
                 "copies": self._parity(peer.id, 1),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
             })
-        return {"id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,
+            peers[-1]["state"] = health.peer_state(peers[-1], now - self.started)
+        return {"health": health.daemon_health({"peers": peers}),"id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,
                 "peers": peers,
                 "reassembling": len(self.reassembly.slots), "reassembly_bytes": self.reassembly.bytes,
                 "drops": {r.value: n for r, n in sorted(self.global_drops.items(), key=lambda x: x[0].value)}}
