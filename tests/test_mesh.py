@@ -157,6 +157,12 @@ def test_a_tunnel_address_no_peer_has_is_refused_at_once(mesh4):
     r = mesh4.peers["c1"].run([PY, "-c", connect], timeout=20)
     errno, seconds = r.stdout.split()
     assert errno == "113" and float(seconds) < 3, r.stdout       # EHOSTUNREACH
+    # IPv6 (net6): ICMPv6 address unreachable, from the gateway and on the server itself
+    from alpaca.protocol.ids import TunnelNet, group_prefix6
+    nobody6 = str(TunnelNet((10, 17), group_prefix6("test")).address6(0x1063))      # 16.99
+    for peer in ("c1", "s1"):
+        r = mesh4.peers[peer].run(["ping", "-6", "-n", "-c", "1", "-W", "3", nobody6], timeout=10)
+        assert r.returncode != 0 and "Address unreachable" in r.stdout, (peer, r.stdout)
 
 
 def test_ipv6_inside_the_tunnel_between_a_client_and_its_gateway(mesh4):

@@ -1148,3 +1148,29 @@ def test_only_authenticated_senders_are_heard():
     assert server.from_udp([(forged, ("203.0.113.9", 1040))], T0).heard == set()
     assert server.from_udp([(good, ("198.51.100.7", 1040))], T0).heard == {("198.51.100.7", 1040)}
     assert server.from_udp([(good, ("203.0.113.9", 1040))], T0).heard == set()     # a replay
+
+
+def _icmpv6_unreachable(packet: bytes) -> tuple[str, str, bytes]:
+    """(source, destination, quoted packet) of an ICMPv6 address unreachable; checks its checksum."""
+    assert packet[0] >> 4 == 6 and packet[6] == 58 and int.from_bytes(packet[4:6], "big") == len(packet) - 40
+    pseudo = packet[8:40] + (len(packet) - 40).to_bytes(4, "big") + bytes(3) + bytes((58,))
+    assert packet[40:42] == b"\x01\x03" and checksum(pseudo + packet[40:]) == 0
+    return (socket.inet_ntop(socket.AF_INET6, packet[8:24]), socket.inet_ntop(socket.AF_INET6, packet[24:40]),
+            packet[48:])
+
+
+def test_an_ipv6_tunnel_address_no_peer_has_gets_an_icmpv6_address_unreachable():
+    from alpaca.protocol.ids import group_prefix6
+    prefix = group_prefix6("test")
+    server, client = make_node("1.1", net6=prefix), make_node("16.1", gateway="1.1", net6=prefix)
+    wire = Wire(server, client)
+    v6 = {n: str(server.net.address6(pid(n))) for n in ("1.1", "16.1", "16.99")}
+    probe = udp6(v6["1.1"], v6["16.99"])
+    (answer,) = server.from_tun([probe], T0).tun                 # from this host: through the TUN
+    assert _icmpv6_unreachable(answer) == (v6["16.99"], v6["1.1"], probe)
+    probe = udp6(v6["16.1"], v6["16.99"])
+    d = wire.originate(client, [probe], T0)                      # from a client, through its gateway
+    (answer,) = wire.originate(server, d.tun["1.1"], T0).tun["16.1"]
+    assert _icmpv6_unreachable(answer) == (v6["1.1"], v6["16.1"], probe)
+    from alpaca.protocol.inner import unreachable
+    assert unreachable(answer, server._my_address6) is None      # never an error for an error

@@ -3,8 +3,8 @@
 Only what forwarding needs is looked at: the addresses (for dst_id and the
 loop guard) and whether the packet earns the extra early copy that TCP SYN
 and DNS packets get (docs/protocol.md §7). And the one packet the core
-writes itself: an ICMP "host unreachable" for a packet to a tunnel address
-no peer has (docs/protocol.md §6).
+writes itself: an ICMP "host unreachable" (ICMPv6 "address unreachable")
+for a packet to a tunnel address no peer has (docs/protocol.md §6).
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def wants_early_copy(packet: bytes) -> bool:
 # ICMP types that report an error: never answered with another error (RFC 1122 3.2.2)
 _ICMP, _ICMP_ERRORS = 1, frozenset((3, 4, 5, 11, 12))
 QUOTE_LIMIT = 576 - 28      # an ICMP error and its quote fit in 576 bytes (RFC 1812 4.3.2.3)
+_ICMPV6 = 58                # its types below 128 are errors (RFC 4443 2.1)
+QUOTE_LIMIT6 = 1280 - 48    # an ICMPv6 error and its quote fit in IPv6's minimum MTU (RFC 4443 2.4)
 
 
 def checksum(data: bytes) -> int:
@@ -69,6 +71,30 @@ def checksum(data: bytes) -> int:
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
+
+
+def unreachable(packet: bytes, source: bytes) -> bytes | None:
+    """The "no such host" error answering an IP packet, from `source` (of
+    the packet's family), or None where no error may be sent."""
+    return host_unreachable(packet, source) if version(packet) == 4 else address_unreachable6(packet, source)
+
+
+def address_unreachable6(packet: bytes, source: bytes) -> bytes | None:
+    """An ICMPv6 "address unreachable" (type 1, code 3) from `source`
+    answering an IPv6 packet, or None where no error may be sent (RFC 4443
+    2.4): not IPv6, an ICMPv6 error (extension headers are not walked), an
+    unspecified, loopback or multicast source, or a multicast destination."""
+    if version(packet) != 6 or len(packet) < 40 or len(source) != 16:
+        return None
+    src, dst = packet[8:24], packet[24:40]
+    if src[0] == 0xFF or dst[0] == 0xFF or src in (bytes(16), bytes(15) + b"\x01"):
+        return None
+    if packet[6] == _ICMPV6 and (len(packet) <= 40 or packet[40] < 128):
+        return None
+    message = bytes((1, 3, 0, 0, 0, 0, 0, 0)) + packet[:QUOTE_LIMIT6]
+    pseudo = source + src + len(message).to_bytes(4, "big") + bytes(3) + bytes((_ICMPV6,))
+    message = message[:2] + checksum(pseudo + message).to_bytes(2, "big") + message[4:]
+    return (b"\x60\0\0\0" + len(message).to_bytes(2, "big") + bytes((_ICMPV6, 64)) + source + src + message)
 
 
 def host_unreachable(packet: bytes, source: bytes) -> bytes | None:

@@ -112,6 +112,8 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._held: dict[bytes, list[bytes]] = {}        # dst -> packets waiting for its answer
         self._held_count = 0
         self._my_address = self.net.address(self.me).packed
+        address6 = self.net.address6(self.me)
+        self._my_address6 = address6.packed if address6 is not None else None
         self._unreachable_tokens, self._unreachable_at = float(UNREACHABLE_BURST), now
         self.session = random_bytes(8)
         self._ts = int(now)

@@ -105,7 +105,8 @@ class Outbound:
     def _unreachable(self, packet: bytes, ends: tuple[bytes, bytes], now: float, out: Output,
                      batches: dict[int, "_Batch"]) -> None:
         """No peer has this address: tell the sender at once with an ICMP
-        host unreachable (as WireGuard does), not by a timeout; at most
+        host unreachable or ICMPv6 address unreachable (as WireGuard
+        does), not by a timeout; at most
         UNREACHABLE_PER_SECOND. To a peer it goes through the tunnel, from
         our address; to this host (or a LAN behind it) through the TUN,
         from the unreachable address (one of ours would be a martian source
@@ -116,9 +117,11 @@ class Outbound:
         self._unreachable_tokens = tokens
         if tokens < 1:
             return
-        src_id = self.net.id_of(ends[0]) if len(ends[0]) == 4 else None
+        src_id = self.net.id_of(ends[0])
         through_tunnel = src_id is not None and src_id != self.me
-        error = inner.host_unreachable(packet, self._my_address if through_tunnel else ends[1])
+        mine = self._my_address if len(ends[0]) == 4 else self._my_address6
+        source = mine if through_tunnel else ends[1]
+        error = inner.unreachable(packet, source) if source is not None else None
         if error is None:
             return
         self._unreachable_tokens -= 1
