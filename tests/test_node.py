@@ -1173,4 +1173,4 @@ def test_an_ipv6_tunnel_address_no_peer_has_gets_an_icmpv6_address_unreachable()
     (answer,) = wire.originate(server, d.tun["1.1"], T0).tun["16.1"]
     assert _icmpv6_unreachable(answer) == (v6["1.1"], v6["16.1"], probe)
     from alpaca.protocol.inner import unreachable
-    assert unreachable(answer, server._my_address6) is None      # never an error for an error
+    assert unreachable(answer, server.net.address6(pid("1.1")).packed) is None      # never an error for an error

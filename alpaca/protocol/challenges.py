@@ -101,9 +101,11 @@ class Challenges:
         every pmtu.RETRY: a budget of its own, apart from CHALLENGE_INTERVAL
         (which bounds what others can make us send)."""
         full = self.settings.max_datagram
-        for peer in self.table.peers.values():
-            if now - peer.sent_big > pmtu.ACTIVE:
-                continue        # (a TCP sender in backoff sends rarely: the search goes on meanwhile)
+        for peer_id in list(self._sending_big):      # (not the whole table: it may hold 65k peers)
+            peer = self.table.get(peer_id)
+            if peer is None or now - peer.sent_big > pmtu.ACTIVE:
+                self._sending_big.discard(peer_id)   # (a TCP sender in backoff sends rarely: kept for ACTIVE)
+                continue
             key = self.table.pair_key(self.me, peer.id)
             if key is None:
                 continue
@@ -114,7 +116,7 @@ class Challenges:
                 sizes = mtu.step(full, probe.last_answer, now)
                 if mtu.limit != before:
                     self._mtu_notice(peer, way, mtu.limit)
-                    peer.limited = any(p.mtu.limit for p in peer.probes.values())
+                    peer.note_limits()
                 if sizes:
                     for size in [0] + sizes:
                         self._mtu_probe(peer, key, way, size, now, out)

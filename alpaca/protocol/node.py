@@ -111,9 +111,6 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self.next_hops: dict[bytes, int | None] = {}     # dst -> peer ID (None: the configured gateway)
         self._held: dict[bytes, list[bytes]] = {}        # dst -> packets waiting for its answer
         self._held_count = 0
-        self._my_address = self.net.address(self.me).packed
-        address6 = self.net.address6(self.me)
-        self._my_address6 = address6.packed if address6 is not None else None
         self._unreachable_tokens, self._unreachable_at = float(UNREACHABLE_BURST), now
         self.session = random_bytes(8)
         self._ts = int(now)
@@ -126,6 +123,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._keepalives_sent = 0
         self._next_prune = now + PRUNE_INTERVAL
         self._next_path_mtu = now
+        self._sending_big: set[int] = set()   # peers sent a message a path MTU could stop (pmtu.ACTIVE)
         self._packed: dict[str, bytes | None] = {}
         self._addresses: dict[int, tuple[bytes, ...]] = {}    # peer ID -> its tunnel addresses, packed
         self._loop_noticed: set[Addr] = set()
@@ -456,7 +454,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
             })
             peers[-1]["state"] = health.peer_state(peers[-1], now - self.started)
-        return {"health": health.daemon_health({"peers": peers}),"id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,
+        return {"health": health.daemon_health({"peers": peers}), "id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,
                 "peers": peers,
                 "reassembling": len(self.reassembly.slots), "reassembly_bytes": self.reassembly.bytes,
                 "drops": {r.value: n for r, n in sorted(self.global_drops.items(), key=lambda x: x[0].value)}}

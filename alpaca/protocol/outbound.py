@@ -105,12 +105,11 @@ class Outbound:
     def _unreachable(self, packet: bytes, ends: tuple[bytes, bytes], now: float, out: Output,
                      batches: dict[int, "_Batch"]) -> None:
         """No peer has this address: tell the sender at once with an ICMP
-        host unreachable or ICMPv6 address unreachable (as WireGuard
-        does), not by a timeout; at most
-        UNREACHABLE_PER_SECOND. To a peer it goes through the tunnel, from
-        our address; to this host (or a LAN behind it) through the TUN,
-        from the unreachable address (one of ours would be a martian source
-        to the kernel)."""
+        host unreachable or ICMPv6 address unreachable (as WireGuard does),
+        not by a timeout; at most UNREACHABLE_PER_SECOND. To a peer it goes
+        through the tunnel, from our address of the packet's family; to this
+        host (or a LAN behind it) through the TUN, from the unreachable
+        address (one of ours would be a martian source to the kernel)."""
         tokens = min(UNREACHABLE_BURST,
                      self._unreachable_tokens + max(now - self._unreachable_at, 0) * UNREACHABLE_PER_SECOND)
         self._unreachable_at = now
@@ -119,7 +118,7 @@ class Outbound:
             return
         src_id = self.net.id_of(ends[0])
         through_tunnel = src_id is not None and src_id != self.me
-        mine = self._my_address if len(ends[0]) == 4 else self._my_address6
+        mine = next((a for a in self._own_addresses(self.me) if len(a) == len(ends[0])), None)
         source = mine if through_tunnel else ends[1]
         error = inner.unreachable(packet, source) if source is not None else None
         if error is None:
@@ -195,6 +194,7 @@ class Outbound:
         sends no big probes)."""
         if size + OVERHEAD > pmtu.FLOOR:
             peer.sent_big = now
+            self._sending_big.add(peer.id)
         return peer.datagram_limit(targets, self.settings.max_datagram)
 
     def _seal_message(self, kind: int, dst: int, key: bytes, plaintext: bytes, flags: int,

@@ -291,6 +291,11 @@ class Peer:
             self.challenge_done(nonce, False, now)
         for addr in [a for a, p in self.probes.items() if now - p.last_sent > PEER_LIFETIME]:
             del self.probes[addr]
+        self.note_limits()
+
+    def note_limits(self) -> None:
+        """Whether any way to the peer carries less than full-size datagrams
+        (kept, so the send path asks datagram_limit only then)."""
         self.limited = any(p.mtu.limit for p in self.probes.values())
 
     def challenge_sent(self, nonce: bytes, target: Addr, relayed: bool, probed: bool, now: float,
