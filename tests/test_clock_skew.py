@@ -1,0 +1,114 @@
+"""Two peers whose clocks disagree (docs/protocol.md §5 "Clock offsets").
+
+Each session's clock offset is measured from its answer to our challenge,
+and its datagrams are judged by its own clock: traffic flows both ways
+whatever the skew, across a restart of either side, and replays and
+duplicates are still refused.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from alpaca.protocol.drops import DropReason
+from alpaca.protocol.peers import CLOCK_NOTICE
+
+from protocol_helpers import T0, Wire, addr, make_node, name, pid, tcp, tun_ip
+
+DAY = 86_400
+SKEWS = [6, -6, 600, -600, DAY, -DAY]
+
+
+def up(i: int = 0) -> list[bytes]:
+    return [tcp(tun_ip("16.1"), tun_ip("1.1"), data=b"up %d" % i)]
+
+
+def down(i: int = 0) -> list[bytes]:
+    return [tcp(tun_ip("1.1"), tun_ip("16.1"), data=b"down %d" % i)]
+
+
+def start(skew: float, now: float, client=None, server=None):
+    """A client whose clock is `skew` ahead of the server's, both started
+    (or the one not given restarted) at true time `now`, and the wire
+    after the client's first keepalive."""
+    client = client or make_node("16.1", gateway="1.1", trust_test_session=False, now=now + skew)
+    server = server or make_node("1.1", trust_test_session=False, now=now)
+    wire = Wire(client, server, trusted=False, skews={"16.1": skew})
+    wire.tick(client, now)
+    return client, server, wire
+
+
+def both_ways(wire: Wire, client, server, now: float, i: int = 0) -> tuple[bytes, bytes]:
+    """One packet each way, delivered at once; the datagrams that carried them."""
+    sent_up = wire.originate(client, up(i), now)
+    assert sent_up.tun["1.1"] == up(i)
+    sent_down = wire.originate(server, down(i), now + 0.1)
+    assert sent_down.tun["16.1"] == down(i)
+    return sent_up.hops[0][2], sent_down.hops[0][2]
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+def test_traffic_flows_both_ways_across_restarts_and_replays_are_refused(skew):
+    t = T0
+    client, server, wire = start(skew, t)
+    captured_up, captured_down = both_ways(wire, client, server, t + 0.2)
+    # each side measured the other's clock from its answer
+    assert server.table.get(pid("16.1")).clock_offset == pytest.approx(skew, abs=1.5)
+    assert client.table.get(pid("1.1")).clock_offset == pytest.approx(-skew, abs=1.5)
+    # copies are duplicates, and stay refused when replayed later
+    for later in (0.3, 20.0):
+        assert server.from_udp([(captured_up, addr("16.1"))], t + later + skew * 0).tun == []
+        assert client.from_udp([(captured_down, addr("1.1"))], t + later + skew).tun == []
+    s_drops, c_drops = server.table.get(pid("16.1")).drops, client.table.get(pid("1.1")).drops
+    assert s_drops[DropReason.DUPLICATE] + s_drops[DropReason.REPLAY] >= 2
+    assert c_drops[DropReason.DUPLICATE] + c_drops[DropReason.REPLAY] >= 2
+    # traffic a while later, keepalives in between
+    for k in range(1, 6):
+        wire.tick(client, t + 4 * k)
+        wire.tick(server, t + 4 * k)
+    both_ways(wire, client, server, t + 25, 1)
+
+    # the client restarts (a new session, same skew): its old datagrams stay refused
+    t += 40
+    client, server, wire = start(skew, t, server=server)
+    both_ways(wire, client, server, t + 0.2, 2)
+    assert server.from_udp([(captured_up, addr("16.1"))], t + 0.3).tun == []
+
+    # the server restarts
+    t += 40
+    client, server, wire = start(skew, t, client=client)
+    both_ways(wire, client, server, t + 0.2, 3)
+    assert server.from_udp([(captured_up, addr("16.1"))], t + 0.3).tun == []
+    assert client.from_udp([(captured_down, addr("1.1"))], t + 0.3 + skew).tun == []
+
+    # a clock this far off is said once per session: the client saw two of
+    # the server's, the restarted server one of the client's
+    far = abs(skew) > CLOCK_NOTICE
+    for node, sessions in ((client, 2), (server, 1)):
+        lines = [n for n in node.notices if "clock is" in n]
+        assert len(lines) == (sessions if far else 0), (name(node), lines)
+
+
+def test_a_peer_whose_clock_is_set_through_the_tunnel_is_measured_again():
+    """A device without a real-time clock starts a day behind, then sets its
+    clock through the tunnel: a step forward keeps its session, and its next
+    keepalive's challenge shows the server the clock moved."""
+    t = T0
+    client, server, wire = start(-DAY, t)
+    both_ways(wire, client, server, t + 0.2)
+    wire.skews["16.1"] = 0.0                     # the client's clock is set right
+    for k in range(1, 4):
+        wire.tick(client, t + 4 * k)
+        wire.tick(server, t + 4 * k)
+    both_ways(wire, client, server, t + 13, 1)
+    assert server.table.get(pid("16.1")).clock_offset == pytest.approx(0, abs=1.5)
+
+
+def test_a_challenge_is_answered_once_whatever_the_challengers_clock():
+    client, server, wire = start(DAY, T0)
+    challenge = [d for d, _ in client.tick(T0 + DAY + 4).sends if len(d) == 58]
+    assert challenge
+    first = server.from_udp([(challenge[0], addr("16.1"))], T0 + 4)
+    again = server.from_udp([(challenge[0], addr("16.1"))], T0 + 4.5)
+    assert first.sends and not again.sends
+    assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] >= 1
