@@ -112,3 +112,47 @@ def test_a_challenge_is_answered_once_whatever_the_challengers_clock():
     again = server.from_udp([(challenge[0], addr("16.1"))], T0 + 4.5)
     assert first.sends and not again.sends
     assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] >= 1
+
+
+def _prove_backdated(server, session: bytes, now: float, answer_ts: int) -> None:
+    """What tests/tools/forge_udp.py does to prove a session: a challenge in
+    `session` dated now, then the answer to the server's challenge back
+    dated `answer_ts`, from another member's address."""
+    from alpaca.protocol.constants import KIND_CHALLENGE, KIND_RESPONSE, NONCE_SIZE
+    from alpaca.protocol.wire import open_sealed, peek
+    from protocol_helpers import GROUP, make_datagram, pair_key
+    from alpaca.protocol.crypto import derive_group_key
+    elsewhere = addr("16.2")
+    challenge = make_datagram("16.1", "1.1", b"\x01" * NONCE_SIZE, ts=now, seq=(1 << 20) - 2,
+                              session=session, kind=KIND_CHALLENGE)
+    out = server.from_udp([(challenge, elsewhere)], now)
+    key = pair_key("16.1", "1.1")
+    for dg, _ in out.sends:
+        h = peek(derive_group_key(GROUP), dg)[0]
+        if h.kind == KIND_CHALLENGE:
+            nonce = open_sealed(key, h, dg)
+            answer = make_datagram("16.1", "1.1", nonce, ts=answer_ts, seq=(1 << 20) - 1, session=session,
+                                   kind=KIND_RESPONSE)
+            server.from_udp([(answer, elsewhere)], now + 0.01)
+            return
+    raise AssertionError("the server did not challenge back")
+
+
+def test_an_answer_dated_before_its_own_sessions_challenge_cannot_move_its_clock_back():
+    """A session may not claim a clock behind one it already showed: its
+    challenge said `now`, its answer says a minute ago. The session is
+    proven (the answer is to our nonce) but judged by the later clock, so a
+    datagram dated a minute ago is `replay`, counted, and not delivered."""
+    server = make_node("1.1", trust_test_session=False, now=T0 - 10)
+    session = b"\x55" * 8
+    _prove_backdated(server, session, T0, T0 - 61)
+    peer = server.table.get(pid("16.1"))
+    assert session in peer.verified
+    assert abs(peer.clock_offset) <= 1
+    before = dict(peer.drops)
+    from protocol_helpers import make_datagram
+    old = make_datagram("16.1", "1.1", up()[0], ts=T0 - 60, seq=0, session=session)
+    out = server.from_udp([(old, addr("16.2"))], T0 + 0.1)
+    assert out.tun == []
+    after = {k: v - before.get(k, 0) for k, v in peer.drops.items() if v != before.get(k, 0)}
+    assert after == {DropReason.REPLAY: 1}

@@ -62,6 +62,7 @@ class Challenges:
         if reason is not None:
             src.drops[reason] += 1
             return
+        src.saw_clock(header.session, header.ts, now)       # (its answer may not date itself back)
         second = int(now)
         if src.responses[0] != second:
             src.responses[0], src.responses[1] = second, 0

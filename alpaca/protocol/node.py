@@ -178,7 +178,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         from this answer on, judged by its clock as this answer measures it
         (docs/protocol.md §5 "Clock offsets"); a clock far off is logged
         once per session."""
-        offset = measure_offset(header.ts, sent, now)
+        offset = measure_offset(header.ts, sent, now, src.clock_floor(header.session, now))
         if src.verify(header.session, header.ts, header.seq, now, offset):
             self.notices.append(f"peer {format_id(src.id)}: its clock is {offset:+.0f} s off ours; its traffic "
                                 f"is judged by its own clock (logged once per session)")

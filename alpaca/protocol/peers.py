@@ -58,13 +58,21 @@ CLOCK_MOVED = 2             # seconds a verified session's challenge may stray f
 Addr = tuple  # (host, port); alpaca/host/udp.py turns IPv6 socket addresses into this form
 
 
-def measure_offset(ts: int, sent: float, received: float) -> float:
+def measure_offset(ts: int, sent: float, received: float, at_least: float | None = None) -> float:
     """Seconds the peer's clock is ahead of ours, from its answer stamped
     with second `ts` to our challenge sent at `sent` and answered by
     `received` (our clock). The answer was sealed in between, so the truth
     lies in [ts - received, ts + 1 - sent]; this is the point of that
-    interval nearest to 0: 0 when the clocks agree within the round trip."""
+    interval nearest to 0: 0 when the clocks agree within the round trip.
+    `at_least`: what the session's own earlier datagrams showed
+    (Peer.clock_floor). An answer dated behind it contradicts its session
+    (whose clock never goes back, §4): the session keeps the later clock,
+    so it cannot date its answer back to reopen seconds it has left."""
     low, high = ts - received, ts + 1 - sent
+    if at_least is not None and at_least > low:
+        low = at_least
+        if low > high:
+            return low
     return low if low > 0 else high if high < 0 else 0.0
 
 
@@ -130,7 +138,7 @@ class PeerEntry:
 class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
                  "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows",
-                 "verified", "clock_offset", "challenges", "next_challenge", "responses", "old_floors", "probes",
+                 "verified", "clock_offset", "clock_seen", "challenges", "next_challenge", "responses", "old_floors", "probes",
                  "limited", "sent_big")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
@@ -161,6 +169,9 @@ class Peer:
         # accepted for this node (oldest evicted), judged by the session's clock
         self.verified: collections.OrderedDict[bytes, list] = collections.OrderedDict()
         self.clock_offset: float | None = None    # the latest measure_offset; None before an answer
+        # (session, ts - our time, our time) of the latest authenticated
+        # challenge or unverified datagram: how far ahead its clock is at least
+        self.clock_seen: tuple[bytes, float, float] | None = None
         # challenges outstanding: nonce -> (when sent, address, relayed, probed, size probed or 0)
         self.challenges: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
         # our ways to the peer (its paths, or forwarders) -> what challenges on them found
@@ -191,6 +202,24 @@ class Peer:
             entry[4] = True
             return True
         return False
+
+    def saw_clock(self, session: bytes, ts: int, now: float) -> None:
+        """An authenticated datagram of `session` stamped `ts` arrived at
+        `now`: sealed before, so the session's clock is at least ts - now
+        ahead of ours. A replay only shows less: the highest is kept."""
+        seen = self.clock_seen
+        if seen is not None and seen[0] == session and now - seen[2] <= CHALLENGE_LIFETIME:
+            if ts - now <= seen[1]:
+                return
+        self.clock_seen = (session, ts - now, now)
+
+    def clock_floor(self, session: bytes, now: float) -> float | None:
+        """The least offset `session` has shown within CHALLENGE_LIFETIME
+        (our clock may have been set before that): for measure_offset."""
+        seen = self.clock_seen
+        if seen is None or seen[0] != session or now - seen[2] > CHALLENGE_LIFETIME:
+            return None
+        return seen[1]
 
     def clock_moved(self, session: bytes, ts: int, now: float) -> bool:
         """A verified session stamped `ts` more than CLOCK_MOVED off the
