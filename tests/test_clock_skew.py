@@ -156,3 +156,26 @@ def test_an_answer_dated_before_its_own_sessions_challenge_cannot_move_its_clock
     assert out.tun == []
     after = {k: v - before.get(k, 0) for k, v in peer.drops.items() if v != before.get(k, 0)}
     assert after == {DropReason.REPLAY: 1}
+
+
+@pytest.mark.parametrize("skew", [600, -DAY])
+def test_a_challenge_captured_before_a_restart_is_refused_once_the_clock_is_measured(skew):
+    """After the server restarts it measures the client's clock from its
+    new session's answer; a challenge of the client's old session, replayed
+    then, is judged by that clock: `replay`, never answered."""
+    from alpaca.protocol.constants import KIND_CHALLENGE, KIND_RESPONSE
+    from protocol_helpers import header_of
+    t = T0
+    client, server, wire = start(skew, t)
+    both_ways(wire, client, server, t + 0.2)
+    old = [d for d, _ in client.tick(t + 4 + skew).sends if header_of(d).kind == KIND_CHALLENGE]
+    assert old
+    t += 40
+    client, server, wire = start(skew, t)                  # both restart: the client's session is new
+    both_ways(wire, client, server, t + 0.2)
+    peer = server.table.get(pid("16.1"))
+    assert peer.clock_offset == pytest.approx(skew, abs=1.5)
+    replays = peer.drops[DropReason.REPLAY]
+    out = server.from_udp([(old[0], addr("16.2"))], t + 1)
+    assert not [d for d, _ in out.sends if header_of(d).kind == KIND_RESPONSE]
+    assert peer.drops[DropReason.REPLAY] == replays + 1

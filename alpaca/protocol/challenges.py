@@ -61,6 +61,10 @@ class Challenges:
         reason = src.check_replay(CHALLENGE_WINDOW, header.session, header.ts, header.seq, now)
         if reason is not None:
             src.drops[reason] += 1
+            if reason is DropReason.REPLAY and header.session not in src.verified:
+                # a replay, or a new session whose clock is not the one we
+                # measured (it was set): measure it, as for unverified data
+                self._challenge(src, addr, header.path != PATH_DIRECT, now, out)
             return
         src.saw_clock(header.session, header.ts, now)       # (its answer may not date itself back)
         second = int(now)

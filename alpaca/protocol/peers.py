@@ -243,16 +243,19 @@ class Peer:
         """Whole seconds the clock of `session` is ahead of ours, for the
         window of dst: as measured when it answered us (0 when it never did:
         our clock). Challenges (their sessions are not proven yet) follow
-        the challenger's clock: the first one of a session sets its offset
-        and a later one ahead of the window moves it on, never back, so
-        each challenge is answered once whatever the two clocks say."""
+        the peer's clock as its latest answer measured it; the first
+        challenge of a peer never measured sets its session's offset. A
+        later one ahead of the window moves it on, never back, so each
+        challenge is answered once whatever the two clocks say, and an old
+        one replayed in a session forgotten since is refused."""
         entry = self.verified.get(session)
         if dst != CHALLENGE_WINDOW:
             return 0 if entry is None else entry[3]
         window = self.replay.get(dst)
         offset = window.offsets.get(session) if window is not None else None
         if offset is None:
-            offset = ts - int(now) if entry is None else entry[3]
+            offset = entry[3] if entry is not None else \
+                ts - int(now) if self.clock_offset is None else round(self.clock_offset)
         return max(offset, ts - int(now)) if ts - int(now) - offset > REPLAY_WINDOW else offset
 
     def check_replay(self, dst: int, session: bytes, ts: int, seq: int, now: float,
