@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import textwrap
 
+from .protocol.peers import CLOCK_NOTICE
+
 WIDTH = 80
 
 
@@ -109,6 +111,8 @@ def format_status(status: dict) -> str:
         fec = _fec_line(peer)
         if fec:
             lines.append(fec)
+        if abs(peer.get("clock_offset") or 0) > CLOCK_NOTICE:
+            lines.append(f"  clock {peer['clock_offset']:+.0f} s off ours (its traffic is judged by its own clock)")
         for path in peer["paths"]:
             local = f", local {path['local']}" if path.get("local") else ""
             lines.append(f"  path {path['address']:<22} {path['learned']:<8} {_path_state(path)}{local}")

@@ -742,13 +742,25 @@ class Harness:
             self.prune()
         return outcome
 
+    @staticmethod
+    def _stale_challenge(node: Node, rec, now: float) -> bool:
+        """Challenges are judged by the challenger's clock (docs/protocol.md
+        §5 "Clock offsets"): the offset the node holds for the session, and
+        at or below a second its challenge window forgot is stale."""
+        peer, session, ts = node.table.peers[rec.src], rec.ident[2], rec.ident[3]
+        offset = peer.session_offset(CHALLENGE_WINDOW, session, ts, now)
+        window = peer.replay.get(CHALLENGE_WINDOW)
+        floor = max(window.floors.get(session, -1) if window is not None else -1,
+                    peer.old_floors.get((CHALLENGE_WINDOW, session), -1))
+        return abs(ts - int(now) - offset) > REPLAY_WINDOW or ts <= floor
+
     def _sync_verified(self, name: str, node: Node, src: int) -> None:
         """The sessions `node` has verified for `src` against the oracle's:
         the node may forget one (it is challenged again), never verify one
         the oracle did not see answer a challenge, nor lower its floor."""
         mine = self.verified[name]
         have = node.table.peers[src].verified
-        for session, (ts, seq, _) in have.items():
+        for session, (ts, seq, *_) in have.items():
             floor = mine.get((src, session))
             if floor is None:
                 raise Violation(f"{name} verified a session of {ph.format_id(src)} that answered none of its "
@@ -835,11 +847,13 @@ class Harness:
             elif rec.ident in self.accepted[name]:
                 klass = "dup"
             else:
+                # judged by the sender's clock as this node measured it (0: unmeasured)
+                offset = node.table.peers[rec.src].session_offset(rec.dst, session, ts, now)
                 if own:
                     stale = (ts, seq) <= self.verified[name][(rec.src, session)]
                 else:
-                    stale = ts < self.floor[name]
-                stale = stale or abs(ts - int(now)) > REPLAY_WINDOW
+                    stale = ts < self.floor[name] + offset
+                stale = stale or abs(ts - int(now) - offset) > REPLAY_WINDOW
                 klass = "stale" if stale else "fresh"
         self.classes[klass] += 1
         peer = node.table.peers.get(rec.src) if klass != "unauth" else None
@@ -850,6 +864,8 @@ class Harness:
         fp0, matched = None, False
         if klass == "response":
             matched = rec.nonce in peer.challenges       # an answer to a challenge outstanding
+        # a verified session whose challenge strays from its measured clock is measured again
+        remeasure = klass == "challenge" and peer.clock_moved(rec.ident[2], rec.ident[3], now)
         if self.check_state:
             if klass == "unauth":
                 fp0 = self.fingerprint(node)
@@ -922,7 +938,7 @@ class Harness:
             # each challenge is answered once (its own window), within the
             # node's clock window, and at most RESPONSE_LIMIT a second per peer
             seen = self.challenges_seen[name]
-            stale = abs(rec.ident[3] - int(now)) > REPLAY_WINDOW
+            stale = self._stale_challenge(node, rec, now)
             count = self.answers.get((name, rec.src), [None, 0])
             limited = count[0] == int(now) and count[1] >= RESPONSE_LIMIT
             if rec.ident in seen or stale:
@@ -952,7 +968,7 @@ class Harness:
                     fail("more than one answer sealed for one challenge")
                 outcome = "answered"
             if any(self.sealed[d[MUTABLE_BYTES:]].kind == KIND_CHALLENGE for d, _ in sends) \
-                    and (rec.src, rec.ident[2]) in self.verified[name]:
+                    and (rec.src, rec.ident[2]) in self.verified[name] and not remeasure:
                 fail("challenged a session it has verified")
             self._push(sends, ADDR[name])
             if fp0 is not None and self.fingerprint(node, (rec.src, None, True)) != fp0:

@@ -175,10 +175,12 @@ class Delivery:
 
 class Wire:
     """The network between Node objects: datagrams go to the node whose fake
-    address they were sent to, in FIFO order, with one `now` for the whole run."""
+    address they were sent to, in FIFO order, with one `now` for the whole run.
+    `skews`: seconds a node's clock is ahead of that `now`, by name."""
 
-    def __init__(self, *nodes: Node, trusted: bool = True):
+    def __init__(self, *nodes: Node, trusted: bool = True, skews: dict[str, float] | None = None):
         self.nodes = {addr(name(n)): n for n in nodes}
+        self.skews = skews or {}
         if trusted:         # every node's session proven at every other (tests/test_challenge.py does it for real)
             for a in nodes:
                 for b in nodes:
@@ -197,7 +199,7 @@ class Wire:
             if node is None:
                 result.lost.append((to, dg))
                 continue
-            out = node.from_udp([(dg, frm)], now)
+            out = node.from_udp([(dg, frm)], self.clock(node, now))
             result.tun[name(node)].extend(out.tun)
             for dg2, to2 in out.sends:
                 # split horizon holds for every relay of every test (answers
@@ -206,11 +208,14 @@ class Wire:
                 queue.append((dg2, to, to2))
         return result
 
+    def clock(self, node: Node, now: float) -> float:
+        return now + self.skews.get(name(node), 0.0)
+
     def originate(self, node: Node, packets: list[bytes], now: float) -> Delivery:
-        return self.run(node.from_tun(packets, now).sends, name(node), now)
+        return self.run(node.from_tun(packets, self.clock(node, now)).sends, name(node), now)
 
     def tick(self, node: Node, now: float) -> Delivery:
-        return self.run(node.tick(now).sends, name(node), now)
+        return self.run(node.tick(self.clock(node, now)).sends, name(node), now)
 
 
 # ---------------------------------------------------------------- observing state

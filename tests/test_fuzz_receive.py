@@ -119,7 +119,7 @@ def _must_catch(h, inputs: int = 5000) -> str:
 
 def test_catches_a_skipped_replay_check(monkeypatch):
     h = harness(5)
-    monkeypatch.setattr(peers_module.Peer, "check_replay", lambda self, *a: None)
+    monkeypatch.setattr(peers_module.Peer, "check_replay", lambda self, *a, **kw: None)
     assert "dup input" in _must_catch(h)
 
 

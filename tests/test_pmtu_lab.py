@@ -53,7 +53,7 @@ def limit_of(daemon, peer_id: str) -> int | None:
 
 def test_tcp_over_a_path_mtu_black_hole_completes_and_status_shows_the_size(black_hole):
     mesh = black_hole
-    c1, s1 = mesh.peers["c1"], mesh.peers["s1"]
+    s1 = mesh.peers["s1"]
     mesh.transfer("c1", "s1", "10.17.1.1", size=2 << 20)        # sha256-checked
     mesh.transfer("s1", "c1", "10.17.16.1", size=2 << 20)
     # (the bridge passes big frames towards s1; s1's big frames die at its port: the hole is s1 -> c1)

@@ -9,4 +9,6 @@ by the daemon itself:
 - worlds.py: ready-made running meshes (mesh4_world, lossy_pair);
 - tcp_sink.py, tcp_send.py, tcp_stream.py: traffic tools, run in a
   namespace as `python -m alpaca.lab.<name>`;
+- skewed_clock.py: a launcher that runs a daemon with its wall clock off
+  the host's (clock-skew tests);
 - container.py: a booted systemd in a throwaway container (nspawn)."""

@@ -61,7 +61,12 @@ class Challenges:
         reason = src.check_replay(CHALLENGE_WINDOW, header.session, header.ts, header.seq, now)
         if reason is not None:
             src.drops[reason] += 1
+            if reason is DropReason.REPLAY and header.session not in src.verified:
+                # a replay, or a new session whose clock is not the one we
+                # measured (it was set): measure it, as for unverified data
+                self._challenge(src, addr, header.path != PATH_DIRECT, now, out)
             return
+        src.saw_clock(header.session, header.ts, now)       # (its answer may not date itself back)
         second = int(now)
         if src.responses[0] != second:
             src.responses[0], src.responses[1] = second, 0
@@ -75,8 +80,8 @@ class Challenges:
         if len(response) <= size or addr in src.paths and src.paths[addr].proven:
             targets.insert(0, addr)
         out.sends.extend((response, a) for a in targets)
-        if header.session not in src.verified:
-            self._challenge(src, addr, header.path != PATH_DIRECT, now, out)     # and prove theirs to us
+        if header.session not in src.verified or src.clock_moved(header.session, header.ts, now):
+            self._challenge(src, addr, header.path != PATH_DIRECT, now, out)     # and prove (or measure) theirs
 
     def _on_response(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
                      out: Output) -> None:
@@ -88,9 +93,8 @@ class Challenges:
             # took (it is sent on every path), or a stale or replayed one
             src.drops[DropReason.DUPLICATE if header.session in src.verified else DropReason.REPLAY] += 1
             return
-        _, target, relayed, _, _ = challenge
-        if header.session not in src.verified:
-            src.verify(header.session, header.ts, header.seq, now)
+        sent, target, relayed, _, _ = challenge
+        self._session_proven(src, header, sent, now)
         src.prove(target, relayed, now)
         self._learn(src, header, addr, size, now, out)
 

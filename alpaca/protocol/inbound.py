@@ -151,6 +151,7 @@ class Inbound:
                 # from anywhere)
                 src.refresh(addr, now)
             elif reason is DropReason.UNVERIFIED:
+                src.saw_clock(header.session, header.ts, now)
                 self._challenge(src, addr, header.path != PATH_DIRECT, now, out)
             return
         if plaintext is not None and header.kind == KIND_DATA:

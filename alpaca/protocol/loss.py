@@ -63,6 +63,8 @@ class LossMeter:
         self.k = k
         self.sent: dict[int, collections.Counter] = {}       # peer -> {ts: whole datagrams sent}
         self.arrived: dict[int, collections.Counter] = {}    # peer -> {ts: whole datagrams arrived}
+        # peer -> whole seconds its clock is ahead of ours (node.py: from its answers)
+        self.clock_offsets: dict[int, int] = {}
         self.reported: dict[int, int] = {}                   # peer -> last second reported to it
         self.tally: dict[int, list[int]] = {}                # peer -> [shards sent, arrived] unreported
         # peers whose first shard tally waits: it is reported at once, not on
@@ -120,9 +122,9 @@ class LossMeter:
     def reports(self, now: float, peers: set[int] | None = None) -> list[tuple[int, bytes]]:
         """(peer, payload) for every peer (of `peers`, if given) with complete seconds or a shard tally
         to report: first second (u32) | n (u8) | n x arrivals (u32) | shards sent (u32) | shards arrived (u32)."""
-        last = int(now) - REPORT_DELAY
         out = []
         for peer in (set(self.arrived) | set(self.tally)) if peers is None else peers:
+            last = int(now) + self.clock_offsets.get(peer, 0) - REPORT_DELAY     # seconds of its clock
             counts, first = [], 0
             counter = self.arrived.get(peer)
             if counter is not None:
@@ -180,18 +182,20 @@ class LossMeter:
     # ------------------------------------------------------------ upkeep
     def prune(self, now: float, peers) -> None:
         """Forget counters older than REPORT_HORIZON and peers no longer in the table."""
-        oldest = int(now) - REPORT_HORIZON
         for table in (self.sent, self.arrived):
             for peer in list(table):
                 counter = table[peer]
                 if peer not in peers:
                     del table[peer]
                     continue
+                # arrivals count seconds of the sender's clock
+                oldest = int(now) - REPORT_HORIZON + (self.clock_offsets.get(peer, 0) if table is self.arrived else 0)
                 for ts in [t for t in counter if t < oldest]:
                     del counter[ts]
                 if not counter:
                     del table[peer]
-        for table in (self.reported, self.tally, self._sample, self._evidence, self.loss, self._parity):
+        for table in (self.reported, self.tally, self._sample, self._evidence, self.loss, self._parity,
+                      self.clock_offsets):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]
         self.first &= set(peers)

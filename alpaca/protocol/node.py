@@ -36,7 +36,7 @@ from .ids import TunnelNet, format_id
 from .inbound import Inbound, _Next
 from .outbound import UNRESOLVED, Outbound
 from .output import Output
-from .peers import Addr, Peer, PeerEntry, PeerTable
+from .peers import Addr, Peer, PeerEntry, PeerTable, measure_offset
 from .reassembly import Reassembler
 from .relay import Relay
 from .wire import SHARD_OVERHEAD, Header, seal
@@ -172,6 +172,17 @@ class Node(Inbound, Outbound, Relay, Challenges):
         seq = self._seq
         self._seq += n
         return self._ts, seq
+
+    def _session_proven(self, src: Peer, header: Header, sent: float, now: float) -> None:
+        """The peer's session answered our challenge sent at `sent`: verified
+        from this answer on, judged by its clock as this answer measures it
+        (docs/protocol.md §5 "Clock offsets"); a clock far off is logged
+        once per session."""
+        offset = measure_offset(header.ts, sent, now, src.clock_floor(header.session, now))
+        if src.verify(header.session, header.ts, header.seq, now, offset):
+            self.notices.append(f"peer {format_id(src.id)}: its clock is {offset:+.0f} s off ours; its traffic "
+                                f"is judged by its own clock (logged once per session)")
+        self.loss.clock_offsets[src.id] = round(offset)
 
     def _seal(self, kind: int, dst: int, key: bytes, payload: bytes, now: float, flags: int = 0,
               pad: int | None = None) -> bytes:
@@ -452,6 +463,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
                 "parity": self._parity(peer.id, self.loss.k),
                 "copies": self._parity(peer.id, 1),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
+                "clock_offset": None if peer.clock_offset is None else round(peer.clock_offset, 3),
             })
             peers[-1]["state"] = health.peer_state(peers[-1], now - self.started)
         return {"health": health.daemon_health({"peers": peers}), "id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,

@@ -20,6 +20,11 @@ live after this node started, by the answer to a challenge (Peer.verified,
 docs/protocol.md §5), and only if it was sealed after that answer. So a
 restart keeps no replay state and still admits no replay, and a sender's new
 session after a clock step is taken as soon as it answers.
+
+Clocks: each answer also measures how far the peer's clock is from ours
+(measure_offset), and a verified session's datagrams are judged by its own
+clock, so two peers need not agree on the time (docs/protocol.md §5 "Clock
+offsets").
 """
 
 from __future__ import annotations
@@ -47,8 +52,28 @@ PROBE_HISTORY = 16          # outcomes of the latest challenges kept per way to 
 PROBE_TIMEOUT = 2.0         # a way whose challenge is unanswered this long does not deliver
 DELIVERS_WITHIN = 12.0      # ... and one answered this recently does (3 keepalive intervals)
 MAX_PROBED = 16             # ways to a peer whose probes are kept
+CLOCK_NOTICE = 30.0         # a peer's clock further off than this is logged (once per session)
+CLOCK_MOVED = 2             # seconds a verified session's challenge may stray from its measured clock
 
 Addr = tuple  # (host, port); alpaca/host/udp.py turns IPv6 socket addresses into this form
+
+
+def measure_offset(ts: int, sent: float, received: float, at_least: float | None = None) -> float:
+    """Seconds the peer's clock is ahead of ours, from its answer stamped
+    with second `ts` to our challenge sent at `sent` and answered by
+    `received` (our clock). The answer was sealed in between, so the truth
+    lies in [ts - received, ts + 1 - sent]; this is the point of that
+    interval nearest to 0: 0 when the clocks agree within the round trip.
+    `at_least`: what the session's own earlier datagrams showed
+    (Peer.clock_floor). An answer dated behind it contradicts its session
+    (whose clock never goes back, §4): the session keeps the later clock,
+    so it cannot date its answer back to reopen seconds it has left."""
+    low, high = ts - received, ts + 1 - sent
+    if at_least is not None and at_least > low:
+        low = at_least
+        if low > high:
+            return low
+    return low if low > 0 else high if high < 0 else 0.0
 
 
 @dataclass(slots=True)
@@ -113,7 +138,7 @@ class PeerEntry:
 class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
                  "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows",
-                 "verified", "challenges", "next_challenge", "responses", "old_floors", "probes",
+                 "verified", "clock_offset", "clock_seen", "challenges", "next_challenge", "responses", "old_floors", "probes",
                  "limited", "sent_big")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
@@ -139,9 +164,14 @@ class Peer:
         self.replay_floor = int(now) + 1
         # relay windows (at any source) charged to this peer: at most MAX_WINDOWS_PER_PEER
         self.relay_windows = 0
-        # sessions proven live: session -> [ts, seq, when]; only datagrams
-        # sealed after (ts, seq) are accepted for this node (oldest evicted)
+        # sessions proven live: session -> [ts, seq, when, clock offset (whole
+        # seconds), clock noticed]; only datagrams sealed after (ts, seq) are
+        # accepted for this node (oldest evicted), judged by the session's clock
         self.verified: collections.OrderedDict[bytes, list] = collections.OrderedDict()
+        self.clock_offset: float | None = None    # the latest measure_offset; None before an answer
+        # (session, ts - our time, our time) of the latest authenticated
+        # challenge or unverified datagram: how far ahead its clock is at least
+        self.clock_seen: tuple[bytes, float, float] | None = None
         # challenges outstanding: nonce -> (when sent, address, relayed, probed, size probed or 0)
         self.challenges: collections.OrderedDict[bytes, tuple] = collections.OrderedDict()
         # our ways to the peer (its paths, or forwarders) -> what challenges on them found
@@ -155,37 +185,96 @@ class Peer:
         # a relay whose clock jumps ahead and back never relays them again
         self.old_floors: collections.OrderedDict[tuple[int, bytes], int] = collections.OrderedDict()
 
-    def verify(self, session: bytes, ts: int, seq: int, now: float) -> None:
-        """`session` answered a challenge with (ts, seq): accept what it seals after."""
-        self.verified.pop(session, None)
-        if len(self.verified) >= MAX_SESSIONS_PER_PEER:
-            self.verified.popitem(last=False)
-        self.verified[session] = [ts, seq, now]
+    def verify(self, session: bytes, ts: int, seq: int, now: float, offset: float = 0.0) -> bool:
+        """`session` answered a challenge with (ts, seq), its clock `offset`
+        seconds ahead of ours (measure_offset): accept what it seals after,
+        judged by its clock. A session verified before keeps its floor and
+        takes the new offset (its clock may have been set since). True when
+        its clock is first found more than CLOCK_NOTICE off."""
+        self.clock_offset = offset
+        entry = self.verified.get(session)
+        if entry is None:
+            if len(self.verified) >= MAX_SESSIONS_PER_PEER:
+                self.verified.popitem(last=False)
+            entry = self.verified[session] = [ts, seq, now, 0, False]
+        entry[3] = round(offset)
+        if abs(offset) > CLOCK_NOTICE and not entry[4]:
+            entry[4] = True
+            return True
+        return False
+
+    def saw_clock(self, session: bytes, ts: int, now: float) -> None:
+        """An authenticated datagram of `session` stamped `ts` arrived at
+        `now`: sealed before, so the session's clock is at least ts - now
+        ahead of ours. A replay only shows less: the highest is kept."""
+        seen = self.clock_seen
+        if seen is not None and seen[0] == session and now - seen[2] <= CHALLENGE_LIFETIME:
+            if ts - now <= seen[1]:
+                return
+        self.clock_seen = (session, ts - now, now)
+
+    def clock_floor(self, session: bytes, now: float) -> float | None:
+        """The least offset `session` has shown within CHALLENGE_LIFETIME
+        (our clock may have been set before that): for measure_offset."""
+        seen = self.clock_seen
+        if seen is None or seen[0] != session or now - seen[2] > CHALLENGE_LIFETIME:
+            return None
+        return seen[1]
+
+    def clock_moved(self, session: bytes, ts: int, now: float) -> bool:
+        """A verified session stamped `ts` more than CLOCK_MOVED off the
+        clock it was measured to have: it was set since (a device without a
+        real-time clock that gets its time through the tunnel), so measure
+        it again before its datagrams leave the window."""
+        entry = self.verified.get(session)
+        return entry is not None and abs(ts - int(now) - entry[3]) > CLOCK_MOVED
 
     def check_own(self, session: bytes, ts: int, seq: int, now: float) -> DropReason | None:
         """The replay check of a datagram for this node: a verified session,
-        sealed after its answer, and new in the window."""
+        sealed after its answer, and new in the window around its clock."""
         floor = self.verified.get(session)
         if floor is None:
             return DropReason.UNVERIFIED
         if ts < floor[0] or (ts == floor[0] and seq <= floor[1]):
             return DropReason.REPLAY
-        return self.check_replay(OWN_WINDOW, session, ts, seq, now)
+        return self.check_replay(OWN_WINDOW, session, ts, seq, now, offset=floor[3])
+
+    def session_offset(self, dst: int, session: bytes, ts: int, now: float) -> int:
+        """Whole seconds the clock of `session` is ahead of ours, for the
+        window of dst: as measured when it answered us (0 when it never did:
+        our clock). Challenges (their sessions are not proven yet) follow
+        the peer's clock as its latest answer measured it; the first
+        challenge of a peer never measured sets its session's offset. A
+        later one ahead of the window moves it on, never back, so each
+        challenge is answered once whatever the two clocks say, and an old
+        one replayed in a session forgotten since is refused."""
+        entry = self.verified.get(session)
+        if dst != CHALLENGE_WINDOW:
+            return 0 if entry is None else entry[3]
+        window = self.replay.get(dst)
+        offset = window.offsets.get(session) if window is not None else None
+        if offset is None:
+            offset = entry[3] if entry is not None else \
+                ts - int(now) if self.clock_offset is None else round(self.clock_offset)
+        return max(offset, ts - int(now)) if ts - int(now) - offset > REPLAY_WINDOW else offset
 
     def check_replay(self, dst: int, session: bytes, ts: int, seq: int, now: float,
-                     charged: Peer | None = None) -> DropReason | None:
+                     charged: Peer | None = None, offset: int | None = None) -> DropReason | None:
         """The window of traffic from this peer to dst (OWN_WINDOW: to this node).
         `charged`: None for the window of traffic to this node; for a pair
         it only relays, the peer a new window counts against (the bigger ID).
         A relay window refuses what was sealed before the peer entered the
-        table (a relay keeps no state across restarts either)."""
-        if dst >= 0 and ts < self.replay_floor:       # (a relay window: not one of this node's own)
+        table (a relay keeps no state across restarts either), by the
+        session's clock (session_offset; `offset` when the caller knows it)."""
+        if offset is None:
+            offset = self.session_offset(dst, session, ts, now)
+        if dst >= 0 and ts < self.replay_floor + offset:     # (a relay window: not one of this node's own)
             return DropReason.REPLAY
         if dst != OWN_WINDOW and ts <= self.old_floors.get((dst, session), -1):
             return DropReason.REPLAY
         window = self.replay.get(dst)
         if window is None:
-            if seq >= SEQ_LIMIT or abs(ts - int(now)) > REPLAY_WINDOW:
+            if seq >= SEQ_LIMIT or abs(ts - int(now) - offset) > REPLAY_WINDOW:
                 return DropReason.REPLAY        # what the window would say: never open one for it
             if charged is not None:
                 if charged.relay_windows >= MAX_WINDOWS_PER_PEER:
@@ -196,7 +285,7 @@ class Peer:
             # forgot; prune drops the own window's with the verified session
             # and moves the others' to old_floors (bounded)
             window = self.replay[dst] = ReplayWindow(charged, keep_floors=True)
-        return window.check_and_accept(session, ts, seq, now)
+        return window.check_and_accept(session, ts, seq, now, offset)
 
     @property
     def static_addr(self) -> Addr | None:

@@ -3,7 +3,10 @@
 Each datagram carries (session, ts, seq): a random per-start session ID, the
 sender's clock in seconds and a 20-bit per-second sequence. Per source peer we
 remember, for each session seen inside the window and each second of it, a
-bitmap of accepted sequence numbers. Only authenticated datagrams reach this
+bitmap of accepted sequence numbers. The window is judged by the sender's
+clock: the caller passes each session's clock offset (whole seconds the
+sender's clock is ahead of ours, measured when the session was proven:
+peers.Peer.verify), so two peers need not agree on the time. Only authenticated datagrams reach this
 module (the caller checks the AEAD first), so forged input cannot move it.
 
 Memory: the bitmap of a second is paged. A page covers PAGE_SEQS = 4096
@@ -35,7 +38,7 @@ def _pages(second: Second) -> Iterator[tuple[int, bytearray]]:
 
 
 class ReplayWindow:
-    __slots__ = ("sessions", "floors", "keep_floors", "charged", "_hot_session", "_hot_ts", "_hot_number", "_hot_page")
+    __slots__ = ("sessions", "floors", "offsets", "keep_floors", "charged", "_hot_session", "_hot_ts", "_hot_number", "_hot_page")
 
     def __init__(self, charged: object = None, keep_floors: bool = False) -> None:
         # the peer whose window slot this is (peers.Peer.relay_windows), or None
@@ -48,6 +51,9 @@ class ReplayWindow:
         # window: a sender whose clock came back from an excursion starts a
         # new session, which must not inherit the old one's future seconds.
         self.floors: dict[bytes, int] = {}
+        # per session, the sender's clock offset it was last checked with:
+        # its seconds expire by the sender's clock, not ours
+        self.offsets: dict[bytes, int] = {}
         # a window that keeps a session's floor after the session's last
         # second is gone (the owner prunes floors: peers.Peer.prune)
         self.keep_floors = keep_floors
@@ -57,16 +63,17 @@ class ReplayWindow:
         self._hot_session, self._hot_ts, self._hot_number = b"", -1, -1
         self._hot_page = bytearray()
 
-    def check_and_accept(self, session: bytes, ts: int, seq: int, now: float) -> DropReason | None:
-        """None when (session, ts, seq) is new and inside the window (then it is recorded)."""
-        now_s = int(now)
+    def check_and_accept(self, session: bytes, ts: int, seq: int, now: float, offset: int = 0) -> DropReason | None:
+        """None when (session, ts, seq) is new and inside the window around
+        the sender's clock, int(now) + offset (then it is recorded)."""
+        now_s = int(now) + offset
         if seq >= SEQ_LIMIT or abs(ts - now_s) > REPLAY_WINDOW or ts <= self.floors.get(session, -1):
             return DropReason.REPLAY
         number = seq >> 12               # PAGE_SHIFT: literals on this per-datagram path
         if ts == self._hot_ts and number == self._hot_number and session == self._hot_session:
             page = self._hot_page
         else:
-            page = self._page(session, ts, number, now_s)
+            page = self._page(session, ts, number, now, offset)
             if page is None:
                 return DropReason.TOO_MANY_SESSIONS
         index, bit = (seq >> 3) & 511, 1 << (seq & 7)
@@ -80,12 +87,12 @@ class ReplayWindow:
         page[index] |= bit
         return None
 
-    def _page(self, session: bytes, ts: int, number: int, now_s: int) -> bytearray | None:
+    def _page(self, session: bytes, ts: int, number: int, now: float, offset: int) -> bytearray | None:
         """The page of (session, ts) for seq >> PAGE_SHIFT == number, made when
         new; None when the session would be one too many."""
         seconds = self.sessions.get(session)
         if seconds is None:
-            self._expire(now_s)
+            self._expire(now)
             if len(self.sessions) >= MAX_SESSIONS_PER_PEER:
                 # Refuse rather than evict: evicting would forget what an old
                 # session already delivered and let its datagrams be replayed.
@@ -93,8 +100,9 @@ class ReplayWindow:
             seconds = self.sessions[session] = {}
         second = seconds.get(ts)
         if second is None:
+            self.offsets[session] = offset
             if len(seconds) > 2 * REPLAY_WINDOW:
-                self._expire_session(session, seconds, now_s)
+                self._expire_session(session, seconds, int(now) + offset)
             page = bytearray(1)
             seconds[ts] = page if number == 0 else {number: page}
         elif isinstance(second, dict):
@@ -120,20 +128,22 @@ class ReplayWindow:
         if self._hot_session == session and self._hot_ts not in seconds:
             self._hot_ts = -1               # the shortcut must never reach a forgotten page
 
-    def _expire(self, now_s: int) -> None:
+    def _expire(self, now: float) -> None:
+        now_s = int(now)
         for session in list(self.sessions):
             seconds = self.sessions[session]
-            self._expire_session(session, seconds, now_s)
+            self._expire_session(session, seconds, now_s + self.offsets.get(session, 0))
             if not seconds:
                 # every second of it is older than the window, which refuses
                 # them by the clock alone: the floor can go with the session
                 del self.sessions[session]
+                self.offsets.pop(session, None)
                 if not self.keep_floors:
                     self.floors.pop(session, None)
 
     def expire(self, now: float) -> None:
         """Forget seconds (and whole sessions) that left the window."""
-        self._expire(int(now))
+        self._expire(now)
 
     def bitmaps(self) -> Iterator[tuple[bytes, int, int, bytearray]]:
         """(session, ts, page number, page) of every page held."""
