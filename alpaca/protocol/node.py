@@ -36,7 +36,7 @@ from .ids import TunnelNet, format_id
 from .inbound import Inbound, _Next
 from .outbound import UNRESOLVED, Outbound
 from .output import Output
-from .peers import Addr, Peer, PeerEntry, PeerTable
+from .peers import Addr, Peer, PeerEntry, PeerTable, addr_family, addr_text
 from .reassembly import Reassembler
 from .relay import Relay
 from .wire import SHARD_OVERHEAD, Header, seal
@@ -407,7 +407,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         paths = []
         for addr in list(peer.paths) + [a for a in peer.probes if a not in peer.paths]:
             p, probe = peer.paths.get(addr), peer.probes.get(addr)
-            entry = {"address": f"{addr[0]}:{addr[1]}",
+            entry = {"address": addr_text(addr), "family": addr_family(addr),
                      "learned": "probed" if p is None else "static" if p.static else
                      ("relayed" if p.relayed else "direct"),
                      "proven": p is not None and p.proven,

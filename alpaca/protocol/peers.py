@@ -1,7 +1,8 @@
 """The peer and path table (docs/protocol.md §5-6).
 
 A peer is reached on one or more paths, each a UDP address:
-  - its static address from secrets.txt (path 0 when given),
+  - its static addresses from secrets.txt (the ip and ip6 columns: one
+    path per address family, both used at once),
   - direct addresses learned from its authenticated datagrams (path byte 0),
   - relay addresses learned from its authenticated datagrams that a forwarder
     carried (path byte != 0): the forwarder's address.
@@ -49,6 +50,16 @@ DELIVERS_WITHIN = 12.0      # ... and one answered this recently does (3 keepali
 MAX_PROBED = 16             # ways to a peer whose probes are kept
 
 Addr = tuple  # (host, port); alpaca/host/udp.py turns IPv6 socket addresses into this form
+
+
+def addr_family(addr: Addr) -> str:
+    """The underlay address family of a path: "ipv6" or "ipv4"."""
+    return "ipv6" if ":" in addr[0] else "ipv4"
+
+
+def addr_text(addr: Addr) -> str:
+    """host:port, an IPv6 host in brackets ([2001:db8::1]:1040)."""
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
 
 
 @dataclass(slots=True)
@@ -107,7 +118,14 @@ class Probe:
 class PeerEntry:
     """What secrets.txt says about a peer (the part the core needs)."""
     psk: str | None                 # None when this host never needs it (a smaller ID's key)
-    static_addr: Addr | None = None
+    static_addr: Addr | None = None     # the ip column (IPv4), resolved, with the port
+    static_addr6: Addr | None = None    # the ip6 column, with the port
+
+    @property
+    def static_addrs(self) -> tuple[Addr, ...]:
+        """Every configured address: a peer with both columns is two static
+        paths, one per address family, used at once (multi-path)."""
+        return tuple(a for a in (self.static_addr, self.static_addr6) if a is not None)
 
 
 class Peer:
@@ -121,8 +139,8 @@ class Peer:
         self.entry = entry
         self.psk_key = derive_psk_key(entry.psk) if entry.psk is not None else None
         self.paths: dict[Addr, Path] = {}
-        if entry.static_addr is not None:
-            self.paths[entry.static_addr] = Path(entry.static_addr, relayed=False, static=True)
+        for addr in entry.static_addrs:
+            self.paths[addr] = Path(addr, relayed=False, static=True)
         self.last_rx = -math.inf
         self.up = False
         self.rx_packets = self.rx_bytes = 0
