@@ -391,9 +391,12 @@ class Node(Inbound, Outbound, Relay, Challenges):
             key = self.table.pair_key(self.me, peer_id)
             if peer is None or key is None:
                 continue
-            datagram = self._seal(KIND_KEEPALIVE, peer_id, key, b"", now)
             addrs = self._towards(peer, now) if peer_id == gw else peer.direct_paths(now)
-            out.sends.extend((datagram, a) for a in addrs)
+            # one keepalive sealed per way, not copies of one: a copy that
+            # arrives second is a duplicate and teaches no path, so the peer
+            # would learn only the fastest of our ways (e.g. IPv4 of a peer
+            # reached on IPv4 and IPv6) and find no other when it breaks
+            out.sends.extend((self._seal(KIND_KEEPALIVE, peer_id, key, b"", now), a) for a in addrs)
             if addrs:
                 self._challenge(peer, None, False, now, out, ways=addrs)
 
