@@ -218,3 +218,9 @@ def test_one_configured_address_opens_only_its_family():
         assert list(u.socks) == [socket.AF_INET] and u.problem is None
     finally:
         u.close()
+
+
+def test_the_flood_filter_goes_on_the_ipv4_socket_with_the_ipv4_addresses(underlay):
+    assert underlay.filter_known({"127.0.0.1", "2001:db8::1", "192.0.2.1"}, unknown_one_in=0)
+    assert underlay.filtered == 2 and underlay.socks[socket.AF_INET6].filtered is None
+    assert not underlay.filter_known(None) and underlay.filtered is None

@@ -101,20 +101,21 @@ class Underlay:
 
     @property
     def filtered(self) -> int | None:
-        counts = [s.filtered for s in self.socks.values() if s.filtered is not None]
-        return sum(counts) if counts else None
+        sock = self.socks.get(socket.AF_INET)
+        return sock.filtered if sock is not None else None
 
     def kernel_drops(self) -> int | None:
         counts = [s.kernel_drops() for s in self.socks.values()]
         return None if any(c is None for c in counts) else sum(counts)
 
     def filter_known(self, addresses: set[str] | None, **kw) -> bool:
-        """Udp.filter_known on each socket with the known addresses of its family."""
-        attached = False
-        for family, sock in self.socks.items():
-            mine = None if addresses is None else {a for a in addresses if family_of(a) == family}
-            attached = sock.filter_known(mine, **kw) or attached
-        return attached
+        """Udp.filter_known on the IPv4 socket, with the known IPv4
+        addresses. The IPv6 socket gets no filter: the program compares
+        IPv4 sources only, so it would let every IPv6 datagram through anyway."""
+        sock = self.socks.get(socket.AF_INET)
+        if sock is None:
+            return False
+        return sock.filter_known(None if addresses is None else {a for a in addresses if ":" not in a}, **kw)
 
     def close(self) -> None:
         for sock in self.socks.values():
