@@ -254,6 +254,7 @@ class Udp:
         # an IPv6 socket ("::") also carries IPv4 as ::ffff:a.b.c.d; the core
         # compares addresses as plain (host, port) pairs, so translate here
         self.v6 = family == socket.AF_INET6
+        self.mapped = self.v6 and not v6only      # IPv4 arrives as ::ffff:a.b.c.d and must leave so
         self.send_errors = 0
         self.filtered: int | None = None        # known addresses in the socket filter, None: no filter
         self.gso = True
@@ -320,7 +321,7 @@ class Udp:
             for _ in range(limit):
                 data, ancdata, _flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE)
                 if self.v6:
-                    addr = _from_v6(addr)
+                    addr = _from_v6(addr) if self.mapped else addr[:2]
                 size = 0
                 for level, kind, value in ancdata:
                     if level == socket.IPPROTO_UDP and kind == UDP_GRO:
@@ -356,7 +357,7 @@ class Udp:
         """Send in order; runs of equal-size datagrams to one address go as one GSO send."""
         sources = self.sources
         remotes = sends                 # the core's (host, port) pairs: the keys of `sources`
-        if self.v6:
+        if self.mapped:
             sends = [(d, _to_v6(a)) for d, a in sends]
         i, n = 0, len(sends)
         while i < n:
