@@ -37,9 +37,10 @@ from .host.route_monitor import RouteMonitor
 from .host.routes import RouteError
 from .host.sysctl import IP_FORWARD, IPV6_FORWARDING, Sysctl
 from .host.tun import Tun, TunError
-from .host.udp import MAX_FILTER_ADDRESSES, UNKNOWN_ONE_IN, Udp, UdpError
+from .host.udp import MAX_FILTER_ADDRESSES, UNKNOWN_ONE_IN, UdpError
+from .host.underlay import Underlay, planned_sockets
 from .host.watch import FileWatch
-from .peerlist import cross_problems, host_names, peer_entries, underlay_hosts
+from .peerlist import cross_problems, host_names, peer_entries, underlay_endpoints, underlay_hosts
 from .protocol import fec
 from .protocol.drops import GLOBAL_DROPS, DropReason
 from .protocol.ids import TunnelNet, format_id
@@ -126,7 +127,8 @@ def plan(config: Config, secrets: dict[int, PeerSecret]) -> list[str]:
     net = TunnelNet(config.net, config.net6)
     lines = [f"peer {format_id(config.id)} ({config.mode}) in group {config.group!r}, "
              f"{len(secrets) - (config.id in secrets)} other peers",
-             f"UDP socket on {config.listen}:{config.port}"]
+             planned_sockets(config.listen, config.port)]
+    lines += underlay_endpoints(config, secrets)
     if config.mode != "forwarder":
         address6 = net.address6(config.id)
         lines.append(f"TUN device {config.name}, MTU {config.mtu}, address {net.address(config.id)}/16"
@@ -218,7 +220,9 @@ class Daemon:
         # leaves the tunnel net (policy routes may name another peer)
         self.node = Node(settings_from(cfg), peers, now,
                          asks_next_hops=cfg.mode == "client" and cfg.gateway is not None)
-        self.udp = stack.enter_context(contextlib.closing(Udp(cfg.listen, cfg.port)))
+        self.udp = stack.enter_context(contextlib.closing(Underlay(cfg.listen, cfg.port)))
+        if self.udp.problem:
+            log.warning("%s", self.udp.problem)
         self._flood_guard = FloodGuard(self.udp.kernel_drops() or 0)
         if cfg.mode != "forwarder":
             address6 = net.address6(cfg.id)
@@ -253,15 +257,16 @@ class Daemon:
         stack.callback(lambda: self.watch.close())      # the current one: a reload may replace it
         run_hooks("post_up", cfg.post_up_cmds, self._hook_env, fatal=True)
         stack.callback(lambda: run_hooks("pre_down", self.config.pre_down_cmds, self._hook_env, False))
-        log.info("started: id %s, mode %s, %s, UDP %s:%d, %d peers, control %s",
+        log.info("started: id %s, mode %s, %s, UDP %s, %d peers, control %s",
                  format_id(cfg.id), cfg.mode,
                  f"TUN {self.tun.name} {net.address(cfg.id)}/16" if self.tun else "no TUN",
-                 cfg.listen, cfg.port, len(peers) - 1, socket_path(cfg))
+                 " and ".join(self.udp.endpoints()), len(peers) - 1, socket_path(cfg))
 
     def _setup_client_routes(self, stack: contextlib.ExitStack, peers: dict[int, PeerEntry], net: TunnelNet) -> None:
         from .host import routes
         cfg = self.config
-        routes.mark_socket(self.udp.sock, routes.FWMARK)
+        for udp in self.udp.socks.values():
+            routes.mark_socket(udp.sock, routes.FWMARK)
         self.client_routes = client_routes(cfg, peers, net)
         # only a requested stop (SIGTERM, SIGINT) lifts the kill switch; a failure leaves it blocking
         stack.callback(lambda: self.client_routes.remove(keep_kill_switch=not self.stop_requested))
@@ -365,7 +370,7 @@ class Daemon:
             "control_socket": str(self.control.path) if self.control else None,
             "uptime": round(now - self.started, 1),
             "tun": self.tun.name if self.tun else None,
-            "listen": f"{self.config.listen}:{self.config.port}",
+            "listen": ", ".join(self.udp.endpoints()),
             "net": "%d.%d" % self.config.net,
             "tun_write_errors": self.tun_write_errors,
             "udp_send_errors": self.udp.send_errors,
@@ -376,7 +381,7 @@ class Daemon:
             for path in peer["paths"]:
                 # the local address this path's datagrams arrive on and our replies leave from
                 host, port = path["address"].rsplit(":", 1)
-                path["local"] = self.udp.reply_source((host, int(port)))
+                path["local"] = self.udp.reply_source((host.strip("[]"), int(port)))
         return status
 
     def status_line(self) -> str:
@@ -477,7 +482,8 @@ class Daemon:
         """Sleep until a descriptor is ready or the next deadline (the core's
         or one of the daemon's own, self.timers), then do what is due."""
         sel = self._selector = selectors.DefaultSelector()
-        sel.register(self.udp.fd, selectors.EVENT_READ, "udp")
+        for fd in self.udp.fds:
+            sel.register(fd, selectors.EVENT_READ, "udp")
         if self.tun is not None:
             sel.register(self.tun.fd, selectors.EVENT_READ, "tun")
         self.control.attach(sel, "control")
@@ -505,7 +511,7 @@ class Daemon:
         now = time.time()
         what = key.data
         if what == "udp":
-            out = self.node.from_udp(self.udp.recv_batch(BATCH), now)
+            out = self.node.from_udp(self.udp.recv_batch(BATCH, key.fd), now)
             self.udp.confirm(out.heard)     # before the answers leave: they go from where it was sent to
             self._perform(out)
         elif what == "tun":

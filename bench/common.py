@@ -14,6 +14,7 @@ if str(ROOT) not in sys.path:
 
 UNDER_A, UNDER_B = "172.30.1.1", "172.30.1.2"
 UNDER2_A, UNDER2_B = "172.30.4.1", "172.30.4.2"     # --paths 2: the second link
+UNDER6_A, UNDER6_B = "fd30:1::1", "fd30:1::2"       # IPv6 on link 1 (the alpaca-ipv6 tunnel's underlay)
 RELAY_A, RELAY_B = "172.30.1.254", "172.30.3.254"   # WAN mode: the relay on a's link and on b's
 WAN_B = "172.30.3.2"                                # WAN mode: b's underlay address
 RELAY2_A, RELAY2_B = "172.30.4.254", "172.30.5.254"  # WAN mode, --paths 2: the second relay's addresses
@@ -29,6 +30,7 @@ SPEEDER_PORT, SPEEDER_LOCAL = 4096, "127.0.0.1:3333"
 SPEEDER_FEC, SPEEDER_WG_MTU = "20:10", 1280
 IPERF_PORT = 5201
 IPT = "iptables-legacy"
+IPT6 = "ip6tables-legacy"
 HZ = os.sysconf("SC_CLK_TCK")
 
 OFFLOAD_TX = ["gso", "tso", "tx-udp-segmentation", "tx-gso-list"]
@@ -44,9 +46,11 @@ CLEAN_RUNS = [(1, "b2a", "default", True), (1, "a2b", "default", False), (4, "b2
 LOSS_RUNS = [(1, "b2a", "default", True), (1, "b2a", "cubic", False), (1, "a2b", "default", False)]
 QUICK_RUNS = [(1, "b2a", "default", True)]
 WAN_RUNS = [(1, "b2a", "default", True), (1, "b2a", "cubic", False)]
-TUNNELS = ["raw", "wireguard-go", "openvpn", "alpaca", "alpaca-fec-off", "alpaca-fec-20:10", "wg-udpspeeder"]
+TUNNELS = ["raw", "wireguard-go", "openvpn", "alpaca", "alpaca-ipv6", "alpaca-fec-off", "alpaca-fec-20:10",
+           "wg-udpspeeder"]
 DUAL = "-2paths"              # suffix of a tunnel's --paths 2 entry in the results (e.g. "alpaca-2paths")
-LABELS = {"wg-udpspeeder": f"wireguard-go over UDPspeeder {SPEEDER_FEC}", "alpaca" + DUAL: "alpaca 2 paths"}
+LABELS = {"wg-udpspeeder": f"wireguard-go over UDPspeeder {SPEEDER_FEC}", "alpaca" + DUAL: "alpaca 2 paths",
+          "alpaca-ipv6": "alpaca over IPv6"}
 LOSS = "0,0.01,0.05,0.3"      # default loss levels, low RTT and --wan alike
 CAPACITY_RATES = [100, 200, 300, 400, 500, 600, 800, 1000, 1250, 1500, 2000]   # Mbit/s
 CAPACITY_LEN, CAPACITY_MAX_LOSS = 1400, 1.0   # datagram payload bytes; % lost that still counts as forwarded

@@ -155,7 +155,7 @@ def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict, paths
         res.update({"available": False, "reason": why})
         return
     res.update({"available": True, "paths": paths, "versions": tunnel.versions(), "conditions": {}})
-    pair = Pair(prefix, paths) if args.wan is None else WanPair(prefix, args, work, paths)
+    pair = Pair(prefix, paths, tunnel.ipt) if args.wan is None else WanPair(prefix, args, work, paths)
     try:
         res["default_cc"] = {s: pair.sh(s, ["sysctl", "-n", "net.ipv4.tcp_congestion_control"]).strip()
                              for s in ("a", "b")}

@@ -123,6 +123,13 @@ def ratio(res: dict, field: str) -> float | None:
     return a / w if a is not None and w else None
 
 
+def ipv6_ratio(res: dict) -> float | None:
+    """alpaca over IPv6 / alpaca over IPv4, single stream b2a, clean link (the goal: >= 0.90)."""
+    key = run_key(1, "b2a", "default")
+    v6, v4 = (get(res, t, "clean", "runs", key, "mbit_s") for t in ("alpaca-ipv6", "alpaca"))
+    return v6 / v4 if v6 is not None and v4 else None
+
+
 def dual_ratios(res: dict) -> dict | None:
     """--paths 2: alpaca's single b2a stream (default cc) at each loss level, with 2 paths and with
     1, divided by its 1-path figure without loss (the 0 % loss level: same offloads and RTT; the

@@ -1,7 +1,7 @@
 """Side-by-side benchmark: raw veth, wireguard-go, OpenVPN and alpaca-tunnel in one run.
 
     .venv/bin/python bench/run.py [--seconds 10] [--quick] [--loss 0,0.01,0.05,0.3]
-                                  [--tunnels raw,wireguard-go,openvpn,alpaca,wg-udpspeeder]
+                                  [--tunnels raw,wireguard-go,openvpn,alpaca,alpaca-ipv6,wg-udpspeeder]
                                   [--wan MS] [--paths 2] [--out FILE]
 
 Two network namespaces (<prefix>-a, <prefix>-b) joined by one veth pair, no
@@ -50,6 +50,15 @@ both ends (recorded in the JSON at the start and at the end). The loss
 rules sit on both links' interfaces, each drawing independently; their
 counters are read back per link, and per-link rx counters of the interfaces
 are recorded for every dual-path run.
+
+IPv6 underlay (the tunnel "alpaca-ipv6"): link 1 also has fd30:1::1/64 and
+fd30:1::2/64 (no DAD); alpaca-ipv6 is alpaca with the same settings whose
+client knows the server only by its ip6 column, so the whole tunnel runs on
+the IPv6 sockets (UDP GSO/GRO as on IPv4), and its loss rules are
+ip6tables-legacy ones. Run it beside "alpaca" (`--tunnels alpaca,alpaca-ipv6`)
+and the report ends with `alpaca IPv6/IPv4 underlay throughput ratio`
+(single stream b2a, clean link; the goal is >= 0.90). Not in WAN mode (the
+relay is IPv4) and no --paths 2 entry.
 
 WAN mode (--wan MS): a third namespace <prefix>-w sits between the two and
 does not route; bench/wan_relay.py in it is the only way between -a and -b,
@@ -110,7 +119,7 @@ from common import (ALPACA_A, ALPACA_B, CAPACITY_LEN, CAPACITY_MAX_LOSS, DUAL, I
                     OVPN_PORT, RELAY2_A, RELAY2_B, RELAY_A, RELAY_B, ROOT, SPEEDER_FEC, SPEEDER_WG_MTU, TUNNELS,
                     UNDER2_A, UNDER2_B, UNDER_A, UNDER_B, WAN2_B, WAN_B, WG_A, WG_B, log, run_key)
 from measure import bench_tunnel, relay_capacity
-from report import dual_ratios, fmt, ratio, table
+from report import dual_ratios, fmt, ipv6_ratio, ratio, table
 from tunnels import CLASSES
 
 
@@ -246,6 +255,8 @@ def main(argv=None) -> int:
                          "clean link, offloads on" if args.wan is None else f"WAN {args.wan:g} ms each way, no loss")}
     if (dual := dual_ratios(res)) is not None:
         res["ratios"]["alpaca 2 paths"] = dual
+    if (v6 := ipv6_ratio(res)) is not None:
+        res["ratios"]["alpaca IPv6/IPv4 underlay throughput"] = v6
     print(table(res))
     cap = res.get("relay_capacity")
     if cap:
@@ -281,6 +292,9 @@ def main(argv=None) -> int:
               ", ".join(f"{pct(c)} {fmt(v, '.2f')}" for c, v in dual["2 paths"].items()) + "; 1 path " +
               ", ".join(f"{pct(c)} {fmt(v, '.2f')}" for c, v in dual["1 path"].items()) +
               " (goal: 2 paths at 30 % >= 0.70)")
+    if v6 is not None:
+        print(f"alpaca IPv6/IPv4 underlay throughput ratio ({run_key(1, 'b2a', 'default')}, clean): "
+              f"{v6:.2f} (goal: >= 0.90)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     cpu = res["ratios"]["alpaca/wireguard-go daemon CPU s/GB"]

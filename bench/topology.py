@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 
 from common import (BIG, CNT, DROP, IPT, OFFLOAD_RX, OFFLOAD_SHOW, OFFLOAD_TX, RELAY2_A, RELAY2_B, RELAY_A,
-                    RELAY_B, ROOT, UNDER2_A, UNDER2_B, UNDER_A, UNDER_B, WAN2_B, WAN_B)
-from alpaca.lab.testbed import Testbed, wait_for
+                    RELAY_B, ROOT, UNDER2_A, UNDER2_B, UNDER6_A, UNDER6_B, UNDER_A, UNDER_B, WAN2_B, WAN_B)
+from pyroute2 import NetNS
+
+from alpaca.lab.testbed import Testbed, add_address, wait_for
 
 
 # ---------------------------------------------------------------- topology
@@ -21,12 +23,13 @@ from alpaca.lab.testbed import Testbed, wait_for
 class Pair(Testbed):
     """Two namespaces <prefix>-a and <prefix>-b joined by one veth pair (eth0 on each side), or
     with paths=2 by two (eth0: link 1, eth1: link 2); unlike Testbed, no hub namespace and no
-    bridge. Testbed's popen/run/stop/close are reused."""
+    bridge. Testbed's popen/run/stop/close are reused. Link 1 has IPv6 addresses too (UNDER6_A,
+    UNDER6_B); `ipt`: the iptables of the family the loss rules apply to."""
 
-    def __init__(self, prefix: str, paths: int = 1):   # deliberately not calling Testbed.__init__ (it builds a hub)
+    def __init__(self, prefix: str, paths: int = 1, ipt: str = IPT):   # not calling Testbed.__init__ (it builds a hub)
         self.prefix, self.subnet, self.hub = prefix, None, None
         self.hosts, self.namespaces, self.procs, self._ifcount = {}, [], [], 0
-        self.paths = paths
+        self.paths, self.ipt = paths, ipt
         self.ifaces = self.interfaces()
         try:
             self.build()
@@ -40,6 +43,10 @@ class Pair(Testbed):
 
     def build(self) -> None:
         self.add_link("a", "b", UNDER_A, UNDER_B, 24)
+        for side, address in (("a", UNDER6_A), ("b", UNDER6_B)):
+            with NetNS(self.ns(side)) as ns:
+                add_address(ns, ns.link_lookup(ifname="eth0")[0], address, 64)
+        self.check_ping("b", UNDER6_A)
         if self.paths == 2:
             self.add_link("a", "b", UNDER2_A, UNDER2_B, 24)
             self.check_ping("b", UNDER2_A)
@@ -117,12 +124,12 @@ class Pair(Testbed):
                 specs.append(["-i", dev, *m, "-m", "statistic", "--mode", "random", "--probability", f"{p:.6f}",
                               "-m", "comment", "--comment", DROP + tag, "-j", "DROP"])
             for spec in specs:
-                self.sh(side, [IPT, "-w", "-A", "INPUT", *spec])
+                self.sh(side, [self.ipt, "-w", "-A", "INPUT", *spec])
                 self._rules.append((side, spec))
 
     def clear_loss(self) -> None:
         for side, spec in getattr(self, "_rules", []):
-            self.sh(side, [IPT, "-w", "-D", "INPUT", *spec], check=False)
+            self.sh(side, [self.ipt, "-w", "-D", "INPUT", *spec], check=False)
         self._rules = []
 
     def counters(self) -> dict:
@@ -131,7 +138,7 @@ class Pair(Testbed):
         out, listing = {}, {}
         for key, side, dev in self.loss_ifaces():
             if side not in listing:
-                listing[side] = self.sh(side, [IPT, "-w", "-L", "INPUT", "-v", "-n", "-x"]).splitlines()
+                listing[side] = self.sh(side, [self.ipt, "-w", "-L", "INPUT", "-v", "-n", "-x"]).splitlines()
             tag = "" if dev == "eth0" else f"-{dev}"
             c = {"seen": 0, "oversize": 0, "dropped": 0}
             for line in listing[side]:

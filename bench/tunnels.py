@@ -12,8 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import (ALPACA_A, ALPACA_NET, ALPACA_PORT, OVPN_A, OVPN_B, OVPN_PORT, ROOT, SPEEDER_FEC, SPEEDER_LOCAL,
-                    SPEEDER_PORT, SPEEDER_WG_MTU, UNDER_A, WG_A, WG_B, WG_PORT)
+from common import (ALPACA_A, ALPACA_NET, ALPACA_PORT, IPT, IPT6, OVPN_A, OVPN_B, OVPN_PORT, ROOT, SPEEDER_FEC,
+                    SPEEDER_LOCAL, SPEEDER_PORT, SPEEDER_WG_MTU, UNDER6_A, UNDER_A, WG_A, WG_B, WG_PORT)
 from alpaca.lab.testbed import wait_for, write_peer_config
 from topology import Pair
 
@@ -27,6 +27,7 @@ class Tunnel:
     relay_ports: tuple | None = None   # WAN mode: WanPair.relay(port, a_port, b_port); None: cannot cross it
     multipath = False          # --paths 2 measures it (sends on both links); others are skipped
     relay_ports2: tuple | None = None  # WAN mode, --paths 2: the second relay's ports
+    ipt = IPT                  # the loss rules' iptables: that of the underlay's address family
 
     def available(self) -> str | None:
         return None
@@ -202,16 +203,7 @@ class Alpaca(Tunnel):
     def start(self, pair: Pair, work: Path) -> None:
         self.daemons, self.work = {}, work
         keys = {i: secrets.token_urlsafe(32) for i in ("1.1", "16.1")}    # the format of `alpaca-tunnel genkey`
-        server, client = f"1.1 {keys['1.1']}", f"16.1 {keys['16.1']}"
-        if pair.paths == 1:
-            # the client in -b reaches the server at toward("b"); a peer's own line gives only its key
-            both = [f"{server} {pair.toward('b')} null {ALPACA_PORT}", f"{client} null null null"]
-            lines = {"a": both, "b": both}
-        else:
-            # crossed: -b knows the server on link 1, -a knows the client on link 2; each end learns
-            # the other link from the source of the other's datagrams, so both send on both links
-            lines = {"a": [f"{server} null null null", f"{client} {pair.toward('a', 2)} null {ALPACA_PORT}"],
-                     "b": [f"{server} {pair.toward('b', 1)} null {ALPACA_PORT}", f"{client} null null null"]}
+        lines = self.secrets_lines(pair, f"1.1 {keys['1.1']}", f"16.1 {keys['16.1']}")
         cfgs = {"a": {"id": "1.1", "mode": "server"},
                 "b": {"id": "16.1", "mode": "client", "gateway": "1.1"}}
         self.config = {}
@@ -228,6 +220,17 @@ class Alpaca(Tunnel):
                             or self.daemons[side].poll() is not None, 20) \
                     or self.daemons[side].poll() is not None:
                 raise RuntimeError(f"alpaca in {side} did not start: {self.log_tail()}")
+
+    def secrets_lines(self, pair: Pair, server: str, client: str) -> dict[str, list[str]]:
+        """secrets.txt of -a and -b; `server`, `client`: "id key" of each."""
+        if pair.paths == 1:
+            # the client in -b reaches the server at toward("b"); a peer's own line gives only its key
+            both = [f"{server} {pair.toward('b')} null {ALPACA_PORT}", f"{client} null null null"]
+            return {"a": both, "b": both}
+        # crossed: -b knows the server on link 1, -a knows the client on link 2; each end learns
+        # the other link from the source of the other's datagrams, so both send on both links
+        return {"a": [f"{server} null null null", f"{client} {pair.toward('a', 2)} null {ALPACA_PORT}"],
+                "b": [f"{server} {pair.toward('b', 1)} null {ALPACA_PORT}", f"{client} null null null"]}
 
     def status(self, pair: Pair, side: str) -> dict:
         """`alpaca-tunnel -C <config> status --json` of the daemon in `side`."""
@@ -315,6 +318,18 @@ class WgSpeeder(WireguardGo):
                                                   for s in ("a", "b") if (self.work / f"speeder-{s}.log").exists()])
 
 
+class AlpacaIpv6(Alpaca):
+    """alpaca with the same settings over an IPv6 underlay: the client knows the server only by
+    its ip6 column (UNDER6_A on link 1), so every datagram goes over IPv6 (UDP GSO and GRO on
+    the IPv6 socket). Compared with "alpaca" (IPv4) of the same run; loss via ip6tables-legacy.
+    No WAN mode (the relay is IPv4) and no --paths 2."""
+    name, multipath, relay_ports, ipt = "alpaca-ipv6", False, None, IPT6
+
+    def secrets_lines(self, pair: Pair, server: str, client: str) -> dict[str, list[str]]:
+        both = [f"{server} null {UNDER6_A} {ALPACA_PORT}", f"{client} null null null"]
+        return {"a": both, "b": both}
+
+
 class AlpacaFecOff(Alpaca):
     """alpaca with `fec: "off"`: what FEC's adaptive mode costs on a clean link, and does on a lossy one."""
     name, fec, multipath = "alpaca-fec-off", "off", False
@@ -325,5 +340,5 @@ class AlpacaFec2010(Alpaca):
     name, fec, multipath = "alpaca-fec-20:10", "20:10", False
 
 
-CLASSES = {"raw": Raw, "wireguard-go": WireguardGo, "openvpn": OpenVPN, "alpaca": Alpaca,
+CLASSES = {"raw": Raw, "wireguard-go": WireguardGo, "openvpn": OpenVPN, "alpaca": Alpaca, "alpaca-ipv6": AlpacaIpv6,
            "alpaca-fec-off": AlpacaFecOff, "alpaca-fec-20:10": AlpacaFec2010, "wg-udpspeeder": WgSpeeder}

@@ -1,10 +1,11 @@
-"""The UDP socket (one per address family; IPv4 for now; an IPv6 underlay is still to come).
+"""A UDP socket of the underlay (one per address family: alpaca/host/underlay.py holds both).
 
 Batching (docs/protocol.md §10): consecutive datagrams of one batch to the same address
 and of the same size leave in one sendmsg with UDP_SEGMENT (GSO: the kernel
 cuts the buffer into datagrams), and UDP_GRO lets the kernel hand us such a
 train as one buffer plus its segment size. Both fall back to one syscall per
-datagram where the kernel or the device refuses them.
+datagram where the kernel or the device refuses them. Both work the same
+on IPv4 and IPv6 sockets.
 
 Socket filter: while a garbage flood overflows the socket (the daemon
 decides when, daemon.py), a classic BPF program (SO_ATTACH_FILTER) makes the
@@ -14,14 +15,16 @@ takes the socket buffer from tunnel traffic. The kernel counts what it drops
 in the socket's drop counter (kernel_drops, `ss -m`: d) and in UDP InErrors.
 
 Reply source (docs/operations.md, multi-homed servers): bound to the wildcard
-address, the socket asks for IP_PKTINFO, remembers for each remote address
-the local address its datagrams last arrived on (ReplySources), and sends to
-that remote from that address (an IP_PKTINFO control message on the sendmsg,
-GSO trains included), so a peer that reaches a secondary address, through a
-NAT say, gets its answers from that address and not from the one the kernel
-would choose. Bound to one address nothing of this is done. The map holds
-local addresses as raw bytes, 4 for IPv4 and (to come) 16 for IPv6 with
-IPV6_RECVPKTINFO; _source_cmsg turns one into the control message.
+address, the socket asks for IP_PKTINFO (IPv4) or IPV6_RECVPKTINFO (IPv6),
+notes for each remote address the local address its datagrams arrived on,
+remembers it (ReplySources) for the remotes the core authenticated
+(`confirm`), and sends to that remote from that address (an IP_PKTINFO or
+IPV6_PKTINFO control message on the sendmsg, GSO trains included), so a
+peer that reaches a secondary address, through a NAT say, gets its answers
+from that address and not from the one the kernel would choose. Bound to
+one address nothing of this is done. The map holds local addresses as raw
+bytes, 4 for IPv4 and 16 for IPv6; _source_cmsg turns one into the control
+message.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ GSO_MAX_BYTES = 65000       # a GSO send must fit one IP datagram's worth of pay
 _U16 = struct.Struct("=H")
 IP_PKTINFO = 8              # linux/in.h (socket.IP_PKTINFO only from Python 3.12 on)
 _PKTINFO_SIZE = 12          # struct in_pktinfo: ifindex, spec_dst (the local address), addr
-_CMSG_SPACE = socket.CMSG_SPACE(_U16.size * 2) + socket.CMSG_SPACE(_PKTINFO_SIZE)
+_PKTINFO6_SIZE = 20         # struct in6_pktinfo: addr (the local address), ifindex
+_MAPPED = bytes(10) + b"\xff\xff"     # ::ffff:a.b.c.d, an IPv4 address on a dual-stack socket
+# room for a GRO segment size and both kinds of pktinfo (a dual-stack socket gets both for IPv4)
+_CMSG_SPACE = (socket.CMSG_SPACE(_U16.size * 2) + socket.CMSG_SPACE(_PKTINFO_SIZE)
+               + socket.CMSG_SPACE(_PKTINFO6_SIZE))
 REPLY_SOURCES = 4096        # remote addresses ReplySources keeps, in each of its two tiers
 # a send from a remembered local address that fails with one of these: the
 # address is gone (ENETUNREACH, older kernels EINVAL) or unusable; send again
@@ -200,6 +207,18 @@ def _source_cmsg(local: bytes) -> tuple[int, int, bytes]:
     return (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, local + bytes(4))   # struct in6_pktinfo
 
 
+def _pktinfo_local(level: int, kind: int, value: bytes) -> bytes | None:
+    """The local address a pktinfo control message names (the address to
+    answer from), as 4 or 16 raw bytes; an IPv4 one on a dual-stack socket
+    as 4. None for any other control message."""
+    if kind == IP_PKTINFO and level == socket.IPPROTO_IP:
+        return value[4:8]               # ipi_spec_dst
+    if kind == socket.IPV6_PKTINFO and level == socket.IPPROTO_IPV6:
+        local = value[:16]              # ipi6_addr
+        return local[12:] if local[:12] == _MAPPED else local
+    return None
+
+
 def local_text(local: bytes | None) -> str | None:
     """A remembered local address as text (status)."""
     if local is None:
@@ -208,15 +227,23 @@ def local_text(local: bytes | None) -> str | None:
 
 
 class Udp:
-    def __init__(self, listen: str, port: int):
+    def __init__(self, listen: str, port: int, v6only: bool = False):
+        """A socket bound to listen:port. An IPv6 one carries IPv4 too (as
+        mapped addresses) unless `v6only` (IPV6_V6ONLY: the daemon's, beside
+        an IPv4 socket of its own). Raises UdpError when it cannot be made."""
         family = socket.AF_INET6 if ":" in listen else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        except OSError as e:            # e.g. a kernel without IPv6
+            raise UdpError(f"cannot open a UDP socket for {listen}: {e.strerror or e}") from None
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
             try:
                 self.sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
             except OSError:
                 pass
         try:
+            if family == socket.AF_INET6:
+                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             self.sock.bind((listen, port))
         except OSError as e:
             self.sock.close()
@@ -227,6 +254,7 @@ class Udp:
         # an IPv6 socket ("::") also carries IPv4 as ::ffff:a.b.c.d; the core
         # compares addresses as plain (host, port) pairs, so translate here
         self.v6 = family == socket.AF_INET6
+        self.mapped = self.v6 and not v6only      # IPv4 arrives as ::ffff:a.b.c.d and must leave so
         self.send_errors = 0
         self.filtered: int | None = None        # known addresses in the socket filter, None: no filter
         self.gso = True
@@ -241,7 +269,10 @@ class Udp:
         self.stale_sources = 0          # sends whose remembered source address was gone
         if ipaddress.ip_address(listen).is_unspecified:
             try:
-                self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                if self.v6:
+                    self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                if not v6only:          # IPv4, or IPv4 on a dual-stack socket
+                    self.sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
                 self.sources = ReplySources()
             except OSError:
                 pass
@@ -290,14 +321,14 @@ class Udp:
             for _ in range(limit):
                 data, ancdata, _flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE)
                 if self.v6:
-                    addr = _from_v6(addr)
+                    addr = _from_v6(addr) if self.mapped else addr[:2]
                 size = 0
                 for level, kind, value in ancdata:
                     if level == socket.IPPROTO_UDP and kind == UDP_GRO:
                         size = _U16.unpack_from(value)[0]
-                    elif kind == IP_PKTINFO and level == socket.IPPROTO_IP:
-                        local = value[4:8]          # ipi_spec_dst: the address to answer from
-                        if used.get(addr) != local:
+                    elif used is not None:
+                        local = _pktinfo_local(level, kind, value)
+                        if local is not None and used.get(addr) != local:
                             arrivals[addr] = local
                 if size and len(data) > size:
                     # a coalesced train: cut it back into the datagrams it was
@@ -326,7 +357,7 @@ class Udp:
         """Send in order; runs of equal-size datagrams to one address go as one GSO send."""
         sources = self.sources
         remotes = sends                 # the core's (host, port) pairs: the keys of `sources`
-        if self.v6:
+        if self.mapped:
             sends = [(d, _to_v6(a)) for d, a in sends]
         i, n = 0, len(sends)
         while i < n:

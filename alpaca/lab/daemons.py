@@ -100,9 +100,9 @@ class Mesh:
         from alpaca.protocol.crypto import genkey
         return self.keys.setdefault(peer_id, genkey())
 
-    def line(self, peer_id: str, ip: str | None) -> str:
-        """The secrets.txt line of `peer_id` (listening at `ip`, if it has one)."""
-        return secrets_line(peer_id, self.key(peer_id), ip)
+    def line(self, peer_id: str, ip: str | None, ip6: str | None = None) -> str:
+        """The secrets.txt line of `peer_id` (listening at `ip` and `ip6`, if it has them)."""
+        return secrets_line(peer_id, self.key(peer_id), ip, ip6)
 
     def add(self, name: str, host_number: int, config: dict, secrets: list[str]) -> Daemon:
         """A daemon on host `name` (made if new); not started."""
@@ -120,7 +120,7 @@ class Mesh:
             if name not in self.tb.hosts:
                 self.tb.add_host(name, host)
         lines = secrets_for(topology, {peer_id: self.key(peer_id) for _, peer_id, _ in topology.values()},
-                            self.ip)
+                            self.ip, self.tb.hosts6)
         for name, (host, peer_id, config) in topology.items():
             self.add(name, host, {"id": peer_id, **config, **(extra or {}).get(name, {})}, lines[name])
 

@@ -22,19 +22,26 @@ STANDARD: dict[str, tuple[int, str, dict]] = {
 }
 
 
-def secrets_line(peer_id: str, key: str, ip: str | None) -> str:
-    """One secrets.txt line: a peer with an address listens on PORT."""
-    return f"{peer_id} {key} {ip or 'null'} null {PORT if ip else 'null'}"
+def secrets_line(peer_id: str, key: str, ip: str | None, ip6: str | None = None) -> str:
+    """One secrets.txt line: a peer with an address listens on PORT. An
+    IPv6 `ip` goes in the ip6 column."""
+    if ip is not None and ":" in ip:
+        ip, ip6 = None, ip
+    return f"{peer_id} {key} {ip or 'null'} {ip6 or 'null'} {PORT if ip or ip6 else 'null'}"
 
 
 def secrets_for(topology: dict[str, tuple[int, str, dict]], keys: dict[str, str],
-                ips: dict[str, str]) -> dict[str, list[str]]:
+                ips: dict[str, str], ips6: dict[str, str] | None = None) -> dict[str, list[str]]:
     """Each peer's secrets.txt lines: servers and forwarders (with their
     addresses) know everyone; a client knows them and itself only.
-    keys: peer ID -> key string; ips: name -> underlay address."""
+    keys: peer ID -> key string; ips: name -> underlay address; ips6: name
+    -> IPv6 underlay address, for an underlay of both families."""
     def line(name: str) -> str:
         _, peer_id, config = topology[name]
-        return secrets_line(peer_id, keys[peer_id], ips[name] if config["mode"] != "client" else None)
+        if config["mode"] == "client":
+            return secrets_line(peer_id, keys[peer_id], None)
+        ip6 = (ips6 or {}).get(name)
+        return secrets_line(peer_id, keys[peer_id], ips[name], ip6 if ip6 != ips[name] else None)
     infrastructure = [line(n) for n, (_, _, c) in topology.items() if c["mode"] != "client"]
     clients = {n: line(n) for n, (_, _, c) in topology.items() if c["mode"] == "client"}
     return {name: infrastructure + (list(clients.values()) if name not in clients else [clients[name]])

@@ -7,6 +7,10 @@ setns() in the child, and ended by PID.
 
     hub namespace  <prefix>-hub : bridge "br0"
     host namespace <prefix>-<name> : "eth0" (veth to the bridge), lo
+
+The underlay is IPv4 (172.31.<subnet>.<n>/24), IPv6 (fd00:0:<subnet>::<n>/64,
+without duplicate address detection, so it is usable at once) or both:
+`families`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetNS, netns
 
 SUBNET = "172.31.{}.{}"
+SUBNET6 = "fd00:0:{}::{}"
+IFA_F_NODAD = 0x02              # linux/if_addr.h: no duplicate address detection
 _prefixes = itertools.count()
 
 
@@ -40,11 +46,13 @@ def unique_prefix() -> str:
 
 class Testbed:
     __test__ = False    # not a pytest test class
-    def __init__(self, prefix: str | None = None, subnet: int = 77):
+    def __init__(self, prefix: str | None = None, subnet: int = 77, families: tuple[str, ...] = ("4",)):
         self.prefix = prefix or f"at{os.getpid() % 100000}"
         self.subnet = subnet
+        self.families = families
         self.hub = f"{self.prefix}-hub"
-        self.hosts: dict[str, str] = {}          # name -> underlay IP
+        self.hosts: dict[str, str] = {}          # name -> underlay IP (the IPv4 one, if it has one)
+        self.hosts6: dict[str, str] = {}         # name -> underlay IPv6 address (families with "6")
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen] = []
         self._ifcount = 0
@@ -64,13 +72,15 @@ class Testbed:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
 
     def add_host(self, name: str, host_number: int, segment: str | None = None) -> str:
-        """A namespace with eth0 on the hub bridge; returns its underlay IP."""
+        """A namespace with eth0 on the hub bridge; returns its underlay IP
+        (IPv4, or IPv6 on an IPv6-only testbed)."""
         nsname = self.ns(name)
         if nsname not in self.namespaces:
             self._make_ns(nsname)
         self._ifcount += 1
         outer, inner = f"{self.prefix}v{self._ifcount}", f"{self.prefix}w{self._ifcount}"
         ip = SUBNET.format(self.subnet, host_number)
+        ip6 = SUBNET6.format(self.subnet, host_number)
         with IPRoute() as ipr:
             ipr.link("add", ifname=outer, kind="veth", peer={"ifname": inner, "net_ns_fd": nsname})
             ipr.link("set", index=ipr.link_lookup(ifname=outer)[0], net_ns_fd=self.hub)
@@ -80,10 +90,14 @@ class Testbed:
         with NetNS(nsname) as ns:
             idx = ns.link_lookup(ifname=inner)[0]
             ns.link("set", index=idx, ifname="eth0")
-            ns.addr("add", index=idx, address=ip, prefixlen=24)
+            if "4" in self.families:
+                ns.addr("add", index=idx, address=ip, prefixlen=24)
+            if "6" in self.families:
+                add_address(ns, idx, ip6, 64)
+                self.hosts6[name] = ip6
             ns.link("set", index=idx, state="up")
-        self.hosts[name] = ip
-        return ip
+        self.hosts[name] = ip if "4" in self.families else ip6
+        return self.hosts[name]
 
     def add_link(self, a: str, b: str, ip_a: str, ip_b: str, prefixlen: int = 24) -> None:
         """A point-to-point veth between two hosts (eth1, eth2, ... on each side)."""
@@ -102,7 +116,7 @@ class Testbed:
             with NetNS(self.ns(host)) as ns:
                 idx = ns.link_lookup(ifname=tmp)[0]
                 ns.link("set", index=idx, ifname=names[host])
-                ns.addr("add", index=idx, address=ip, prefixlen=prefixlen)
+                add_address(ns, idx, ip, prefixlen)
                 ns.link("set", index=idx, state="up")
 
     # ------------------------------------------------------------ running
@@ -159,6 +173,15 @@ class Testbed:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def add_address(ns, index: int, address: str, prefixlen: int) -> None:
+    """An address on a link; an IPv6 one without duplicate address detection."""
+    if ":" in address:
+        ns.addr("add", index=index, address=address, prefixlen=prefixlen if prefixlen != 24 else 64,
+                flags=IFA_F_NODAD)
+    else:
+        ns.addr("add", index=index, address=address, prefixlen=prefixlen)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):

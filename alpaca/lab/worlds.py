@@ -14,11 +14,14 @@ from .testbed import Testbed, unique_prefix, wait_for
 
 
 @contextlib.contextmanager
-def mesh4_world(workdir: Path, c1: dict | None = None, c2: dict | None = None) -> Iterator[Mesh]:
+def mesh4_world(workdir: Path, c1: dict | None = None, c2: dict | None = None,
+                families: tuple[str, ...] = ("4",)) -> Iterator[Mesh]:
     """The lab's standard mesh (alpaca/lab/mesh.py): servers 1.1 and 1.2, client
     16.1 (gateway 1.1, forwarders 1.1 and 1.2), client 16.2 (gateway 1.1).
-    Clients know only the servers. `c1`, `c2`: extra config keys of the clients."""
-    mesh = Mesh(Testbed(unique_prefix()), workdir)
+    Clients know only the servers. `c1`, `c2`: extra config keys of the clients.
+    `families`: the underlay's address families (Testbed); the servers'
+    secrets.txt lines give every address they have."""
+    mesh = Mesh(Testbed(unique_prefix(), families=families), workdir)
     try:
         mesh.add_topology(STANDARD, {"c1": c1 or {}, "c2": c2 or {}})
         mesh.start_all()

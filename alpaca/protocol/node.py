@@ -36,7 +36,7 @@ from .ids import TunnelNet, format_id
 from .inbound import Inbound, _Next
 from .outbound import UNRESOLVED, Outbound
 from .output import Output
-from .peers import Addr, Peer, PeerEntry, PeerTable, measure_offset
+from .peers import Addr, Peer, PeerEntry, PeerTable, addr_family, addr_text, measure_offset
 from .reassembly import Reassembler
 from .relay import Relay
 from .wire import SHARD_OVERHEAD, Header, seal
@@ -402,9 +402,12 @@ class Node(Inbound, Outbound, Relay, Challenges):
             key = self.table.pair_key(self.me, peer_id)
             if peer is None or key is None:
                 continue
-            datagram = self._seal(KIND_KEEPALIVE, peer_id, key, b"", now)
             addrs = self._towards(peer, now) if peer_id == gw else peer.direct_paths(now)
-            out.sends.extend((datagram, a) for a in addrs)
+            # one keepalive sealed per way, not copies of one: a copy that
+            # arrives second is a duplicate and teaches no path, so the peer
+            # would learn only the fastest of our ways (e.g. IPv4 of a peer
+            # reached on IPv4 and IPv6) and find no other when it breaks
+            out.sends.extend((self._seal(KIND_KEEPALIVE, peer_id, key, b"", now), a) for a in addrs)
             if addrs:
                 self._challenge(peer, None, False, now, out, ways=addrs)
 
@@ -418,7 +421,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         paths = []
         for addr in list(peer.paths) + [a for a in peer.probes if a not in peer.paths]:
             p, probe = peer.paths.get(addr), peer.probes.get(addr)
-            entry = {"address": f"{addr[0]}:{addr[1]}",
+            entry = {"address": addr_text(addr), "family": addr_family(addr),
                      "learned": "probed" if p is None else "static" if p.static else
                      ("relayed" if p.relayed else "direct"),
                      "proven": p is not None and p.proven,

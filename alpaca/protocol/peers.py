@@ -1,7 +1,8 @@
 """The peer and path table (docs/protocol.md §5-6).
 
 A peer is reached on one or more paths, each a UDP address:
-  - its static address from secrets.txt (path 0 when given),
+  - its static addresses from secrets.txt (the ip and ip6 columns: one
+    path per address family, both used at once),
   - direct addresses learned from its authenticated datagrams (path byte 0),
   - relay addresses learned from its authenticated datagrams that a forwarder
     carried (path byte != 0): the forwarder's address.
@@ -76,6 +77,16 @@ def measure_offset(ts: int, sent: float, received: float, at_least: float | None
     return low if low > 0 else high if high < 0 else 0.0
 
 
+def addr_family(addr: Addr) -> str:
+    """The underlay address family of a path: "ipv6" or "ipv4"."""
+    return "ipv6" if ":" in addr[0] else "ipv4"
+
+
+def addr_text(addr: Addr) -> str:
+    """host:port, an IPv6 host in brackets ([2001:db8::1]:1040)."""
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
 @dataclass(slots=True)
 class Path:
     addr: Addr
@@ -132,7 +143,14 @@ class Probe:
 class PeerEntry:
     """What secrets.txt says about a peer (the part the core needs)."""
     psk: str | None                 # None when this host never needs it (a smaller ID's key)
-    static_addr: Addr | None = None
+    static_addr: Addr | None = None     # the ip column (IPv4), resolved, with the port
+    static_addr6: Addr | None = None    # the ip6 column, with the port
+
+    @property
+    def static_addrs(self) -> tuple[Addr, ...]:
+        """Every configured address: a peer with both columns is two static
+        paths, one per address family, used at once (multi-path)."""
+        return tuple(a for a in (self.static_addr, self.static_addr6) if a is not None)
 
 
 class Peer:
@@ -146,8 +164,8 @@ class Peer:
         self.entry = entry
         self.psk_key = derive_psk_key(entry.psk) if entry.psk is not None else None
         self.paths: dict[Addr, Path] = {}
-        if entry.static_addr is not None:
-            self.paths[entry.static_addr] = Path(entry.static_addr, relayed=False, static=True)
+        for addr in entry.static_addrs:
+            self.paths[addr] = Path(addr, relayed=False, static=True)
         self.last_rx = -math.inf
         self.up = False
         self.rx_packets = self.rx_bytes = 0
