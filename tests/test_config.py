@@ -166,8 +166,9 @@ def test_server_and_forwarder_need_no_gateway():
 
 
 def test_bad_local_route():
-    assert problems(local_routes=["192.168.0.0/16", "10.0.0.0/33"]) == [
-        "config.json: local_routes[1]: '10.0.0.0/33' is not an IPv4 network like 192.168.1.0/24"]
+    assert problems(local_routes=["192.168.0.0/16", "10.0.0.0/33", "2001:db8:1::5/64", "::/0"]) == [
+        "config.json: local_routes[1]: '10.0.0.0/33' is not a network like 192.168.1.0/24 or 2001:db8:1::/64",
+        "config.json: local_routes[3]: '::/0' would be a second default route"]
     assert problems(allow_inbound_from=["192.168.1.0/24", "192.168.1.1/24"]) == [
         "config.json: allow_inbound_from[1]: '192.168.1.1/24' is not a network like 192.168.1.0/24 "
         "or 2001:db8:1::/64 (host bits must be zero)"]
@@ -181,7 +182,7 @@ def test_bad_listen_and_chnroute_gateway():
     assert problems(listen="any", chnroute=chn) == [
         "config.json: listen: 'any' is not an IP address "
         "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)",
-        "config.json: chnroute.gateway: 'gw' is neither an IPv4 address nor \"original\" "
+        "config.json: chnroute.gateway: 'gw' is neither an IP address nor \"original\" "
         "(follow the original default gateway)"]
     assert problems(chnroute={**chn, "gateway": "original"}) == []
     assert problems(chnroute={**chn, "gateway": "Original"}) != []      # one spelling only

@@ -156,7 +156,10 @@ def test_tables_and_arguments_are_checked():
         routes.ClientRoutes("alpaca0", TUN_GW, [], [], ChnRoute(routes.TABLE, CHN_GW, Path("x")))
     cr = routes.ClientRoutes("alpaca0", TUN_GW, ["198.51.100.7", "2001:db8::1", "198.51.100.7"], [],
                              ChnRoute("main", CHN_GW, Path("x")))
-    assert cr.underlay_hosts == ["198.51.100.7"]
+    assert cr.underlay_hosts == ["198.51.100.7", "2001:db8::1"]
+    # without an IPv6 side (no gateway6, no block_ipv6) the IPv6 server gets no route
+    original = routes.OriginalGateway(GW, "eth0", 2)
+    assert [r.dst for r in cr._plan([], 7, original).values() if r.why.startswith("server")] == ["198.51.100.7"]
     # chnroute in main: main is already consulted (suppress rule), no extra rule for it
     assert [r.table for r in cr.rules()] == [254, routes.TABLE]
 
