@@ -75,6 +75,16 @@ class Client:
         out["_stderr"] = r.stderr
         return out
 
+    def apply_and_kill(self, setup: str) -> None:
+        """A process that applies the routes of `setup` (which makes `cr`), killed with SIGKILL after."""
+        proc = self.popen("""
+            cr.apply()
+            print("ready", flush=True)
+            time.sleep(120)
+        """, setup=setup)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        self.tb.stop(proc, signal.SIGKILL)
+
     def popen(self, code: str, setup: str = "") -> subprocess.Popen:
         return self.tb.popen("client", [sys.executable, "-c", PRELUDE + setup + textwrap.dedent(code)],
                              env=_env(), cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -285,13 +295,7 @@ def test_cleanup_after_sigkill_removes_exactly_the_leftovers(client, tmp_path):
     client.ip("rule", "add", "from", "10.9.9.9", "lookup", str(routes.TABLE), "pref", "1000")
     client.ip("rule", "add", "not", "fwmark", "0x414c", "lookup", str(routes.TABLE), "pref", "32600")  # untagged twin
     users = client.snapshot()
-    proc = client.popen("""
-        cr.apply()
-        print("ready", flush=True)
-        time.sleep(120)
-    """, setup=client_routes_code(str(chn)))
-    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-    client.tb.stop(proc, signal.SIGKILL)
+    client.apply_and_kill(client_routes_code(str(chn)))
     left = client.snapshot()
     assert len(ours(left)) == 3 + 1 + 2 + 2 + 50
 
@@ -536,13 +540,7 @@ def test_ipv6_default_into_tunnel_idempotent_and_removed_exactly(client, tmp_pat
 def test_ipv6_block_refuses_and_cleanup_after_sigkill_removes_both_families(client):
     _client6(client)
     before, before4 = snapshot6(client), client.snapshot()
-    proc = client.popen("""
-        cr.apply()
-        print("ready", flush=True)
-        time.sleep(120)
-    """, setup=client_routes6_code(block_ipv6=True))
-    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-    client.tb.stop(proc, signal.SIGKILL)
+    client.apply_and_kill(client_routes6_code(block_ipv6=True))
     r = client.tb.run("client", ["ping", "-6", "-n", "-c", "1", "-W", "1", "2001:db8:99::1"])
     assert r.returncode != 0 and "No route to host" in r.stdout + r.stderr, r.stdout + r.stderr
     assert client.tb.run("client", ["ping", "-6", "-n", "-c", "1", "-W", "1", "2001:db8:77::10"]).returncode == 0
