@@ -9,4 +9,5 @@ by the daemon itself:
 - worlds.py: ready-made running meshes (mesh4_world, lossy_pair);
 - tcp_sink.py, tcp_send.py, tcp_stream.py: traffic tools, run in a
   namespace as `python -m alpaca.lab.<name>`;
+- ipv6_capture.py: the IPv6 packets on a device, one line each (leak tests);
 - container.py: a booted systemd in a throwaway container (nspawn)."""
