@@ -550,3 +550,27 @@ def test_ipv6_block_refuses_and_cleanup_after_sigkill_removes_both_families(clie
     out = client.py("print(json.dumps({'removed': routes.cleanup('alpaca0'), 'again': routes.cleanup('alpaca0')}))")
     assert out["removed"] == 5 + 2 + 2 + 2 + 2 and out["again"] == 0
     assert snapshot6(client) == before and client.snapshot() == before4
+
+
+@pytest.mark.root
+def test_monitor_follows_the_original_ipv6_gateway(client):
+    _client6(client)
+    out = client.py("""
+        cr.apply()
+        mon, mon4 = route_monitor.RouteMonitor(ipv6=True), route_monitor.RouteMonitor()
+        ip("-6", "route", "del", "default")
+        ip("-6", "route", "add", "default", "via", "2001:db8:77::253", "dev", "eth0")
+        out = {"readable": bool(select.select([mon], [], [], 5)[0]), "drain": mon.drain(), "drain4": mon4.drain()}
+        out["line"] = cr.reapply_if_needed()
+        out["own_changes_seen"] = mon.drain()
+        ip("-6", "rule", "del", "pref", str(routes.PRIORITY))          # someone deletes our IPv6 tunnel rule
+        select.select([mon], [], [], 5)
+        out["drain2"], out["line2"] = mon.drain(), cr.reapply_if_needed()
+        cr.remove()
+        print(json.dumps(out))
+    """, setup=client_routes6_code(gateway6=TUN_GW6))
+    assert out["readable"] and out["drain"] is True and out["drain4"] is False
+    assert f"original IPv6 gateway via {GW6} dev eth0 -> via 2001:db8:77::253 dev eth0" in out["line"], out["line"]
+    assert "2 routes set (local_routes, server/forwarder underlay address)" in out["line"], out["line"]
+    assert out["own_changes_seen"] is False
+    assert out["drain2"] is True and "1 rule restored" in out["line2"], out["line2"]
