@@ -329,7 +329,9 @@ class _Semantics:
         chn = data.get("chnroute")
         if isinstance(chn, dict) and isinstance(chn.get("gateway"), str) and chn["gateway"] != CHN_ORIGINAL:
             try:
-                ipaddress.ip_address(chn["gateway"])
+                if ipaddress.ip_address(chn["gateway"]).is_link_local:     # a route via one needs a device
+                    out.append(("chnroute.gateway", f"{chn['gateway']!r} is a link-local address: "
+                                                    f'use "{CHN_ORIGINAL}" (the router the IPv6 default route names)'))
             except ValueError:
                 out.append(("chnroute.gateway", f"{chn['gateway']!r} is neither an IP address nor "
                                                 f'"{CHN_ORIGINAL}" (follow the original default gateway)'))

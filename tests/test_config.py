@@ -116,6 +116,17 @@ def test_net6_auto_is_a_unique_local_prefix_of_the_group(tmp_path):
     assert load_config(write(tmp_path, {**GOOD, "net6": "off"}, "off.json")).net6 is None
 
 
+def test_block_ipv6_is_on_by_default(tmp_path):
+    """A client with net6 "off" that takes the default route blocks IPv6 unless told otherwise."""
+    assert load_config(write(tmp_path, {**GOOD, "net6": "off"})).block_ipv6 is True
+    assert load_config(write(tmp_path, {**GOOD, "block_ipv6": False}, "b.json")).block_ipv6 is False
+    assert problems(block_ipv6="yes") == ["config.json: block_ipv6: expected true or false, got the string 'yes'"]
+    assert problems(chnroute={"table": 100, "gateway": "2001:db8::1", "data": "chn.txt"}) == []
+    assert problems(chnroute={"table": 100, "gateway": "fe80::1", "data": "chn.txt"}) == [
+        "config.json: chnroute.gateway: 'fe80::1' is a link-local address: use \"original\" "
+        "(the router the IPv6 default route names)"]
+
+
 def test_gateway_not_a_server():
     assert problems(gateway="16.2") == [
         "config.json: gateway: gateway '16.2' is not a server: it must be a smaller ID than this peer's id '16.1'"]
