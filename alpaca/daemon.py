@@ -290,7 +290,7 @@ class Daemon:
         answers = {}
         for dst in list(self.node.unresolved):
             gateway_ip = self.route_lookup.next_hop(dst) if self.route_lookup is not None else None
-            answers[dst] = self.node.net.id_of(socket.inet_aton(gateway_ip)) if gateway_ip else None
+            answers[dst] = self.node.net.id_of(ipaddress.ip_address(gateway_ip).packed) if gateway_ip else None
         self._perform(self.node.learn_next_hops(answers, now))
 
     # ------------------------------------------------------------ signals, reload

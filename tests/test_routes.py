@@ -574,3 +574,22 @@ def test_monitor_follows_the_original_ipv6_gateway(client):
     assert "2 routes set (local_routes, server/forwarder underlay address)" in out["line"], out["line"]
     assert out["own_changes_seen"] is False
     assert out["drain2"] is True and "1 rule restored" in out["line2"], out["line2"]
+
+
+@pytest.mark.root
+def test_route_lookup_follows_ipv6_policy_routes(client):
+    _client6(client)
+    out = client.py("""
+        cr.apply()
+        ip("-6", "route", "add", "default", "via", "fd00:5::1:2", "dev", "alpaca0", "table", "200")
+        ip("-6", "rule", "add", "to", "2001:db8:aa::/48", "lookup", "200", "pref", "1000")
+        lk = route_lookup.RouteLookup("alpaca0")
+        a = lambda text: socket.inet_pton(socket.AF_INET6, text)
+        out = {"policy": lk.next_hop(a("2001:db8:aa::5")), "default": lk.next_hop(a("2001:db8:99::1")),
+               "server": lk.next_hop(a("2001:db8:5::7")), "lan": lk.next_hop(a("2001:db8:77::9"))}
+        ip("-6", "rule", "del", "pref", "1000")
+        cr.remove()
+        print(json.dumps(out))
+    """, setup=client_routes6_code(gateway6=TUN_GW6))
+    out.pop("_stderr")
+    assert out == {"policy": "fd00:5::1:2", "default": TUN_GW6, "server": None, "lan": None}
