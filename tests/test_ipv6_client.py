@@ -118,6 +118,7 @@ def assert_watched(seen: list) -> None:
 
 
 def connect_error(tb: Testbed, host: str) -> str:
+    """Why a TCP connection from host to INTERNET6 fails ("" if it does not)."""
     r = tb.run(host, [PY, "-c", (
         "import socket\n"
         f"try: socket.create_connection(('{INTERNET6}', 5003), 3)\n"
@@ -173,6 +174,8 @@ def test_without_ipv6_in_the_tunnel_ipv6_is_blocked_not_leaked(world):
         assert tagged6(tb, "c2") == []
         with uplink_capture(tb, "c2") as seen:
             assert ping(tb, "c2", INTERNET6) and world.source_seen("c2", "wan", INTERNET6) == HOSTS6["c2"]
+            lan_control(tb, "c2")
+        assert_watched(seen)
         assert any(s.dst == INTERNET6 for s in leaks(seen))       # (what the watcher calls a leak)
     finally:
         c2.config_path.write_text(json.dumps(config))
