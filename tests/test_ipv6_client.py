@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
 import signal
 import subprocess
 
@@ -212,6 +213,9 @@ def test_sigterm_and_sigkill_leave_no_ipv6_route_or_rule_and_the_kill_switch_blo
     assert_watched(seen)
     assert leaks(seen) == []
     assert len(tagged6(tb, "c1")) == 2 + 1                       # the TUN's route went with the TUN
+    r = c1.run([PY, "-m", "alpaca", "-C", str(c1.config_path), "cleanup"], cwd=SOURCE,
+               env={**os.environ, "SERVICE_RESULT": "signal"})      # systemd's ExecStopPost after the crash
+    assert r.returncode == 0 and len(tagged6(tb, "c1")) == 3, r.stdout + r.stderr      # the block stays
 
     start(world, "c1")                                           # back: one copy of each
     ours = tagged6(tb, "c1")
