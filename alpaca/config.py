@@ -94,6 +94,7 @@ class Config:
     control_socket: str | None
     offload: bool = True
     kill_switch: bool = True                        # client: block, not leak, while the daemon is dead
+    block_ipv6: bool = True                         # client: IPv6 the tunnel does not carry is blocked, not leaked
     fec: str = "auto"                               # parity only where the receiver reports loss
     peers: tuple[tuple[int, str], ...] = ()         # per-peer settings: (peer ID, fec)
     # networks a peer may send from besides its tunnel address: (peer ID, CIDRs)
@@ -323,25 +324,31 @@ class _Semantics:
                 parse_net6(net6, "")
             except ValueError as e:
                 out.append(("net6", str(e)))
-        self.ipv4_networks("local_routes", strict=False)
+        self.local_networks("local_routes")
         self.ip_networks("allow_inbound_from", net6_off=data.get("net6") == "off")
         chn = data.get("chnroute")
         if isinstance(chn, dict) and isinstance(chn.get("gateway"), str) and chn["gateway"] != CHN_ORIGINAL:
             try:
-                ipaddress.IPv4Address(chn["gateway"])
+                if ipaddress.ip_address(chn["gateway"]).is_link_local:     # a route via one needs a device
+                    out.append(("chnroute.gateway", f"{chn['gateway']!r} is a link-local address: "
+                                                    f'use "{CHN_ORIGINAL}" (the router the IPv6 default route names)'))
             except ValueError:
-                out.append(("chnroute.gateway", f"{chn['gateway']!r} is neither an IPv4 address nor "
+                out.append(("chnroute.gateway", f"{chn['gateway']!r} is neither an IP address nor "
                                                 f'"{CHN_ORIGINAL}" (follow the original default gateway)'))
 
-    def ipv4_networks(self, key: str, strict: bool) -> None:
+    def local_networks(self, key: str) -> None:
+        """IPv4 or IPv6 networks, host bits allowed, not a default route."""
         texts = self.data.get(key)
         for i, text in enumerate(texts if isinstance(texts, list) else ()):
             if isinstance(text, str):
                 try:
-                    ipaddress.IPv4Network(text, strict=strict)
+                    network = ipaddress.ip_network(text, strict=False)
                 except ValueError:
-                    self.out.append((f"{key}[{i}]", f"{text!r} is not an IPv4 network like 192.168.1.0/24"
-                                     + (" (host bits must be zero)" if strict else "")))
+                    self.out.append((f"{key}[{i}]", f"{text!r} is not a network like 192.168.1.0/24 "
+                                                    "or 2001:db8:1::/64"))
+                    continue
+                if network.prefixlen == 0:
+                    self.out.append((f"{key}[{i}]", f"{text!r} would be a second default route"))
 
     def ip_networks(self, key: str, net6_off: bool) -> None:
         """IPv4 or IPv6 networks, host bits zero; IPv6 ones only with an IPv6 tunnel."""
@@ -472,6 +479,7 @@ def load_config(path: str | Path) -> Config:
         control_socket=d["control_socket"],
         offload=d["offload"],
         kill_switch=d["kill_switch"],
+        block_ipv6=d["block_ipv6"],
         fec=d["fec"],
         peers=tuple(sorted((parse_id(k), v["fec"]) for k, v in d["peers"].items() if "fec" in v)),
         peer_networks=tuple(sorted((parse_id(k), tuple(v["networks"])) for k, v in d["peers"].items()

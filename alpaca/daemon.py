@@ -110,11 +110,14 @@ def server_nat(config: Config, net: TunnelNet, ipv6: bool = True) -> ServerNat:
                      str(net.network6) if net.network6 is not None and ipv6 else None)
 
 
-def client_routes(config: Config, peers: dict[int, PeerEntry], net: TunnelNet):
-    """A client's routing (host/routes.py ClientRoutes), as config.json and secrets.txt ask for it."""
+def client_routes(config: Config, peers: dict[int, PeerEntry], net: TunnelNet, ipv6: bool = True):
+    """A client's routing (host/routes.py ClientRoutes), as config.json and secrets.txt ask for it;
+    IPv6 into the tunnel when it carries IPv6 (`ipv6`: its TUN got its address)."""
     from .host import routes
+    gateway6 = net.address6(config.gateway) if ipv6 else None
     return routes.ClientRoutes(config.name, str(net.address(config.gateway)), underlay_hosts(config, peers),
-                               list(config.local_routes), config.chnroute, kill_switch=config.kill_switch)
+                               list(config.local_routes), config.chnroute, kill_switch=config.kill_switch,
+                               gateway6=gateway6 and str(gateway6), block_ipv6=config.block_ipv6)
 
 
 def keeps_kill_switch(config: Config) -> bool:
@@ -267,12 +270,13 @@ class Daemon:
         cfg = self.config
         for udp in self.udp.socks.values():
             routes.mark_socket(udp.sock, routes.FWMARK)
-        self.client_routes = client_routes(cfg, peers, net)
+        self.client_routes = client_routes(cfg, peers, net, ipv6=self.tun.ipv6_problem is None)
         # only a requested stop (SIGTERM, SIGINT) lifts the kill switch; a failure leaves it blocking
         stack.callback(lambda: self.client_routes.remove(keep_kill_switch=not self.stop_requested))
         self.client_routes.apply(adopt_leftovers=keeps_kill_switch(cfg))
         self.route_lookup = stack.enter_context(contextlib.closing(RouteLookup(cfg.name)))
-        self.route_monitor = stack.enter_context(contextlib.closing(RouteMonitor()))
+        self.route_monitor = stack.enter_context(contextlib.closing(RouteMonitor(
+            ipv6=self.client_routes.ipv6 is not None)))
 
     def _on_names_moved(self) -> None:
         """(In the resolver's thread.) Wake the loop; it re-reads secrets.txt."""
@@ -291,7 +295,7 @@ class Daemon:
         answers = {}
         for dst in list(self.node.unresolved):
             gateway_ip = self.route_lookup.next_hop(dst) if self.route_lookup is not None else None
-            answers[dst] = self.node.net.id_of(socket.inet_aton(gateway_ip)) if gateway_ip else None
+            answers[dst] = self.node.net.id_of(ipaddress.ip_address(gateway_ip).packed) if gateway_ip else None
         self._perform(self.node.learn_next_hops(answers, now))
 
     # ------------------------------------------------------------ signals, reload

@@ -116,6 +116,17 @@ def test_net6_auto_is_a_unique_local_prefix_of_the_group(tmp_path):
     assert load_config(write(tmp_path, {**GOOD, "net6": "off"}, "off.json")).net6 is None
 
 
+def test_block_ipv6_is_on_by_default(tmp_path):
+    """A client with net6 "off" that takes the default route blocks IPv6 unless told otherwise."""
+    assert load_config(write(tmp_path, {**GOOD, "net6": "off"})).block_ipv6 is True
+    assert load_config(write(tmp_path, {**GOOD, "block_ipv6": False}, "b.json")).block_ipv6 is False
+    assert problems(block_ipv6="yes") == ["config.json: block_ipv6: expected true or false, got the string 'yes'"]
+    assert problems(chnroute={"table": 100, "gateway": "2001:db8::1", "data": "chn.txt"}) == []
+    assert problems(chnroute={"table": 100, "gateway": "fe80::1", "data": "chn.txt"}) == [
+        "config.json: chnroute.gateway: 'fe80::1' is a link-local address: use \"original\" "
+        "(the router the IPv6 default route names)"]
+
+
 def test_gateway_not_a_server():
     assert problems(gateway="16.2") == [
         "config.json: gateway: gateway '16.2' is not a server: it must be a smaller ID than this peer's id '16.1'"]
@@ -166,8 +177,9 @@ def test_server_and_forwarder_need_no_gateway():
 
 
 def test_bad_local_route():
-    assert problems(local_routes=["192.168.0.0/16", "10.0.0.0/33"]) == [
-        "config.json: local_routes[1]: '10.0.0.0/33' is not an IPv4 network like 192.168.1.0/24"]
+    assert problems(local_routes=["192.168.0.0/16", "10.0.0.0/33", "2001:db8:1::5/64", "::/0"]) == [
+        "config.json: local_routes[1]: '10.0.0.0/33' is not a network like 192.168.1.0/24 or 2001:db8:1::/64",
+        "config.json: local_routes[3]: '::/0' would be a second default route"]
     assert problems(allow_inbound_from=["192.168.1.0/24", "192.168.1.1/24"]) == [
         "config.json: allow_inbound_from[1]: '192.168.1.1/24' is not a network like 192.168.1.0/24 "
         "or 2001:db8:1::/64 (host bits must be zero)"]
@@ -181,7 +193,7 @@ def test_bad_listen_and_chnroute_gateway():
     assert problems(listen="any", chnroute=chn) == [
         "config.json: listen: 'any' is not an IP address "
         "(use 0.0.0.0 for all IPv4 addresses or :: for all IPv6 addresses)",
-        "config.json: chnroute.gateway: 'gw' is neither an IPv4 address nor \"original\" "
+        "config.json: chnroute.gateway: 'gw' is neither an IP address nor \"original\" "
         "(follow the original default gateway)"]
     assert problems(chnroute={**chn, "gateway": "original"}) == []
     assert problems(chnroute={**chn, "gateway": "Original"}) != []      # one spelling only

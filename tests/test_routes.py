@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -73,6 +74,16 @@ class Client:
         out = json.loads(r.stdout.strip().splitlines()[-1]) if r.stdout.strip() else {}
         out["_stderr"] = r.stderr
         return out
+
+    def apply_and_kill(self, setup: str) -> None:
+        """A process that applies the routes of `setup` (which makes `cr`), killed with SIGKILL after."""
+        proc = self.popen("""
+            cr.apply()
+            print("ready", flush=True)
+            time.sleep(120)
+        """, setup=setup)
+        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        self.tb.stop(proc, signal.SIGKILL)
 
     def popen(self, code: str, setup: str = "") -> subprocess.Popen:
         return self.tb.popen("client", [sys.executable, "-c", PRELUDE + setup + textwrap.dedent(code)],
@@ -156,7 +167,10 @@ def test_tables_and_arguments_are_checked():
         routes.ClientRoutes("alpaca0", TUN_GW, [], [], ChnRoute(routes.TABLE, CHN_GW, Path("x")))
     cr = routes.ClientRoutes("alpaca0", TUN_GW, ["198.51.100.7", "2001:db8::1", "198.51.100.7"], [],
                              ChnRoute("main", CHN_GW, Path("x")))
-    assert cr.underlay_hosts == ["198.51.100.7"]
+    assert cr.underlay_hosts == ["198.51.100.7", "2001:db8::1"]
+    # without an IPv6 side (no gateway6, no block_ipv6) the IPv6 server gets no route
+    original = routes.OriginalGateway(GW, "eth0", 2)
+    assert [r.dst for r in cr._plan([], 7, original).values() if r.why.startswith("server")] == ["198.51.100.7"]
     # chnroute in main: main is already consulted (suppress rule), no extra rule for it
     assert [r.table for r in cr.rules()] == [254, routes.TABLE]
 
@@ -281,13 +295,7 @@ def test_cleanup_after_sigkill_removes_exactly_the_leftovers(client, tmp_path):
     client.ip("rule", "add", "from", "10.9.9.9", "lookup", str(routes.TABLE), "pref", "1000")
     client.ip("rule", "add", "not", "fwmark", "0x414c", "lookup", str(routes.TABLE), "pref", "32600")  # untagged twin
     users = client.snapshot()
-    proc = client.popen("""
-        cr.apply()
-        print("ready", flush=True)
-        time.sleep(120)
-    """, setup=client_routes_code(str(chn)))
-    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-    client.tb.stop(proc, signal.SIGKILL)
+    client.apply_and_kill(client_routes_code(str(chn)))
     left = client.snapshot()
     assert len(ours(left)) == 3 + 1 + 2 + 2 + 50
 
@@ -411,3 +419,177 @@ def test_update_changes_only_the_difference_and_remove_stays_exact(client, tmp_p
     assert out["t100"] == "" and len(out["t101"].splitlines()) == 100
     assert "lookup 101 suppress_prefixlength 0" in out["rules"] and "lookup 100" not in out["rules"]
     assert client.snapshot() == before
+
+
+# ---------------------------------------------------------------- IPv6
+TUN_GW6 = "fd00:5::1:1"       # the gateway's tunnel IPv6 address
+GW6 = "2001:db8:77::254"      # the original IPv6 default gateway
+SERVERS6 = ["2001:db8:5::7", "2001:db8:77::1"]      # the last one is on the LAN
+LOCAL6 = ["2001:db8:50::/48"]
+
+
+def test_ipv6_plan_tunnel_block_or_nothing(tmp_path):
+    """The IPv6 side: into the tunnel with gateway6, an unreachable default with block_ipv6 (no kill-switch
+    twin: the block is already there), nothing without either; every IPv6 entry goes via the IPv6 original."""
+    data = tmp_path / "chn.txt"
+    data.write_text("100.64.0.0/24\n2001:db8:c0::/48\n")
+    original, original6 = routes.OriginalGateway(GW, "eth0", 2), routes.OriginalGateway("fe80::1", "eth0", 2)
+
+    def plan(**kw):
+        cr = routes.ClientRoutes("alpaca0", TUN_GW, SERVERS + SERVERS6, LOCAL + LOCAL6,
+                                 ChnRoute(100, CHN_GW, data), kill_switch=True, **kw)
+        return cr, sorted(((r.why, r.dst, r.dst_len, r.gateway, r.type, r.metric)
+                           for r in cr._plan([], 7, original, original6=original6).values()
+                           if r.family == routes.V6), key=str)
+    cr, six = plan(gateway6="fd00:0005::1:1")
+    assert cr.ipv6 == "tunnel" and cr.gateway6 == TUN_GW6
+    unreachable, unicast = routes.RTN_UNREACHABLE, routes.RTN_UNICAST
+    assert six == sorted([
+        ("tunnel default", "::", 0, TUN_GW6, unicast, routes.ALPACA_METRIC),
+        ("kill switch", "::", 0, None, unreachable, routes.KILL_SWITCH_METRIC),
+        ("server/forwarder underlay address", "2001:db8:5::7", 128, "fe80::1", unicast, routes.ALPACA_METRIC),
+        ("server/forwarder underlay address", "2001:db8:77::1", 128, "fe80::1", unicast, routes.ALPACA_METRIC),
+        ("local_routes", "2001:db8:50::", 48, "fe80::1", unicast, routes.ALPACA_METRIC),
+        # chnroute.gateway is IPv4: the IPv6 prefixes follow the original IPv6 gateway
+        ("chnroute", "2001:db8:c0::", 48, "fe80::1", unicast, routes.ALPACA_METRIC)], key=str)
+    assert [(r.family, r.priority) for r in cr.rules()] == [
+        (routes.V4, 32598), (routes.V4, 32599), (routes.V4, 32600),
+        (routes.V6, 32598), (routes.V6, 32599), (routes.V6, 32600)]
+    assert {r.nl()["family"] for r in cr.rules() if r.family == routes.V6} == {socket.AF_INET6}
+    cr, six = plan(block_ipv6=True)
+    assert cr.ipv6 == "block" and [s[:5] for s in six if s[0] not in ("local_routes", "chnroute")
+                                   and not s[0].startswith("server")] == [("IPv6 blocked", "::", 0, None, unreachable)]
+    assert "IPv6 unreachable default table 16716 metric 16716" in next(
+        r.text() for r in cr._plan([], 7, None).values() if r.why == "IPv6 blocked")
+    cr, six = plan()
+    assert cr.ipv6 is None and six == [] and {r.family for r in cr.rules()} == {routes.V4}
+    assert "IPv6 leaves outside the tunnel" in cr._describe_ipv6()[0]
+    # an IPv4 plan never takes an IPv6 entry, and the other way round
+    four = [r for r in plan(gateway6=TUN_GW6)[0]._plan([], 7, original, original6=original6).values()
+            if r.family == routes.V4]
+    assert all(":" not in r.dst and ":" not in (r.gateway or "") for r in four)
+    with pytest.raises(routes.RouteError, match="::/0"):
+        routes.ClientRoutes("alpaca0", TUN_GW, [], ["::/0"])
+
+
+def test_cleanup_is_not_fooled_by_an_ipv6_unreachable_route_on_lo():
+    """The kernel shows an IPv6 unreachable route on lo: that is no other instance's tunnel."""
+    lo = socket.if_nametoindex("lo")
+    block = routes.Route(routes.TABLE, "::", 0, None, lo, type=routes.RTN_UNREACHABLE, family=routes.V6)
+    assert not routes._other_instance([block], "alpaca0")
+    tunnel = routes.Route(routes.TABLE, "::", 0, TUN_GW6, lo, family=routes.V6)
+    assert routes._other_instance([tunnel], "alpaca0")
+
+
+def test_read_chnroute_takes_ipv6_prefixes(tmp_path):
+    path = tmp_path / "chn.txt"
+    path.write_text("1.0.1.0/24\n2001:db8:0:0::5/32  # host bits cleared\n2001:db8::1\n::/0\nfe80::/10\n2001:db8::/33/1\n")
+    data = chnroute.read_chnroute(path)
+    assert data.prefixes == [("1.0.1.0", 24), ("2001:db8::", 32), ("2001:db8::1", 128), ("fe80::", 10)]
+    assert data.bad == 2 and "line 4" in data.first_bad
+
+
+def _client6(client: Client) -> None:
+    """IPv6 on the stand-in TUN and the uplink, and an IPv6 default route via GW6."""
+    client.ip("-6", "addr", "add", "fd00:5::16:1/64", "dev", "alpaca0", "nodad")
+    client.ip("-6", "addr", "add", "2001:db8:77::10/64", "dev", "eth0", "nodad")
+    client.ip("-6", "route", "add", "default", "via", GW6, "dev", "eth0")
+
+
+def snapshot6(client: Client) -> str:
+    """IPv6 routes and rules, without the local table (link-local addresses come and go on their own)."""
+    routes6 = [line for line in client.ip("-6", "route", "show", "table", "all").splitlines(True)
+               if " table local " not in line]
+    return "".join(routes6) + client.ip("-6", "rule", "show")
+
+
+def client_routes6_code(chn: str | None = None, **kw) -> str:
+    chn_arg = f"ChnRoute(100, 'original', {chn!r})" if chn else "None"
+    return (f"cr = routes.ClientRoutes('alpaca0', {TUN_GW!r}, {SERVERS + SERVERS6!r}, {LOCAL + LOCAL6!r}, "
+            f"{chn_arg}, kill_switch=True, **{kw!r})\n")
+
+
+@pytest.mark.root
+def test_ipv6_default_into_tunnel_idempotent_and_removed_exactly(client, tmp_path):
+    _client6(client)
+    chn = tmp_path / "chn.txt"
+    chn.write_text("2001:db8:c0::/48\n100.64.0.0/24\n")
+    before, before4 = snapshot6(client), client.snapshot()
+    client.py("cr.apply()\nprint('{}')", setup=client_routes6_code(str(chn), gateway6=TUN_GW6))
+    once = snapshot6(client)
+    out = client.py("""
+        cr.apply()
+        cr.apply()
+        print(json.dumps({"line": cr.reapply_if_needed()}))
+    """, setup=client_routes6_code(str(chn), gateway6=TUN_GW6))
+    assert snapshot6(client) == once and out["line"] is None             # applying again added nothing
+    assert len(ours(once)) == 3 + 2 + 1 + 1 + 1, once    # 3 rules, tunnel + kill switch, 1 server, local, chn
+    route_get = lambda *a: client.ip("-6", "route", "get", *a).splitlines()[0]     # noqa: E731
+    assert re.search(rf"via {TUN_GW6} dev alpaca0 table {routes.TABLE}\b", route_get("2001:db8:99::1"))
+    assert f"via {GW6} dev eth0" in route_get("2001:db8:99::1", "mark", hex(routes.FWMARK))
+    for dst in ("2001:db8:5::7", "2001:db8:50::1"):              # a server, local_routes: the uplink
+        assert f"via {GW6} dev eth0 proto 97" in route_get(dst), dst
+    assert f"via {GW6} dev eth0 table 100 proto 97" in route_get("2001:db8:c0::1")     # chnroute
+    assert "via" not in route_get("2001:db8:77::1")              # the LAN, and a server on it: on-link
+    assert "dev alpaca0" in route_get("fd00:5::1:1") and "via" not in route_get("fd00:5::1:1")
+    client.py("cr.apply()\ncr.remove()\nprint('{}')", setup=client_routes6_code(str(chn), gateway6=TUN_GW6))
+    assert snapshot6(client) == before and client.snapshot() == before4     # the exact inverse, both families
+
+
+@pytest.mark.root
+def test_ipv6_block_refuses_and_cleanup_after_sigkill_removes_both_families(client):
+    _client6(client)
+    before, before4 = snapshot6(client), client.snapshot()
+    client.apply_and_kill(client_routes6_code(block_ipv6=True))
+    r = client.tb.run("client", ["ping", "-6", "-n", "-c", "1", "-W", "1", "2001:db8:99::1"])
+    assert r.returncode != 0 and "No route to host" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert client.tb.run("client", ["ping", "-6", "-n", "-c", "1", "-W", "1", "2001:db8:77::10"]).returncode == 0
+    assert f"via {GW6} dev eth0" in client.ip("-6", "route", "get", "2001:db8:50::1")     # local_routes pass
+    left = ours(snapshot6(client))
+    assert len(left) == 2 + 1 + 1 + 1, left        # 2 rules, the block, 1 server, local_routes
+    out = client.py("print(json.dumps({'removed': routes.cleanup('alpaca0'), 'again': routes.cleanup('alpaca0')}))")
+    assert out["removed"] == 5 + 2 + 2 + 2 + 2 and out["again"] == 0
+    assert snapshot6(client) == before and client.snapshot() == before4
+
+
+@pytest.mark.root
+def test_monitor_follows_the_original_ipv6_gateway(client):
+    _client6(client)
+    out = client.py("""
+        cr.apply()
+        mon, mon4 = route_monitor.RouteMonitor(ipv6=True), route_monitor.RouteMonitor()
+        ip("-6", "route", "del", "default")
+        ip("-6", "route", "add", "default", "via", "2001:db8:77::253", "dev", "eth0")
+        out = {"readable": bool(select.select([mon], [], [], 5)[0]), "drain": mon.drain(), "drain4": mon4.drain()}
+        out["line"] = cr.reapply_if_needed()
+        out["own_changes_seen"] = mon.drain()
+        ip("-6", "rule", "del", "pref", str(routes.PRIORITY))          # someone deletes our IPv6 tunnel rule
+        select.select([mon], [], [], 5)
+        out["drain2"], out["line2"] = mon.drain(), cr.reapply_if_needed()
+        cr.remove()
+        print(json.dumps(out))
+    """, setup=client_routes6_code(gateway6=TUN_GW6))
+    assert out["readable"] and out["drain"] is True and out["drain4"] is False
+    assert f"original IPv6 gateway via {GW6} dev eth0 -> via 2001:db8:77::253 dev eth0" in out["line"], out["line"]
+    assert "2 routes set (local_routes, server/forwarder underlay address)" in out["line"], out["line"]
+    assert out["own_changes_seen"] is False
+    assert out["drain2"] is True and "1 rule restored" in out["line2"], out["line2"]
+
+
+@pytest.mark.root
+def test_route_lookup_follows_ipv6_policy_routes(client):
+    _client6(client)
+    out = client.py("""
+        cr.apply()
+        ip("-6", "route", "add", "default", "via", "fd00:5::1:2", "dev", "alpaca0", "table", "200")
+        ip("-6", "rule", "add", "to", "2001:db8:aa::/48", "lookup", "200", "pref", "1000")
+        lk = route_lookup.RouteLookup("alpaca0")
+        a = lambda text: socket.inet_pton(socket.AF_INET6, text)
+        out = {"policy": lk.next_hop(a("2001:db8:aa::5")), "default": lk.next_hop(a("2001:db8:99::1")),
+               "server": lk.next_hop(a("2001:db8:5::7")), "lan": lk.next_hop(a("2001:db8:77::9"))}
+        ip("-6", "rule", "del", "pref", "1000")
+        cr.remove()
+        print(json.dumps(out))
+    """, setup=client_routes6_code(gateway6=TUN_GW6))
+    out.pop("_stderr")
+    assert out == {"policy": "fd00:5::1:2", "default": TUN_GW6, "server": None, "lan": None}

@@ -1,4 +1,4 @@
-"""chnroute files: one IPv4 prefix per line, read for client routing (routes.py).
+"""chnroute files: one IPv4 or IPv6 prefix per line, read for client routing (routes.py).
 Pure: a path in, prefixes and a count of bad lines out; never fatal."""
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ class ChnrouteData:
 
 
 def read_chnroute(path) -> ChnrouteData:
-    """One IPv4 prefix per line ("1.0.1.0/24"; a bare address means /32); '#' starts a
-    comment; blank lines are ignored; host bits are cleared. Bad lines are counted, never fatal."""
+    """One IPv4 or IPv6 prefix per line ("1.0.1.0/24", "2001:db8::/32"; a bare address means /32 or
+    /128); '#' starts a comment; blank lines are ignored; host bits are cleared. Bad lines are counted,
+    never fatal. The prefixes of both families come in one list, in file order."""
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except OSError as e:
@@ -41,7 +42,7 @@ def read_chnroute(path) -> ChnrouteData:
         if not (item := line.split("#", 1)[0].strip()):
             continue
         try:
-            net = ipaddress.IPv4Network(item, strict=False)
+            net = ipaddress.ip_network(item, strict=False)
             if net.prefixlen == 0:
                 raise ValueError("a default route is not a chnroute prefix")
         except ValueError:

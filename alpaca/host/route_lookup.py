@@ -28,11 +28,11 @@ class RouteLookup:
         """The gateway of the route to dst when it leaves through our TUN, else None."""
         self.lookups += 1
         self._tun = self._tun or ifindex(self.tun_name)
-        if self._tun is None or len(dst_packed) != 4:
-            return None         # (IPv6 destinations: the configured gateway)
+        if self._tun is None or len(dst_packed) not in (4, 16):
+            return None
         try:
             self._ipr = self._ipr or IPRoute()
-            found = self._ipr.route("get", dst=str(ipaddress.IPv4Address(dst_packed)))
+            found = self._ipr.route("get", dst=str(ipaddress.ip_address(dst_packed)))
         except NL_ERRORS:
             return None      # unreachable, or netlink trouble: the core falls back to its gateway
         route = route_of(found[0]) if found else None

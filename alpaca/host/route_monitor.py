@@ -13,19 +13,24 @@ from .routes import ALPACA_RTPROTO, OWN_PORTIDS, RT_TABLE_LOCAL, SO_RCVBUFFORCE
 
 
 class RouteMonitor:
-    """A pyroute2 IPRSocket subscribed to IPv4 route, rule and address changes, for the daemon's selector.
+    """A pyroute2 IPRSocket subscribed to IPv4 (and with `ipv6` IPv6) route, rule and address changes, for
+    the daemon's selector.
     drain() reads everything pending without blocking and says whether anything happened that may change
     our routes or a route lookup. Changes made by ClientRoutes' sockets are ignored; a receive-buffer
     overrun counts as a change."""
 
-    def __init__(self) -> None:
+    def __init__(self, ipv6: bool = False) -> None:
+        self._families = (socket.AF_INET, socket.AF_INET6) if ipv6 else (socket.AF_INET,)
         self._sock = IPRSocket()
         try:
             try:       # room for a burst (a flushed chnroute table); past net.core.rmem_max with CAP_NET_ADMIN
                 self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
             except OSError:
                 pass
-            self._sock.bind(groups=rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV4_RULE | rtnl.RTMGRP_IPV4_IFADDR)
+            groups = rtnl.RTMGRP_IPV4_ROUTE | rtnl.RTMGRP_IPV4_RULE | rtnl.RTMGRP_IPV4_IFADDR
+            if ipv6:
+                groups |= rtnl.RTMGRP_IPV6_ROUTE | rtnl.RTMGRP_IPV6_RULE | rtnl.RTMGRP_IPV6_IFADDR
+            self._sock.bind(groups=groups)
         except BaseException:
             self._sock.close()
             raise
@@ -47,10 +52,9 @@ class RouteMonitor:
                 relevant = True          # we missed events: assume the worst
         return relevant
 
-    @staticmethod
-    def _relevant(msg) -> bool:
+    def _relevant(self, msg) -> bool:
         kind = msg["header"]["type"]
-        if msg["header"]["pid"] in OWN_PORTIDS or msg.get("family") != socket.AF_INET:
+        if msg["header"]["pid"] in OWN_PORTIDS or msg.get("family") not in self._families:
             return False
         if kind in (rtnl.RTM_NEWROUTE, rtnl.RTM_DELROUTE):      # a new route of ours (another socket): no loss
             return msg.get("table") != RT_TABLE_LOCAL and not (

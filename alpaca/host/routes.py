@@ -10,6 +10,10 @@ Design and values: docs/operations.md, "Client routing". In short (P = PRIORITY,
     main: <servers, forwarders, local_routes> via <original gateway>   (metric ALPACA_METRIC)
     <chnroute.table>: <chnroute prefixes> via <chnroute.gateway>   ("original": via the original gateway)
 
+The same again in the IPv6 family (same priorities, table, fwmark, metric, tag) when the tunnel carries IPv6
+(gateway6) or IPv6 outside it is to be blocked (block_ipv6: TABLE holds only an unreachable default then).
+Each family's underlay, local_routes and chnroute entries go via that family's original gateway.
+
 All netlink goes through pyroute2: IPRoute for changes, dumps and lookups, IPRSocket for the monitor.
 Deletes name the tag, so the kernel never deletes an untagged twin of one of ours.
 """
@@ -57,6 +61,9 @@ SCOPE_UNIVERSE, SCOPE_LINK, SCOPE_NOWHERE = (rtnl.rt_scope[s] for s in ("univers
 NL_ERRORS = (OSError, NetlinkError)
 _ABSENT = (errno.ENOENT, errno.ESRCH)   # "already gone" answers to a delete
 _KEEP = object()
+V4, V6 = socket.AF_INET, socket.AF_INET6
+ANY = {V4: "0.0.0.0", V6: "::"}           # a family's default destination
+HOST_LEN = {V4: 32, V6: 128}
 OWN_PORTIDS: set[int] = set()          # port ids of ClientRoutes' sockets: the monitor ignores their changes
 
 OriginalGateway = namedtuple("OriginalGateway", "gateway dev ifindex")   # main's default route (next hop may be None)
@@ -90,6 +97,15 @@ def _table_name(table: int) -> str:
     return {v: k for k, v in TABLE_NAMES.items()}.get(table, str(table))
 
 
+def family_of(address: str) -> int:
+    return V6 if ":" in address else V4
+
+
+def kernel_has_ipv6() -> bool:
+    """Whether this kernel runs IPv6 at all (not booted with ipv6.disable=1)."""
+    return os.path.exists("/proc/net/if_inet6")
+
+
 def mark_socket(sock: socket.socket, fwmark: int = FWMARK) -> None:
     """Give the daemon's UDP socket the fwmark that keeps its datagrams out of the tunnel (needs CAP_NET_ADMIN)."""
     try:
@@ -118,7 +134,7 @@ def resolve_table(table: str | int, what: str = "chnroute.table") -> int:
 # ---------------------------------------------------------------- routes and rules
 @dataclass(frozen=True)
 class Route:
-    """A route: one we want, or one read from the kernel. Kernel identity: (table, dst, dst_len, metric)."""
+    """A route: one we want, or one read from the kernel. Kernel identity: (family, table, dst, dst_len, metric)."""
     table: int
     dst: str
     dst_len: int
@@ -128,10 +144,11 @@ class Route:
     why: str = ""
     proto: int = ALPACA_RTPROTO
     type: int = RTN_UNICAST
+    family: int = V4
 
     @property
     def key(self) -> tuple:
-        return (self.table, self.dst, self.dst_len, self.metric)
+        return (self.family, self.table, self.dst, self.dst_len, self.metric)
 
     def satisfied_by(self, actual: Route | None) -> bool:
         return (actual is not None and actual.type == self.type and actual.gateway == self.gateway
@@ -139,8 +156,8 @@ class Route:
 
     def nl(self, delete: bool = False) -> dict:
         """Keyword arguments for IPRoute.route("replace" | "del")."""
-        spec = {"dst": self.dst, "dst_len": self.dst_len, "table": self.table, "proto": ALPACA_RTPROTO,
-                "priority": self.metric, "type": self.type}      # a delete must name the type it deletes
+        spec = {"family": self.family, "dst": self.dst, "dst_len": self.dst_len, "table": self.table,
+                "proto": ALPACA_RTPROTO, "priority": self.metric, "type": self.type}   # a delete names its type
         if delete:
             return spec | {"scope": SCOPE_NOWHERE}          # whatever scope it got
         spec["scope"] = SCOPE_UNIVERSE if self.gateway or self.type != RTN_UNICAST else SCOPE_LINK
@@ -153,7 +170,8 @@ class Route:
         via = f" via {self.gateway}" if self.gateway else ""
         dev = dev or (_ifname(self.oif) or self.oif if self.oif else None)
         dev = f" dev {dev}" if dev else ""
-        return f"{dst}{via}{dev} table {_table_name(self.table)} metric {self.metric} proto {ALPACA_RTPROTO}"
+        return (f"{'IPv6 ' if self.family == V6 else ''}{dst}{via}{dev} table {_table_name(self.table)} "
+                f"metric {self.metric} proto {ALPACA_RTPROTO}")
 
 
 @dataclass(frozen=True)
@@ -163,10 +181,11 @@ class Rule:
     fwmark: int | None = None
     invert: bool = False
     suppress: int | None = None
+    family: int = V4
 
     def nl(self) -> dict:
         """Keyword arguments for IPRoute.rule("add" | "del")."""
-        spec = {"family": socket.AF_INET, "priority": self.priority, "table": self.table, "action": "to_tbl",
+        spec = {"family": self.family, "priority": self.priority, "table": self.table, "action": "to_tbl",
                 "protocol": ALPACA_RTPROTO, "flags": FIB_RULE_INVERT if self.invert else 0}
         if self.fwmark is not None:
             spec.update(fwmark=self.fwmark, fwmask=0xFFFFFFFF)
@@ -175,7 +194,12 @@ class Rule:
     def text(self) -> str:
         mark = f" {'not ' if self.invert else ''}fwmark {self.fwmark:#x}" if self.fwmark is not None else ""
         suppress = f" suppress_prefixlength {self.suppress}" if self.suppress is not None else ""
-        return f"{self.priority}: from all{mark} lookup {_table_name(self.table)}{suppress} proto {ALPACA_RTPROTO}"
+        return (f"{'IPv6 ' if self.family == V6 else ''}{self.priority}: from all{mark} lookup "
+                f"{_table_name(self.table)}{suppress} proto {ALPACA_RTPROTO}")
+
+
+def _canonical6(address: str | None) -> str | None:
+    return None if address is None else str(ipaddress.IPv6Address(address))
 
 
 def route_of(msg) -> Route:
@@ -183,22 +207,30 @@ def route_of(msg) -> Route:
     if not oif and msg.get("multipath"):          # a multipath route: its first next hop
         hop = msg.get("multipath")[0]
         oif, gateway = hop["oif"], hop.get("gateway")
-    return Route(msg.get("table"), msg.get("dst") or "0.0.0.0", msg["dst_len"], gateway, oif,
-                 msg.get("priority") or 0, proto=msg["proto"], type=msg["type"])
+    family, dst = msg.get("family") or V4, msg.get("dst")
+    if family == V6:                              # one spelling of each address, as ours are written
+        dst, gateway = _canonical6(dst), _canonical6(gateway)
+    return Route(msg.get("table"), dst or ANY.get(family, "0.0.0.0"), msg["dst_len"], gateway, oif,
+                 msg.get("priority") or 0, proto=msg["proto"], type=msg["type"], family=family)
 
 
-def _routes(ipr: IPRoute) -> list[Route]:
-    """All IPv4 routes of every table: one dump."""
-    return [route_of(m) for m in ipr.route("dump", family=socket.AF_INET)]
+def _families(wanted=(V4, V6)) -> tuple[int, ...]:
+    """The families of `wanted` this kernel has (no IPv6 dump on a kernel without IPv6)."""
+    return tuple(f for f in wanted if f == V4 or kernel_has_ipv6())
 
 
-def _our_rules(ipr: IPRoute) -> set[Rule]:
+def _routes(ipr: IPRoute, families=(V4,)) -> list[Route]:
+    """All routes of every table in these families: one dump each."""
+    return [route_of(m) for family in families for m in ipr.route("dump", family=family)]
+
+
+def _our_rules(ipr: IPRoute, families=(V4,)) -> set[Rule]:
     out = set()
-    for m in ipr.get_rules(family=socket.AF_INET):
+    for m in (m for family in families for m in ipr.get_rules(family=family)):
         if m.get("protocol") == ALPACA_RTPROTO:
             suppress = m.get("suppress_prefixlen")
             out.add(Rule(m.get("priority") or 0, m.get("table"), m.get("fwmark"), bool(m["flags"] & FIB_RULE_INVERT),
-                         None if suppress in (None, 0xFFFFFFFF) else suppress))
+                         None if suppress in (None, 0xFFFFFFFF) else suppress, family=m["family"]))
     return out
 
 
@@ -217,10 +249,10 @@ def _delete(ipr: IPRoute, rules, routes) -> tuple[int, list[str]]:
     return deleted, problems
 
 
-def _pick_default(main: list[Route], tun: int | None) -> OriginalGateway | None:
-    """The main table's default route with the lowest metric, not ours, not into the tunnel."""
+def _pick_default(main: list[Route], tun: int | None, family: int = V4) -> OriginalGateway | None:
+    """The main table's default route of this family with the lowest metric, not ours, not into the tunnel."""
     candidates = [r for r in main if r.dst_len == 0 and r.type == RTN_UNICAST and r.proto != ALPACA_RTPROTO
-                  and r.oif and r.oif != tun]
+                  and r.oif and r.oif != tun and r.family == family]
     if not candidates:
         return None
     best = min(candidates, key=lambda r: r.metric)
@@ -229,9 +261,9 @@ def _pick_default(main: list[Route], tun: int | None) -> OriginalGateway | None:
 
 def _covering(main: list[Route], host: str, tun: int | None) -> Route | None:
     """The most specific non-default main route (not ours, not into the tunnel) that already routes host."""
-    addr = ipaddress.IPv4Address(host)
+    addr = ipaddress.ip_address(host)
     found = [r for r in main if r.dst_len and r.proto != ALPACA_RTPROTO and r.type == RTN_UNICAST and r.oif
-             and r.oif != tun and addr in ipaddress.IPv4Network(f"{r.dst}/{r.dst_len}", strict=False)]
+             and r.oif != tun and addr in ipaddress.ip_network(f"{r.dst}/{r.dst_len}", strict=False)]
     return max(found, key=lambda r: r.dst_len, default=None)
 
 
@@ -247,39 +279,48 @@ def _ipv4(value, what: str) -> str:
         raise RouteError(f"{what} {value!r} is not an IPv4 address") from None
 
 
-def _ipv4_hosts(hosts) -> list[str]:
-    """IPv4 addresses only (an IPv6 server keeps no underlay route: the tunnel is IPv4), no duplicates."""
+def _ip_hosts(hosts) -> list[str]:
+    """IPv4 and IPv6 addresses (anything else is skipped), no duplicates."""
     out = []
     for host in hosts:
         try:
-            out.append(_ipv4(host, "host"))
-        except RouteError:
+            out.append(str(ipaddress.ip_address(str(host))))
+        except ValueError:
             pass
     return list(dict.fromkeys(out))
 
 
-def _ipv4_nets(nets) -> list[tuple[str, int]]:
+def _ip_nets(nets) -> list[tuple[str, int]]:
     out = []
     for n in nets:
         try:
-            net = ipaddress.IPv4Network(str(n), strict=False)
+            net = ipaddress.ip_network(str(n), strict=False)
         except ValueError:
-            raise RouteError(f"local_routes: {n!r} is not an IPv4 network") from None
+            raise RouteError(f"local_routes: {n!r} is not an IPv4 or IPv6 network") from None
         if net.prefixlen == 0:
-            raise RouteError("local_routes: 0.0.0.0/0 would be a second default route; not allowed")
+            raise RouteError(f"local_routes: {net} would be a second default route; not allowed")
         out.append((str(net.network_address), net.prefixlen))
     return list(dict.fromkeys(out))
 
 
 class ClientRoutes:
-    """The client's routing. apply() is idempotent, remove() its exact inverse."""
+    """The client's routing. apply() is idempotent, remove() its exact inverse.
+
+    IPv6 (self.ipv6): "tunnel" when the tunnel carries it (gateway6, the gateway's tunnel IPv6 address),
+    else "block" with block_ipv6 (an unreachable default stands where the tunnel's would), else None:
+    IPv6 is left alone, as is every IPv6 entry of underlay_hosts, local_routes and chnroute."""
 
     def __init__(self, tun_name: str, gateway_ip: str, underlay_hosts: list[str], local_routes: list[str],
                  chnroute: ChnRoute | None = None, fwmark: int = FWMARK, table: int = TABLE,
-                 priority: int = PRIORITY, kill_switch: bool = False):
+                 priority: int = PRIORITY, kill_switch: bool = False, gateway6: str | None = None,
+                 block_ipv6: bool = False):
         self.tun_name = tun_name
         self.kill_switch = kill_switch
         self.gateway_ip = _ipv4(gateway_ip, "tunnel gateway")
+        self.gateway6 = None if gateway6 is None else _canonical6(gateway6)
+        self.ipv6 = ("tunnel" if gateway6 is not None else "block" if block_ipv6 else None) \
+            if kernel_has_ipv6() else None
+        self.families = (V4, V6) if self.ipv6 else (V4,)
         self.fwmark = fwmark
         self.table = resolve_table(table, "routing table")
         if self.table in (RT_TABLE_MAIN, RT_TABLE_DEFAULT):
@@ -287,14 +328,14 @@ class ClientRoutes:
         if not 3 <= priority <= 32765:
             raise RouteError(f"rule priority {priority} out of range 3..32765")
         self.priority = priority
-        self.underlay_hosts = _ipv4_hosts(underlay_hosts)
-        self.local_routes = _ipv4_nets(local_routes)
+        self.underlay_hosts = _ip_hosts(underlay_hosts)
+        self.local_routes = _ip_nets(local_routes)
         self._set_chnroute(chnroute)
-        self.original_gateway: OriginalGateway | None = None
+        self.originals: dict[int, OriginalGateway | None] = {V4: None, V6: None}    # main's default, per family
         self._routes: dict[tuple, Route] = {}     # ours in the kernel, by identity: what remove() deletes
         self._rules: set[Rule] = set()
         self._applied = False
-        self._default_missing_reported = False
+        self._default_missing_reported = {V4: False, V6: False}
         self._ipr: IPRoute | None = None          # kept open: the monitor knows our changes by its port id
         self._port = 0
         self.last_chnroute_seconds: float | None = None
@@ -306,11 +347,25 @@ class ClientRoutes:
             if self.chn_table == self.table:
                 raise RouteError(f"chnroute.table {self.chn_table} is the tunnel's own table; choose another")
             if chnroute.gateway != CHN_ORIGINAL:
-                self.chn_gateway = _ipv4(chnroute.gateway, "chnroute.gateway")
+                try:        # an address serves its family's prefixes; the other family's follow its original
+                    self.chn_gateway = str(ipaddress.ip_address(chnroute.gateway))
+                except ValueError:
+                    raise RouteError(f"chnroute.gateway {chnroute.gateway!r} is not an IP address") from None
 
-    def _chn_via(self, original: OriginalGateway | None) -> str:
+    @property
+    def original_gateway(self) -> OriginalGateway | None:
+        """The main table's IPv4 default route (the IPv6 one: originals[V6])."""
+        return self.originals[V4]
+
+    def _chn_hop(self, family: int, original: OriginalGateway | None) -> tuple[str | None, int] | None:
+        """(gateway, oif) of the chnroute prefixes of this family; None: nowhere to send them now."""
+        if self.chn_gateway is not None and family_of(self.chn_gateway) == family:
+            return self.chn_gateway, 0
+        return None if original is None else (original.gateway, original.ifindex)
+
+    def _chn_via(self, original: OriginalGateway | None, family: int = V4) -> str:
         """Where the chnroute prefixes go, for people."""
-        if self.chn_gateway is not None:
+        if self.chn_gateway is not None and family_of(self.chn_gateway) == family:
             return self.chn_gateway
         if original is None:
             return "the original gateway (none now: added when the main table has a default route)"
@@ -344,10 +399,13 @@ class ClientRoutes:
             self._ipr = None
 
     def rules(self) -> list[Rule]:
-        out = [Rule(self.priority - 2, RT_TABLE_MAIN, suppress=0)]
-        if self.chn_table is not None and self.chn_table != RT_TABLE_MAIN:
-            out.append(Rule(self.priority - 1, self.chn_table, suppress=0))
-        return out + [Rule(self.priority, self.table, fwmark=self.fwmark, invert=True)]
+        out = []
+        for family in self.families:
+            out.append(Rule(self.priority - 2, RT_TABLE_MAIN, suppress=0, family=family))
+            if self.chn_table is not None and self.chn_table != RT_TABLE_MAIN:
+                out.append(Rule(self.priority - 1, self.chn_table, suppress=0, family=family))
+            out.append(Rule(self.priority, self.table, fwmark=self.fwmark, invert=True, family=family))
+        return out
 
     def apply(self, adopt_leftovers: bool = False) -> None:
         """Install everything; applying again changes nothing that is already right. adopt_leftovers:
@@ -369,17 +427,18 @@ class ClientRoutes:
             raise RouteError(f"cannot add route {route.text()}: {_err_text(err)}"
                              + (f" (and {len(essential) - 1} more)" if len(essential) > 1 else ""))
         if failures:
+            family = failures[0][0].family
             log.warning("chnroute: %d of %d prefixes could not be added via %s (%s); they use the tunnel",
-                        len(failures), len(self.chnroute_data().prefixes), self._chn_via(self.original_gateway),
-                        _err_text(failures[0][1]))
+                        len(failures), len(self.chnroute_data().prefixes),
+                        self._chn_via(self.originals[family], family), _err_text(failures[0][1]))
 
     def _delete_leftovers(self) -> None:
         """Delete what is tagged as ours in the kernel but not in this run's plan (apply(adopt_leftovers))."""
         ipr = self._nl()
-        tagged = [r for r in _routes(ipr) if r.proto == ALPACA_RTPROTO]
+        tagged = [r for r in _routes(ipr, _families()) if r.proto == ALPACA_RTPROTO]
         if _other_instance(tagged, self.tun_name):
             return
-        rules = sorted(_our_rules(ipr) - self._rules, key=lambda r: -r.priority)
+        rules = sorted(_our_rules(ipr, _families()) - self._rules, key=lambda r: -r.priority)
         routes = [r for r in tagged if r.key not in self._routes]
         deleted, problems = _delete(ipr, rules, routes)
         if deleted:
@@ -388,7 +447,7 @@ class ClientRoutes:
             log.warning("could not delete leftover %s", problem)
 
     def remove(self, keep_kill_switch: bool = False) -> None:
-        """Delete exactly what apply() (and reapply) added: the tunnel rule first, so that traffic leaves
+        """Delete exactly what apply() (and reapply) added: the tunnel rules first, so that traffic leaves
         the tunnel table before it empties, then the other rules, then the routes. keep_kill_switch (the
         daemon ends without being asked to): delete nothing, so that once the TUN device and its route
         are gone the kill switch blocks, as after SIGKILL; `alpaca-tunnel cleanup` removes it all."""
@@ -417,25 +476,52 @@ class ClientRoutes:
         lines = [f"fwmark {self.fwmark:#x} on the daemon's UDP socket: its own datagrams use the main table"]
         try:
             with IPRoute() as ipr:
-                main = [r for r in _routes(ipr) if r.table == RT_TABLE_MAIN]
+                main = [r for r in _routes(ipr, self.families) if r.table == RT_TABLE_MAIN]
         except NL_ERRORS as e:
             main = []
             lines.append(f"cannot read the main table: {_err_text(e)}")
-        original = _pick_default(main, tun)
-        lines.append("main table has no default route: no host routes for the underlay until one appears"
-                     if original is None else f"original default route: {_gw_text(original)} (left untouched)")
+        originals = {family: _pick_default(main, tun, family) for family in self.families}
+        for family, original in originals.items():
+            name = "" if family == V4 else "IPv6 "
+            lines.append(f"main table has no {name}default route: no {name}routes via the original gateway until "
+                         "one appears" if original is None else
+                         f"original {name}default route: {_gw_text(original)} (left untouched)")
         lines += [f"rule {rule.text()}" for rule in self.rules()]
-        for route in self._plan(main, tun, original, with_chnroute=False).values():
+        for route in self._plan(main, tun, originals[V4], False, originals.get(V6)).values():
             lines.append(f"route {route.text(self.tun_name if route.why == 'tunnel default' else None)} ({route.why})")
         for host in self.underlay_hosts:
-            if (cover := _covering(main, host, tun)) is not None:
+            if family_of(host) in self.families and (cover := _covering(main, host, tun)) is not None:
                 lines.append(f"no host route for {host}: main already routes it via "
                              f"{cover.dst}/{cover.dst_len} dev {_ifname(cover.oif) or cover.oif}")
-        if (data := self.chnroute_data()) is not None:
-            lines.append(f"chnroute: {len(data.prefixes)} prefixes from {self.chnroute.data} via {self._chn_via(original)} "
-                         f"in table {_table_name(self.chn_table)} metric {ALPACA_METRIC} proto {ALPACA_RTPROTO}")
-            lines += [summary] if (summary := data.summary(self.chnroute.data)) else []
-        return lines
+        return lines + self._describe_chnroute(originals) + self._describe_ipv6()
+
+    def _describe_chnroute(self, originals: dict[int, OriginalGateway | None]) -> list[str]:
+        if (data := self.chnroute_data()) is None:
+            return []
+        lines = []
+        for family in (V4, V6):
+            count = sum(family_of(dst) == family for dst, _ in data.prefixes)
+            if family not in self.families:
+                lines += [f"chnroute: {count} IPv6 prefixes unused (IPv6 is left alone)"] if count else []
+            elif count or family == V4:
+                lines.append(f"chnroute: {count} {'IPv6 ' if family == V6 else ''}prefixes from {self.chnroute.data} "
+                             f"via {self._chn_via(originals.get(family), family)} in table "
+                             f"{_table_name(self.chn_table)} metric {ALPACA_METRIC} proto {ALPACA_RTPROTO}")
+        return lines + ([summary] if (summary := data.summary(self.chnroute.data)) else [])
+
+    def _describe_ipv6(self) -> list[str]:
+        """What happens to IPv6, in one line."""
+        if self.ipv6 == "tunnel":
+            return [f"IPv6: into the tunnel via {self.gateway6}, like IPv4"
+                    + (" (the kill switch blocks it too)" if self.kill_switch else "")]
+        if self.ipv6 == "block":
+            return ["IPv6: the tunnel carries none (net6 off, or no IPv6 address on the TUN): blocked beyond "
+                    "the LAN, local_routes and chnroute (block_ipv6)"]
+        if not kernel_has_ipv6():
+            return ["IPv6: this kernel has none; nothing to route or block"]
+        unused = [h for h in self.underlay_hosts + [d for d, _ in self.local_routes] if family_of(h) == V6]
+        return ["IPv6: the tunnel carries none and block_ipv6 is off: IPv6 leaves outside the tunnel"
+                + (f"; {len(unused)} IPv6 underlay/local_routes entries unused" if unused else "")]
 
     def update(self, underlay_hosts: list[str] | None = None, local_routes: list[str] | None = None,
                chnroute=_KEEP) -> str | None:
@@ -443,9 +529,9 @@ class ClientRoutes:
         chnroute (a reload; passing it re-reads the file, None drops chnroute). Only the difference is
         changed in the kernel; returns one log line or None. Raises RouteError only for bad arguments."""
         if underlay_hosts is not None:
-            self.underlay_hosts = _ipv4_hosts(underlay_hosts)
+            self.underlay_hosts = _ip_hosts(underlay_hosts)
         if local_routes is not None:
-            self.local_routes = _ipv4_nets(local_routes)
+            self.local_routes = _ip_nets(local_routes)
         if chnroute is not _KEEP:
             self._set_chnroute(chnroute)
             self.chnroute_data(warn=True)
@@ -463,26 +549,41 @@ class ClientRoutes:
             return f"routes: could not check or re-apply the client routes: {_err_text(e)}"
 
     def _plan(self, main: list[Route], tun: int, original: OriginalGateway | None,
-              with_chnroute: bool = True) -> dict[tuple, Route]:
-        routes = [Route(self.table, "0.0.0.0", 0, self.gateway_ip, tun, why="tunnel default")]
-        if self.kill_switch:    # what the tunnel table answers once the TUN device (and its route) is gone
-            routes.append(Route(self.table, "0.0.0.0", 0, None, metric=KILL_SWITCH_METRIC, why="kill switch",
-                                type=RTN_UNREACHABLE))
-        if original is not None:
-            gw, oif = original.gateway, original.ifindex
-            routes += [Route(RT_TABLE_MAIN, host, 32, gw, oif, why="server/forwarder underlay address")
-                       for host in self.underlay_hosts if _covering(main, host, tun) is None]
-            routes += [Route(RT_TABLE_MAIN, dst, plen, gw, oif, why="local_routes") for dst, plen in self.local_routes]
-        if with_chnroute and (data := self.chnroute_data()) is not None:
-            # "original" (no chn_gateway): via the original gateway, moving with it; none until there is one
-            hop = (self.chn_gateway, 0) if self.chn_gateway is not None else (
-                (original.gateway, original.ifindex) if original is not None else None)
-            if hop is not None:
-                routes += [Route(self.chn_table, dst, plen, *hop, why="chnroute") for dst, plen in data.prefixes]
+              with_chnroute: bool = True, original6: OriginalGateway | None = None) -> dict[tuple, Route]:
+        """Every route wanted, by kernel identity; original(6): main's IPv4 (IPv6) default route now."""
+        routes = []
+        for family, orig in ((V4, original), (V6, original6)):
+            if family in self.families:
+                routes += self._family_plan(family, main, tun, orig, with_chnroute)
         plan: dict[tuple, Route] = {}
         for route in routes:
             plan.setdefault(route.key, route)
         return plan
+
+    def _family_plan(self, family: int, main: list[Route], tun: int, original: OriginalGateway | None,
+                     with_chnroute: bool) -> list[Route]:
+        default = ANY[family]
+        gateway = self.gateway_ip if family == V4 else self.gateway6
+        if gateway is None:     # IPv6 the tunnel does not carry (block_ipv6): refused rather than leaked
+            routes = [Route(self.table, default, 0, None, why="IPv6 blocked", type=RTN_UNREACHABLE, family=family)]
+        else:
+            routes = [Route(self.table, default, 0, gateway, tun, why="tunnel default", family=family)]
+        if self.kill_switch and gateway is not None:   # what the table answers once the TUN (and its route) is gone
+            routes.append(Route(self.table, default, 0, None, metric=KILL_SWITCH_METRIC, why="kill switch",
+                                type=RTN_UNREACHABLE, family=family))
+        if original is not None:
+            gw, oif = original.gateway, original.ifindex
+            routes += [Route(RT_TABLE_MAIN, host, HOST_LEN[family], gw, oif, why="server/forwarder underlay address",
+                             family=family)
+                       for host in self.underlay_hosts if family_of(host) == family and _covering(main, host, tun) is None]
+            routes += [Route(RT_TABLE_MAIN, dst, plen, gw, oif, why="local_routes", family=family)
+                       for dst, plen in self.local_routes if family_of(dst) == family]
+        # chnroute "original": via the original gateway, moving with it; none until there is one
+        if with_chnroute and (data := self.chnroute_data()) is not None \
+                and (hop := self._chn_hop(family, original)) is not None:
+            routes += [Route(self.chn_table, dst, plen, *hop, why="chnroute", family=family)
+                       for dst, plen in data.prefixes if family_of(dst) == family]
+        return routes
 
     def _sync(self, first: bool) -> tuple[str | None, list[tuple[Route, NetlinkError]]]:
         """Compare the wanted state with the kernel's and change only the difference: routes first (so that
@@ -492,13 +593,14 @@ class ClientRoutes:
         if tun is None:
             return None, []     # the daemon is going down; nothing to route into
         ipr = self._nl()
-        kernel = _routes(ipr)
+        kernel = _routes(ipr, self.families)
         main = [r for r in kernel if r.table == RT_TABLE_MAIN]
-        notes = self._follow_original_gateway(_pick_default(main, tun), first)
-        plan = self._plan(main, tun, self.original_gateway)
+        notes = [note for family in self.families
+                 for note in self._follow_original_gateway(_pick_default(main, tun, family), first, family)]
+        plan = self._plan(main, tun, self.originals[V4], original6=self.originals[V6])
         actual = {r.key: r for r in kernel if r.proto == ALPACA_RTPROTO}
         to_set = [r for key, r in plan.items() if not r.satisfied_by(actual.get(key))]
-        wanted_rules, present_rules = self.rules(), _our_rules(ipr)
+        wanted_rules, present_rules = self.rules(), _our_rules(ipr, self.families)
         missing_rules = [r for r in wanted_rules if r not in present_rules]
         self._rules.update(r for r in wanted_rules if r in present_rules)
         stale = [r for key, r in self._routes.items() if key not in plan]
@@ -507,16 +609,7 @@ class ClientRoutes:
             self._routes = plan
             return None, []
 
-        failures = []
-        for chnroute in (False, True):
-            started = time.perf_counter()
-            for route in (group := [r for r in to_set if (r.why == "chnroute") == chnroute]):
-                try:
-                    ipr.route("replace", **route.nl())
-                except NetlinkError as e:
-                    failures.append((route, e))     # the kernel kept what it had under that key
-            if chnroute and group:
-                self.last_chnroute_seconds = time.perf_counter() - started
+        failures = self._set_routes(ipr, to_set)
         failed = {route.key for route, _ in failures}
         self._routes = {key: r for key, r in plan.items() if key not in failed or key in actual}
         for rule in missing_rules:
@@ -532,22 +625,37 @@ class ClientRoutes:
 
         return "routes: " + "; ".join(notes + _changes(to_set, missing_rules, stale, stale_rules, failures)), failures
 
-    def _follow_original_gateway(self, current: OriginalGateway | None, first: bool) -> list[str]:
-        """The main table's default route is the original gateway the underlay
+    def _set_routes(self, ipr: IPRoute, to_set: list[Route]) -> list[tuple[Route, NetlinkError]]:
+        """Replace each route (chnroute's last, timed); the ones the kernel refused."""
+        failures = []
+        for chnroute in (False, True):
+            started = time.perf_counter()
+            for route in (group := [r for r in to_set if (r.why == "chnroute") == chnroute]):
+                try:
+                    ipr.route("replace", **route.nl())
+                except NetlinkError as e:
+                    failures.append((route, e))     # the kernel kept what it had under that key
+            if chnroute and group:
+                self.last_chnroute_seconds = time.perf_counter() - started
+        return failures
+
+    def _follow_original_gateway(self, current: OriginalGateway | None, first: bool, family: int = V4) -> list[str]:
+        """The main table's default route of a family is the original gateway the underlay
         routes go via; what changed about it, as log notes."""
+        name = "" if family == V4 else "IPv6 "
         if first:
-            self.original_gateway, self._default_missing_reported = current, current is None
+            self.originals[family], self._default_missing_reported[family] = current, current is None
         notes = []
         if current is None:            # keep the underlay routes until a default route comes back
-            if not self._default_missing_reported and self.original_gateway is not None:
-                notes.append(f"the main table lost its default route; keeping underlay routes via "
-                             f"{_gw_text(self.original_gateway)} until one comes back")
-            self._default_missing_reported = True
+            if not self._default_missing_reported[family] and self.originals[family] is not None:
+                notes.append(f"the main table lost its {name}default route; keeping {name}underlay routes via "
+                             f"{_gw_text(self.originals[family])} until one comes back")
+            self._default_missing_reported[family] = True
         else:
-            if current != self.original_gateway:
-                old = _gw_text(self.original_gateway) if self.original_gateway else "none"
-                notes.append(f"original gateway {old} -> {_gw_text(current)}")
-            self.original_gateway, self._default_missing_reported = current, False
+            if current != self.originals[family]:
+                old = _gw_text(self.originals[family]) if self.originals[family] else "none"
+                notes.append(f"original {name}gateway {old} -> {_gw_text(current)}")
+            self.originals[family], self._default_missing_reported[family] = current, False
         return notes
 
 
@@ -571,8 +679,10 @@ def _changes(to_set, missing_rules, stale, stale_rules, failures) -> list[str]:
 # ---------------------------------------------------------------- cleanup
 def _other_instance(tagged: list[Route], tun_name: str) -> bool:
     """Whether a tagged tunnel default route goes out through an existing device other than tun_name:
-    another alpaca-tunnel client runs, and the tagged routes and rules are its own (logged)."""
-    for name in {_ifname(r.oif) for r in tagged if r.dst_len == 0 and r.oif} - {None, tun_name}:
+    another alpaca-tunnel client runs, and the tagged routes and rules are its own (logged). (An
+    unreachable route is no device's: the kernel shows IPv6 ones on lo.)"""
+    for name in {_ifname(r.oif) for r in tagged if r.dst_len == 0 and r.oif and r.type == RTN_UNICAST} \
+            - {None, tun_name}:
         log.warning("cleanup: routes tagged proto %d belong to a running alpaca-tunnel on %s; "
                     "leaving them alone", ALPACA_RTPROTO, name)
         return True
@@ -581,14 +691,15 @@ def _other_instance(tagged: list[Route], tun_name: str) -> bool:
 
 def cleanup(tun_name: str) -> int:
     """Remove routes and rules a previous (killed) run left behind: everything tagged with
-    ALPACA_RTPROTO, in any table. Untagged routes and rules are never touched. If a tagged
-    tunnel default route still goes out through an existing device other than tun_name, another
+    ALPACA_RTPROTO, IPv4 and IPv6, in any table. Untagged routes and rules are never touched. If a
+    tagged tunnel default route still goes out through an existing device other than tun_name, another
     alpaca-tunnel client is running: nothing is removed. Returns how many were removed."""
     with IPRoute(ext_ack=True) as ipr:
-        routes = [r for r in _routes(ipr) if r.proto == ALPACA_RTPROTO]
+        routes = [r for r in _routes(ipr, _families()) if r.proto == ALPACA_RTPROTO]
         if _other_instance(routes, tun_name):
             return 0
-        deleted, problems = _delete(ipr, _our_rules(ipr), routes)
+        rules = sorted(_our_rules(ipr, _families()), key=lambda r: -r.priority)
+        deleted, problems = _delete(ipr, rules, routes)
     for problem in problems:
         log.warning("cleanup: cannot delete %s", problem)
     return deleted

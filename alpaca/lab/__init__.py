@@ -11,4 +11,5 @@ by the daemon itself:
   namespace as `python -m alpaca.lab.<name>`;
 - skewed_clock.py: a launcher that runs a daemon with its wall clock off
   the host's (clock-skew tests);
+- ipv6_capture.py: the IPv6 packets on a device, one line each (leak tests);
 - container.py: a booted systemd in a throwaway container (nspawn)."""

@@ -160,6 +160,25 @@ class Mesh:
             raise RuntimeError(f"{sender} -> {receiver}: sent {expected}, the sink got {line}")
         return float(r.stdout.split()[1])
 
+    def source_seen(self, sender: str, receiver: str, address: str, port: int = 5002) -> str:
+        """Open one TCP connection from `sender` to a listener on `receiver` at `address`; the source
+        address the listener saw (behind a NAT: the NAT's)."""
+        family = "AF_INET6" if ":" in address else "AF_INET"
+        listener = self.tb.popen(receiver, [PY, "-c", (
+            "import socket\n"
+            f"s = socket.create_server(({address!r}, {port}), family=socket.{family}); print('ready', flush=True)\n"
+            "s.settimeout(10); conn, peer = s.accept(); print(peer[0], flush=True)")],
+            stdout=subprocess.PIPE, text=True)
+        try:
+            if listener.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"the listener on {receiver} did not start")
+            r = self.tb.run(sender, [PY, "-c", f"import socket; socket.create_connection(({address!r}, {port}), 5).close()"])
+            if r.returncode != 0:
+                raise RuntimeError(f"connecting from {sender} failed: {r.stderr.strip()}")
+            return listener.stdout.readline().strip()
+        finally:
+            self.tb.stop(listener)
+
     def close(self) -> None:
         """Stop every daemon (SIGTERM), then remove the testbed's namespaces."""
         for peer in self.peers.values():
