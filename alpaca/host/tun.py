@@ -6,11 +6,13 @@ closes, so even a SIGKILLed daemon leaves no TUN behind.
 It is always opened with IFF_VNET_HDR: every read and write starts with a
 10-byte struct virtio_net_hdr. With `offload` on, TUNSETOFFLOAD lets the
 kernel hand us TCP super-packets of up to 64 KiB with the checksum left
-partial (TSO4/TSO6 + CSUM), and we write such super-packets back, which the
-receiving kernel takes whole (local delivery) or segments itself
+partial (TSO4/TSO6 + CSUM), and UDP ones (USO4/USO6, Linux >= 6.2: the
+datagrams of one UDP_SEGMENT write), and we write such super-packets back,
+which the receiving kernel takes whole (local delivery) or segments itself
 (forwarding). Without offloads the headers are all zero: one packet per
 read, as a plain TUN. Writing super-packets is accepted either way, so
-offloaded and plain peers interoperate (docs/protocol.md "Fragments").
+offloaded and plain peers interoperate (docs/protocol.md "Fragments");
+a kernel that predates USO refuses UDP ones, so they are cut here (gso.py).
 """
 
 from __future__ import annotations
@@ -24,10 +26,15 @@ import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .gso import is_udp_gso, segment_udp
+
 VNET_HDR_SIZE = 10
 READ_SIZE = 65536 + VNET_HDR_SIZE
 TUNSETOFFLOAD = 0x400454D0        # _IOW('T', 208, unsigned int)
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40     # Linux >= 6.2; both or neither
+TSO = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
+USO = TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6
 
 
 class TunError(Exception):
@@ -64,10 +71,14 @@ class Tun:
         os.set_blocking(self.fd, False)
         self.offload = offload
         try:
-            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload else 0)
+            self.uso = self._set_offloads(offload)
         except OSError as e:
             self.close()
             raise TunError(f"cannot set offloads on TUN device {name!r}: {e.strerror}") from None
+        # for the daemon's log (one line): what a kernel without USO costs
+        self.uso_problem = None if self.uso else (
+            f"this kernel has no UDP segmentation offload on TUN (USO, Linux >= 6.2): {self.name} hands over "
+            "UDP one datagram per read, and UDP super-packets from peers are cut in software")
         try:
             with IPRoute() as ipr:
                 index = ipr.link_lookup(ifname=self.name)[0]
@@ -86,6 +97,21 @@ class Tun:
             except (NetlinkError, OSError) as e:
                 self.ipv6_problem = f"no IPv6 address {address6}/64 on {self.name}: {e}"
 
+    def _set_offloads(self, offload: bool) -> bool:
+        """TSO (and USO where the kernel has it) when `offload`, else none;
+        True when the kernel knows USO, so it takes UDP super-packets
+        written to it (an older one refuses the flags with EINVAL)."""
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TSO | USO)
+            uso = True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            uso = False
+        if not offload or not uso:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TSO if offload else 0)
+        return uso
+
     def read_batch(self, limit: int) -> list[bytes]:
         packets = []
         read = os.read
@@ -103,6 +129,13 @@ class Tun:
         failed = 0
         write = os.write
         for packet in packets:
+            if not self.uso and is_udp_gso(packet):
+                cut = segment_udp(packet)
+                if cut is None:
+                    failed += 1      # not a UDP super-packet we can cut: the kernel would refuse it too
+                else:
+                    failed += self.write_batch(cut)
+                continue
             try:
                 write(self.fd, packet)
             except (BlockingIOError, InterruptedError):

@@ -1,0 +1,186 @@
+"""UDP super-packets (USO, docs/protocol.md §12).
+
+Tier 1: alpaca.host.gso cuts a UDP super-packet into datagrams with
+correct headers and checksums; a TUN on a kernel without USO falls back
+to TSO and cuts what it is given. Tier 3: the kernel takes those datagrams
+(and super-packets written whole), and numbered datagrams of several sizes,
+written one by one and as UDP_SEGMENT writes, cross the standard mesh
+intact and exactly once: between offloaded peers (client 16.1, FEC 8:4,
+two paths: direct and through forwarder 1.2) and to and from a peer with
+offloads off (16.2).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alpaca.host import gso, tun
+from alpaca.lab.daemons import SOURCE, lab_module
+from alpaca.lab.worlds import mesh4_world
+from alpaca.protocol.inner import checksum
+
+TOOLS = Path(__file__).parent / "tools"
+
+
+def super_packet(v: int, sizes: list[int], gso_size: int, ip_id: int = 0xFFFE) -> tuple[bytes, list[bytes]]:
+    """A UDP super-packet as a TUN read hands it over (virtio_net_hdr, IP, UDP
+    with only its pseudo-header sum, payload) and the payloads in it."""
+    payloads = [bytes((n,)) * size for n, size in enumerate(sizes)]
+    data = b"".join(payloads)
+    udp = (1234).to_bytes(2, "big") + (443).to_bytes(2, "big") + (8 + len(data)).to_bytes(2, "big") + b"\xab\xcd"
+    if v == 4:
+        ip = (b"\x45\x00" + (28 + len(data)).to_bytes(2, "big") + ip_id.to_bytes(2, "big") + b"\x40\x00\x40\x11\0\0"
+              + bytes((10, 17, 16, 1)) + bytes((10, 17, 1, 1)))
+    else:
+        ip = (b"\x60\0\0\0" + (8 + len(data)).to_bytes(2, "big") + b"\x11\x40"
+              + bytes.fromhex("fd00000000000000" "0000000000001001") + bytes.fromhex("fd00" + "00" * 13 + "01"))
+    vnet = bytes((1, gso.GSO_UDP_L4)) + (len(ip) + 8).to_bytes(2, "little") + gso_size.to_bytes(2, "little") \
+        + len(ip).to_bytes(2, "little") + (6).to_bytes(2, "little")
+    return vnet + ip + udp + data, payloads
+
+
+def udp_checksum_ok(packet: bytes) -> bool:
+    """The UDP checksum of an IP packet, by the textbook algorithm."""
+    if packet[0] >> 4 == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        pseudo = packet[12:20] + b"\0\x11" + packet[ihl + 4:ihl + 6]
+    else:
+        ihl = 40
+        pseudo = packet[8:40] + b"\0\0" + packet[44:46] + b"\0\0\0\x11"
+    return packet[ihl + 6:ihl + 8] != b"\0\0" and checksum(pseudo + packet[ihl:]) == 0
+
+
+@pytest.mark.parametrize("v", [4, 6])
+def test_a_udp_super_packet_is_cut_into_the_datagrams_written(v):
+    packet, payloads = super_packet(v, [1200] * 5 + [333], 1200)
+    assert gso.is_udp_gso(packet)
+    cut = gso.segment_udp(packet)
+    assert len(cut) == 6
+    for n, (datagram, payload) in enumerate(zip(cut, payloads)):
+        assert datagram[:10] == bytes(10)
+        ip = datagram[10:]
+        ihl = 20 if v == 4 else 40
+        assert ip[ihl + 8:] == payload and udp_checksum_ok(ip)
+        assert int.from_bytes(ip[ihl + 4:ihl + 6], "big") == 8 + len(payload)
+        if v == 4:
+            assert int.from_bytes(ip[2:4], "big") == len(ip) and checksum(ip[:20]) == 0
+            assert int.from_bytes(ip[4:6], "big") == (0xFFFE + n) & 0xFFFF     # the ID counts up (and wraps)
+        else:
+            assert int.from_bytes(ip[4:6], "big") == len(ip) - 40
+
+
+def test_what_is_not_a_udp_super_packet_is_not_cut():
+    packet, _ = super_packet(4, [100] * 3, 100)
+    assert not gso.is_udp_gso(bytes(10) + packet[10:])          # a plain packet
+    assert not gso.is_udp_gso(b"\x01\x01" + packet[2:])         # TCP (TSO4)
+    tcp = bytearray(packet)
+    tcp[10 + 9] = 6
+    assert gso.segment_udp(bytes(tcp)) is None
+    assert gso.segment_udp(packet[:4] + b"\0\0" + packet[6:]) is None    # gso_size 0
+    assert gso.segment_udp(packet[:10 + 24]) is None                       # truncated
+
+
+def test_a_kernel_without_uso_gets_tso_and_its_tun_cuts_udp_super_packets(monkeypatch):
+    calls = []
+
+    def ioctl(fd, request, flags):
+        calls.append(flags)
+        if flags & (tun.TUN_F_USO4 | tun.TUN_F_USO6):
+            raise OSError(errno.EINVAL, "Invalid argument")
+    monkeypatch.setattr(tun.fcntl, "ioctl", ioctl)
+    device = tun.Tun.__new__(tun.Tun)
+    read_end, device.fd = os.pipe()
+    try:
+        assert device._set_offloads(True) is False and calls[-1] == tun.TSO
+        assert device._set_offloads(False) is False and calls[-1] == 0
+        device.uso, device.name = False, "t0"
+        packet, payloads = super_packet(4, [500] * 3, 500)
+        assert device.write_batch([packet, bytes(10) + b"\x45"]) == 0
+        written = os.read(read_end, 65536)
+        assert len(written) == 3 * (10 + 28 + 500) + 11
+    finally:
+        os.close(read_end)
+        os.close(device.fd)
+
+
+def test_a_kernel_with_uso_gets_it_with_tso_or_not_at_all(monkeypatch):
+    calls = []
+    monkeypatch.setattr(tun.fcntl, "ioctl", lambda fd, request, flags: calls.append(flags))
+    device = tun.Tun.__new__(tun.Tun)
+    device.fd = -1
+    assert device._set_offloads(True) is True and calls == [tun.TSO | tun.USO]
+    assert device._set_offloads(False) is True and calls[-1] == 0
+
+
+# ---------------------------------------------------------------- tier 3
+
+@pytest.mark.root
+@pytest.mark.parametrize("v", ["4", "6"])
+def test_the_kernel_takes_udp_super_packets_whole_and_cut(testbed, v):
+    testbed.add_host("h", 1)
+    r = testbed.run("h", [sys.executable, str(TOOLS / "uso_roundtrip.py"), v], cwd=SOURCE,
+                    env={**os.environ, "PYTHONPATH": str(SOURCE)})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"uso": True, "super": True, "cut": 7, "cut_received": True,
+                                    "whole_received": True, "fallback_received": True}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    with mesh4_world(tmp_path_factory.mktemp("uso"), c1={"fec": "8:4"}, c2={"offload": False}) as mesh:
+        yield mesh
+
+
+SIZES = "64,1200,1372"      # 1372: a full 1400-byte IPv4 packet
+COUNT = 300
+PORT = 5301
+
+
+def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int) -> dict:
+    """COUNT datagrams of each size in SIZES from sender to a checking sink on receiver."""
+    expected = COUNT * len(SIZES.split(","))
+    sink = mesh.tb.popen(receiver, lab_module("alpaca.lab.udp_sink", address, PORT, expected),
+                         stdout=subprocess.PIPE, text=True, cwd=SOURCE)
+    try:
+        assert sink.stdout.readline().strip() == "ready"
+        r = mesh.peers[sender].run(lab_module("alpaca.lab.udp_send", address, PORT, SIZES, COUNT,
+                                              "--gso", gso, "--rate", 3000), timeout=60, cwd=SOURCE)
+        assert r.returncode == 0, r.stderr
+        sent = json.loads(r.stdout)
+        got = json.loads(sink.stdout.readline())
+        sink.wait(10)
+    finally:
+        if sink.poll() is None:
+            mesh.tb.stop(sink)
+    assert sent["sent"] == expected
+    assert got == {"received": expected, "distinct": expected, "bad": 0, "sizes": sent["sizes"]}, (sent, got)
+    return got
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("gso", [1, 16])
+@pytest.mark.parametrize("sender,receiver,address", [
+    ("c1", "s1", "10.17.1.1"),       # offloaded both ends, FEC, two paths
+    ("s1", "c2", "10.17.16.2"),      # into a TUN without offloads
+    ("c2", "s1", "10.17.1.1"),       # from a TUN without offloads
+])
+def test_udp_datagrams_cross_intact_and_once(mixed, sender, receiver, address, gso):
+    udp_transfer(mixed, sender, receiver, address, gso)
+
+
+@pytest.mark.root
+def test_udp_segment_writes_travel_as_super_packets(mixed):
+    before = mixed.peers["c1"].peer_status("1.1")
+    udp_transfer(mixed, "c1", "s1", "10.17.1.1", 16)
+    after = mixed.peers["c1"].peer_status("1.1")
+    messages = after["tx_packets"] - before["tx_packets"]
+    # 16 datagrams per write: one message each (with some keepalive-sized ones)
+    assert messages < 3 * COUNT / 16 * 2, (messages, before, after)
+    assert "Traceback" not in mixed.peers["s1"].log_text()
