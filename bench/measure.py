@@ -15,6 +15,7 @@ from alpaca.lab.testbed import wait_for
 from benchproc import cpu_seconds, descendants, machine_ticks, wait_quiet
 from topology import Pair, WanPair, counter_delta
 from tunnels import Alpaca, Tunnel, WireguardGo
+from udp import udp_result, udp_sweep
 
 
 # ---------------------------------------------------------------- measurements
@@ -177,7 +178,10 @@ def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict, paths
         elif (st := tunnel.state(pair)) is not None:
             res["state_up"] = st
         log(f"{tunnel.name}: up after {res['setup_s']} s")
-        if args.wan is None:
+        if args.udp:
+            res["udp"] = udp_sweep(pair, tunnel, args)
+            tunnel.check_alive()
+        elif args.wan is None:
             clean = res["conditions"]["clean"] = {"offloads": "on", "loss": None, "offload_state": pair.offload_state()}
             measure_condition(pair, tunnel, args, QUICK_RUNS if args.quick else CLEAN_RUNS, False, clean)
             tunnel.check_alive()
@@ -234,19 +238,7 @@ def iperf_udp(pair: WanPair, rate: int, seconds: int) -> dict:
             srv.wait(5)
         except subprocess.TimeoutExpired:
             pair.stop(srv, signal.SIGKILL, 5)
-    try:
-        end = json.loads(r.stdout).get("end", {})
-    except ValueError:
-        res["error"] = f"iperf3 gave no JSON: {r.stderr.strip()[-300:]}"
-        return res
-    sent, got = end.get("sum_sent", {}), end.get("sum_received", {})    # UDP too (iperf3 3.12)
-    if not got.get("packets"):
-        res["error"] = f"iperf3 UDP result without packets: {sorted(end)}"
-        return res
-    res.update({"sender_mbit_s": sent.get("bits_per_second", 0) / 1e6, "packets": got["packets"],
-                "lost_packets": got.get("lost_packets"), "lost_pct": got.get("lost_percent"),
-                "mbit_s": got["bits_per_second"] / 1e6})
-    return res
+    return udp_result(r, res)
 
 
 def relay_capacity(args, prefix: str, work: Path) -> dict:

@@ -121,6 +121,7 @@ from common import (ALPACA_A, ALPACA_B, CAPACITY_LEN, CAPACITY_MAX_LOSS, DUAL, I
 from measure import bench_tunnel, relay_capacity
 from report import dual_ratios, fmt, ipv6_ratio, ratio, table
 from tunnels import CLASSES
+from udp import udp_report
 
 
 # ---------------------------------------------------------------- main
@@ -152,6 +153,10 @@ def parse_args(argv=None):
     ap.add_argument("--tunnels", default=",".join(TUNNELS),
                     help=f"subset of {','.join(TUNNELS)} (default all; openvpn and wg-udpspeeder are skipped when "
                          "not installed)")
+    ap.add_argument("--udp", default=None, metavar="RATES",
+                    help="UDP mode: comma-separated offered Mbit/s; per tunnel, iperf3 -u at each rate and each "
+                         "--udp-len on the clean link, instead of the TCP runs (bench/udp.py)")
+    ap.add_argument("--udp-len", default="1200", help="UDP mode: comma-separated datagram lengths (1200)")
     ap.add_argument("--out", default=None, help="JSON result (default bench/results/<timestamp>.json)")
     ap.add_argument("--quiet-pct", type=float, default=20.0,
                     help="before each run wait until the machine is under this busy %% ...")
@@ -168,6 +173,10 @@ def parse_args(argv=None):
     args.loss = [float(x) for x in args.loss.split(",") if x.strip()]
     if any(not 0 <= p < 1 for p in args.loss):
         ap.error("--loss values must be in [0, 1)")
+    args.udp = [float(x) for x in args.udp.split(",") if x.strip()] if args.udp else None
+    args.udp_len = [int(x) for x in args.udp_len.split(",") if x.strip()]
+    if args.udp:
+        args.loss = []
     args.tunnels = [t.strip() for t in args.tunnels.split(",") if t.strip()]
     if bad := [t for t in args.tunnels if t not in TUNNELS]:
         ap.error(f"unknown tunnel(s) {bad}")
@@ -200,7 +209,8 @@ def main(argv=None) -> int:
         "args": {"seconds": args.seconds, "quick": args.quick, "idle": args.idle, "loss": args.loss, "tunnels": args.tunnels,
                  "quiet_pct": args.quiet_pct, "quiet_max": args.quiet_max, "quiet_budget": args.quiet_budget,
                  "wan": args.wan, "seed": args.seed, "relay_rt_prio": args.relay_rt_prio,
-                 "capacity_seconds": args.capacity_seconds, "paths": args.paths},
+                 "capacity_seconds": args.capacity_seconds, "paths": args.paths,
+                 "udp": args.udp, "udp_len": args.udp_len},
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "machine": platform.machine(),
                  "iperf3": subprocess.run(["iperf3", "--version"], capture_output=True,
                                           text=True, check=False).stdout.split("\n")[0].strip()},
@@ -258,6 +268,8 @@ def main(argv=None) -> int:
     if (v6 := ipv6_ratio(res)) is not None:
         res["ratios"]["alpaca IPv6/IPv4 underlay throughput"] = v6
     print(table(res))
+    for line in udp_report(res):
+        print(line)
     cap = res.get("relay_capacity")
     if cap:
         limit = (f"saturated at {cap['saturated_at_mbit_s']:.0f} offered" if cap.get("saturated_at_mbit_s")

@@ -87,6 +87,67 @@ def test_what_is_not_a_udp_super_packet_is_not_cut():
     assert gso.segment_udp(packet[:10 + 24]) is None                       # truncated
 
 
+def datagrams(v: int, sizes: list[int], ip_id: int = 7, sport: int = 1234, partial: bool = False) -> list[bytes]:
+    """TUN reads of one flow's datagrams: complete checksums and a zero
+    virtio_net_hdr, or (partial) the checksum left to the receiver."""
+    out = []
+    for n, size in enumerate(sizes):
+        packet, _ = super_packet(v, [size], size, ip_id + n)
+        cut = gso.segment_udp(packet)[0]
+        cut = cut[:10 + (20 if v == 4 else 40)] + sport.to_bytes(2, "big") + cut[12 + (20 if v == 4 else 40):]
+        fixed = gso.segment_udp(packet[:10] + cut[10:])[0]       # (its checksum again, for the new port)
+        if partial:
+            hdr = 28 if v == 4 else 48
+            fixed = (bytes((1, 0, 0, 0, 0, 0)) + (hdr - 8).to_bytes(2, "little") + (6).to_bytes(2, "little")
+                     + fixed[10:hdr + 8] + b"\x12\x34" + fixed[hdr + 10:])
+        out.append(fixed)
+    return out
+
+
+def completed(super_packet: bytes) -> bytes:
+    """The IP packet as a device that computes the partial checksum makes it."""
+    start, offset = int.from_bytes(super_packet[6:8], "little"), int.from_bytes(super_packet[8:10], "little")
+    ip = bytearray(super_packet[10:])
+    ip[start + offset:start + offset + 2] = (0xFFFF - gso._sum(bytes(ip[start:]))).to_bytes(2, "big")
+    return bytes(ip)
+
+
+@pytest.mark.parametrize("v", [4, 6])
+@pytest.mark.parametrize("partial", [False, True])
+def test_one_flows_datagrams_are_joined_and_cut_back_to_the_same(v, partial):
+    reads = datagrams(v, [1200] * 9 + [300], partial=partial)
+    joined = gso.coalesce_udp(reads)
+    assert len(joined) == 1 and gso.is_udp_gso(joined[0])
+    assert int.from_bytes(joined[0][4:6], "little") == 1200
+    ip = joined[0][10:]
+    if v == 4:
+        assert checksum(ip[:20]) == 0
+    assert udp_checksum_ok(completed(joined[0]))             # the partial checksum is the pseudo header's
+    assert gso.segment_udp(joined[0]) == datagrams(v, [1200] * 9 + [300])
+
+
+def test_flows_are_joined_apart_and_the_rest_is_left_alone():
+    a = datagrams(4, [500] * 3)
+    b = datagrams(4, [800] * 2, sport=999)
+    other = bytes(10) + b"\x45" + bytes(40)
+    bad = bytearray(a[0])
+    bad[-1] ^= 1                                            # a wrong checksum: not ours to mend
+    reads = [a[0], b[0], other, a[1], b[1], bytes(bad), a[2]]
+    out = gso.coalesce_udp(reads)
+    # (the bad one is not of the run: the run goes on past it, as GRO's would)
+    assert out[2:] == [other, bytes(bad)]
+    assert gso.segment_udp(out[0]) == a and gso.segment_udp(out[1]) == b
+
+
+def test_a_run_ends_at_a_shorter_or_longer_datagram_and_at_the_limits():
+    out = gso.coalesce_udp(datagrams(4, [600, 600, 200, 600, 900]))
+    assert [len(gso.segment_udp(p) or [p]) for p in out] == [3, 1, 1]
+    many = gso.coalesce_udp(datagrams(4, [1000] * 70))
+    assert [len(gso.segment_udp(p)) for p in many] == [64, 6]
+    big = gso.coalesce_udp(datagrams(4, [1472] * 50))
+    assert all(len(p) - 10 <= gso.MAX_IP_PACKET for p in big) and len(big) == 2
+
+
 def test_a_kernel_without_uso_gets_tso_and_its_tun_cuts_udp_super_packets(monkeypatch):
     calls = []
 
@@ -129,7 +190,8 @@ def test_the_kernel_takes_udp_super_packets_whole_and_cut(testbed, v):
                     env={**os.environ, "PYTHONPATH": str(SOURCE)})
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"uso": True, "super": True, "cut": 7, "cut_received": True,
-                                    "whole_received": True, "fallback_received": True}
+                                    "whole_received": True, "fallback_received": True,
+                                    "joined": True, "joined_received": True}
 
 
 @pytest.fixture(scope="module")

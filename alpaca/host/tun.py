@@ -10,7 +10,9 @@ partial (TSO4/TSO6 + CSUM), and UDP ones (USO4/USO6, Linux >= 6.2: the
 datagrams of one UDP_SEGMENT write), and we write such super-packets back,
 which the receiving kernel takes whole (local delivery) or segments itself
 (forwarding). Without offloads the headers are all zero: one packet per
-read, as a plain TUN. Writing super-packets is accepted either way, so
+read, as a plain TUN. With offloads on, the UDP datagrams of one flow that
+one batch of reads returns are joined into a UDP super-packet too, as GRO
+would (gso.coalesce_udp). Writing super-packets is accepted either way, so
 offloaded and plain peers interoperate (docs/protocol.md "Fragments");
 a kernel that predates USO refuses UDP ones, so they are cut here (gso.py).
 """
@@ -26,7 +28,7 @@ import pytun
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .gso import is_udp_gso, segment_udp
+from .gso import coalesce_udp, is_udp_gso, segment_udp
 
 VNET_HDR_SIZE = 10
 READ_SIZE = 65536 + VNET_HDR_SIZE
@@ -122,7 +124,8 @@ class Tun:
             pass
         except OSError as e:
             raise TunGone(self.name, e) from None
-        return packets
+        # the datagrams of one UDP flow in this read travel as one message (gso.py)
+        return coalesce_udp(packets) if self.offload and len(packets) > 1 else packets
 
     def write_batch(self, packets: list[bytes]) -> int:
         """Write packets; returns how many the kernel refused (counted, not logged)."""

@@ -81,6 +81,16 @@ def main(v: int) -> dict:
     tun.uso = False                        # as on a kernel without USO: write_batch cuts it
     tun.write_batch([back])
     out["fallback_received"] = receive(tx, COUNT) == [payload[i:i + SIZE] for i in range(0, len(payload), SIZE)]
+    tun.uso = True
+    # datagrams written one by one (no UDP_SEGMENT) leave the TUN as one super-packet
+    for i in range(0, len(payload), SIZE):
+        tx.sendto(payload[i:i + SIZE], (other, 9999))
+    time.sleep(0.1)
+    joined = read_super(tun)
+    out["joined"] = joined is not None and int.from_bytes(joined[4:6], "little") == SIZE
+    if joined is not None:
+        tun.write_batch([swap(joined, v)])
+        out["joined_received"] = receive(tx, COUNT) == [payload[i:i + SIZE] for i in range(0, len(payload), SIZE)]
     tun.close()
     return out
 
