@@ -92,7 +92,7 @@ def datagrams(v: int, sizes: list[int], ip_id: int = 7, sport: int = 1234, parti
     virtio_net_hdr, or (partial) the checksum left to the receiver."""
     out = []
     for n, size in enumerate(sizes):
-        packet, _ = super_packet(v, [size], size, ip_id + n)
+        packet, _ = super_packet(v, [size], max(size, 1), ip_id + n)
         cut = gso.segment_udp(packet)[0]
         cut = cut[:10 + (20 if v == 4 else 40)] + sport.to_bytes(2, "big") + cut[12 + (20 if v == 4 else 40):]
         fixed = gso.segment_udp(packet[:10] + cut[10:])[0]       # (its checksum again, for the new port)
@@ -142,6 +142,8 @@ def test_flows_are_joined_apart_and_the_rest_is_left_alone():
 def test_a_run_ends_at_a_shorter_or_longer_datagram_and_at_the_limits():
     out = gso.coalesce_udp(datagrams(4, [600, 600, 200, 600, 900]))
     assert [len(gso.segment_udp(p) or [p]) for p in out] == [3, 1, 1]
+    empty = datagrams(4, [0, 0])
+    assert gso.coalesce_udp(empty) == empty
     many = gso.coalesce_udp(datagrams(4, [1000] * 70))
     assert [len(gso.segment_udp(p)) for p in many] == [64, 6]
     big = gso.coalesce_udp(datagrams(4, [1472] * 50))
@@ -205,7 +207,7 @@ COUNT = 300
 PORT = 5301
 
 
-def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int) -> dict:
+def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int, rate: int = 3000) -> dict:
     """COUNT datagrams of each size in SIZES from sender to a checking sink on receiver."""
     expected = COUNT * len(SIZES.split(","))
     sink = mesh.tb.popen(receiver, lab_module("alpaca.lab.udp_sink", address, PORT, expected),
@@ -213,7 +215,7 @@ def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int) -> di
     try:
         assert sink.stdout.readline().strip() == "ready"
         r = mesh.peers[sender].run(lab_module("alpaca.lab.udp_send", address, PORT, SIZES, COUNT,
-                                              "--gso", gso, "--rate", 3000), timeout=60, cwd=SOURCE)
+                                              "--gso", gso, "--rate", rate), timeout=60, cwd=SOURCE)
         assert r.returncode == 0, r.stderr
         sent = json.loads(r.stdout)
         got = json.loads(sink.stdout.readline())
@@ -246,3 +248,12 @@ def test_udp_segment_writes_travel_as_super_packets(mixed):
     # 16 datagrams per write: one message each (with some keepalive-sized ones)
     assert messages < 3 * COUNT / 16 * 2, (messages, before, after)
     assert "Traceback" not in mixed.peers["s1"].log_text()
+
+
+@pytest.mark.root
+def test_datagrams_written_one_by_one_are_joined_into_super_packets(mixed):
+    before = mixed.peers["c1"].peer_status("1.1")
+    udp_transfer(mixed, "c1", "s1", "10.17.1.1", 1, rate=0)     # a burst: reads of many datagrams
+    after = mixed.peers["c1"].peer_status("1.1")
+    messages = after["tx_packets"] - before["tx_packets"]
+    assert messages < 3 * COUNT / 2, (messages, before, after)

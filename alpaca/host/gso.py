@@ -120,8 +120,8 @@ def _flow(p: bytes) -> tuple[bytes, int] | None:
         key, hdr = p[10:14] + p[16:18] + p[18:54], 58
     else:
         return None
-    if int.from_bytes(p[hdr - 4:hdr - 2], "big") != len(p) - hdr + _UDP_HEADER:
-        return None
+    if len(p) == hdr or int.from_bytes(p[hdr - 4:hdr - 2], "big") != len(p) - hdr + _UDP_HEADER:
+        return None         # (an empty datagram cannot set a gso_size)
     if flags:
         if int.from_bytes(p[6:8], "little") != hdr - 18 or int.from_bytes(p[8:10], "little") != 6:
             return None

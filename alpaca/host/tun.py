@@ -37,6 +37,11 @@ TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40     # Linux >= 6.2; both or neither
 TSO = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6
 USO = TUN_F_CSUM | TUN_F_USO4 | TUN_F_USO6
+# Packets the kernel queues for us to read (the device's txqueuelen; the
+# kernel's default is 500). A full queue drops what comes next, and a busy
+# shared machine can keep one Python thread off the CPU for tens of ms:
+# 500 datagrams is 25 ms of UDP at 200 Mbit/s (docs/benchmarks.md "UDP").
+TX_QUEUE = 2000
 
 
 class TunError(Exception):
@@ -84,7 +89,7 @@ class Tun:
         try:
             with IPRoute() as ipr:
                 index = ipr.link_lookup(ifname=self.name)[0]
-                ipr.link("set", index=index, mtu=mtu)
+                ipr.link("set", index=index, mtu=mtu, txqlen=TX_QUEUE)
                 ipr.addr("replace", index=index, address=address, prefixlen=prefixlen)
                 ipr.link("set", index=index, state="up")
         except (NetlinkError, OSError) as e:
