@@ -5,9 +5,9 @@ correct headers and checksums; a TUN on a kernel without USO falls back
 to TSO and cuts what it is given. Tier 3: the kernel takes those datagrams
 (and super-packets written whole), and numbered datagrams of several sizes,
 written one by one and as UDP_SEGMENT writes, cross the standard mesh
-intact and exactly once: between offloaded peers (client 16.1, FEC 8:4,
-two paths: direct and through forwarder 1.2) and to and from a peer with
-offloads off (16.2).
+intact and exactly once, over IPv4 and IPv6 inside the tunnel: between
+offloaded peers (client 16.1, FEC 8:4, two paths: direct and through
+forwarder 1.2) and to and from a peer with offloads off (16.2).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import pytest
 from alpaca.host import gso, tun
 from alpaca.lab.daemons import SOURCE, lab_module
 from alpaca.lab.worlds import mesh4_world
+from alpaca.protocol.ids import TunnelNet, group_prefix6
 from alpaca.protocol.inner import checksum
 
 TOOLS = Path(__file__).parent / "tools"
@@ -202,19 +203,20 @@ def mixed(tmp_path_factory):
         yield mesh
 
 
-SIZES = "64,1200,1372"      # 1372: a full 1400-byte IPv4 packet
+SIZES = {4: "64,1200,1372", 6: "64,1200,1352"}      # the largest: a full 1400-byte packet
 COUNT = 300
 PORT = 5301
 
 
 def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int, rate: int = 3000) -> dict:
     """COUNT datagrams of each size in SIZES from sender to a checking sink on receiver."""
-    expected = COUNT * len(SIZES.split(","))
+    sizes = SIZES[6 if ":" in address else 4]
+    expected = COUNT * len(sizes.split(","))
     sink = mesh.tb.popen(receiver, lab_module("alpaca.lab.udp_sink", address, PORT, expected),
                          stdout=subprocess.PIPE, text=True, cwd=SOURCE)
     try:
         assert sink.stdout.readline().strip() == "ready"
-        r = mesh.peers[sender].run(lab_module("alpaca.lab.udp_send", address, PORT, SIZES, COUNT,
+        r = mesh.peers[sender].run(lab_module("alpaca.lab.udp_send", address, PORT, sizes, COUNT,
                                               "--gso", gso, "--rate", rate), timeout=60, cwd=SOURCE)
         assert r.returncode == 0, r.stderr
         sent = json.loads(r.stdout)
@@ -228,12 +230,17 @@ def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int, rate:
     return got
 
 
+NET6 = TunnelNet((10, 17), group_prefix6("test"))      # the lab's group
+
+
 @pytest.mark.root
 @pytest.mark.parametrize("gso", [1, 16])
 @pytest.mark.parametrize("sender,receiver,address", [
     ("c1", "s1", "10.17.1.1"),       # offloaded both ends, FEC, two paths
     ("s1", "c2", "10.17.16.2"),      # into a TUN without offloads
     ("c2", "s1", "10.17.1.1"),       # from a TUN without offloads
+    ("c1", "s1", str(NET6.address6(0x0101))),       # IPv6 inside
+    ("s1", "c2", str(NET6.address6(0x1002))),
 ])
 def test_udp_datagrams_cross_intact_and_once(mixed, sender, receiver, address, gso):
     udp_transfer(mixed, sender, receiver, address, gso)
