@@ -234,7 +234,7 @@ class Daemon:
                                                                   address6=address6 and str(address6))))
             if self.tun.ipv6_problem:
                 log.warning("%s; the tunnel carries IPv4 only", self.tun.ipv6_problem)
-            if self.tun.uso_problem and cfg.offload:
+            if self.tun.uso_problem:
                 log.info("%s", self.tun.uso_problem)
         if cfg.mode == "server":
             ipv6 = self.tun.ipv6_problem is None and net.network6 is not None

@@ -1,6 +1,6 @@
-"""UDP super-packets cut into datagrams in software (docs/protocol.md §12).
+"""UDP super-packets made and cut in software (docs/protocol.md §12).
 
-A peer whose TUN has USO (TUN_F_USO4/6, Linux >= 6.2) sends a UDP
+Cutting: a peer whose TUN has USO (TUN_F_USO4/6, Linux >= 6.2) sends a UDP
 super-packet whole: one virtio_net_hdr with gso_type UDP_L4 and the
 datagrams of one socket write (UDP_SEGMENT) behind one IP and UDP header.
 A kernel without USO refuses such a write, so the TUN cuts it here into the
@@ -8,6 +8,9 @@ datagrams the sender wrote: each with its own IP header (length, IPv4 ID
 counting up and header checksum, as the kernel's own segmentation makes
 them), UDP length and a complete UDP checksum, behind an all-zero
 virtio_net_hdr.
+
+Joining (coalesce_udp, below): the datagrams of one flow that a batch of
+TUN reads returns become one such super-packet, as UDP GRO would make it.
 """
 
 from __future__ import annotations

@@ -84,8 +84,8 @@ class Tun:
             raise TunError(f"cannot set offloads on TUN device {name!r}: {e.strerror}") from None
         # for the daemon's log (one line): what a kernel without USO costs
         self.uso_problem = None if self.uso else (
-            f"this kernel has no UDP segmentation offload on TUN (USO, Linux >= 6.2): {self.name} hands over "
-            "UDP one datagram per read, and UDP super-packets from peers are cut in software")
+            f"this kernel has no UDP segmentation offload on TUN (USO, Linux >= 6.2): UDP super-packets "
+            f"from peers are cut into datagrams in software before they are written to {self.name}")
         try:
             with IPRoute() as ipr:
                 index = ipr.link_lookup(ifname=self.name)[0]
