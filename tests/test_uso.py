@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from alpaca.host import gso, tun
-from alpaca.lab.daemons import SOURCE, lab_module
+from alpaca.lab.daemons import SOURCE, Mesh, lab_module
+from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
 from alpaca.lab.worlds import mesh4_world
 from alpaca.protocol.ids import TunnelNet, group_prefix6
 from alpaca.protocol.inner import checksum
@@ -264,3 +265,39 @@ def test_datagrams_written_one_by_one_are_joined_into_super_packets(mixed):
     after = mixed.peers["c1"].peer_status("1.1")
     messages = after["tx_packets"] - before["tx_packets"]
     assert messages < 3 * COUNT / 2, (messages, before, after)
+
+
+INET = "172.31.200.2"
+
+
+@pytest.fixture(scope="module")
+def natted(tmp_path_factory):
+    """Server 1.1 NATs client 16.1 out to "inet", a host that has no route to the tunnel."""
+    tb = Testbed(unique_prefix())
+    mesh = Mesh(tb, tmp_path_factory.mktemp("uso-nat"))
+    try:
+        s1_ip = tb.add_host("s1", 1)
+        tb.add_host("c1", 16)
+        tb.add_link("s1", "inet", "172.31.200.1", INET)
+        # the server's kernel computes every checksum toward inet itself, and
+        # inet checks them: a wrong partial checksum would be dropped there
+        tb.run("s1", ["ethtool", "-K", "eth1", "tx", "off"], check=True)
+        tb.run("c1", ["ip", "route", "add", "default", "via", "172.31.77.254"], check=True)
+        everyone = [mesh.line("1.1", s1_ip), mesh.line("16.1", None)]
+        mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, everyone)
+        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1"}, everyone)
+        mesh.start_all()
+        assert wait_for(lambda: tb.run("c1", ["ping", "-c1", "-W1", "10.17.1.1"]).returncode == 0, 15)
+        yield mesh
+    finally:
+        mesh.close()
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("gso", [1, 16])
+def test_udp_super_packets_leave_through_the_servers_nat_intact(natted, gso):
+    # the server's kernel forwards each super-packet out of the TUN, NATs it
+    # and cuts it, completing the checksums the client's TUN left partial
+    udp_transfer(natted, "c1", "inet", INET, gso, rate=0)      # a burst: reads of many datagrams, joined
+    errors = natted.tb.run("inet", ["nstat", "-az", "UdpInCsumErrors"]).stdout.split()
+    assert errors[-2] == "0", errors
