@@ -24,7 +24,7 @@ import pytest
 from alpaca.host import gso, tun
 from alpaca.lab.daemons import SOURCE, Mesh, lab_module
 from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
-from alpaca.lab.worlds import mesh4_world
+from alpaca.lab.worlds import lossy_pair, mesh4_world
 from alpaca.protocol.ids import TunnelNet, group_prefix6
 from alpaca.protocol.inner import checksum
 
@@ -209,8 +209,11 @@ COUNT = 300
 PORT = 5301
 
 
-def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int, rate: int = 3000) -> dict:
-    """COUNT datagrams of each size in SIZES from sender to a checking sink on receiver."""
+def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int, rate: int = 3000,
+                 lossy: bool = False) -> dict:
+    """COUNT datagrams of each size in SIZES from sender to a checking sink on
+    receiver: all of them intact and once (lossy: none corrupted or twice,
+    at most 1 % missing, UDP having no retransmission to hide a lost message)."""
     sizes = SIZES[6 if ":" in address else 4]
     expected = COUNT * len(sizes.split(","))
     sink = mesh.tb.popen(receiver, lab_module("alpaca.lab.udp_sink", address, PORT, expected),
@@ -227,7 +230,10 @@ def udp_transfer(mesh, sender: str, receiver: str, address: str, gso: int, rate:
         if sink.poll() is None:
             mesh.tb.stop(sink)
     assert sent["sent"] == expected
-    assert got == {"received": expected, "distinct": expected, "bad": 0, "sizes": sent["sizes"]}, (sent, got)
+    if lossy:
+        assert got["bad"] == 0 and got["received"] == got["distinct"] >= 0.99 * expected, (sent, got)
+    else:
+        assert got == {"received": expected, "distinct": expected, "bad": 0, "sizes": sent["sizes"]}, (sent, got)
     return got
 
 
@@ -301,3 +307,15 @@ def test_udp_super_packets_leave_through_the_servers_nat_intact(natted, gso):
     udp_transfer(natted, "c1", "inet", INET, gso, rate=0)      # a burst: reads of many datagrams, joined
     errors = natted.tb.run("inet", ["nstat", "-az", "UdpInCsumErrors"]).stdout.split()
     assert errors[-2] == "0", errors
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("gso", [1, 16])
+def test_udp_super_packets_cross_a_lossy_path_with_fec(tmp_path, gso):
+    # 5 % of the datagrams lost each way; the default `fec: "auto"` gives the
+    # joined messages parity for it (a lost shard alone would lose them whole)
+    with lossy_pair(tmp_path, 0.05, {}, {}) as mesh:
+        assert wait_for(lambda: mesh.tb.run("c1", ["ping", "-c1", "-W1", "10.17.1.1"]).returncode == 0, 15)
+        udp_transfer(mesh, "c1", "s1", "10.17.1.1", gso, rate=0 if gso == 1 else 3000, lossy=True)
+        row = next(p for p in mesh.peers["s1"].status()["peers"] if p["id"] == "16.1")
+        assert row["drops"].get("bad_shard", 0) == 0, row
