@@ -115,8 +115,8 @@ def format_status(status: dict) -> str:
             lines.append(f"  clock {peer['clock_offset']:+.0f} s off ours (its traffic is judged by its own clock)")
         for path in peer["paths"]:
             local = f", local {path['local']}" if path.get("local") else ""
-            family = {"ipv4": "IPv4 ", "ipv6": "IPv6 "}.get(path.get("family"), "")   # (older daemons: none)
-            lines.append(f"  path {family}{path['address']:<22} {path['learned']:<8} {_path_state(path)}{local}")
+            # (the family shows in the address: an IPv6 one is in brackets; --json has `family`)
+            lines.append(f"  path {path['address']:<22} {path['learned']:<8} {_path_state(path)}{local}")
         if peer["drops"]:
             lines += _wrapped("  drops: ", peer["drops"])
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from alpaca.lab.daemons import Mesh
+from alpaca.protocol.constants import REPLAY_WINDOW
 from alpaca.lab.skewed_clock import launcher
 from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
 from alpaca.status import format_status
@@ -67,20 +68,27 @@ def offsets(mesh: Mesh) -> tuple[float | None, float | None]:
     return mesh.peers["s1"].peer_status("16.1")["clock_offset"], mesh.peers["c1"].peer_status("1.1")["clock_offset"]
 
 
-def captured_traffic(mesh: Mesh, name: str) -> list[bytes]:
+def captured_traffic(mesh: Mesh, name: str) -> tuple[list[bytes], float]:
     """The client's datagrams to the server during 5 pings: data,
-    keepalives, challenges, answers, as an on-path attacker records them."""
+    keepalives, challenges, answers, as an on-path attacker records them;
+    and when they were recorded."""
     sniff = Sniffer(mesh, "s1", mesh.ip["c1"], 200, 10, name)
     assert mesh.peers["c1"].run(["ping", "-n", "-c", "5", "-i", "0.2", "-W", "1", SERVER]).returncode == 0
     captured = sniff.datagrams(stop=True)
     assert captured
-    return captured
+    return captured, time.monotonic()
 
 
-def replays_are_counted_and_refused(mesh: Mesh, captured: list[bytes]) -> None:
+def replays_are_counted_and_refused(mesh: Mesh, recorded: tuple[list[bytes], float]) -> None:
     """Sent again from the client's address while the client is stopped
     (so every change at the server is the replay's): each one is a drop
-    under a named reason, and none is taken."""
+    under a named reason, and none is taken. Sent only once the recording
+    is stale by any clock the server may have measured: a challenge of a
+    session the server forgot is answered while it is fresh (REPLAY_WINDOW
+    of the peer's clock, measured to within ~2 s; docs/protocol.md §5),
+    which is the protocol's answer to a new session, not a drop."""
+    captured, at = recorded
+    time.sleep(max(0.0, at + REPLAY_WINDOW + 3 - time.monotonic()))
     s1, c1 = mesh.peers["s1"], mesh.peers["c1"]
     c1.proc.send_signal(signal.SIGSTOP)
     try:

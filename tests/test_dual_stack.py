@@ -96,7 +96,8 @@ def test_status_shows_each_paths_family():
     assert paths == {"192.0.2.1:1040": "ipv4", "[2001:db8::11]:1040": "ipv6"}
     status = {**snap, "uptime": 1.0, "net": "10.17", "tun": "alpaca", "listen": "0.0.0.0:1040, [::]:1040"}
     text = format_status(status)
-    assert "path IPv6 [2001:db8::11]:1040" in text and "path IPv4 192.0.2.1:1040" in text
+    assert "path [2001:db8::11]:1040" in text and "path 192.0.2.1:1040" in text
+    assert max(len(line) for line in text.splitlines()) <= 80, text
 
 
 # ---------------------------------------------------------------- secrets.txt, check
