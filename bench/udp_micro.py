@@ -6,10 +6,9 @@ Loopback, no GRO (datagrams sent one by one are not coalesced there), as
 on an underlay with offloads off. Receive: --datagrams datagrams are queued
 in a socket first, then drained, and only the draining is timed (process CPU
 time), so the sender's cost is not counted: alpaca's Udp.recv_batch
-(recvmsg per datagram, IP_PKTINFO and UDP_GRO on, as the daemon has them)
-against a ctypes recvmmsg prototype that returns the same list (64
-datagrams per call into preallocated buffers, control messages parsed in
-Python). Send: runs of datagrams that GSO cannot take (alternating sizes, so
+(IP_PKTINFO and UDP_GRO on, as the daemon has them) with recvmmsg (64
+datagrams per call into buffers set up once, control messages parsed in
+Python: alpaca/host/mmsg.py) and with its recvmsg fallback. Send: runs of datagrams that GSO cannot take (alternating sizes, so
 each is its own sendmsg today) through Udp.send_batch against a ctypes
 sendmmsg prototype. Prints microseconds per datagram (median over --rounds)
 and the ratio. Not a test.
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from alpaca.host.udp import _CMSG_SPACE, IP_PKTINFO, RECV_SIZE, UDP_GRO, Udp  # noqa: E402
+from alpaca.host.udp import Udp  # noqa: E402
 
 MSG_DONTWAIT = 0x40
 VLEN = 64
@@ -53,67 +52,6 @@ class Mmsghdr(ctypes.Structure):
 
 _CMSGHDR = struct.Struct("@Nii")        # struct cmsghdr: len, level, type
 _ALIGN = ctypes.sizeof(ctypes.c_size_t)
-
-
-class MmsgReader:
-    """recvmmsg into VLEN preallocated buffers; returns what Udp.recv_batch returns (IPv4 socket).
-    Headers are reset with one memmove from a template, lengths read through memoryviews (no
-    ctypes attribute access per datagram), source addresses through a small cache."""
-
-    def __init__(self, sock: socket.socket, vlen: int = VLEN, size: int = RECV_SIZE):
-        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self.recvmmsg = self.libc.recvmmsg
-        self.fd, self.vlen, self.size = sock.fileno(), vlen, size
-        self.data = ctypes.create_string_buffer(vlen * size)
-        self.names = ctypes.create_string_buffer(vlen * 28)
-        self.control = ctypes.create_string_buffer(vlen * _CMSG_SPACE)
-        self.iovs = (Iovec * vlen)()
-        self.msgs = (Mmsghdr * vlen)()
-        base, names, control = (ctypes.addressof(b) for b in (self.data, self.names, self.control))
-        for i in range(vlen):
-            self.iovs[i].base, self.iovs[i].len = base + i * size, size
-            h = self.msgs[i].hdr
-            h.name, h.namelen, h.iov, h.iovlen = names + i * 28, 28, ctypes.pointer(self.iovs[i]), 1
-            h.control, h.controllen = control + i * _CMSG_SPACE, _CMSG_SPACE
-        self.template = ctypes.create_string_buffer(bytes(self.msgs), ctypes.sizeof(self.msgs))
-        self.words = memoryview(self.msgs).cast("B").cast("I")     # msg_len: word 14 of each 16
-        self.quads = memoryview(self.msgs).cast("B").cast("Q")     # msg_controllen: quad 5 of each 8
-        self.view = memoryview(self.data).cast("B")
-        self.nview = memoryview(self.names).cast("B")
-        self.cview = memoryview(self.control).cast("B")
-        self.addrs: dict[bytes, tuple] = {}
-        self.arrivals: dict[tuple, bytes] = {}
-
-    def recv(self, limit: int) -> list:
-        batch = []
-        words, quads, view, nview, cview, size = self.words, self.quads, self.view, self.nview, self.cview, self.size
-        addrs, arrivals = self.addrs, self.arrivals
-        arrivals.clear()
-        n = min(limit, self.vlen)
-        ctypes.memmove(self.msgs, self.template, ctypes.sizeof(self.msgs))
-        got = self.recvmmsg(self.fd, self.msgs, n, MSG_DONTWAIT, None)
-        for i in range(got):
-            off = i * size
-            data = bytes(view[off:off + words[i * 16 + 14]])
-            key = bytes(nview[i * 28:i * 28 + 8])
-            addr = addrs.get(key)
-            if addr is None:
-                addr = addrs[key] = (socket.inet_ntoa(key[4:8]), key[2] << 8 | key[3])
-            pos = i * _CMSG_SPACE
-            end, seg = pos + quads[i * 8 + 5], 0
-            while pos + 16 <= end:
-                clen, level, kind = _CMSGHDR.unpack_from(cview, pos)
-                if kind == UDP_GRO and level == socket.IPPROTO_UDP:
-                    seg = cview[pos + 16] | cview[pos + 17] << 8
-                elif kind == IP_PKTINFO and level == socket.IPPROTO_IP:
-                    arrivals[addr] = bytes(cview[pos + 20:pos + 24])     # as Udp.recv_batch notes it
-                pos += (clen + 7) & ~7
-            if seg and len(data) > seg:
-                dv = memoryview(data)
-                batch.extend((dv[j:j + seg], addr) for j in range(0, len(data), seg))
-            else:
-                batch.append((data, addr))
-        return batch
 
 
 class MmsgWriter:
@@ -162,28 +100,29 @@ def time_drain(drain, rx_fd_count: int) -> tuple[float, int]:
 
 
 def receive_bench(args) -> dict:
-    udp = Udp("0.0.0.0", 0)
-    dst = ("127.0.0.1", udp.sock.getsockname()[1])
-    reader = MmsgReader(udp.sock)
+    """Udp.recv_batch with recvmmsg (host/mmsg.py) and with its fallback, recvmsg."""
+    socks = {"recvmmsg": Udp("0.0.0.0", 0), "recvmsg": Udp("0.0.0.0", 0)}
+    socks["recvmsg"]._mmsg = None
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    out: dict = {"recvmsg": [], "recvmmsg": []}
+    out: dict = {name: [] for name in socks}
     try:
-        # the prototype must return what Udp.recv_batch returns: the same datagrams, senders, order
+        # both must return the same datagrams, senders, order
         sample = [bytes([i]) * (args.size - i) for i in range(200)]
         reads = []
-        for read in (udp.recv_batch, reader.recv):
+        for udp in socks.values():
             for d in sample:
-                tx.sendto(d, dst)
-            reads.append([(bytes(d), a) for d, a in read(64) + read(64) + read(64) + read(64)])
-        assert reads[0] == reads[1] and len(reads[0]) == len(sample), "the prototype reads something else"
+                tx.sendto(d, ("127.0.0.1", udp.sock.getsockname()[1]))
+            reads.append([(bytes(d), a) for _ in range(4) for d, a in udp.recv_batch(64)])
+        assert reads[0] == reads[1] and len(reads[0]) == len(sample), "recvmmsg reads something else"
         for _ in range(args.rounds):
-            for name, drain in (("recvmsg", lambda: udp.recv_batch(64)), ("recvmmsg", lambda: reader.recv(64))):
-                fill(tx, dst, args.datagrams, args.size)
-                cpu, got = time_drain(drain, 1)
+            for name, udp in socks.items():
+                fill(tx, ("127.0.0.1", udp.sock.getsockname()[1]), args.datagrams, args.size)
+                cpu, got = time_drain(lambda: udp.recv_batch(64), 1)
                 if got:
                     out[name].append(1e6 * cpu / got)
     finally:
-        udp.close()
+        for udp in socks.values():
+            udp.close()
         tx.close()
     return {k: statistics.median(v) for k, v in out.items() if v}
 
