@@ -37,11 +37,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from .mmsg import MmsgReceiver
-
 RECV_SIZE = 65535
-MMSG_VLEN = 64              # datagrams per recvmmsg at most
-MIN_READ_GUESS = 2048       # a read's size assumed when recv_batch sizes a recvmmsg to its budget
 SOCKET_BUFFER = 4 << 20
 UDP_SEGMENT = 103           # linux/udp.h
 UDP_GRO = 104
@@ -262,11 +258,6 @@ class Udp:
         self.send_errors = 0
         self.filtered: int | None = None        # known addresses in the socket filter, None: no filter
         self.gso = True
-        self._longest = MIN_READ_GUESS      # bytes of the longest read of the last call (recv_batch)
-        try:
-            self._mmsg: MmsgReceiver | None = MmsgReceiver(self.sock, RECV_SIZE, _CMSG_SPACE, MMSG_VLEN)
-        except OSError:
-            self._mmsg = None               # no recvmmsg in the C library: one recvmsg per read
         try:
             self.sock.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
             self.gro = True
@@ -317,72 +308,46 @@ class Udp:
 
     def recv_batch(self, limit: int, budget: int = 1 << 30) -> list[tuple[bytes, tuple]]:
         """Up to `limit` reads (a GRO train is one), fewer once `budget`
-        bytes are read (a wake-up's work stays short: docs/design.md);
-        many per system call where recvmmsg is there (host/mmsg.py).
-        The local address each arrived on is only noted (`arrivals`): what
-        a datagram's sender says is hostile until the core has
-        authenticated it, so it is remembered for replies by `confirm`,
-        for the senders the core vouches for."""
-        batch: list[tuple[bytes, tuple]] = []
-        self.arrivals.clear()
-        reads = total = 0
+        bytes are read (a wake-up's work stays short: docs/design.md).
+        The local address each arrived on is
+        only noted (`arrivals`): what a datagram's sender says is hostile
+        until the core has authenticated it, so it is remembered for
+        replies by `confirm`, for the senders the core vouches for."""
+        batch = []
+        recvmsg = self.sock.recvmsg
+        sources = self.sources
+        used = sources.used if sources is not None else None
+        arrivals = self.arrivals
+        arrivals.clear()
+        total = 0
         try:
-            while reads < limit and total < budget:
-                # ask for as many as fit the budget, judging by the longest read of late
-                asked = max(1, min(limit - reads, (budget - total) // self._longest)) if self._mmsg else 1
-                messages = self._receive(asked)
-                reads += len(messages)
-                total += self._take(messages, batch)
-                if len(messages) < asked:
-                    break           # the socket is empty: no call that would only say so
+            for _ in range(limit):
+                data, ancdata, _flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE)
+                total += len(data)
+                if self.v6:
+                    addr = _from_v6(addr) if self.mapped else addr[:2]
+                size = 0
+                for level, kind, value in ancdata:
+                    if level == socket.IPPROTO_UDP and kind == UDP_GRO:
+                        size = _U16.unpack_from(value)[0]
+                    elif used is not None:
+                        local = _pktinfo_local(level, kind, value)
+                        if local is not None and used.get(addr) != local:
+                            arrivals[addr] = local
+                if size and len(data) > size:
+                    # a coalesced train: cut it back into the datagrams it was
+                    # (views, not copies: a shard is copied once, when its message is joined)
+                    view = memoryview(data)
+                    batch.extend((view[i:i + size], addr) for i in range(0, len(data), size))
+                else:
+                    batch.append((data, addr))
+                if total >= budget:
+                    break
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:
             pass    # e.g. ECONNREFUSED from an earlier ICMP; nothing to read now
         return batch
-
-    def _receive(self, n: int) -> list[tuple[bytes, list, int, tuple]]:
-        """Up to n datagrams as socket.recvmsg returns them: one recvmmsg, or one recvmsg without it."""
-        if self._mmsg is not None:
-            try:
-                return self._mmsg.receive(n)
-            except OSError as e:
-                if e.errno != errno.ENOSYS:     # (ENOSYS: refused, e.g. by a seccomp filter)
-                    raise
-                self._mmsg.close()
-                self._mmsg = None
-        return [self.sock.recvmsg(RECV_SIZE, _CMSG_SPACE)]
-
-    def _take(self, messages: list, batch: list[tuple[bytes, tuple]]) -> int:
-        """Append the datagrams of `messages` to batch (GRO trains cut back into
-        datagrams), note their arrival addresses; returns the bytes read."""
-        sources = self.sources
-        used = sources.used if sources is not None else None
-        arrivals = self.arrivals
-        total = longest = 0
-        for data, ancdata, _flags, addr in messages:
-            total += len(data)
-            longest = max(longest, len(data))
-            if self.v6:
-                addr = _from_v6(addr) if self.mapped else addr[:2]
-            size = 0
-            for level, kind, value in ancdata:
-                if level == socket.IPPROTO_UDP and kind == UDP_GRO:
-                    size = _U16.unpack_from(value)[0]
-                elif used is not None:
-                    local = _pktinfo_local(level, kind, value)
-                    if local is not None and used.get(addr) != local:
-                        arrivals[addr] = local
-            if size and len(data) > size:
-                # a coalesced train: cut it back into the datagrams it was
-                # (views, not copies: a shard is copied once, when its message is joined)
-                view = memoryview(data)
-                batch.extend((view[i:i + size], addr) for i in range(0, len(data), size))
-            else:
-                batch.append((data, addr))
-        if messages:
-            self._longest = max(MIN_READ_GUESS, longest)
-        return total
 
     def confirm(self, heard: Iterable[tuple]) -> None:
         """The remotes of the last recv_batch that the core authenticated
@@ -460,7 +425,4 @@ class Udp:
                 self._send_one(data, addr, src)
 
     def close(self) -> None:
-        if self._mmsg is not None:
-            self._mmsg.close()
-            self._mmsg = None
         self.sock.close()

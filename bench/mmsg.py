@@ -1,12 +1,14 @@
-"""recvmmsg(2) through ctypes: many datagrams per system call (docs/design.md "Batching").
+"""recvmmsg(2) through ctypes, for bench/udp_micro.py (measured, not adopted: docs/design.md).
 
-Python's socket module has recvmsg but no recvmmsg. Where the kernel does
-not coalesce datagrams (no UDP GRO: e.g. an underlay device with offloads
-off) every datagram was one recvmsg; MmsgReceiver reads up to `vlen` per
-call into buffers set up once and hands back exactly what recvmsg would
-have, (data, ancillary data, flags, address) per datagram, so Udp.recv_batch
-treats both alike. It raises OSError where libc has no recvmmsg; Udp then
-keeps recvmsg.
+Python's socket module has recvmsg but no recvmmsg. MmsgReceiver reads up
+to `vlen` datagrams per call into buffers set up once (anonymous mappings:
+only the pages datagrams fill are touched) and hands back exactly what
+recvmsg would have, (data, ancillary data, flags, address) per datagram;
+MmsgSocket serves a socket's recvmsg from such batches, so alpaca's own
+Udp.recv_batch runs unchanged on top of it. MmsgReceiver raises OSError
+where the C library has no recvmmsg. It was in alpaca/host/ for one commit,
+with tests that it reads exactly what recvmsg does (content, order,
+senders, pktinfo, GRO trains, IPv4 and IPv6): git log -- alpaca/host/mmsg.py.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import mmap
 import os
 import socket
 import struct
+from collections import deque
 
 MSG_DONTWAIT = 0x40
 SOCKADDR_SIZE = 28                  # struct sockaddr_in6, the larger of the two families'
@@ -144,3 +147,24 @@ class MmsgReceiver:
                 self._addresses.clear()
             self._addresses[raw] = addr
         return addr
+
+
+class MmsgSocket:
+    """`sock` whose recvmsg is served from recvmmsg batches; everything else is the socket's."""
+
+    def __init__(self, sock: socket.socket, size: int, control_size: int, vlen: int = 64):
+        self._sock = sock
+        self._reader = MmsgReceiver(sock, size, control_size, vlen)
+        self._queue: deque = deque()
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+    def recvmsg(self, _size: int, _control_size: int) -> tuple[bytes, list, int, tuple]:
+        if not self._queue:
+            self._queue.extend(self._reader.receive(self._reader.vlen))    # BlockingIOError: empty
+        return self._queue.popleft()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._sock.close()
