@@ -309,10 +309,10 @@ class Udp:
     def recv_batch(self, limit: int, budget: int = 1 << 30) -> list[tuple[bytes, tuple]]:
         """Up to `limit` reads (a GRO train is one), fewer once `budget`
         bytes are read (a wake-up's work stays short: docs/design.md).
-        The local address each arrived on is
-        only noted (`arrivals`): what a datagram's sender says is hostile
-        until the core has authenticated it, so it is remembered for
-        replies by `confirm`, for the senders the core vouches for."""
+        The local address each arrived on is only noted (`arrivals`): what
+        a datagram's sender says is hostile until the core has
+        authenticated it, so it is remembered for replies by `confirm`,
+        for the senders the core vouches for."""
         batch = []
         recvmsg = self.sock.recvmsg
         sources = self.sources
