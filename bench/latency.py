@@ -2,23 +2,24 @@
 
     .venv/bin/python bench/latency.py [--rounds 5] [--seconds 8] [--offloads on|off]
                                       [--variants wireguard-go,alpaca,before=/tmp/alpaca-main]
-                                      [--probe] [--out FILE]
+                                      [--probe] [--keep-logs DIR] [--out FILE]
 
 The same two namespaces as bench/run.py (one veth pair). Each round starts
 every variant in turn (the order rotates from round to round), so a busy
-spell of the shared machine hits them all alike: one TCP stream b -> a
-(iperf3, the kernel's default congestion control) for --seconds, and from
-its second second on a ping b -> a every 20 ms, each RTT kept; then an idle
-ping. A variant "NAME=DIR" runs the daemon from another checkout (e.g.
-`git archive main | tar -x -C /tmp/alpaca-main`), "alpaca" this one.
+spell of the shared machine hits them all alike: a second of idle pings,
+then one TCP stream b -> a (iperf3, the kernel's default congestion
+control) for --seconds, and from its second second on a ping b -> a every
+20 ms, each RTT kept. A variant "NAME=DIR" runs the daemon from another
+checkout (e.g. `git archive main | tar -x -C /tmp/alpaca-main`), "alpaca"
+this one.
 
 Per variant: the median over rounds of each round's median and 90th
-percentile RTT under load, the idle median, throughput, and the tunnel
-daemons' CPU seconds per GB. --probe also samples, every 100 ms during
-the load, where bytes wait: the receiving daemon's UDP socket (Recv-Q),
-the sending daemon's UDP socket (Send-Q) and the TCP sender (unacked,
-cwnd), and counts the sending TUN device's tx drops (its queue overflowing).
-The sampling itself costs CPU: compare probed runs with probed runs.
+percentile RTT under load, the idle median, throughput, the tunnel
+daemons' CPU seconds per GB, and the sending TUN device's tx drops (its
+queue overflowing). --probe also samples, every 100 ms during the load,
+where bytes wait: the receiving daemon's UDP socket (Recv-Q), the sending
+daemon's UDP socket (Send-Q) and the TCP sender (unacked, cwnd). The
+sampling itself costs CPU: compare probed runs with probed runs.
 Not a test; needs root, iperf3, ping, ss; wireguard-go and wg for its column.
 """
 
