@@ -52,7 +52,9 @@ from .supervision import (DROP_SUMMARY_INTERVAL, FLOOD_CHECK_INTERVAL, FLOOD_HOL
 
 log = logging.getLogger("alpaca")
 
-BATCH = 64                  # packets drained from one fd per wake-up
+BATCH = 64                  # reads from one fd per wake-up at most (a GRO train or a super-packet is one) ...
+BATCH_BYTES = 128 << 10     # ... and fewer once this many bytes are read: what waits on the other fd
+                            # (a ping, an ACK) waits at most for this much sealing or opening (design.md)
 STATUS_INTERVAL = 5.0
 RESOLVE_INTERVAL = 300.0    # re-resolve host names in secrets.txt (docs/configuration.md)
 RELOAD_DEBOUNCE = 0.3       # editors write in several steps
@@ -517,11 +519,11 @@ class Daemon:
         now = time.time()
         what = key.data
         if what == "udp":
-            out = self.node.from_udp(self.udp.recv_batch(BATCH, key.fd), now)
+            out = self.node.from_udp(self.udp.recv_batch(BATCH, key.fd, BATCH_BYTES), now)
             self.udp.confirm(out.heard)     # before the answers leave: they go from where it was sent to
             self._perform(out)
         elif what == "tun":
-            self._perform(self.node.from_tun(self.tun.read_batch(BATCH), now))
+            self._perform(self.node.from_tun(self.tun.read_batch(BATCH, BATCH_BYTES), now))
             if self.node.unresolved:
                 self._answer_next_hops(now)
         elif what == "control":

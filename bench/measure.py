@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -36,14 +37,25 @@ def ping(pair: Pair, dst: str, count: int = 50, interval: float = 0.01) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def iperf_server(pair: Pair, address: str):
+    """A one-shot iperf3 server in -a on `address`; yields whether it listens, and is reaped after."""
+    srv = pair.popen("a", ["iperf3", "-s", "-1", "-B", address, "-p", str(IPERF_PORT)],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield bool(wait_for(lambda: pair.run("a", ["ss", "-Hltn", f"sport = :{IPERF_PORT}"]).stdout.strip(), 5, 0.05))
+    finally:
+        try:
+            srv.wait(5)
+        except subprocess.TimeoutExpired:
+            pair.stop(srv, signal.SIGKILL, 5)
+
+
 def iperf(pair: Pair, tunnel: Tunnel, args, streams: int, direction: str, cc: str, ping_load: bool,
           lossy: bool) -> dict:
     res: dict = {"streams": streams, "direction": direction, "cc": cc, "seconds": args.seconds}
     res["busy_pct_before"] = round(wait_quiet(args), 1)
-    srv = pair.popen("a", ["iperf3", "-s", "-1", "-B", tunnel.dst, "-p", str(IPERF_PORT)],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        listening = wait_for(lambda: pair.run("a", ["ss", "-Hltn", f"sport = :{IPERF_PORT}"]).stdout.strip(), 5, 0.05)
+    with iperf_server(pair, tunnel.dst) as listening:
         if not listening:
             res["error"] = "iperf3 server did not listen"
             return res
@@ -74,11 +86,6 @@ def iperf(pair: Pair, tunnel: Tunnel, args, streams: int, direction: str, cc: st
             rx1 = pair.link_rx()
             res["link_rx"] = {link: {side: {k: rx1[link][side][k] - v for k, v in c.items()}
                                      for side, c in sides.items()} for link, sides in rx0.items()}
-    finally:
-        try:
-            srv.wait(5)
-        except subprocess.TimeoutExpired:
-            pair.stop(srv, signal.SIGKILL, 5)
     res["wall_s"] = round(t1 - t0, 3)
     if "relay" in res.get("loss_counters", {}):
         res["relay_cpu_pct"] = 100 * res["loss_counters"]["relay"]["cpu_s"] / max(1e-3, t1 - t0)
@@ -221,10 +228,8 @@ def bench_tunnel(tunnel: Tunnel, args, prefix: str, work: Path, res: dict, paths
 def iperf_udp(pair: WanPair, rate: int, seconds: int) -> dict:
     """iperf3 -u from -b to the relay's address on -b's link; the server in -a gets what the relay forwards."""
     res: dict = {"target_mbit_s": rate, "seconds": seconds, "len": CAPACITY_LEN}
-    srv = pair.popen("a", ["iperf3", "-s", "-1", "-B", UNDER_A, "-p", str(IPERF_PORT)],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        if not wait_for(lambda: pair.run("a", ["ss", "-Hltn", f"sport = :{IPERF_PORT}"]).stdout.strip(), 5, 0.05):
+    with iperf_server(pair, UNDER_A) as listening:
+        if not listening:
             res["error"] = "iperf3 server did not listen"
             return res
         c0, m0 = pair.counters(), machine_ticks()
@@ -233,11 +238,6 @@ def iperf_udp(pair: WanPair, rate: int, seconds: int) -> dict:
         m1 = machine_ticks()
         res["relay"] = counter_delta(c0, pair.counters())
         res["machine_busy_pct"] = 100 * (m1["busy"] - m0["busy"]) / max(1, sum(m1.values()) - sum(m0.values()))
-    finally:
-        try:
-            srv.wait(5)
-        except subprocess.TimeoutExpired:
-            pair.stop(srv, signal.SIGKILL, 5)
     return udp_result(r, res)
 
 

@@ -119,12 +119,19 @@ class Tun:
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, TSO if offload else 0)
         return uso
 
-    def read_batch(self, limit: int) -> list[bytes]:
+    def read_batch(self, limit: int, budget: int = 1 << 30) -> list[bytes]:
+        """Up to `limit` packets, fewer once `budget` bytes are read (a
+        batch of super-packets is milliseconds of work: docs/design.md)."""
         packets = []
         read = os.read
+        total = 0
         try:
             for _ in range(limit):
-                packets.append(read(self.fd, READ_SIZE))
+                packet = read(self.fd, READ_SIZE)
+                packets.append(packet)
+                total += len(packet)
+                if total >= budget:
+                    break
         except BlockingIOError:
             pass
         except OSError as e:

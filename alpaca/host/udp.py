@@ -306,20 +306,24 @@ class Udp:
             return None
         return struct.unpack_from("=I", info, 4 * SK_MEMINFO_DROPS)[0]
 
-    def recv_batch(self, limit: int) -> list[tuple[bytes, tuple]]:
-        """Up to `limit` datagrams. The local address each arrived on is
-        only noted (`arrivals`): what a datagram's sender says is hostile
-        until the core has authenticated it, so it is remembered for
-        replies by `confirm`, for the senders the core vouches for."""
+    def recv_batch(self, limit: int, budget: int = 1 << 30) -> list[tuple[bytes, tuple]]:
+        """Up to `limit` reads (a GRO train is one), fewer once `budget`
+        bytes are read (a wake-up's work stays short: docs/design.md).
+        The local address each arrived on is only noted (`arrivals`): what
+        a datagram's sender says is hostile until the core has
+        authenticated it, so it is remembered for replies by `confirm`,
+        for the senders the core vouches for."""
         batch = []
         recvmsg = self.sock.recvmsg
         sources = self.sources
         used = sources.used if sources is not None else None
         arrivals = self.arrivals
         arrivals.clear()
+        total = 0
         try:
             for _ in range(limit):
                 data, ancdata, _flags, addr = recvmsg(RECV_SIZE, _CMSG_SPACE)
+                total += len(data)
                 if self.v6:
                     addr = _from_v6(addr) if self.mapped else addr[:2]
                 size = 0
@@ -337,6 +341,8 @@ class Udp:
                     batch.extend((view[i:i + size], addr) for i in range(0, len(data), size))
                 else:
                     batch.append((data, addr))
+                if total >= budget:
+                    break
         except (BlockingIOError, InterruptedError):
             pass
         except OSError:

@@ -65,10 +65,10 @@ class Underlay:
         """Where it listens, e.g. ["0.0.0.0:1040", "[::]:1040"]."""
         return [endpoint_text(*s.sock.getsockname()[:2]) for s in self.socks.values()]
 
-    def recv_batch(self, limit: int, fd: int) -> list[tuple[bytes, tuple]]:
-        """Up to `limit` datagrams from the socket `fd` (Udp.recv_batch)."""
+    def recv_batch(self, limit: int, fd: int, budget: int = 1 << 30) -> list[tuple[bytes, tuple]]:
+        """Datagrams from the socket `fd` (Udp.recv_batch)."""
         self._last = self._by_fd[fd]
-        return self._last.recv_batch(limit)
+        return self._last.recv_batch(limit, budget)
 
     def confirm(self, heard: Iterable[tuple]) -> None:
         """The remotes of the last recv_batch the core authenticated (Udp.confirm)."""
