@@ -16,7 +16,7 @@ def fake_tun() -> tuple[Tun, socket.socket, socket.socket]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
     tun = Tun.__new__(Tun)
-    tun.name, tun.fd, tun.dev = "fake", ours.fileno(), None
+    tun.name, tun.fd, tun.dev, tun.offload = "fake", ours.fileno(), None, False
     return tun, ours, theirs
 
 
