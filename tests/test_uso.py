@@ -87,6 +87,10 @@ def test_what_is_not_a_udp_super_packet_is_not_cut():
     assert gso.segment_udp(bytes(tcp)) is None
     assert gso.segment_udp(packet[:4] + b"\0\0" + packet[6:]) is None    # gso_size 0
     assert gso.segment_udp(packet[:10 + 24]) is None                       # truncated
+    # a gso_size that would make one message more writes than any sender makes
+    big, _ = super_packet(4, [1000] * 8, 1000)
+    assert len(gso.segment_udp(big[:4] + (63).to_bytes(2, "little") + big[6:])) == 127
+    assert gso.segment_udp(big[:4] + (62).to_bytes(2, "little") + big[6:]) is None
 
 
 def datagrams(v: int, sizes: list[int], ip_id: int = 7, sport: int = 1234, partial: bool = False) -> list[bytes]:

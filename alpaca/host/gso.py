@@ -44,11 +44,15 @@ def _ipv4_checksum(header: bytes | bytearray) -> int:
     return 0xFFFF - _sum(bytes(header))
 
 
+MAX_CUT_SEGMENTS = 128      # UDP_MAX_SEGMENTS of today's kernels: no sender makes more
+
+
 def segment_udp(packet: bytes) -> list[bytes] | None:
     """The datagrams of a UDP super-packet (virtio_net_hdr + IP + UDP +
     payload), each a TUN write with a zero virtio_net_hdr; None when it is
     not one we can cut (not IPv4/IPv6 + UDP, IPv6 extension headers, a
-    gso_size of 0, an IPv4 fragment)."""
+    gso_size of 0 or one that makes more than MAX_CUT_SEGMENTS datagrams,
+    an IPv4 fragment)."""
     gso_size = int.from_bytes(packet[4:6], "little")
     ip = packet[VNET_HDR_SIZE:]
     if not gso_size or not ip:
@@ -66,8 +70,8 @@ def segment_udp(packet: bytes) -> list[bytes] | None:
         pseudo = _sum(ip[8:40] + bytes((0, _UDP)))
     else:
         return None
-    if len(ip) < ihl + _UDP_HEADER:
-        return None
+    if len(ip) < ihl + _UDP_HEADER or -(-(len(ip) - ihl - _UDP_HEADER) // gso_size) > MAX_CUT_SEGMENTS:
+        return None     # (a peer's tiny gso_size must not make one message thousands of writes)
     ports = ip[ihl:ihl + 4]
     payload = memoryview(ip)[ihl + _UDP_HEADER:]
     first_id = int.from_bytes(ip[4:6], "big") if v == 4 else 0
