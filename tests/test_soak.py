@@ -1,4 +1,4 @@
-"""Tier 3: the soak test (scripts/soak.py) for 2 minutes, and the product
+"""Tier 3: the soak test (scripts/soak.py) for 90 seconds, and the product
 issue it found (docs/limits.md, "Soak").
 
 scripts/soak.py runs four peers in network namespaces with traffic flowing
@@ -28,8 +28,10 @@ pytestmark = pytest.mark.root
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_soak_two_minutes(tmp_path):
-    minutes = float(os.environ.get("ALPACA_SOAK_MINUTES", "2"))
+def test_soak(tmp_path):
+    # 90 s keeps the whole suite well under 15 minutes on 2 cores; longer
+    # soaks: ALPACA_SOAK_MINUTES, or scripts/soak.py --minutes 10
+    minutes = float(os.environ.get("ALPACA_SOAK_MINUTES", "1.5"))
     seed = int(os.environ.get("ALPACA_SOAK_SEED", "2026"))     # fixed: a CI failure must reproduce
     out = tmp_path / "soak.json"
     argv = [sys.executable, str(ROOT / "scripts" / "soak.py"), "--minutes", str(minutes), "--seed", str(seed),
