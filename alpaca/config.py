@@ -336,33 +336,31 @@ class _Semantics:
                 out.append(("chnroute.gateway", f"{chn['gateway']!r} is neither an IP address nor "
                                                 f'"{CHN_ORIGINAL}" (follow the original default gateway)'))
 
-    def local_networks(self, key: str) -> None:
-        """IPv4 or IPv6 networks, host bits allowed, not a default route."""
+    def _networks(self, key: str, strict: bool, hint: str = ""):
+        """(path, text, network) for each entry of the list `key` that is a
+        network; an entry that is not gets one line (`hint` after the example)."""
         texts = self.data.get(key)
         for i, text in enumerate(texts if isinstance(texts, list) else ()):
             if isinstance(text, str):
                 try:
-                    network = ipaddress.ip_network(text, strict=False)
+                    network = ipaddress.ip_network(text, strict=strict)
                 except ValueError:
                     self.out.append((f"{key}[{i}]", f"{text!r} is not a network like 192.168.1.0/24 "
-                                                    "or 2001:db8:1::/64"))
+                                                    f"or 2001:db8:1::/64{hint}"))
                     continue
-                if network.prefixlen == 0:
-                    self.out.append((f"{key}[{i}]", f"{text!r} would be a second default route"))
+                yield f"{key}[{i}]", text, network
+
+    def local_networks(self, key: str) -> None:
+        """IPv4 or IPv6 networks, host bits allowed, not a default route."""
+        for path, text, network in self._networks(key, strict=False):
+            if network.prefixlen == 0:
+                self.out.append((path, f"{text!r} would be a second default route"))
 
     def ip_networks(self, key: str, net6_off: bool) -> None:
         """IPv4 or IPv6 networks, host bits zero; IPv6 ones only with an IPv6 tunnel."""
-        texts = self.data.get(key)
-        for i, text in enumerate(texts if isinstance(texts, list) else ()):
-            if isinstance(text, str):
-                try:
-                    network = ipaddress.ip_network(text, strict=True)
-                except ValueError:
-                    self.out.append((f"{key}[{i}]", f"{text!r} is not a network like 192.168.1.0/24 or "
-                                                    "2001:db8:1::/64 (host bits must be zero)"))
-                    continue
-                if network.version == 6 and net6_off:
-                    self.out.append((f"{key}[{i}]", f"{text!r} is an IPv6 network, but net6 is \"off\""))
+        for path, text, network in self._networks(key, strict=True, hint=" (host bits must be zero)"):
+            if network.version == 6 and net6_off:
+                self.out.append((path, f"{text!r} is an IPv6 network, but net6 is \"off\""))
 
     def fec(self, key: str, text) -> None:
         if isinstance(text, str):
