@@ -15,24 +15,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchproc import cpu_seconds
+
 from alpaca.lab.worlds import lossy_pair
 
-HZ = 100
 ROUNDS, SECONDS = 3, 8
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
 
 
 def one_run(mesh, dst: str) -> tuple[int, float]:
     """(Mbit/s received, daemon CPU s/GB of both ends) of one iperf3 run to dst."""
     pids = [mesh.peers[n].proc.pid for n in ("s1", "c1")]
-    before = sum(map(cpu_seconds, pids))
+    before = cpu_seconds(pids)
     r = mesh.tb.run("c1", ["iperf3", "-c", dst, "-t", str(SECONDS), "-J"], timeout=SECONDS + 60)
     got = json.loads(r.stdout)["end"]["sum_received"]
-    return round(got["bits_per_second"] / 1e6), round((sum(map(cpu_seconds, pids)) - before) / (got["bytes"] / 1e9), 1)
+    return round(got["bits_per_second"] / 1e6), round((cpu_seconds(pids) - before) / (got["bytes"] / 1e9), 1)
 
 
 def main() -> None:
