@@ -49,9 +49,10 @@ def _fec_line(peer: dict) -> str | None:
     if loss is None and fec in ("auto", "off"):
         return None
     told = "loss not reported yet" if loss is None else f"loss {100 * loss:.1f} % (reported)"
+    spread = "\n  bulk spread over its paths: each shard on one" if peer.get("spread") else ""
     if not peer.get("copies"):
-        return f"  {told}; fec {fec}: no parity now"
-    return f"  {told}; fec {fec}: {peer['parity']} parity per 64 KiB, {peer['copies']} per datagram"
+        return f"  {told}; fec {fec}: no parity now{spread}"
+    return f"  {told}; fec {fec}: {peer['parity']} parity per 64 KiB, {peer['copies']} per datagram{spread}"
 
 
 def _path_state(path: dict) -> str:

@@ -186,5 +186,8 @@ def test_status_table_shows_loss_and_fec_within_80_columns():
     assert "fec" not in clean                 # auto mode, nothing reported: no line
     default = format_status({**status, "peers": [{**peer, "loss": None, "fec": "off", "parity": 0, "copies": 0}]})
     assert "fec" not in default               # the default (off), nothing reported: no line
+    spread = format_status({**status, "peers": [{**peer, "spread": True}]}).splitlines()
+    assert spread[spread.index("  loss 30.0 % (reported); fec auto: 38 parity per 64 KiB, 5 per datagram") + 1] \
+        == "  bulk spread over its paths: each shard on one"
     fixed = format_status({**status, "peers": [{**peer, "loss": 0.0, "fec": "off", "parity": 0, "copies": 0}]})
     assert "  loss 0.0 % (reported); fec off: no parity now" in fixed.splitlines()

@@ -235,3 +235,80 @@ def test_a_shard_claiming_the_other_codec_fails_its_mac():
     forged[3] ^= FLAG_ISAL
     assert server2.from_udp([(bytes(forged), addr("16.1"))], T0).tun == []
     assert dict(server2.global_drops) == {DropReason.MALFORMED: 1}
+
+
+def both_ways(client, forwarder, server, rng, loss, seconds=4, relay_down=True, start=T0):
+    """Bulk from the client for a few seconds, and what a receiver sends back
+    (a reply per tick, its loss reports) on every path it has to the client,
+    each path losing `loss` each way. Returns the client's last sends."""
+    reply = ZERO_VNET + udp(tun_ip("1.1"), tun_ip("16.1"))
+    # the ways through the forwarder, as the challenges of keepalives would have proven them
+    forwarder.table.get(pid("16.1")).prove(addr("16.1"), False, start)
+    client.table.get(pid("1.1")).prove(addr("1.2"), True, start)
+    for i in range(seconds * 20):
+        now = start + i * 0.05
+        sends = client.from_tun([super_packet(30_000)], now).sends
+        server.from_udp(over_two_paths(sends, forwarder, now, rng, loss, loss), now)
+        back = []
+        for datagram, to in server.from_tun([reply], now).sends + server.tick(now).sends:
+            if rng.random() < loss:
+                continue
+            if to == addr("16.1"):
+                back.append((datagram, addr("1.1")))
+            elif relay_down:
+                back.extend((d, addr("1.2")) for d, _ in forwarder.from_udp([(datagram, addr("1.1"))], now).sends)
+        client.from_udp(back, now)
+    return sends
+
+
+def paths_of_shards(sends):
+    """Shard index -> the targets it went to, for the data shards and parity of one message."""
+    where = {}
+    for datagram, to in sends:
+        header, _, sub = peek_shard(mesh()[0].group_key, datagram)
+        if header.kind == KIND_DATA and header.flags & FLAG_FRAG:
+            where.setdefault((header.seq - sub.index, sub.index), []).append(to)
+    return where
+
+
+def test_two_lossy_paths_spread_bulk_each_shard_on_one_path():
+    """Two paths that each lose 30 %: every byte twice would cost 2 x (k + m);
+    each shard on one path, with parity for one path's loss, costs k + m'
+    (docs/protocol.md §13 "Spreading")."""
+    client, forwarder, server = mesh()
+    sends = both_ways(client, forwarder, server, random.Random(7), 0.3)
+    row = next(p for p in client.snapshot(T0 + 4)["peers"] if p["id"] == "1.1")
+    assert row["spread"] and 0.2 < row["loss"] < 0.4, row
+    where = paths_of_shards(sends)
+    assert where and all(len(targets) == 1 for targets in where.values())
+    on_direct = sum(targets == [addr("1.1")] for targets in where.values())
+    assert abs(2 * on_direct - len(where)) <= 1                 # two equal blocks
+    # and the parity is that of one path: the message still decodes at 30 %
+    assert row["parity"] >= fragments.parity_for(0.25, 47)
+    incomplete = server.table.get(pid("16.1")).drops.get(DropReason.INCOMPLETE, 0)
+    assert incomplete <= 3, server.table.get(pid("16.1")).drops
+    # one line for the switch; parity that wobbles by a shard per report is not logged each time
+    assert sum("bulk spread over 2 paths" in n for n in client.notices) == 1
+    assert sum("datagrams lost" in n for n in client.notices) <= 2, client.notices
+
+
+def test_a_clean_path_keeps_bulk_on_every_path():
+    client, forwarder, server = mesh()
+    both_ways(client, forwarder, server, random.Random(8), 0.0)
+    sends = client.from_tun([super_packet(30_000)], T0 + 4).sends
+    assert not client.loss.spread
+    assert all(sorted(t) == sorted([addr("1.1"), addr("1.2")]) for t in paths_of_shards(sends).values())
+
+
+def test_spread_bulk_goes_on_every_path_again_when_a_path_falls_quiet():
+    """A path the peer has not been heard on for SPREAD_HEARD gets no block
+    of its own; with fewer than two paths left to spread over, every shard
+    goes on every path, as before spreading (it may be the quiet one that
+    still delivers)."""
+    client, forwarder, server = mesh()
+    rng = random.Random(9)
+    both_ways(client, forwarder, server, rng, 0.3)
+    assert pid("1.1") in client.loss.spread
+    sends = both_ways(client, forwarder, server, rng, 0.3, seconds=1, relay_down=False, start=T0 + 4)
+    assert pid("1.1") in client.loss.spread
+    assert all(sorted(t) == sorted([addr("1.1"), addr("1.2")]) for t in paths_of_shards(sends).values())

@@ -352,10 +352,16 @@ def test_shards_as_views_of_one_receive_buffer():
     client, server = pair(fec=fixed(2))
     packet = super_packet()
     shards = shards_of(client, packet)
-    train = memoryview(b"".join(shards[:-1]))
     size = len(shards[0])
-    views = [train[i:i + size] for i in range(0, len(train), size)]
-    assert feed(server, views[1:] + [memoryview(shards[-1])]) == [packet]    # shard 0 lost: decoded
+
+    def train(datagrams):
+        joined = memoryview(b"".join(datagrams))
+        return [joined[i:i + size] for i in range(0, len(joined), size)]
+    # two trains: the data shards (the short last one ends it), then the parity
+    k = len(shards) - 2
+    views = train(shards[:k]) + train(shards[k:])
+    assert len(views[k - 1]) < size and all(len(v) == size for v in views[k:])
+    assert feed(server, views[1:]) == [packet]                               # shard 0 lost: decoded
     small = udp(tun_ip("16.1"), tun_ip("1.1"))
     assert feed(server, [memoryview(d) for d in shards_of(client, ZERO_VNET + small)]) == [ZERO_VNET + small]
 

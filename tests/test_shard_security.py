@@ -339,7 +339,7 @@ def test_the_predicted_next_shard_is_still_authenticated_and_replay_checked():
     shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
     frm = addr("16.1")
     out = server.from_udp([(d, frm) for d in shards[:5]], T0 + 0.1)
-    assert server._next is not None and server._next.index == 5
+    assert server._next[frm].index == 5
     forged = bytearray(shards[5])
     forged[MASK_SIZE + 100] ^= 1                            # same sample, same predicted header
     forged = bytes(forged)
@@ -349,3 +349,30 @@ def test_the_predicted_next_shard_is_still_authenticated_and_replay_checked():
     out = server.from_udp([(d, frm) for d in shards[5:]] + [(shards[-1], frm)], T0 + 0.1)
     assert out.tun == [packet]
     assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] == 2
+
+
+def test_a_prediction_skips_lost_shards_only_after_the_mac(monkeypatch):
+    """With shards lost on the way, the prediction moves on to the one that
+    came (same header, seq and index j further), but only once its MAC
+    verifies: a forged shard j ahead is refused and moves nothing. After
+    the message decodes, its late parity is still predicted."""
+    client = make_node("16.1", gateway="1.1", vnet=True, fec=(10, 5))
+    server = make_node("1.1", vnet=True)
+    wire = Wire(client, server)
+    wire.tick(client, T0)
+    packet = super_packet()
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    frm = addr("16.1")
+    full_path = []
+    receive = server._receive
+    monkeypatch.setattr(server, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    server.from_udp([(d, frm) for d in shards[:3]], T0 + 0.1)
+    assert full_path == [shards[0]] and server._next[frm].index == 3
+    forged = bytearray(shards[6])                           # 3, 4 and 5 "lost"
+    forged[MASK_SIZE + 100] ^= 1
+    server.from_udp([(bytes(forged), frm)], T0 + 0.1)
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 1 and server._next[frm].index == 3
+    out = server.from_udp([(d, frm) for d in shards[6:]], T0 + 0.1)
+    assert out.tun == [packet]
+    assert full_path == [shards[0], bytes(forged)]          # every genuine shard after 0 was predicted
+    assert server.table.get(pid("16.1")).drops.get(DropReason.BAD_SHARD, 0) == 0

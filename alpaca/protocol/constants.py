@@ -39,6 +39,10 @@ PATH_RELAYED = 1          # path byte set by a forwarder that relayed the datagr
 # docs/protocol.md §6: a path that has carried nothing for PATH_LIFETIME is not used; a
 # client heard from on no path for PEER_LIFETIME gets nothing sent downward.
 PATH_LIFETIME = 10.0
+# a path bulk is spread over (loss.py) has carried something from the peer this
+# recently; a quiet one gets no share, and with fewer than two such paths bulk
+# goes on every path
+SPREAD_HEARD = 0.5
 PEER_LIFETIME = 60.0
 
 # The replay/dedup window (docs/protocol.md "Replay window"): a datagram whose

@@ -84,20 +84,26 @@ def gf_times(c: int) -> bytes:
     return table
 
 
-def gf_invert(matrix: list[list[int]]) -> list[list[int]]:
+def gf_invert(matrix: list[list[int]]) -> list[bytes]:
     """The inverse of a small square matrix over GF(2^8) (Gauss-Jordan); a
-    Cauchy code's square submatrices are never singular."""
+    Cauchy code's square submatrices are never singular. Rows are bytes, so
+    "row times a constant" is one translate and "add a row" one XOR of ints."""
     n = len(matrix)
-    rows = [list(r) + [int(i == j) for j in range(n)] for i, r in enumerate(matrix)]
+    width = 2 * n
+    rows = [bytes(r) + bytes(n) for r in matrix]
+    for i in range(n):
+        rows[i] = rows[i][:n + i] + b"\x01" + rows[i][n + i + 1:]
     for col in range(n):
         pivot = next(r for r in range(col, n) if rows[r][col])
         rows[col], rows[pivot] = rows[pivot], rows[col]
-        scale = _EXP[255 - _LOG[rows[col][col]]]
-        rows[col] = [gf_mul(scale, v) for v in rows[col]]
+        lead = rows[col] = rows[col].translate(gf_times(_EXP[255 - _LOG[rows[col][col]]]))
+        lead_int = int.from_bytes(lead, "big")
         for r in range(n):
-            if r != col and rows[r][col]:
-                f = rows[r][col]
-                rows[r] = [v ^ gf_mul(f, w) for v, w in zip(rows[r], rows[col])]
+            f = rows[r][col]
+            if r != col and f:
+                scaled = lead if f == 1 else lead.translate(gf_times(f))
+                rows[r] = (int.from_bytes(rows[r], "big") ^ (lead_int if f == 1 else int.from_bytes(scaled, "big"))
+                           ).to_bytes(width, "big")
     return [r[n:] for r in rows]
 
 

@@ -30,25 +30,35 @@ from .wire import (MUTABLE_BYTES, NEXT_SHARD, SAMPLE, SHARD_OVERHEAD, Header, fi
                    shard_authentic)
 
 
+NEXT_LIMIT = 16        # source addresses with a shard predicted (a few paths of a few peers)
+
+
 class _Next:
-    """The shard expected next (Node.from_udp): its 32 unmasked bytes as an
-    int, where from, its size, and what filing it needs."""
-    __slots__ = ("clear", "addr", "size", "src", "rkey", "slot", "index", "shard_key", "last")
+    """The shard expected next from one address (Node.from_udp): its 32
+    unmasked bytes as an int, its size, and what filing it needs. Shards
+    lost on the way only move it on (`skip`); after its message is decoded
+    it still predicts the late parity (`done`: filed as surplus)."""
+    __slots__ = ("clear", "addr", "size", "src", "rkey", "slot", "index", "shard_key", "last", "total", "done")
 
     def __init__(self, clear: int, addr: Addr, src: Peer, rkey: tuple, slot, index: int, shard_key: bytes):
         self.clear, self.addr, self.src, self.rkey, self.slot = clear, addr, src, rkey, slot
         self.index, self.shard_key = index, shard_key
         self.last = slot.k - 1                                      # the short data chunk
+        self.total = slot.k + slot.m
         self.size = MASK_SIZE + (slot.last if index == self.last else slot.size) + MAC_SIZE
+        self.done = False
 
-    def advance(self) -> bool:
-        """Expect the shard after; False when there is none."""
-        self.index += 1
-        if self.index >= self.slot.k + self.slot.m:
+    def skip(self, j: int) -> bool:
+        """Expect the shard j after the one expected; False when there is none."""
+        self.index += j
+        if self.index >= self.total:
             return False
-        self.clear += NEXT_SHARD
+        self.clear += j * NEXT_SHARD
         self.size = MASK_SIZE + (self.slot.last if self.index == self.last else self.slot.size) + MAC_SIZE
         return True
+
+    def advance(self) -> bool:
+        return self.skip(1)
 
 
 class Inbound:
@@ -56,7 +66,7 @@ class Inbound:
 
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
         out = Output()
-        state, from_bytes = self._mask_state, int.from_bytes
+        state, from_bytes, nexts = self._mask_state, int.from_bytes, self._next
         for data, addr in datagrams:
             if len(data) < MIN_DATAGRAM:
                 self.global_drops[DropReason.MALFORMED] += 1
@@ -65,14 +75,21 @@ class Inbound:
             h.update(data[-SAMPLE:])
             full = from_bytes(h.digest(), "big")
             clear = from_bytes(data[:MASK_SIZE], "big") ^ full
-            # The next shard of a message in progress (UDP GRO hands a
-            # message over as a train) is predicted exactly: same header but
-            # seq + 1, index + 1. It still has its MAC, the replay window and
-            # the filing checked; only the parsing is skipped.
-            nxt = self._next
-            if nxt is not None and clear == nxt.clear and addr == nxt.addr and len(data) == nxt.size \
-                    and self._next_shard(nxt, clear.to_bytes(MASK_SIZE, "big"), data, now, out):
-                continue
+            # The next shard of a message in progress from this address (a
+            # sender sends a message's shards on a path in order) is
+            # predicted exactly: same header but seq + j, index + j, where
+            # j - 1 shards were lost. It still has its MAC, the replay window
+            # and the filing checked; only the parsing is skipped.
+            nxt = nexts.get(addr) if nexts else None
+            if nxt is not None:
+                gap = clear - nxt.clear
+                if gap == 0:
+                    if len(data) == nxt.size and self._next_shard(nxt, clear.to_bytes(MASK_SIZE, "big"), data,
+                                                                  now, out):
+                        continue
+                elif gap > 0 and not gap % NEXT_SHARD and self._skip_to(nxt, gap // NEXT_SHARD, clear, data,
+                                                                        now, out):
+                    continue
             self._receive(data, addr, now, out, clear.to_bytes(MASK_SIZE, "big"), full)
         if self.loss.first:
             self._send_reports(self.loss.reports(now, set(self.loss.first)), now, out)
@@ -167,7 +184,7 @@ class Inbound:
         if shard is not None:
             self._file_shard(src, header, shard, data, addr, now, out)
         else:
-            self._message(src, header, plaintext, out)
+            self._message(src, header, plaintext, now, out)
 
     def _learn(self, src: Peer, header: Header, addr: Addr, size: int, now: float, out: Output) -> None:
         """Paths are learned only from datagrams addressed to us: a relayed
@@ -202,9 +219,25 @@ class Inbound:
             filed = self.reassembly.slots.get(rkey)
             if reason is None and filed is not None and src.paths[addr].proven:
                 nxt = _Next(int.from_bytes(clear, "big"), addr, src, rkey, filed, f.index, shard_key)
-                self._next = nxt if nxt.advance() else None
+                if nxt.advance():
+                    if len(self._next) >= NEXT_LIMIT and addr not in self._next:
+                        self._next.clear()
+                    self._next[addr] = nxt
+                else:
+                    self._next.pop(addr, None)
             return
         self._complete(src, header, rkey, slot, base, now, out)
+
+    def _skip_to(self, nxt: _Next, j: int, clear: int, data: bytes, now: float, out: Output) -> bool:
+        """The shard j - 1 after the predicted one (those between were lost
+        or come later): taken as predicted when it is one of the message's;
+        else, or when it fails, the prediction stays as it was."""
+        index, at, size = nxt.index, nxt.clear, nxt.size
+        if nxt.skip(j) and len(data) == nxt.size and self._next_shard(nxt, clear.to_bytes(MASK_SIZE, "big"), data,
+                                                                      now, out):
+            return True
+        nxt.index, nxt.clear, nxt.size = index, at, size
+        return False
 
     def _next_shard(self, nxt: _Next, clear: bytes, data: bytes, now: float, out: Output) -> bool:
         """The predicted shard: True when it was taken, False to let the full
@@ -220,11 +253,12 @@ class Inbound:
         if src.check_own(rkey[1], rkey[2], seq, now) is not None:
             return False            # (the full path counts it: the window recorded nothing)
         slot = nxt.slot
-        done = self.reassembly.add_next(rkey, slot, nxt.index, chunk)
-        if done is None:            # (the window has it now: the full path would call it a duplicate)
-            self._next = None
-            f = fields(clear)
-            slot, reason = self.reassembly.add(rkey, f.index, f.k, f.m, f.length, slot.isal, chunk, now)
+        done = None if nxt.done else self.reassembly.add_next(rkey, slot, nxt.index, chunk)
+        if done is None:
+            # (the window has it now: the full path would call it a
+            # duplicate) a surplus shard of a decoded message, or a budget
+            # is full: filed the full way
+            slot, reason = self.reassembly.add(rkey, nxt.index, slot.k, slot.m, slot.length, slot.isal, chunk, now)
             if reason is not None:
                 src.drops[reason] += 1
             done = slot is not None
@@ -232,10 +266,10 @@ class Inbound:
         src.rx_bytes += len(data)
         out.heard.add(nxt.addr)
         if done:
-            self._next = None
+            nxt.done = True
             self._complete(src, fields(clear).header(), rkey, slot, rkey[3], now, out)
-        elif self._next is nxt and not nxt.advance():
-            self._next = None
+        if self._next.get(nxt.addr) is nxt and not nxt.advance():
+            del self._next[nxt.addr]
         return True
 
     def _complete(self, src: Peer, header: Header, rkey: tuple, slot, base: int, now: float,
@@ -254,9 +288,9 @@ class Inbound:
         except (CryptoError, ValueError):      # a peer's bug: its shards were each authentic
             src.drops[DropReason.BAD_SHARD] += 1
             return
-        self._message(src, header, plaintext, out)
+        self._message(src, header, plaintext, now, out)
 
-    def _message(self, src: Peer, header: Header, plaintext: bytes, out: Output) -> None:
+    def _message(self, src: Peer, header: Header, plaintext: bytes, now: float, out: Output) -> None:
         """An authenticated, fresh message for this node: a whole datagram's
         plaintext or a reassembled one."""
         if header.kind == KIND_KEEPALIVE:
@@ -264,7 +298,7 @@ class Inbound:
             return
         if header.kind == KIND_REPORT:
             src.rx_packets += 1
-            self._loss_report(src, plaintext[:len(plaintext) - header.pad])
+            self._loss_report(src, plaintext[:len(plaintext) - header.pad], now)
             return
         if not self.settings.has_tun:
             src.rx_packets += 1

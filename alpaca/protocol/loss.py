@@ -22,6 +22,17 @@ Keepalives and reports are not counted, so two idle peers never report to
 each other. Both ends keep a few counters per peer (and second), pruned
 after REPORT_HORIZON seconds or when the peer leaves.
 
+Bulk over several paths (docs/protocol.md §13 "Spreading"): a message of
+shards to a peer normally goes on every path, so what is measured is the
+loss of the union. When that union still loses SPREAD_ENTER or more (every
+path is lossy: one clean path would make it ~0), doubling every byte no
+longer buys much, and the peer's multi-datagram messages are spread: each
+shard on one path, the paths taking equal blocks, with parity for the loss
+of one path. What the reports measure then is that loss, so the estimate is
+converted at the switch (the union of n equal paths loses p^n) and the
+reports of the next SETTLE seconds, which mix both ways of sending, are not
+counted. Spreading ends when the loss falls below SPREAD_LEAVE.
+
 The estimate is lost / sent over the samples, the older ones weighed down by
 KEEP per sample: a big sample outweighs a few small ones after it (a
 transfer's last report of 10 shards does not halve what 20,000 measured),
@@ -46,6 +57,9 @@ KEEP = 0.5                # what the evidence before a sample still weighs after
 # the parity table is built for (docs/protocol.md §13)
 PRIOR_LOSS = 0.3
 _prior: dict[int, int] = {}  # k -> parity for PRIOR_LOSS
+SPREAD_ENTER = 0.01       # union loss of duplicated bulk at which it is spread instead (two paths of 10 %)
+SPREAD_LEAVE = 0.05       # loss of spread bulk under which it is duplicated again (union 0.25 %: hysteresis)
+SETTLE = 1.0              # seconds after a switch whose reports are not counted
 
 _HEAD = struct.Struct(">IB")   # first second, number of seconds
 _COUNT = struct.Struct(">I")
@@ -78,6 +92,9 @@ class LossMeter:
         # derived from `loss` per message size k, and forgotten when it moves
         # (parity_for sums binomial tails: not once per message)
         self._parity: dict[int, dict[int, int]] = {}         # peer -> {k: parity shards}
+        self.spread: set[int] = set()                        # peers whose bulk is spread over paths
+        self.paths: dict[int, int] = {}                      # peer -> paths its latest bulk could use
+        self._settle: dict[int, float] = {}                  # peer -> reports before this are not counted
 
     def parity(self, peer: int, k: int) -> int:
         """Parity shards for a message of k data shards to peer. Before the
@@ -150,7 +167,7 @@ class LossMeter:
         return out
 
     # ------------------------------------------------------------ sender side
-    def on_report(self, peer: int, payload: bytes) -> float | None:
+    def on_report(self, peer: int, payload: bytes, now: float) -> float | None:
         """Take a report; returns the new loss estimate when it moved."""
         if len(payload) < _HEAD.size:
             raise BadReport("short")
@@ -161,6 +178,10 @@ class LossMeter:
         if shards_arrived > shards_sent:
             raise BadReport("more shards arrived than were sent")
         sent = self.sent.get(peer, {})
+        if now < self._settle.get(peer, now):
+            for i in range(n):          # (what it says is dropped with it)
+                sent.pop(first + i, 0)
+            return None
         sample = self._sample.setdefault(peer, [0, 0])
         sample[0] += shards_arrived
         sample[1] += shards_sent
@@ -177,7 +198,24 @@ class LossMeter:
         evidence[1] = KEEP * evidence[1] + sample[1]
         self.loss[peer] = estimate = evidence[0] / evidence[1]
         self._parity[peer] = {}
-        return estimate
+        n = self.paths.get(peer, 1)
+        if n > 1 and (estimate < SPREAD_LEAVE if peer in self.spread else estimate >= SPREAD_ENTER):
+            self._switch(peer, estimate, n, now)
+        return self.loss[peer]
+
+    def _switch(self, peer: int, estimate: float, n: int, now: float) -> None:
+        """From duplicating bulk on n paths to spreading it, or back; the
+        estimate becomes that of the new way (n equal, independent paths)."""
+        if peer in self.spread:
+            self.spread.discard(peer)
+            converted = estimate ** n
+        else:
+            self.spread.add(peer)
+            converted = estimate ** (1 / n)
+        evidence = self._evidence[peer]
+        evidence[0] = converted * evidence[1]
+        self.loss[peer] = converted
+        self._settle[peer] = now + SETTLE
 
     # ------------------------------------------------------------ upkeep
     def prune(self, now: float, peers) -> None:
@@ -195,8 +233,9 @@ class LossMeter:
                 if not counter:
                     del table[peer]
         for table in (self.reported, self.tally, self._sample, self._evidence, self.loss, self._parity,
-                      self.clock_offsets):
+                      self.clock_offsets, self.paths, self._settle):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]
         self.first &= set(peers)
         self.told &= set(peers)
+        self.spread &= set(peers)

@@ -133,8 +133,9 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self.reassembly = Reassembler(self.loss.count_shards)
         self._next_report = now + REPORT_INTERVAL
         self._next_version_notice = -math.inf
-        self._next: _Next | None = None       # the shard predicted next (from_udp)
+        self._next: dict[Addr, _Next] = {}     # source address -> the shard predicted next from it (from_udp)
         self.last_data: dict[int, float] = {}   # peer ID -> when it last sent us data (status: active or idle)
+        self._parity_logged: dict[int, int] = {}  # peer ID -> parity per 64 KiB its last parity notice named
 
     @property
     def max_chunk(self) -> int:
@@ -144,10 +145,11 @@ class Node(Inbound, Outbound, Relay, Challenges):
     # ------------------------------------------------------------ peers
     def apply_peers(self, peers: dict[int, PeerEntry], now: float) -> tuple[list[int], list[int], list[int]]:
         added, changed, removed = self.table.apply(peers, now)
-        self._next = None           # it may name a peer object that is gone
+        self._next.clear()          # they may name a peer object that is gone
         for peer_id in changed + removed:
             self.reassembly.forget_peer(peer_id)
             self.last_data.pop(peer_id, None)
+            self._parity_logged.pop(peer_id, None)
         for verb, ids in (("added", added), ("changed", changed), ("removed", removed)):
             if ids:
                 self.notices.append(f"peers {verb}: {', '.join(format_id(i) for i in ids)}")
@@ -376,17 +378,28 @@ class Node(Inbound, Outbound, Relay, Challenges):
             addrs = peer.sendable(self._towards(peer, now), copies * len(datagram))
             out.sends.extend((datagram, a) for a in addrs for _ in range(copies))
 
-    def _loss_report(self, peer: Peer, payload: bytes) -> None:
-        """What arrived of what we sent the peer: adapt parity and copies."""
+    def _loss_report(self, peer: Peer, payload: bytes, now: float) -> None:
+        """What arrived of what we sent the peer: adapt parity and copies,
+        and whether its bulk is spread over its paths (loss.py)."""
         meter = self.loss
         before = (meter.parity(peer.id, meter.k), meter.parity(peer.id, 1))
+        spread = peer.id in meter.spread
         try:
-            estimate = meter.on_report(peer.id, payload)
+            estimate = meter.on_report(peer.id, payload, now)
         except loss.BadReport:
             peer.drops[DropReason.MALFORMED_REPORT] += 1
             return
+        if spread != (peer.id in meter.spread):
+            self.notices.append(f"peer {format_id(peer.id)}: bulk " + (
+                f"spread over {meter.paths[peer.id]} paths, each losing ~{estimate:.1%}" if not spread
+                else f"sent on every path again ({estimate:.1%} lost)"))
         after = (meter.parity(peer.id, meter.k), meter.parity(peer.id, 1))
-        if estimate is not None and after != before and self._policy(peer.id) == fec.AUTO:
+        logged = self._parity_logged.get(peer.id)
+        # one line when parity starts or stops, or moves by over a quarter
+        # since the last line (at 30 % it wobbles by a shard every report)
+        if (estimate is not None and after != before and self._policy(peer.id) == fec.AUTO
+                and (logged is None or (logged == 0) != (after[0] == 0) or abs(after[0] - logged) * 4 > logged)):
+            self._parity_logged[peer.id] = after[0]
             self.notices.append(f"peer {format_id(peer.id)}: {estimate:.1%} of datagrams lost; now "
                                 f"{after[0]} parity shards per {meter.k}, {after[1]} per single datagram")
 
@@ -464,6 +477,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
                 "loss": round(self.loss.loss[peer.id], 4) if peer.id in self.loss.loss else None,
                 "fec": fec.format_fec(self._policy(peer.id)),
                 "parity": self._parity(peer.id, self.loss.k),
+                "spread": peer.id in self.loss.spread,
                 "copies": self._parity(peer.id, 1),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
                 "clock_offset": None if peer.clock_offset is None else round(peer.clock_offset, 3),

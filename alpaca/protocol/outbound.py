@@ -20,7 +20,7 @@ import heapq
 
 from . import fec, inner, pmtu
 from .constants import (FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_DATA, OVERHEAD, PATH_DIRECT,
-                        SYN_DNS_COPY_DELAY, TAG_SIZE, UNREACHABLE_BURST, UNREACHABLE_PER_SECOND, VNET_HDR_SIZE)
+                        SPREAD_HEARD, SYN_DNS_COPY_DELAY, TAG_SIZE, UNREACHABLE_BURST, UNREACHABLE_PER_SECOND, VNET_HDR_SIZE)
 from .constants import ZERO_VNET, INNER_HEAD, BATCH_LIMIT, BATCH_ENTRY
 from .drops import DropReason
 from .output import Output
@@ -156,7 +156,10 @@ class Outbound:
         if not targets:
             peer.drops[DropReason.NO_PATH] += 1     # only unproven paths, their credit spent
             return
-        sends = [(d, a) for a in targets for d in datagrams]
+        if len(datagrams) > 1:
+            sends = self._bulk_sends(peer, datagrams, targets, now)
+        else:
+            sends = [(datagrams[0], a) for a in targets]
         out.sends.extend(sends)
         peer.tx_packets += packets
         peer.tx_bytes += sum(len(d) for d in datagrams)
@@ -175,6 +178,18 @@ class Outbound:
             # first copy, so the loss is that of the union of the paths.
             # Shards are counted by the receiver alone (loss.py)
             self.loss.count_sent(peer.id, self._ts, 1)
+
+    def _bulk_sends(self, peer: Peer, datagrams: list[bytes], targets: list[Addr], now: float) -> list:
+        """A message's shards on every target, or spread: each path that
+        carried something from the peer lately takes one block of them
+        (loss.py "Bulk over several paths"; blocks keep one GSO call per path)."""
+        lanes = peer.heard_within(targets, now, SPREAD_HEARD) if len(targets) > 1 else targets
+        self.loss.paths[peer.id] = len(lanes)
+        n = len(lanes)
+        if n < 2 or peer.id not in self.loss.spread:
+            return [(d, a) for a in targets for d in datagrams]
+        size = len(datagrams)
+        return [(d, addr) for j, addr in enumerate(lanes) for d in datagrams[j * size // n:(j + 1) * size // n]]
 
     def _policy(self, peer_id: int) -> str | tuple[int, int] | None:
         fec = self.settings.fec
@@ -217,13 +232,11 @@ class Outbound:
                         flags | FLAG_FRAG | (FLAG_ISAL if isal else 0))
         body = seal_message(key, header, plaintext)
         chunks, k, m = fec.split(body, max_chunk, m, isal)
-        datagrams = frame_shards(self.group_key, self.table.shard_key(key), header, chunks, k, m, len(body))
-        if m and k > 1:
-            # full-size shards first and the short last data shard at the
-            # end, so the kernel sends the run with one GSO call (the
-            # receiver's loss tally knows this order: reassembly.send_position)
-            datagrams.append(datagrams.pop(k - 1))
-        return datagrams
+        # in index order: the data shards (the short last one ends a GSO
+        # run), then the parity (a second run). Were the short shard sent
+        # last, the receiver would have k shards before it, and decode every
+        # message with parity even on a clean path (~150 us at k = 47)
+        return frame_shards(self.group_key, self.table.shard_key(key), header, chunks, k, m, len(body))
 
     def _schedule(self, due: float, sends: list[tuple[bytes, Addr]]) -> None:
         self._timer_serial += 1

@@ -357,6 +357,11 @@ class Peer:
                 out.append(addr)
         return out
 
+    def heard_within(self, targets: list[Addr], now: float, within: float) -> list[Addr]:
+        """The targets that are paths of this peer and carried something from it within `within`."""
+        paths = self.paths
+        return [a for a in targets if (p := paths.get(a)) is not None and now - p.last_rx <= within]
+
     def refresh(self, addr: Addr, now: float) -> None:
         """A copy of an already accepted datagram arrived on addr: keep an
         existing path alive, never add one."""

@@ -18,9 +18,10 @@ which reports it). A shard is counted as soon as its fate is known, so a
 report never holds back the messages that lost shards while those that
 lost none go out (that bias once read 0 % on a 10 % path):
 
-- shards leave in a known order (`send_position`: by index, but with
-  parity the short last data shard goes last), so a shard missing before
-  the latest one that arrived is lost;
+- shards leave in index order, so a shard missing before the latest one
+  that arrived is lost (senders before 2026-12-04 sent the short last data
+  shard after the parity: it is then counted lost at the decoding and
+  arrived when it comes, which nets out);
 - when a message is decoded: positions 0 .. the latest arrived are sent,
   the distinct shards that arrived arrived;
 - a late shard of a decoded message: arrived, and sent as far as its
@@ -52,15 +53,6 @@ DONE_LIMIT = 8192          # decoded messages remembered (a few hundred bytes ea
 Key = tuple                # (src, session, ts, seq of the message)
 
 
-def send_position(index: int, k: int, m: int) -> int:
-    """Where shard `index` is in the order a sender sends its message: with
-    parity (and k > 1) the short last data shard goes after the parity, so
-    the full-size ones leave in one GSO run (outbound.py)."""
-    if not m or k == 1 or index < k - 1:
-        return index
-    return k + m - 1 if index == k - 1 else index - 1
-
-
 class Reassembly:
     __slots__ = ("k", "m", "length", "isal", "size", "last", "chunks", "held", "born")
 
@@ -88,7 +80,7 @@ class Reassembler:
         self.per_peer: collections.Counter[int] = collections.Counter()      # src -> slots
         self.peer_bytes: collections.Counter[int] = collections.Counter()    # src -> bytes held
         self.bytes = 0
-        # decoded messages: key -> [bitmask of chunk indices seen, k + m, born, latest send position seen, k]
+        # decoded messages: key -> [bitmask of chunk indices seen, k + m, born, latest index seen]
         self.done: collections.OrderedDict[Key, list] = collections.OrderedDict()
         # messages that expired incomplete since take_expired: their peers' `incomplete` drops
         self.expired: list[tuple[Key, Reassembly]] = []
@@ -108,7 +100,7 @@ class Reassembler:
                 bit = 1 << index            # a surplus shard (late parity): for the loss report
                 if not seen[0] & bit:
                     seen[0] |= bit
-                    reached = max(send_position(index, seen[4], seen[1] - seen[4]) - seen[3], 0)
+                    reached = max(index - seen[3], 0)
                     seen[3] += reached
                     self.count(key[0], reached, 1)
                     if seen[0] == (1 << seen[1]) - 1:
@@ -169,14 +161,13 @@ class Reassembler:
         mask = 0
         for i in slot.chunks:
             mask |= 1 << i
-        # (the order is by index but for the last data shard, which goes last)
-        latest = k + m - 1 if m and k > 1 and k - 1 in slot.chunks else send_position(max(slot.chunks), k, m)
+        latest = max(slot.chunks)                   # (shards leave in index order)
         self.count(key[0], latest + 1, len(slot.chunks))
         if mask == (1 << (k + m)) - 1:
             return                  # every shard in (no parity, or no loss): nothing to wait for
         if len(self.done) >= DONE_LIMIT:
             self._retire(*self.done.popitem(last=False))
-        self.done[key] = [mask, k + m, slot.born, latest, k]
+        self.done[key] = [mask, k + m, slot.born, latest]
 
     def _forget(self, key: Key, slot: Reassembly) -> None:
         del self.slots[key]
