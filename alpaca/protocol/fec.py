@@ -18,6 +18,7 @@ import collections
 import zfec
 from pyeclib.ec_iface import ECDriver
 
+from . import isal
 from .constants import MAX_DATA_SHARDS, MAX_MESSAGE, MAX_SHARDS, TAG_SIZE
 
 
@@ -43,68 +44,11 @@ _headers: collections.OrderedDict[tuple[int, int, int], list[bytes]] = collectio
 def uses_isal(k: int, m: int) -> bool:
     """Which Reed-Solomon a k + m message uses (FLAG_ISAL, docs/protocol.md §12):
     ISA-L for every message with parity. It encodes all parity of a 64 KiB
-    message in ~20-30 us where zfec takes ~40 us per parity shard, and its
-    slow decode (~0.5 ms at k = 47) is bypassed for up to FAST_ERASURES
-    missing shards (_Isal._recover_few). zfec stays for decoding what older
+    message in ~20-30 us where zfec takes ~40 us per parity shard, and
+    decodes in ~0.1 ms when called directly (_Isal._rebuild; through
+    liberasurecode ~0.5 ms at k = 47). zfec stays for decoding what older
     senders made."""
     return k > 1 and m > 0
-
-
-# ---------------------------------------------------------------- GF(2^8), for small decodes
-# ISA-L's field: x^8 + x^4 + x^3 + x^2 + 1 (0x11d), generator 2. Each codec
-# checks once that decoding with it agrees with the library (_Isal.fast_ok).
-FAST_ERASURES = 6          # most missing data shards decoded without the library
-_EXP = bytearray(512)
-_LOG = [0] * 256
-_v = 1
-for _i in range(255):
-    _EXP[_i] = _v
-    _LOG[_v] = _i
-    _v = (_v << 1) ^ (0x11d if _v & 0x80 else 0)
-_EXP[255:510] = _EXP[0:255]
-_times: dict[int, bytes] = {}
-
-
-def fast_pays(k: int, erasures: int) -> bool:
-    """Whether decoding without the library is the cheaper (measured on
-    this 2-core machine: the library ~0.006 k^3 us, its matrix inversion; the
-    fast way ~30 us + 7 us per erasure squared, its translate tables)."""
-    return 1 <= erasures <= FAST_ERASURES and 30 + 7 * erasures * erasures < 0.006 * k ** 3
-
-
-def gf_mul(a: int, b: int) -> int:
-    return 0 if a == 0 or b == 0 else _EXP[_LOG[a] + _LOG[b]]
-
-
-def gf_times(c: int) -> bytes:
-    """The translate table of "multiply by c"."""
-    table = _times.get(c)
-    if table is None:
-        table = _times[c] = bytes(gf_mul(c, b) for b in range(256))
-    return table
-
-
-def gf_invert(matrix: list[list[int]]) -> list[bytes]:
-    """The inverse of a small square matrix over GF(2^8) (Gauss-Jordan); a
-    Cauchy code's square submatrices are never singular. Rows are bytes, so
-    "row times a constant" is one translate and "add a row" one XOR of ints."""
-    n = len(matrix)
-    width = 2 * n
-    rows = [bytes(r) + bytes(n) for r in matrix]
-    for i in range(n):
-        rows[i] = rows[i][:n + i] + b"\x01" + rows[i][n + i + 1:]
-    for col in range(n):
-        pivot = next(r for r in range(col, n) if rows[r][col])
-        rows[col], rows[pivot] = rows[pivot], rows[col]
-        lead = rows[col] = rows[col].translate(gf_times(_EXP[255 - _LOG[rows[col][col]]]))
-        lead_int = int.from_bytes(lead, "big")
-        for r in range(n):
-            f = rows[r][col]
-            if r != col and f:
-                scaled = lead if f == 1 else lead.translate(gf_times(f))
-                rows[r] = (int.from_bytes(rows[r], "big") ^ (lead_int if f == 1 else int.from_bytes(scaled, "big"))
-                           ).to_bytes(width, "big")
-    return [r[n:] for r in rows]
 
 
 class _Zfec:
@@ -145,7 +89,7 @@ class _Isal:
 
     def decode(self, shards: dict, size: int, length: int) -> bytes:
         """The body from any k of its shards (the last data shard zero-padded to size)."""
-        body = self._recover_few(shards, size, length)
+        body = self._rebuild(shards, size, length) if self.fast_ok() else None
         if body is not None:
             return body
         key = (self.k, self.m, length)
@@ -162,48 +106,45 @@ class _Isal:
                      for i in sorted(shards)[:k]]
         return self.driver.decode(fragments)
 
-    def _recover_few(self, shards: dict, size: int, length: int) -> bytes | None:
-        """The body when 1 to FAST_ERASURES data shards are missing, without
-        the library's decode: that inverts a k x k matrix per call (~0.5 ms
-        at k = 47, 30 times an encode). A parity shard r is the sum over the
-        data shards j of C[r][j] * d(j) in GF(2^8). Encoding the message with
-        the missing shards zeroed gives that sum without them, so p(r) xor it
-        is the sum over the missing x of C[r][x] * d(x): e equations in e
-        unknowns, solved with the inverse of an e x e matrix and e * e
-        "multiply a shard by a constant" (a 256-byte translate table). None
-        where the library decodes (more missing, small k, or this codec's
-        self-check failed)."""
-        missing = [i for i in range(self.k) if i not in shards]
-        if not fast_pays(self.k, len(missing)) or not self.fast_ok():
-            return None
-        return self._solve(shards, missing, size, length)
-
-    def _solve(self, shards: dict, missing: list[int], size: int, length: int) -> bytes:
+    def _rebuild(self, shards: dict, size: int, length: int) -> bytes | None:
+        """The body, rebuilt with ISA-L directly (isal.py). Parity shard r is
+        the sum over the data shards j of C[r][j] * d(j) in GF(2^8). With the
+        data shards x missing, e of them, and e parity shards r that came:
+        sum over x of C[r][x] * d(x) = p(r) + sum over the known j of
+        C[r][j] * d(j). So d = A^-1 (M s), A = C[rows][missing] (e x e), s the
+        k shards that came (known data, then the e parity), M = C[rows][known]
+        beside the identity: one e x e inversion, and D = A^-1 M (e x k)
+        applied to the k shards in one pass."""
         k = self.k
-        rows = [i for i in sorted(shards) if i >= k][:len(missing)]
+        missing = [i for i in range(k) if i not in shards]
+        e = len(missing)
+        known = [j for j in range(k) if j in shards]
+        rows = [r for r in sorted(shards) if r >= k][:e]
         last = length - (k - 1) * size
-        zeroed = b"".join([shards[i] if i not in missing else bytes(size if i < k - 1 else last)
-                           for i in range(k)])
-        others = self.parity(zeroed)
-        sums = [int.from_bytes(shards[r], "little") ^ int.from_bytes(others[r - k], "little") for r in rows]
-        sums = [v.to_bytes(size, "little") for v in sums]
-        inverse = gf_invert([[self.matrix[r - k][x] for x in missing] for r in rows])
-        body = bytearray(zeroed)
-        for row, x in zip(inverse, missing):
-            value = 0
-            for c, s in zip(row, sums):
-                if c:
-                    value ^= int.from_bytes(s.translate(gf_times(c)), "little")
-            chunk = value.to_bytes(size, "little")[:size if x < k - 1 else last]
-            body[x * size:x * size + len(chunk)] = chunk
-        return bytes(body)
+        matrix = self.matrix
+        inverse = isal.invert([bytes([matrix[r - k][x] for x in missing]) for r in rows])
+        if inverse is None:
+            return None         # (a Cauchy code has no singular square submatrix: the library decides)
+        unit = bytes(e)
+        mixed = [bytes([matrix[r - k][j] for j in known]) + unit[:i] + b"\1" + unit[i + 1:]
+                 for i, r in enumerate(rows)]
+        decoding = isal.combine(inverse, mixed, len(known) + e)
+        sources = [bytes(shards[j]) if j < k - 1 else bytes(shards[j]).ljust(size, b"\0") for j in known]
+        rebuilt = dict(zip(missing, isal.combine(decoding, sources + [bytes(shards[r]) for r in rows], size)))
+        parts = [shards[j] if j not in rebuilt else rebuilt[j] for j in range(k - 1)]
+        final = shards[k - 1] if k - 1 not in rebuilt else rebuilt[k - 1][:last]
+        return b"".join(parts) + bytes(final)[:last]
 
     def fast_ok(self) -> bool:
-        """Learn the code's matrix from the library (one encode of a probe
-        whose data shard j is 1 at byte j) and check, once per codec, that
-        the fast decode rebuilds a message missing FAST_ERASURES shards."""
+        """Whether `_rebuild` may decode: ISA-L loads, and once per codec,
+        the code's matrix learnt from the library (one encode of a probe
+        whose data shard j is 1 at byte j) rebuilds a test message missing
+        one data shard, and one missing as many as the parity allows."""
         if self.matrix is None:
             k = self.k
+            self.matrix, self.fast = [], False
+            if not isal.available():
+                return False
             probe = bytearray(k * k)
             for j in range(k):
                 probe[j * k + j] = 1
@@ -211,9 +152,8 @@ class _Isal:
             body = bytes((7 * i + 3) % 251 for i in range(k * 300 - 5))
             size = shard_size(len(body), k)
             chunks = [body[i * size:(i + 1) * size] for i in range(k)] + [bytes(p) for p in self.parity(body)]
-            gone = range(min(FAST_ERASURES, self.m, k))
-            self.fast = self._solve({i: c for i, c in enumerate(chunks) if i not in gone},
-                                    list(gone), size, len(body)) == body
+            self.fast = all(self._rebuild({i: c for i, c in enumerate(chunks) if i not in gone}, size, len(body))
+                            == body for gone in (range(k - 1, k), range(min(self.m, k))))
         return self.fast
 
 
