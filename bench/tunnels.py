@@ -246,7 +246,8 @@ class Alpaca(Tunnel):
         out = {}
         for side in ("a", "b"):
             st = self.status(pair, side)
-            out[side] = st if "error" in st else {k: st.get(k) for k in ("id", "mode", "peers", "drops")}
+            out[side] = st if "error" in st else {k: st.get(k) for k in ("id", "mode", "peers", "drops", "udp_kernel_drops",
+                                                                           "tun_write_errors")}
         return out
 
     @staticmethod

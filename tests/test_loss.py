@@ -169,6 +169,11 @@ def test_bulk_is_spread_when_every_path_is_lossy_and_the_estimate_follows():
         if 3 not in tx.spread:
             break
     assert 3 not in tx.spread and estimate == pytest.approx(tx.loss[3]) and estimate < loss.SPREAD_LEAVE ** 2
+    # a union loss of 1.5 % says 12 % per path if they are equal; spread bulk
+    # is protected for PRIOR_LOSS until its own reports say what it loses
+    tx.paths[4] = 2
+    assert _report(rx, tx, 4, T + 20, 1000, 985, now=T + 20) == pytest.approx(PRIOR_LOSS)
+    assert 4 in tx.spread
 
 
 def test_one_path_never_switches_and_a_little_union_loss_does_not_spread():
