@@ -15,12 +15,12 @@ import re
 import time
 
 import pytest
-from protocol_helpers import T0, Wire, addr, header_of, make_node, pid, tcp, tun_ip
+from protocol_helpers import SYN, T0, Wire, addr, header_of, make_node, pid, tcp, tun_ip
 from test_fragments import super_packet
 
 from alpaca.protocol import fec
-from alpaca.protocol.constants import KIND_REPORT
-from alpaca.protocol.loss import PRIOR_LOSS
+from alpaca.protocol.constants import KIND_REPORT, ZERO_VNET
+from alpaca.protocol.loss import PRIOR_LOSS, STALE_AFTER
 from alpaca.lab.worlds import lossy_pair
 
 
@@ -108,6 +108,26 @@ def test_a_path_that_turns_lossy_is_protected_within_two_seconds():
     protected = next(t for t, p, c in seen if p > 0)
     assert protected - (T0 + 4.0) <= 2.0, protected - (T0 + 4.0)
     assert seen[-1][1] > 0 and seen[-1][2] > 0
+
+
+def test_after_an_idle_spell_small_packets_are_protected_until_a_report_confirms_the_path():
+    """A clean estimate survives idle, but a path may have turned lossy
+    meanwhile: once no report has confirmed it for STALE_AFTER, small
+    packets (which start and steer connections) go with the prior's copies
+    until the next report; bulk keeps the estimate's parity (none here)."""
+    client, server = auto_pair()
+    run(client, server, 2.0, T0)                          # clean: no parity
+    later = T0 + 2.0 + STALE_AFTER + 1
+    ping = ZERO_VNET + tcp(tun_ip("16.1"), tun_ip("1.1"), flags=SYN)
+    assert len(client.from_tun([ping], T0 + 2.0).sends) == 1                      # fresh: one datagram
+    sends = client.from_tun([ping], later).sends
+    assert len(sends) == 1 + fec.parity_for(PRIOR_LOSS, 1)                        # stale: the prior's copies
+    k60 = fec.shard_count(len(super_packet()) + 16, client.max_chunk)
+    assert len(client.from_tun([super_packet()], later).sends) == k60             # bulk: the estimate's (none)
+    # the shards it sent are reported at the next report tick: fresh again, one datagram
+    seen = run(client, server, 1.0, later + 0.01)
+    assert seen[-1][1:] == (0, 0)
+    assert len(client.from_tun([ping], later + 1.02).sends) == 1
 
 
 # ---------------------------------------------------------------- tier 3

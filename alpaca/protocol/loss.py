@@ -61,6 +61,11 @@ _prior: dict[int, int] = {}  # k -> parity for PRIOR_LOSS
 SPREAD_ENTER = 0.01       # union loss of duplicated bulk at which it is spread instead (two paths of 10 %)
 SPREAD_LEAVE = 0.05       # loss of spread bulk under which it is duplicated again (union 0.25 %: hysteresis)
 SETTLE = 1.0              # seconds after a switch whose reports are not counted
+# an estimate no report has confirmed for this long is stale: small packets
+# (FEC batches) get at least the prior's parity until the next report, since
+# they start and steer connections, and a path may have turned lossy while
+# idle (docs/protocol.md §13 "No cold start")
+STALE_AFTER = 5.0
 
 _HEAD = struct.Struct(">IB")   # first second, number of seconds
 _COUNT = struct.Struct(">I")
@@ -96,6 +101,7 @@ class LossMeter:
         self.spread: set[int] = set()                        # peers whose bulk is spread over paths
         self.paths: dict[int, int] = {}                      # peer -> paths its latest bulk could use
         self._settle: dict[int, float] = {}                  # peer -> reports before this are not counted
+        self.reported_at: dict[int, float] = {}              # peer -> when its latest report came
 
     def parity(self, peer: int, k: int) -> int:
         """Parity shards for a message of k data shards to peer. Before the
@@ -105,13 +111,20 @@ class LossMeter:
         a second into its first transfer, takes it to 0)."""
         table = self._parity.get(peer)
         if table is None:
-            m = _prior.get(k)
-            if m is None:
-                m = _prior[k] = parity_for(PRIOR_LOSS, k)
-            return m
+            return self.prior_parity(k)
         m = table.get(k)
         if m is None:
             m = table[k] = parity_for(self.loss[peer], k)
+        return m
+
+    def stale(self, peer: int, now: float) -> bool:
+        """Has the peer's estimate gone unconfirmed for STALE_AFTER?"""
+        return now - self.reported_at.get(peer, now) > STALE_AFTER
+
+    def prior_parity(self, k: int) -> int:
+        m = _prior.get(k)
+        if m is None:
+            m = _prior[k] = parity_for(PRIOR_LOSS, k)
         return m
 
     # ------------------------------------------------------------ counting
@@ -179,6 +192,7 @@ class LossMeter:
         if shards_arrived > shards_sent:
             raise BadReport("more shards arrived than were sent")
         sent = self.sent.get(peer, {})
+        self.reported_at[peer] = now
         if now < self._settle.get(peer, now):
             for i in range(n):          # (what it says is dropped with it)
                 sent.pop(first + i, 0)
@@ -240,7 +254,7 @@ class LossMeter:
                 if not counter:
                     del table[peer]
         for table in (self.reported, self.tally, self._sample, self._evidence, self.loss, self._parity,
-                      self.clock_offsets, self.paths, self._settle):
+                      self.clock_offsets, self.paths, self._settle, self.reported_at):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]
         self.first &= set(peers)

@@ -83,7 +83,7 @@ class Outbound:
         if not targets:
             return          # every target failed the loop guard (counted there)
         batch = batches.get(peer.id)
-        if len(packet) + OVERHEAD <= self.settings.max_datagram and self._parity(peer.id, 1):
+        if len(packet) + OVERHEAD <= self.settings.max_datagram and self._parity(peer.id, 1, now):
             # FEC on and not a super-packet: it joins the peer's batch, which
             # is sealed once and sent with parity when this read batch ends
             # (no packet waits for another read)
@@ -195,11 +195,17 @@ class Outbound:
         fec = self.settings.fec
         return self.settings.peer_fec.get(peer_id, fec) if self.settings.peer_fec else fec
 
-    def _parity(self, peer_id: int, k: int) -> int:
-        """Parity shards for a k-shard message to peer_id under its FEC policy."""
+    def _parity(self, peer_id: int, k: int, now: float | None = None) -> int:
+        """Parity shards for a k-shard message to peer_id under its FEC
+        policy. `now`: the message is small packets (a FEC batch, or the
+        question whether to make one), which get at least the prior's
+        parity while the estimate is stale (loss.STALE_AFTER)."""
         policy = self._policy(peer_id)
         if policy == fec.AUTO:
-            return self.loss.parity(peer_id, k)
+            m = self.loss.parity(peer_id, k)
+            if now is not None and self.loss.stale(peer_id, now):
+                return max(m, self.loss.prior_parity(k))
+            return m
         return 0 if policy is None else fec.ratio_parity(policy, k)
 
     def _limit(self, peer: Peer, targets: list[Addr], size: int, now: float) -> int:
@@ -225,7 +231,7 @@ class Outbound:
             return [self._seal(kind, dst, key, plaintext, now, flags)]
         max_chunk = self.max_chunk if limit >= full else limit - SHARD_OVERHEAD
         k = fec.shard_count(len(plaintext) + TAG_SIZE, max_chunk)
-        m = min(self._parity(dst, k), fec.MAX_SHARDS - k)
+        m = min(self._parity(dst, k, now if flags & FLAG_BATCH else None), fec.MAX_SHARDS - k)
         isal = fec.uses_isal(k, m)          # in the authenticated header: the receiver decodes by it
         ts, seq = self._stamp(now, k + m)   # shard i carries seq + i
         header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, 0,
