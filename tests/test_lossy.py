@@ -56,6 +56,8 @@ def test_pings_over_the_lossy_path_are_answered(lossy):
     r = lossy.peers["c1"].run(["ping", "-n", "-c", "100", "-i", "0.05", "-W", "1", "10.17.1.1"], timeout=60)
     received = int(re.search(r"(\d+) received", r.stdout).group(1))
     # without FEC ~19 of 100 round trips would lose a packet; with the
-    # requests repeated 2-3 times (auto) and the replies once (1.1's 20:10) ~1
+    # requests repeated 4 times (auto at 10 %) and the replies once (1.1's
+    # 20:10: 1 % lost) ~1. At most 5 lost: a binomial tail of ~5e-4 (at most
+    # 3 failed about one run in 55: 96 of 100 once in CI)
     print(f"\n{received} of 100 pings answered at {LOSS:.0%} loss each way")
-    assert received >= 97, r.stdout
+    assert received >= 95, r.stdout
