@@ -80,7 +80,7 @@ class _Isal:
         self.k, self.m = k, m
         self.driver = ECDriver(k=k, m=m, ec_type=EC_TYPE)
         self.matrix: list[bytes] | None = None   # parity row r - k -> C[r][j], learnt (fast_ok)
-        self.fast = True                          # until the self-check says otherwise
+        self.fast = False                         # set once by the self-check (fast_ok)
 
     def parity(self, body) -> list:
         """The m parity shards of a body cut into k zero-padded data shards (systematic)."""
@@ -142,7 +142,7 @@ class _Isal:
         one data shard, and one missing as many as the parity allows."""
         if self.matrix is None:
             k = self.k
-            self.matrix, self.fast = [], False
+            self.matrix = []
             if not isal.available():
                 return False
             probe = bytearray(k * k)
