@@ -13,14 +13,11 @@
 from __future__ import annotations
 
 import re
-import threading
-import time
 
 import pytest
 
-from alpaca.lab.daemons import Mesh
-from alpaca.lab.testbed import Testbed, unique_prefix, wait_for
-from alpaca.lab.worlds import mesh4_world
+from alpaca.lab.testbed import wait_for
+from alpaca.lab.worlds import dual_stack_pair, mesh4_world
 
 pytestmark = pytest.mark.root
 
@@ -98,24 +95,8 @@ def test_ipv6_underlay_client_to_client_and_tcp(mesh6):
 
 @pytest.fixture
 def dual_pair(tmp_path):
-    tb = Testbed(unique_prefix(), families=("4", "6"))
-    mesh = Mesh(tb, tmp_path)
-    try:
-        tb.add_host("s1", 1)
-        tb.add_host("c1", 16)
-        server = mesh.line("1.1", tb.hosts["s1"], tb.hosts6["s1"])
-        client = mesh.line("16.1", None)
-        mesh.add("s1", 1, {"id": "1.1", "mode": "server"}, [server, client])
-        mesh.add("c1", 16, {"id": "16.1", "mode": "client", "gateway": "1.1"}, [server, client])
-        mesh.start_all()
-        c1 = mesh.peers["c1"]
-        assert wait_for(lambda: ping(c1, "10.17.1.1", 1)[1] == 1, 15)
-        # the server has learned the client on both families (keepalives go on both static paths)
-        assert wait_for(lambda: {p["family"] for p in mesh.peers["s1"].peer_status("16.1")["paths"]}
-                        == {"ipv4", "ipv6"}, 10), (mesh.peers["s1"].peer_status("16.1")["paths"], c1.peer_status("1.1")["paths"])
+    with dual_stack_pair(tmp_path) as mesh:
         yield mesh
-    finally:
-        mesh.close()
 
 
 CUT_AFTER = 0.3       # seconds into the transfer
@@ -127,32 +108,9 @@ def test_cutting_one_family_mid_transfer_keeps_the_connection(dual_pair, cut):
     c1 = mesh.peers["c1"]
     tool, server = (("iptables-legacy", mesh.tb.hosts["s1"]) if cut == "ipv4"
                     else ("ip6tables-legacy", mesh.tb.hosts6["s1"]))
-    rules = [["INPUT", "-s", server, "-j", "DROP"], ["OUTPUT", "-d", server, "-j", "DROP"]]
-    result: dict = {}
-
-    def transfer() -> None:
-        try:
-            result["seconds"] = mesh.transfer("c1", "s1", "10.17.1.1", size=48 << 20)
-        except Exception as e:          # (re-raised in the test's thread)
-            result["error"] = e
-
-    sender = threading.Thread(target=transfer)
-    sender.start()
-    try:
-        time.sleep(CUT_AFTER)
-        for rule in rules:
-            c1.run([tool, "-I", *rule], check=True)
-        sender.join(120)
-        counters = c1.run([tool, "-L", "OUTPUT", "-v", "-x", "-n"]).stdout
-    finally:
-        sender.join(120)
-        for rule in rules:
-            c1.run([tool, "-D", *rule])
-    if "error" in result:
-        raise result["error"]
+    seconds, dropped = mesh.transfer_cut("c1", "s1", "10.17.1.1", 48 << 20, tool, server, CUT_AFTER)
     # one connection carried all of it (the sink accepts one), and it was
     # still sending when the cut came: the rule dropped datagrams of it
-    dropped = int(next(line.split()[0] for line in counters.splitlines() if "DROP" in line))
-    assert result["seconds"] > CUT_AFTER and dropped > 100, (result, counters)
+    assert seconds > CUT_AFTER and dropped > 100, (seconds, dropped)
     families = {p["family"]: p for p in c1.peer_status("1.1")["paths"]}
     assert set(families) == {"ipv4", "ipv6"}, families

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .mesh import secrets_for, secrets_line
@@ -159,6 +160,39 @@ class Mesh:
         if line != expected:
             raise RuntimeError(f"{sender} -> {receiver}: sent {expected}, the sink got {line}")
         return float(r.stdout.split()[1])
+
+    def transfer_cut(self, sender: str, receiver: str, address: str, size: int, tool: str, far: str,
+                     after: float) -> tuple[float, int]:
+        """`transfer`, while `sender` loses its way to the underlay address
+        `far` `after` seconds in (`tool`: iptables-legacy or
+        ip6tables-legacy, DROP in and out, removed again). Returns the
+        seconds the sending took and the datagrams the cut dropped going out."""
+        import threading
+        rules = [["INPUT", "-s", far, "-j", "DROP"], ["OUTPUT", "-d", far, "-j", "DROP"]]
+        peer = self.peers[sender]
+        result: dict = {}
+
+        def send() -> None:
+            try:
+                result["seconds"] = self.transfer(sender, receiver, address, size)
+            except Exception as e:          # (re-raised in the caller's thread)
+                result["error"] = e
+
+        thread = threading.Thread(target=send)
+        thread.start()
+        try:
+            time.sleep(after)
+            for rule in rules:
+                peer.run([tool, "-I", *rule], check=True)
+            thread.join(120)
+            counters = peer.run([tool, "-L", "OUTPUT", "-v", "-x", "-n"]).stdout
+        finally:
+            thread.join(120)
+            for rule in rules:
+                peer.run([tool, "-D", *rule])
+        if "error" in result:
+            raise result["error"]
+        return result["seconds"], int(next(line.split()[0] for line in counters.splitlines() if "DROP" in line))
 
     def source_seen(self, sender: str, receiver: str, address: str, port: int = 5002) -> str:
         """Open one TCP connection from `sender` to a listener on `receiver` at `address`; the source
