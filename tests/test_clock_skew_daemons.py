@@ -104,7 +104,9 @@ def replays_are_counted_and_refused(mesh: Mesh, recorded: tuple[list[bytes], flo
         c1.proc.send_signal(signal.SIGCONT)
 
 
-@pytest.mark.parametrize("skew", [6, -6, 600, -600, DAY, -DAY])
+# inside the replay window either way, and far outside it either way (the
+# pure tests in test_clock_skew.py cover the skews in between)
+@pytest.mark.parametrize("skew", [6, -6, DAY, -DAY])
 def test_traffic_both_ways_across_restarts_whatever_the_clients_clock(pair, skew):
     start(pair, "c1", skew)
     pings(pair)
