@@ -184,7 +184,8 @@ class Inbound:
         if shard is not None:
             self._file_shard(src, header, shard, data, addr, now, out)
         else:
-            self._message(src, header, plaintext, now, out)
+            # a single datagram's source was checked above (before it could teach a path)
+            self._message(src, header, plaintext, now, out, source_checked=not header.flags & FLAG_BATCH)
 
     def _learn(self, src: Peer, header: Header, addr: Addr, size: int, now: float, out: Output) -> None:
         """Paths are learned only from datagrams addressed to us: a relayed
@@ -290,9 +291,11 @@ class Inbound:
             return
         self._message(src, header, plaintext, now, out)
 
-    def _message(self, src: Peer, header: Header, plaintext: bytes, now: float, out: Output) -> None:
+    def _message(self, src: Peer, header: Header, plaintext: bytes, now: float, out: Output,
+                 source_checked: bool = False) -> None:
         """An authenticated, fresh message for this node: a whole datagram's
-        plaintext or a reassembled one."""
+        plaintext or a reassembled one. `source_checked`: its inner source
+        address has passed _spoofed already."""
         if header.kind == KIND_KEEPALIVE:
             src.rx_packets += 1
             return
@@ -307,7 +310,7 @@ class Inbound:
         if header.pad:
             plaintext = plaintext[:len(plaintext) - header.pad]
         vnet = header.flags & FLAG_VNET
-        spoof_check = header.src > self.me
+        spoof_check = header.src > self.me and not source_checked
         if not header.flags & FLAG_BATCH:
             src.rx_packets += 1
             if spoof_check and self._spoofed(header.src, plaintext, header.flags):
