@@ -7,7 +7,9 @@
      learn the path it came on; a shard goes to reassembly, a whole message
      to the TUN (keepalives and reports stop here).
 The next shard of a message in progress is predicted (_Next) and still has
-its MAC, the replay window and the filing checked.
+its MAC, the replay window and the filing checked; so is the next whole
+data datagram from an address (_Single), which still has its AEAD, the
+replay window and its source checked.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from .drops import DropReason
 from .ids import format_id
 from .output import Output
 from .peers import MESSAGE_WINDOW, Addr, Peer
-from .wire import (MUTABLE_BYTES, NEXT_SHARD, SAMPLE, SHARD_OVERHEAD, Header, fields, open_message, open_sealed,
-                   shard_authentic)
+from .wire import (MUTABLE_BYTES, NEXT_SHARD, SAME_SENDER_BITS, SAMPLE, SEQ_FIELD, SEQ_SHIFT, SHARD_OVERHEAD, Header,
+                   fields, open_clear, open_message, open_sealed, shard_authentic)
 
 
 NEXT_LIMIT = 16        # source addresses with a shard predicted (a few paths of a few peers)
+SINGLES_LIMIT = 4096   # source addresses with a whole datagram predicted (a server's clients)
 
 
 class _Next:
@@ -61,12 +64,24 @@ class _Next:
         return self.skip(1)
 
 
+class _Single:
+    """What the next whole data datagram from one address is expected to
+    be (Node.from_udp): the last one taken from there, but for its seq (and
+    its ciphertext). Made only from an authenticated datagram for this node,
+    on a proven path; `header` is that datagram's, whose seq is not read."""
+    __slots__ = ("same", "addr", "src", "key", "header", "relayed")
+
+    def __init__(self, same: int, addr: Addr, src: Peer, key: bytes, header: Header):
+        self.same, self.addr, self.src, self.key, self.header = same, addr, src, key, header
+        self.relayed = header.path != PATH_DIRECT
+
+
 class Inbound:
     """Methods of Node (node.py): they share its state."""
 
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
         out = Output()
-        state, from_bytes, nexts = self._mask_state, int.from_bytes, self._next
+        state, from_bytes, nexts, singles = self._mask_state, int.from_bytes, self._next, self._singles
         for data, addr in datagrams:
             if len(data) < MIN_DATAGRAM:
                 self.global_drops[DropReason.MALFORMED] += 1
@@ -90,6 +105,11 @@ class Inbound:
                 elif gap > 0 and not gap % NEXT_SHARD and self._skip_to(nxt, gap // NEXT_SHARD, clear, data,
                                                                         now, out):
                     continue
+            # the next whole datagram from a sender: only the parsing is skipped
+            single = singles.get(addr) if singles else None
+            if (single is not None and clear & SAME_SENDER_BITS == single.same
+                    and self._next_single(single, clear, data, now, out)):
+                continue
             self._receive(data, addr, now, out, clear.to_bytes(MASK_SIZE, "big"), full)
         if self.loss.first:
             self._send_reports(self.loss.reports(now, set(self.loss.first)), now, out)
@@ -144,8 +164,8 @@ class Inbound:
             self._on_challenge(src, header, plaintext, len(data), addr, now, out)
         elif kind == KIND_RESPONSE:
             self._on_response(src, header, plaintext, len(data), addr, now, out)
-        else:
-            self._accept(src, header, data, plaintext, shard, addr, now, out)
+        elif self._accept(src, header, data, plaintext, shard, addr, now, out) and plaintext is not None:
+            self._predict_single(src, header, clear, key, addr)
 
     def _wrong_version(self, addr: Addr, version: int, now: float) -> None:
         self.global_drops[DropReason.WRONG_VERSION] += 1
@@ -156,9 +176,10 @@ class Inbound:
                                 f"wire version; counted as wrong_version, not logged for {VERSION_NOTICE_INTERVAL:.0f} s")
 
     def _accept(self, src: Peer, header: Header, data: bytes, plaintext: bytes | None, shard: tuple | None,
-                addr: Addr, now: float, out: Output) -> None:
+                addr: Addr, now: float, out: Output) -> bool:
         """An authenticated datagram (plaintext) or shard (shard: its fields,
-        its 32 unmasked bytes and the pair's shard key) for this node."""
+        its 32 unmasked bytes and the pair's shard key) for this node. True
+        when it was taken (its path learned)."""
         reason = src.check_own(header.session, header.ts, header.seq, now)
         if reason is not None:
             src.drops[reason] += 1
@@ -170,7 +191,7 @@ class Inbound:
             elif reason is DropReason.UNVERIFIED:
                 src.saw_clock(header.session, header.ts, now)
                 self._challenge(src, addr, header.path != PATH_DIRECT, now, out)
-            return
+            return False
         if plaintext is not None and header.kind == KIND_DATA:
             # a first copy (shards are counted by the reassembly): the
             # union of the paths. Data only: keepalives and reports must
@@ -179,13 +200,61 @@ class Inbound:
             if (not header.flags & FLAG_BATCH and header.src > self.me and self.settings.has_tun
                     and self._spoofed(header.src, plaintext, header.flags)):
                 src.drops[DropReason.SPOOFED] += 1      # before it can teach a path or mark the peer up
-                return
+                return False
         self._learn(src, header, addr, len(data), now, out)
         if shard is not None:
             self._file_shard(src, header, shard, data, addr, now, out)
         else:
             # a single datagram's source was checked above (before it could teach a path)
             self._message(src, header, plaintext, now, out, source_checked=not header.flags & FLAG_BATCH)
+        return True
+
+    def _predict_single(self, src: Peer, header: Header, clear: bytes, key: bytes, addr: Addr) -> None:
+        """After a whole data datagram was taken from addr on a proven path:
+        expect the next one from there to be alike (_Single)."""
+        path = src.paths.get(addr)
+        if header.kind != KIND_DATA or path is None or not path.proven:
+            return
+        singles = self._singles
+        if len(singles) >= SINGLES_LIMIT and addr not in singles:
+            singles.clear()
+        singles[addr] = _Single(int.from_bytes(clear, "big") & SAME_SENDER_BITS, addr, src, key, header)
+
+    def _next_single(self, single: _Single, clear: int, data: bytes, now: float, out: Output) -> bool:
+        """The predicted whole datagram: True when it was dealt with, False
+        to let the full path look at it (nothing has changed then). What
+        the full path does for it, in the same order, less the parsing."""
+        src, header = single.src, single.header
+        path = src.paths.get(single.addr)
+        if path is None or not path.proven or not src.up:
+            return False
+        try:
+            plaintext = open_clear(single.key, clear.to_bytes(MASK_SIZE, "big"), data)
+        except CryptoError:
+            return False
+        if header.pad > len(plaintext):
+            return False
+        reason = src.check_own(header.session, header.ts, (clear >> SEQ_SHIFT) & SEQ_FIELD, now)
+        if reason is DropReason.DUPLICATE:     # a copy over another path (see _accept)
+            src.drops[reason] += 1
+            path.last_rx = now
+            return True
+        if reason is not None:
+            return False            # (the window recorded nothing)
+        self.loss.count_arrived(src.id, header.ts)
+        flags = header.flags
+        if (not flags & FLAG_BATCH and header.src > self.me and self.settings.has_tun
+                and self._spoofed(header.src, plaintext, flags)):
+            src.drops[DropReason.SPOOFED] += 1
+            return True
+        path.last_rx = src.last_rx = now
+        if not path.static:
+            path.relayed = single.relayed
+        out.heard.add(single.addr)
+        self.last_data[src.id] = now
+        src.rx_bytes += len(data)
+        self._message(src, header, plaintext, now, out, source_checked=not flags & FLAG_BATCH)
+        return True
 
     def _learn(self, src: Peer, header: Header, addr: Addr, size: int, now: float, out: Output) -> None:
         """Paths are learned only from datagrams addressed to us: a relayed

@@ -33,7 +33,7 @@ from .constants import (DEFAULT_TTL, HELD_PACKETS, HOST_CACHE_LIMIT, KEEPALIVE_I
 from .crypto import derive_group_key, mask_state
 from .drops import DropReason
 from .ids import TunnelNet, format_id
-from .inbound import Inbound, _Next
+from .inbound import Inbound, _Next, _Single
 from .outbound import UNRESOLVED, Outbound
 from .output import Output
 from .peers import Addr, Peer, PeerEntry, PeerTable, addr_family, addr_text, measure_offset
@@ -134,6 +134,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._next_report = now + REPORT_INTERVAL
         self._next_version_notice = -math.inf
         self._next: dict[Addr, _Next] = {}     # source address -> the shard predicted next from it (from_udp)
+        self._singles: dict[Addr, _Single] = {}     # source address -> the whole datagram predicted next
         self.last_data: dict[int, float] = {}   # peer ID -> when it last sent us data (status: active or idle)
         self._parity_logged: dict[int, int] = {}  # peer ID -> parity per 64 KiB its last parity notice named
 
@@ -145,7 +146,8 @@ class Node(Inbound, Outbound, Relay, Challenges):
     # ------------------------------------------------------------ peers
     def apply_peers(self, peers: dict[int, PeerEntry], now: float) -> tuple[list[int], list[int], list[int]]:
         added, changed, removed = self.table.apply(peers, now)
-        self._next.clear()          # they may name a peer object that is gone
+        self._next.clear()          # they may name a peer object that is gone, or a key changed
+        self._singles.clear()
         for peer_id in changed + removed:
             self.reassembly.forget_peer(peer_id)
             self.last_data.pop(peer_id, None)

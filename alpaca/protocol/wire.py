@@ -48,6 +48,13 @@ SAMPLE = 16                           # the mask sample: the last 16 bytes of a 
 # lowest byte is byte 23) and index + 1 (byte 26)
 NEXT_SHARD = (1 << 8 * (MASK_SIZE - 24)) + (1 << 8 * (MASK_SIZE - 27))
 _NONCE_PAD = bytes(NONCE_SIZE - 20)
+# what varies between consecutive whole datagrams of one sender to one
+# receiver, in their 32 unmasked bytes as an int: seq (bytes 20-23) and
+# bytes 26-31 (ciphertext, not header); the rest is the same until its
+# clock's second (ts) changes
+SEQ_SHIFT = 8 * (MASK_SIZE - 24)
+SEQ_FIELD = 0xFFFFFFFF
+SAME_SENDER_BITS = ((1 << 8 * MASK_SIZE) - 1) & ~(SEQ_FIELD << SEQ_SHIFT) & ~((1 << 8 * (MASK_SIZE - HEADER_SIZE)) - 1)
 
 
 class Header(NamedTuple):
@@ -159,8 +166,14 @@ def seal(group_key: bytes, pair_key: bytes, header: Header, plaintext) -> bytes:
 
 def open_sealed(pair_key: bytes, header: Header, datagram) -> bytes:
     """Authenticate and decrypt a whole datagram; raises CryptoError when the tag fails."""
-    raw = header.pack()
-    return aead_open(memoryview(datagram)[HEADER_SIZE:], raw[MUTABLE_BYTES:], raw[4:24] + _NONCE_PAD, pair_key)
+    return open_clear(pair_key, header.pack(), datagram)
+
+
+def open_clear(pair_key: bytes, clear: bytes, datagram) -> bytes:
+    """open_sealed, given the datagram's header bytes in clear (the first
+    HEADER_SIZE of its unmasked bytes) instead of a Header."""
+    return aead_open(memoryview(datagram)[HEADER_SIZE:], clear[MUTABLE_BYTES:HEADER_SIZE], clear[4:24] + _NONCE_PAD,
+                     pair_key)
 
 
 # ---------------------------------------------------------------- messages and shards
