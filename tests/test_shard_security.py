@@ -376,3 +376,31 @@ def test_a_prediction_skips_lost_shards_only_after_the_mac(monkeypatch):
     assert out.tun == [packet]
     assert full_path == [shards[0], bytes(forged)]          # every genuine shard after 0 was predicted
     assert server.table.get(pid("16.1")).drops.get(DropReason.BAD_SHARD, 0) == 0
+
+
+def test_the_parity_of_a_one_shard_message_is_predicted_and_still_authenticated(monkeypatch):
+    """A FEC batch of one small packet is one data shard and its parity: the
+    data shard completes the message, and its parity is then predicted as
+    surplus. A forged parity shard is still refused by its MAC, a copy is
+    still a duplicate, and nothing is delivered twice."""
+    client = make_node("16.1", gateway="1.1", fec=(1, 4))
+    server = make_node("1.1")
+    Wire(client, server).tick(client, T0)
+    packet = tcp(tun_ip("16.1"), "8.8.8.8")
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    assert len(shards) == 5
+    frm = addr("16.1")
+    full_path = []
+    receive = server._receive
+    monkeypatch.setattr(server, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    assert server.from_udp([(shards[0], frm)], T0 + 0.1).tun == [packet]
+    assert server._next[frm].done and server._next[frm].index == 1
+    forged = bytearray(shards[1])
+    forged[MASK_SIZE + 3] ^= 1
+    assert server.from_udp([(bytes(forged), frm)], T0 + 0.1).tun == []
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 1 and server._next[frm].index == 1
+    out = server.from_udp([(d, frm) for d in shards[1:]] + [(shards[2], frm)], T0 + 0.1)
+    assert out.tun == []
+    assert full_path == [shards[0], bytes(forged), shards[2]]   # the late copy of 2: no longer predicted
+    peer = server.table.get(pid("16.1"))
+    assert peer.drops[DropReason.DUPLICATE] == 1 and peer.drops.get(DropReason.BAD_SHARD, 0) == 0

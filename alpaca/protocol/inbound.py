@@ -288,15 +288,24 @@ class Inbound:
         if slot is None:
             filed = self.reassembly.slots.get(rkey)
             if reason is None and filed is not None and src.paths[addr].proven:
-                nxt = _Next(int.from_bytes(clear, "big"), addr, src, rkey, filed, f.index, shard_key)
-                if nxt.advance():
-                    if len(self._next) >= NEXT_LIMIT and addr not in self._next:
-                        self._next.clear()
-                    self._next[addr] = nxt
-                else:
-                    self._next.pop(addr, None)
+                self._expect(_Next(int.from_bytes(clear, "big"), addr, src, rkey, filed, f.index, shard_key))
             return
         self._complete(src, header, rkey, slot, base, now, out)
+        if rkey in self.reassembly.done and src.paths[addr].proven:
+            # this shard completed it (a message of one shard: a FEC batch
+            # of one small packet): its parity follows, predicted as surplus
+            nxt = _Next(int.from_bytes(clear, "big"), addr, src, rkey, slot, f.index, shard_key)
+            nxt.done = True
+            self._expect(nxt)
+
+    def _expect(self, nxt: _Next) -> None:
+        """Predict the shard after `nxt`'s from its address, if the message has one."""
+        if nxt.advance():
+            if len(self._next) >= NEXT_LIMIT and nxt.addr not in self._next:
+                self._next.clear()
+            self._next[nxt.addr] = nxt
+        else:
+            self._next.pop(nxt.addr, None)
 
     def _skip_to(self, nxt: _Next, j: int, clear: int, data: bytes, now: float, out: Output) -> bool:
         """The shard j - 1 after the predicted one (those between were lost
