@@ -130,6 +130,44 @@ def test_after_an_idle_spell_small_packets_are_protected_until_a_report_confirms
     assert len(client.from_tun([ping], later + 1.02).sends) == 1
 
 
+def idle_then_ping(drop_indexes=()):
+    """A clean pair idle past STALE_AFTER; the client's first small packet
+    then goes with the prior's copies and the server answers with a report
+    at once. `drop_indexes`: the copies lost on the way. Returns the client
+    (with the report taken), when, and the datagrams its next small packet makes."""
+    client, server = auto_pair()
+    run(client, server, 2.0, T0)                          # clean: no parity
+    later = T0 + 2.0 + STALE_AFTER + 1
+    for t in (T0 + 2.1, later - 0.5):                      # its report ticks go on while idle
+        server.tick(t)
+    ping = ZERO_VNET + tcp(tun_ip("16.1"), tun_ip("1.1"), flags=SYN)
+    sends = client.from_tun([ping], later).sends
+    assert len(sends) == 1 + fec.parity_for(PRIOR_LOSS, 1)
+    arrived = [(d, addr("16.1")) for i, (d, a) in enumerate(sends) if i not in drop_indexes]
+    out = server.from_udp(arrived, later + 0.001)
+    reports = [(d, a) for d, a in out.sends if header_of(d).kind == KIND_REPORT]
+    assert reports and len(out.tun) == 1
+    client.from_udp([(d, addr("1.1")) for d, a in reports[:1]], later + 0.002)
+    return client, len(client.from_tun([ping], later + 0.003).sends)
+
+
+def test_after_idle_a_clean_report_of_the_first_protected_packet_ends_the_protection():
+    """The receiver reports the shards of the first small packet after
+    idle at once (not at its next report tick, up to REPORT_INTERVAL
+    later), and a report that saw them all arrive confirms the path: the
+    next small packet is one datagram again, a round trip after idle."""
+    _, datagrams = idle_then_ping()
+    assert datagrams == 1
+
+
+def test_after_idle_a_report_that_saw_protected_shards_lost_keeps_the_protection():
+    """A path that turned lossy while idle: the report of the first small
+    packet after idle shows shards lost, which confirms nothing, so small
+    packets keep the prior's copies until the estimate itself moves."""
+    _, datagrams = idle_then_ping(drop_indexes=(2, 4))
+    assert datagrams == 1 + fec.parity_for(PRIOR_LOSS, 1)
+
+
 # ---------------------------------------------------------------- tier 3
 
 LOSS = 0.3

@@ -11,8 +11,11 @@ not paid twice); two paths of 30 % loss each make it ~9 %. Two counts:
   receiver alone knows what was sent. Reassembly counts each shard into the
   source's tally as soon as its fate is known (reassembly.py: at the
   message's decoding, at a later shard, or when the message is forgotten).
-  A tally is reported every REPORT_INTERVAL, and the first at once, so the
-  sender hears of loss within a report interval of the first lossy message.
+  A tally is reported every REPORT_INTERVAL, and the first at once (the
+  first ever, and the first after RETELL_AFTER without a report), so the
+  sender hears of loss within a report interval of the first lossy message,
+  and a sender whose estimate went stale while idle is answered within a
+  round trip.
 - Whole datagrams: every datagram carries its sender's clock second (`ts`);
   both ends count them per peer and second (the receiver a first copy that
   passed the replay check), and the receiver reports the complete seconds,
@@ -62,10 +65,15 @@ SPREAD_ENTER = 0.01       # union loss of duplicated bulk at which it is spread 
 SPREAD_LEAVE = 0.05       # loss of spread bulk under which it is duplicated again (union 0.25 %: hysteresis)
 SETTLE = 1.0              # seconds after a switch whose reports are not counted
 # an estimate no report has confirmed for this long is stale: small packets
-# (FEC batches) get at least the prior's parity until the next report, since
-# they start and steer connections, and a path may have turned lossy while
-# idle (docs/protocol.md §13 "No cold start")
+# (FEC batches) get at least the prior's parity until a report confirms the
+# path, since they start and steer connections, and a path may have turned
+# lossy while idle (docs/protocol.md §13 "No cold start"). A report that saw
+# shards lost confirms nothing until the estimate moves
 STALE_AFTER = 5.0
+# a receiver that has not reported to a peer for this long reports its next
+# shards at once, as it does its first: the peer's estimate may be stale
+# and its small packets wait for that report to go without the prior's parity
+RETELL_AFTER = STALE_AFTER - 0.5
 
 _HEAD = struct.Struct(">IB")   # first second, number of seconds
 _COUNT = struct.Struct(">I")
@@ -91,7 +99,8 @@ class LossMeter:
         # the next REPORT_INTERVAL, so a sender drops PRIOR_LOSS within a
         # round trip of its first transfer on a clean path
         self.first: set[int] = set()
-        self.told: set[int] = set()                          # peers reported to at least once
+        self.told: set[int] = set()                          # peers reported to within RETELL_AFTER
+        self.told_at: dict[int, float] = {}                  # peer -> when we last reported to it
         self._sample: dict[int, list[int]] = {}              # peer -> [arrived, sent] so far
         self._evidence: dict[int, list[float]] = {}          # peer -> [lost, sent], weighed down by KEEP
         self.loss: dict[int, float] = {}                     # peer -> estimated loss of what we send it
@@ -154,6 +163,9 @@ class LossMeter:
         """(peer, payload) for every peer (of `peers`, if given) with complete seconds or a shard tally
         to report: first second (u32) | n (u8) | n x arrivals (u32) | shards sent (u32) | shards arrived (u32)."""
         out = []
+        if peers is None:
+            for peer in [p for p in self.told if now - self.told_at.get(p, now) > RETELL_AFTER]:
+                self.told.discard(peer)
         for peer in (set(self.arrived) | set(self.tally)) if peers is None else peers:
             last = int(now) + self.clock_offsets.get(peer, 0) - REPORT_DELAY     # seconds of its clock
             counts, first = [], 0
@@ -176,6 +188,7 @@ class LossMeter:
             self.first.discard(peer)
             if any(counts) or tally[0]:
                 self.told.add(peer)
+                self.told_at[peer] = now
                 out.append((peer, _HEAD.pack(first, len(counts)) + b"".join(_COUNT.pack(c) for c in counts)
                             + _TALLY.pack(*tally)))
         return out
@@ -192,7 +205,8 @@ class LossMeter:
         if shards_arrived > shards_sent:
             raise BadReport("more shards arrived than were sent")
         sent = self.sent.get(peer, {})
-        self.reported_at[peer] = now
+        if shards_arrived == shards_sent or not self.stale(peer, now):
+            self.reported_at[peer] = now
         if now < self._settle.get(peer, now):
             for i in range(n):          # (what it says is dropped with it)
                 sent.pop(first + i, 0)
@@ -212,6 +226,7 @@ class LossMeter:
         evidence[0] = KEEP * evidence[0] + max(0, sample[1] - sample[0])
         evidence[1] = KEEP * evidence[1] + sample[1]
         self.loss[peer] = estimate = evidence[0] / evidence[1]
+        self.reported_at[peer] = now            # (confirmed or not before: the estimate is new)
         self._parity[peer] = {}
         n = self.paths.get(peer, 1)
         if n > 1 and (estimate < SPREAD_LEAVE if peer in self.spread else estimate >= SPREAD_ENTER):
@@ -254,7 +269,7 @@ class LossMeter:
                 if not counter:
                     del table[peer]
         for table in (self.reported, self.tally, self._sample, self._evidence, self.loss, self._parity,
-                      self.clock_offsets, self.paths, self._settle, self.reported_at):
+                      self.clock_offsets, self.paths, self._settle, self.reported_at, self.told_at):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]
         self.first &= set(peers)
