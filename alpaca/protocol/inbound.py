@@ -69,11 +69,10 @@ class _Single:
     be (Node.from_udp): the last one taken from there, but for its seq (and
     its ciphertext). Made only from an authenticated datagram for this node,
     on a proven path; `header` is that datagram's, whose seq is not read."""
-    __slots__ = ("same", "addr", "src", "key", "header", "relayed")
+    __slots__ = ("same", "addr", "src", "key", "header")
 
     def __init__(self, same: int, addr: Addr, src: Peer, key: bytes, header: Header):
         self.same, self.addr, self.src, self.key, self.header = same, addr, src, key, header
-        self.relayed = header.path != PATH_DIRECT
 
 
 class Inbound:
@@ -192,7 +191,18 @@ class Inbound:
                 src.saw_clock(header.session, header.ts, now)
                 self._challenge(src, addr, header.path != PATH_DIRECT, now, out)
             return False
-        if plaintext is not None and header.kind == KIND_DATA:
+        if shard is not None:
+            self._learn(src, header, addr, len(data), now, out)
+            self._file_shard(src, header, shard, data, addr, now, out)
+            return True
+        return self._take(src, header, plaintext, addr, len(data), now, out)
+
+    def _take(self, src: Peer, header: Header, plaintext: bytes, addr: Addr, size: int, now: float,
+              out: Output) -> bool:
+        """A whole datagram for this node that passed the own window (by the
+        full path or predicted): counted, its source checked, its path
+        learned, its message taken. False when its source is refused."""
+        if header.kind == KIND_DATA:
             # a first copy (shards are counted by the reassembly): the
             # union of the paths. Data only: keepalives and reports must
             # not make the other end report back (loss.py)
@@ -201,12 +211,9 @@ class Inbound:
                     and self._spoofed(header.src, plaintext, header.flags)):
                 src.drops[DropReason.SPOOFED] += 1      # before it can teach a path or mark the peer up
                 return False
-        self._learn(src, header, addr, len(data), now, out)
-        if shard is not None:
-            self._file_shard(src, header, shard, data, addr, now, out)
-        else:
-            # a single datagram's source was checked above (before it could teach a path)
-            self._message(src, header, plaintext, now, out, source_checked=not header.flags & FLAG_BATCH)
+        self._learn(src, header, addr, size, now, out)
+        # a single datagram's source was checked above (before it could teach a path)
+        self._message(src, header, plaintext, now, out, source_checked=not header.flags & FLAG_BATCH)
         return True
 
     def _predict_single(self, src: Peer, header: Header, clear: bytes, key: bytes, addr: Addr) -> None:
@@ -223,10 +230,10 @@ class Inbound:
     def _next_single(self, single: _Single, clear: int, data: bytes, now: float, out: Output) -> bool:
         """The predicted whole datagram: True when it was dealt with, False
         to let the full path look at it (nothing has changed then). What
-        the full path does for it, in the same order, less the parsing."""
+        the full path does for it (_accept), less the parsing."""
         src, header = single.src, single.header
         path = src.paths.get(single.addr)
-        if path is None or not path.proven or not src.up:
+        if path is None or not path.proven:
             return False
         try:
             plaintext = open_clear(single.key, clear.to_bytes(MASK_SIZE, "big"), data)
@@ -237,23 +244,11 @@ class Inbound:
         reason = src.check_own(header.session, header.ts, (clear >> SEQ_SHIFT) & SEQ_FIELD, now)
         if reason is DropReason.DUPLICATE:     # a copy over another path (see _accept)
             src.drops[reason] += 1
-            path.last_rx = now
+            src.refresh(single.addr, now)
             return True
         if reason is not None:
             return False            # (the window recorded nothing)
-        self.loss.count_arrived(src.id, header.ts)
-        flags = header.flags
-        if (not flags & FLAG_BATCH and header.src > self.me and self.settings.has_tun
-                and self._spoofed(header.src, plaintext, flags)):
-            src.drops[DropReason.SPOOFED] += 1
-            return True
-        path.last_rx = src.last_rx = now
-        if not path.static:
-            path.relayed = single.relayed
-        out.heard.add(single.addr)
-        self.last_data[src.id] = now
-        src.rx_bytes += len(data)
-        self._message(src, header, plaintext, now, out, source_checked=not flags & FLAG_BATCH)
+        self._take(src, header, plaintext, single.addr, len(data), now, out)
         return True
 
     def _learn(self, src: Peer, header: Header, addr: Addr, size: int, now: float, out: Output) -> None:
