@@ -99,8 +99,7 @@ class LossMeter:
         # the next REPORT_INTERVAL, so a sender drops PRIOR_LOSS within a
         # round trip of its first transfer on a clean path
         self.first: set[int] = set()
-        self.told: set[int] = set()                          # peers reported to within RETELL_AFTER
-        self.told_at: dict[int, float] = {}                  # peer -> when we last reported to it
+        self.told: dict[int, float] = {}                     # peer -> when we last reported to it (within RETELL_AFTER)
         self._sample: dict[int, list[int]] = {}              # peer -> [arrived, sent] so far
         self._evidence: dict[int, list[float]] = {}          # peer -> [lost, sent], weighed down by KEEP
         self.loss: dict[int, float] = {}                     # peer -> estimated loss of what we send it
@@ -164,8 +163,8 @@ class LossMeter:
         to report: first second (u32) | n (u8) | n x arrivals (u32) | shards sent (u32) | shards arrived (u32)."""
         out = []
         if peers is None:
-            for peer in [p for p in self.told if now - self.told_at.get(p, now) > RETELL_AFTER]:
-                self.told.discard(peer)
+            for peer in [p for p, at in self.told.items() if now - at > RETELL_AFTER]:
+                del self.told[peer]
         for peer in (set(self.arrived) | set(self.tally)) if peers is None else peers:
             last = int(now) + self.clock_offsets.get(peer, 0) - REPORT_DELAY     # seconds of its clock
             counts, first = [], 0
@@ -187,8 +186,7 @@ class LossMeter:
                 tally = (tally[0], tally[0])
             self.first.discard(peer)
             if any(counts) or tally[0]:
-                self.told.add(peer)
-                self.told_at[peer] = now
+                self.told[peer] = now
                 out.append((peer, _HEAD.pack(first, len(counts)) + b"".join(_COUNT.pack(c) for c in counts)
                             + _TALLY.pack(*tally)))
         return out
@@ -269,9 +267,8 @@ class LossMeter:
                 if not counter:
                     del table[peer]
         for table in (self.reported, self.tally, self._sample, self._evidence, self.loss, self._parity,
-                      self.clock_offsets, self.paths, self._settle, self.reported_at, self.told_at):
+                      self.clock_offsets, self.paths, self._settle, self.reported_at, self.told):
             for peer in [p for p in table if p not in peers]:
                 del table[peer]
         self.first &= set(peers)
-        self.told &= set(peers)
         self.spread &= set(peers)
