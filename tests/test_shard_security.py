@@ -351,6 +351,32 @@ def test_the_predicted_next_shard_is_still_authenticated_and_replay_checked():
     assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] == 2
 
 
+def test_a_train_in_one_batch_checks_every_shard(monkeypatch):
+    """A GRO train is taken in one go (inbound._train), but shard by shard:
+    a forged shard, a copy and another sender's datagram in the middle of
+    one receive batch are each refused or handled on their own, and the
+    train's genuine shards around them are still taken as predicted."""
+    client, server = make_node("16.1", gateway="1.1", vnet=True), make_node("1.1", vnet=True)
+    Wire(client, server).tick(client, T0)
+    packet = super_packet()
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    frm, other = addr("16.1"), ("198.51.100.9", 4000)
+    forged = bytearray(shards[7])
+    forged[MASK_SIZE + 100] ^= 1                            # same sample, same predicted header
+    batch = ([(d, frm) for d in shards[:7]] + [(bytes(forged), frm), (shards[5], frm), (os.urandom(200), other)]
+             + [(d, frm) for d in shards[7:]])
+    full_path = []
+    receive = server._receive
+    monkeypatch.setattr(server, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    out = server.from_udp(batch, T0 + 0.1)
+    assert out.tun == [packet]
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 1
+    assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] == 1
+    # the full path saw the first shard, the forgery, the copy and the stranger's datagram: nothing else
+    assert len(full_path) == 4 and full_path[0] == shards[0] and full_path[1] == bytes(forged)
+    assert frm not in server._next or server._next[frm].done
+
+
 def test_a_prediction_skips_lost_shards_only_after_the_mac(monkeypatch):
     """With shards lost on the way, the prediction moves on to the one that
     came (same header, seq and index j further), but only once its MAC

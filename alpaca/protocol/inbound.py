@@ -27,7 +27,7 @@ from .crypto import MAC_SIZE, CryptoError, mac
 from .drops import DropReason
 from .ids import format_id
 from .output import Output
-from .peers import MESSAGE_WINDOW, Addr, Peer
+from .peers import MESSAGE_WINDOW, OWN_WINDOW, Addr, Peer
 from .wire import (MUTABLE_BYTES, NEXT_SHARD, SAME_SENDER_BITS, SAMPLE, SEQ_FIELD, SEQ_SHIFT, SHARD_OVERHEAD, Header,
                    fields, open_clear, open_message, open_sealed, shard_authentic)
 
@@ -81,7 +81,10 @@ class Inbound:
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
         out = Output()
         state, from_bytes, nexts, singles = self._mask_state, int.from_bytes, self._next, self._singles
-        for data, addr in datagrams:
+        i, n = 0, len(datagrams)
+        while i < n:
+            data, addr = datagrams[i]
+            i += 1
             if len(data) < MIN_DATAGRAM:
                 self.global_drops[DropReason.MALFORMED] += 1
                 continue
@@ -93,16 +96,19 @@ class Inbound:
             # sender sends a message's shards on a path in order) is
             # predicted exactly: same header but seq + j, index + j, where
             # j - 1 shards were lost. It still has its MAC, the replay window
-            # and the filing checked; only the parsing is skipped.
+            # and the filing checked; only the parsing is skipped. So are the
+            # shards after it in the batch (a GRO train): _train.
             nxt = nexts.get(addr) if nexts else None
             if nxt is not None:
                 gap = clear - nxt.clear
+                taken = -1
                 if gap == 0:
-                    if len(data) == nxt.size and self._next_shard(nxt, clear.to_bytes(MASK_SIZE, "big"), data,
-                                                                  now, out):
-                        continue
-                elif gap > 0 and not gap % NEXT_SHARD and self._skip_to(nxt, gap // NEXT_SHARD, clear, data,
-                                                                        now, out):
+                    if len(data) == nxt.size:
+                        taken = self._train(nxt, clear, data, datagrams, i, now, out)
+                elif gap > 0 and not gap % NEXT_SHARD:
+                    taken = self._skip_to(nxt, gap // NEXT_SHARD, clear, data, datagrams, i, now, out)
+                if taken >= 0:
+                    i += taken
                     continue
             # the next whole datagram from a sender: only the parsing is skipped
             single = singles.get(addr) if singles else None
@@ -302,49 +308,89 @@ class Inbound:
         else:
             self._next.pop(nxt.addr, None)
 
-    def _skip_to(self, nxt: _Next, j: int, clear: int, data: bytes, now: float, out: Output) -> bool:
+    def _skip_to(self, nxt: _Next, j: int, clear: int, data, datagrams: list, i: int, now: float,
+                 out: Output) -> int:
         """The shard j - 1 after the predicted one (those between were lost
-        or come later): taken as predicted when it is one of the message's;
-        else, or when it fails, the prediction stays as it was."""
+        or come later): taken as predicted (_train) when it is one of the
+        message's; else, or when it fails, the prediction stays as it was."""
         index, at, size = nxt.index, nxt.clear, nxt.size
-        if nxt.skip(j) and len(data) == nxt.size and self._next_shard(nxt, clear.to_bytes(MASK_SIZE, "big"), data,
-                                                                      now, out):
-            return True
+        if nxt.skip(j) and len(data) == nxt.size:
+            taken = self._train(nxt, clear, data, datagrams, i, now, out)
+            if taken >= 0:
+                return taken
         nxt.index, nxt.clear, nxt.size = index, at, size
-        return False
+        return -1
 
-    def _next_shard(self, nxt: _Next, clear: bytes, data: bytes, now: float, out: Output) -> bool:
-        """The predicted shard: True when it was taken, False to let the full
-        path look at it (nothing has changed then)."""
-        chunk = data[MASK_SIZE:-MAC_SIZE]
-        if not hmac.compare_digest(mac(nxt.shard_key, clear[MUTABLE_BYTES:] + chunk), data[-MAC_SIZE:]):
-            return False
-        src, rkey = nxt.src, nxt.rkey
-        path = src.paths.get(nxt.addr)
-        if path is None or not path.proven:
-            return False
-        seq = rkey[3] + nxt.index
-        if src.check_own(rkey[1], rkey[2], seq, now) is not None:
-            return False            # (the full path counts it: the window recorded nothing)
-        slot = nxt.slot
-        done = None if nxt.done else self.reassembly.add_next(rkey, slot, nxt.index, chunk)
+    def _train(self, nxt: _Next, clear: int, data, datagrams: list, i: int, now: float, out: Output) -> int:
+        """The predicted shard `data` (clear: its 32 unmasked bytes as an
+        int), and after it the datagrams from datagrams[i] on as long as each
+        is the next one predicted from the same address (a GRO train): each
+        has its MAC, the session floor and the replay window checked and is
+        filed, as the full path would. Returns how many of datagrams[i:] were
+        taken besides `data`; -1 when `data` was not taken, to let the full
+        path look at it (nothing has changed then). A later datagram that
+        does not match or fails is left for the caller's loop."""
+        src, rkey, addr = nxt.src, nxt.rkey, nxt.addr
+        path = src.paths.get(addr)
+        floor = src.verified.get(rkey[1])
+        window = src.replay.get(OWN_WINDOW)
+        if path is None or not path.proven or floor is None or window is None or rkey[2] < floor[0]:
+            return -1
+        # Peer.check_own, its parts that cannot change during a train hoisted
+        session, ts, base, offset = rkey[1], rkey[2], rkey[3], floor[3]
+        seq_floor = floor[1] if ts == floor[0] else -1
+        check, add_next, nexts = window.check_and_accept, self.reassembly.add_next, self._next
+        shard_key, state, from_bytes = nxt.shard_key, self._mask_state, int.from_bytes
+        taken, size, n = -1, 0, len(datagrams)
+        while True:
+            head = clear.to_bytes(MASK_SIZE, "big")
+            chunk = data[MASK_SIZE:-MAC_SIZE]
+            index = nxt.index
+            seq = base + index
+            if (seq <= seq_floor
+                    or not hmac.compare_digest(mac(shard_key, head[MUTABLE_BYTES:] + chunk), data[-MAC_SIZE:])
+                    or check(session, ts, seq, now, offset) is not None):
+                break           # (the full path counts it: the window recorded nothing)
+            taken += 1
+            size += len(data)
+            done = None if nxt.done else add_next(rkey, nxt.slot, index, chunk)
+            if done is not False:
+                self._file_rest(nxt, done, head, chunk, now, out)
+                if nexts.get(addr) is not nxt:
+                    break       # (decoding it replaced the prediction)
+            if not nxt.advance():
+                del nexts[addr]
+                break
+            if i + taken >= n:
+                break
+            data, at = datagrams[i + taken]
+            if at != addr or len(data) != nxt.size:
+                break
+            h = state.copy()
+            h.update(data[-SAMPLE:])
+            clear = from_bytes(data[:MASK_SIZE], "big") ^ from_bytes(h.digest(), "big")
+            if clear != nxt.clear:
+                break           # (the caller's loop unmasks it again: once a train)
+        if taken >= 0:
+            path.last_rx = src.last_rx = now
+            src.rx_bytes += size
+            out.heard.add(addr)
+        return taken
+
+    def _file_rest(self, nxt: _Next, done: bool | None, head: bytes, chunk, now: float, out: Output) -> None:
+        """A predicted shard that add_next did not simply file: decode its
+        message when it was the k-th (done); file it the full way when it is
+        a surplus shard of a decoded message or a budget is full (None)."""
+        src, rkey, slot = nxt.src, nxt.rkey, nxt.slot
         if done is None:
-            # (the window has it now: the full path would call it a
-            # duplicate) a surplus shard of a decoded message, or a budget
-            # is full: filed the full way
+            # (the window has it now: the full path would call it a duplicate)
             slot, reason = self.reassembly.add(rkey, nxt.index, slot.k, slot.m, slot.length, slot.isal, chunk, now)
             if reason is not None:
                 src.drops[reason] += 1
             done = slot is not None
-        path.last_rx = src.last_rx = now
-        src.rx_bytes += len(data)
-        out.heard.add(nxt.addr)
         if done:
             nxt.done = True
-            self._complete(src, fields(clear).header(), rkey, slot, rkey[3], now, out)
-        if self._next.get(nxt.addr) is nxt and not nxt.advance():
-            del self._next[nxt.addr]
-        return True
+            self._complete(src, fields(head).header(), rkey, slot, rkey[3], now, out)
 
     def _complete(self, src: Peer, header: Header, rkey: tuple, slot, base: int, now: float,
                   out: Output) -> None:
