@@ -96,6 +96,7 @@ class Config:
     kill_switch: bool = True                        # client: block, not leak, while the daemon is dead
     block_ipv6: bool = True                         # client: IPv6 the tunnel does not carry is blocked, not leaked
     fec: str = "auto"                               # parity only where the receiver reports loss
+    aead: str = "auto"                              # AES-256-GCM where both ends have it, else XChaCha20-Poly1305
     peers: tuple[tuple[int, str], ...] = ()         # per-peer settings: (peer ID, fec)
     # networks a peer may send from besides its tunnel address: (peer ID, CIDRs)
     peer_networks: tuple[tuple[int, tuple[str, ...]], ...] = ()
@@ -479,6 +480,7 @@ def load_config(path: str | Path) -> Config:
         kill_switch=d["kill_switch"],
         block_ipv6=d["block_ipv6"],
         fec=d["fec"],
+        aead=d["aead"],
         peers=tuple(sorted((parse_id(k), v["fec"]) for k, v in d["peers"].items() if "fec" in v)),
         peer_networks=tuple(sorted((parse_id(k), tuple(v["networks"])) for k, v in d["peers"].items()
                                    if v.get("networks"))),

@@ -42,6 +42,7 @@ from .host.underlay import Underlay, planned_sockets
 from .host.watch import FileWatch
 from .peerlist import cross_problems, host_names, peer_entries, underlay_endpoints, underlay_hosts
 from .protocol import fec
+from .protocol.crypto import aes_available
 from .protocol.drops import GLOBAL_DROPS, DropReason
 from .protocol.ids import TunnelNet, format_id
 from .protocol.node import Node, NodeSettings
@@ -81,7 +82,8 @@ def settings_from(config: Config) -> NodeSettings:
                         padding=config.padding, vnet=True, mtu=config.mtu, fec=parse_fec(config.fec),
                         peer_fec={peer: parse_fec(fec) for peer, fec in config.peers},
                         peer_networks={peer: tuple(ipaddress.ip_network(n) for n in nets)
-                                       for peer, nets in config.peer_networks})
+                                       for peer, nets in config.peer_networks},
+                        aes=config.aead == "auto" and aes_available())
 
 
 def read_secrets(config: Config, at_start: bool, resolver: Resolver) -> dict[int, PeerEntry]:

@@ -152,7 +152,7 @@ FAMILIES = (
 )
 OUTCOMES = ("delivered", "held", "relayed", "consumed", "answered", "dropped")
 UNAUTH_REASONS = (DropReason.MALFORMED, DropReason.WRONG_VERSION, DropReason.UNKNOWN_PEER,
-                  DropReason.AUTH_FAILURE)
+                  DropReason.AUTH_FAILURE, DropReason.AEAD_UNSUPPORTED)
 CHALLENGE_KINDS = (KIND_CHALLENGE, KIND_RESPONSE)
 OTHER_SOURCES = [("198.51.100.7", 1040), ("198.51.100.8", 51000), ("203.0.113.9", 5555),
                  ("2001:db8::9", 1040), ("2001:db8::a", 1040, 0, 0), ("0.0.0.0", 0),
@@ -301,10 +301,15 @@ class FdpSource:
 #   challenges, the rate limits of challenges and answers) and the node's
 #   (ts, seq) (a challenge or an answer was sealed).
 
+# notices that unauthenticated input may cause, at most one a minute each
+# whatever sent it (checked on their own in Harness.feed): their marker and
+# the drop that must come with one
+RATE_LIMITED_NOTICES = (("wire version", DropReason.WRONG_VERSION), ("AES-256-GCM", DropReason.AEAD_UNSUPPORTED))
+
+
 def _notices(node: Node) -> int:
-    """Notices besides the one about another wire version (at most one a
-    minute, whatever sent it: checked on its own in Harness.feed)."""
-    return sum("wire version" not in line for line in node.notices)
+    """Notices besides the rate-limited ones about unauthenticated input."""
+    return sum(not any(marker in line for marker, _ in RATE_LIMITED_NOTICES) for line in node.notices)
 
 
 def _challenge_state(p) -> tuple:
@@ -415,7 +420,7 @@ class Harness:
         self.answers: dict[tuple, list] = {}            # (node, peer) -> [second, answers sent in it]
         self.challenges_seen: dict[str, set] = {n: set() for n in NAMES}   # challenge idents taken in
         self.unanswered = 0                             # challenges past RESPONSE_LIMIT (consumed silently)
-        self.version_notice: dict[str, float] = {}      # node -> when it last noticed another wire version
+        self.version_notice: dict[tuple, float] = {}    # (node, marker) -> when it last gave that notice
         self.wire: collections.deque = collections.deque()   # (datagram, from, to) in flight
         self.history: list[tuple[bytes, tuple, tuple]] = []  # recent real datagrams
         self.accepted_ring: list[tuple[bytes, str, tuple]] = []  # (datagram, receiver, from)
@@ -900,12 +905,13 @@ class Harness:
             self.drop_hist[f"peer:{r.value}"] += n
 
         outcome = "dropped"
-        versions = [line for line in node.notices[notices0:] if "wire version" in line]
-        if versions:
-            if len(versions) > 1 or not gd[DropReason.WRONG_VERSION] or \
-                    now - self.version_notice.get(name, -VERSION_NOTICE_INTERVAL) < VERSION_NOTICE_INTERVAL:
-                fail("a notice about another wire version for another input, or more than one a minute")
-            self.version_notice[name] = now
+        for marker, reason in RATE_LIMITED_NOTICES:
+            lines = [line for line in node.notices[notices0:] if marker in line]
+            if lines:
+                if len(lines) > 1 or not gd[reason] or \
+                        now - self.version_notice.get((name, marker), -VERSION_NOTICE_INTERVAL) < VERSION_NOTICE_INTERVAL:
+                    fail(f"a notice about {marker} for another input, or more than one a minute")
+                self.version_notice[(name, marker)] = now
         if klass in ("unauth", "dup", "stale"):
             if out.tun or out.sends:
                 fail("produced output")

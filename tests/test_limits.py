@@ -461,7 +461,8 @@ def challenges_to(node: Node, key: bytes, sends) -> list[tuple[bytes, tuple]]:
     for d, to in sends:
         header = header_of(d)
         if header.kind == KIND_CHALLENGE:
-            out.append((open_sealed(key, header, d), to))
+            plaintext = open_sealed(key, header, d)
+            out.append((plaintext[:len(plaintext) - header.pad], to))
     return out
 
 

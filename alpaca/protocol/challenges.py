@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 from . import pmtu
-from .constants import KIND_CHALLENGE, KIND_RESPONSE, OVERHEAD, PATH_DIRECT
+from .constants import CAP_AES, KIND_CHALLENGE, KIND_RESPONSE, OVERHEAD, PATH_DIRECT
 from .constants import NONCE_SIZE, CHALLENGE_INTERVAL, RESPONSE_LIMIT
 from .drops import DropReason
 from .ids import format_id
@@ -44,7 +44,7 @@ class Challenges:
             nonce = self._random_bytes(NONCE_SIZE)
             peer.challenge_sent(nonce, target, relayed if target == addr else target not in peer.paths
                                 or peer.paths[target].relayed, target in ways, now)
-            out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now), target))
+            out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now, caps=True), target))
 
     def _on_challenge(self, src: Peer, header: Header, plaintext: bytes, size: int, addr: Addr, now: float,
                       out: Output) -> None:
@@ -75,7 +75,9 @@ class Challenges:
             return
         src.responses[1] += 1
         out.heard.add(addr)
-        response = self._seal(KIND_RESPONSE, src.id, key, nonce, now)
+        # what we can do, in the padding, only when the challenge has padding
+        # too: the answer must stay no bigger than an older release's challenge
+        response = self._seal(KIND_RESPONSE, src.id, key, nonce, now, caps=header.pad > 0)
         targets = [a for a in self._towards(src, now) if a != addr]
         if len(response) <= size or addr in src.paths and src.paths[addr].proven:
             targets.insert(0, addr)
@@ -87,7 +89,8 @@ class Challenges:
                      out: Output) -> None:
         """An answer to one of our challenges: its session is live (from this
         answer on) and the address the challenge went to reaches the peer."""
-        challenge = src.challenge_done(plaintext[:len(plaintext) - header.pad], True, now)
+        end = len(plaintext) - header.pad
+        challenge = src.challenge_done(plaintext[:end], True, now)
         if challenge is None:
             # a nonce we are not waiting for: another copy of an answer we
             # took (it is sent on every path), or a stale or replayed one
@@ -95,6 +98,12 @@ class Challenges:
             return
         sent, target, relayed, _, _ = challenge
         self._session_proven(src, header, sent, now)
+        # the first padding byte: what the peer's session can do (none from an older release)
+        aes = bool(header.pad and plaintext[end] & CAP_AES)
+        if aes != src.aes and self.settings.aes:
+            self.notices.append(f"peer {format_id(src.id)}: data on direct paths sealed with "
+                                f"{'AES-256-GCM' if aes else 'XChaCha20-Poly1305 (it does not open AES-256-GCM)'}")
+        src.aes = aes
         src.prove(target, relayed, now)
         self._learn(src, header, addr, size, now, out)
 
@@ -131,7 +140,7 @@ class Challenges:
         pad = max(size - OVERHEAD - NONCE_SIZE, 0)
         path = peer.paths.get(way)
         peer.challenge_sent(nonce, way, path is None or path.relayed, size == 0, now, size)
-        out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now, pad=pad), way))
+        out.sends.append((self._seal(KIND_CHALLENGE, peer.id, key, nonce, now, pad=pad, caps=True), way))
 
     def _mtu_notice(self, peer: Peer, way: Addr, limit: int | None) -> None:
         where = f"peer {format_id(peer.id)} via {way[0]}:{way[1]}"

@@ -20,7 +20,10 @@ FLAG_VNET = 0x80          # the plaintext starts with a virtio_net_hdr (TUN offl
 FLAG_FRAG = 0x40          # this datagram is one shard of a fragmented message
 FLAG_BATCH = 0x20         # the plaintext is several packets, each after its 2-byte length (FEC on)
 FLAG_ISAL = 0x10          # shards: the parity is ISA-L's Cauchy Reed-Solomon, not zfec's
-KNOWN_FLAGS = FLAG_VNET | FLAG_FRAG | FLAG_BATCH | FLAG_ISAL
+FLAG_AES = 0x08           # sealed with AES-256-GCM, not XChaCha20-Poly1305 (docs/protocol.md §4 "AEAD")
+KNOWN_FLAGS = FLAG_VNET | FLAG_FRAG | FLAG_BATCH | FLAG_ISAL | FLAG_AES
+# a challenge's or answer's first padding byte: what its sender can do
+CAP_AES = 0x01            # opens AES-256-GCM
 VNET_HDR_SIZE = 10        # struct virtio_net_hdr
 FRAG_HEADER_SIZE = 6      # shard index, data shards k, parity shards m, message length (24 bits)
 MASK_SIZE = HEADER_SIZE + FRAG_HEADER_SIZE

@@ -6,9 +6,12 @@ Keys (all BLAKE2b via PyNaCl's crypto_generichash):
   pair key   = BLAKE2b(group key | min ID | max ID,
                        key = psk key of the bigger ID, "alpaca-pair")
   shard key  = BLAKE2b-128(pair key, person "alpaca-shard")       per-shard MACs
+  AES key    = BLAKE2b(src | dst | session, key = pair key, "alpaca-aes")
+                                                  one per sender session
 
 Primitives: XChaCha20-Poly1305 (every whole datagram and every message sent
-as shards), SipHash-2-4 (the 8-byte MAC of each shard, checked before the
+as shards) or, for data between two peers that both have AES instructions,
+AES-256-GCM (docs/protocol.md §4 "AEAD"), SipHash-2-4 (the 8-byte MAC of each shard, checked before the
 shard is kept, counted or relayed) and keyed BLAKE2b-256 (header masks).
 How they are laid out in a datagram is wire.py's business.
 """
@@ -29,11 +32,14 @@ _PERSON_PSK = b"alpaca-psk".ljust(16, b"\0")
 _PERSON_PAIR = b"alpaca-pair".ljust(16, b"\0")
 _PERSON_MASK = b"alpaca-mask".ljust(16, b"\0")
 _PERSON_SHARD = b"alpaca-shard".ljust(16, b"\0")
+_PERSON_AES = b"alpaca-aes".ljust(16, b"\0")
 
 TAG_SIZE = 16                # Poly1305
 MAC_SIZE = 8                 # SipHash-2-4
 MASK_BYTES = 32              # one BLAKE2b-256 output masks header and shard sub-header
 NONCE_SIZE = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+AES_NONCE_SIZE = 12
+AES_KEYS_LIMIT = 4096        # sender sessions whose AES key is kept
 
 
 def _blake2b(data: bytes, person: bytes, key: bytes = b"", size: int = 32) -> bytes:
@@ -77,22 +83,58 @@ _MAC_VIEW = ffi.buffer(_MAC_OUT)
 
 def aead_seal_into(out, offset: int, plaintext, aad: bytes, nonce: bytes, key: bytes) -> None:
     """XChaCha20-Poly1305: ciphertext + tag written into out[offset:]."""
-    lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-        ffi.from_buffer(out) + offset, _LEN_OUT, plaintext, len(plaintext),
-        aad, len(aad), ffi.NULL, nonce, key)
+    _seal_with(lib.crypto_aead_xchacha20poly1305_ietf_encrypt, out, offset, plaintext, aad, nonce, key)
 
 
 def aead_open(body, aad: bytes, nonce: bytes, key: bytes) -> bytes:
     """Authenticate and decrypt ciphertext + tag; raises CryptoError when the tag fails."""
+    return _open_with(lib.crypto_aead_xchacha20poly1305_ietf_decrypt, body, aad, nonce, key)
+
+
+def _seal_with(encrypt, out, offset: int, plaintext, aad: bytes, nonce: bytes, key: bytes) -> None:
+    encrypt(ffi.from_buffer(out) + offset, _LEN_OUT, plaintext, len(plaintext), aad, len(aad), ffi.NULL, nonce, key)
+
+
+def _open_with(decrypt, body, aad: bytes, nonce: bytes, key: bytes) -> bytes:
     clen = len(body)
     if clen < TAG_SIZE:
         raise CryptoError("Decryption failed. Ciphertext failed verification")
     out = bytearray(clen - TAG_SIZE)
-    if lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            ffi.from_buffer(out), _LEN_OUT, ffi.NULL, ffi.from_buffer(body), clen,
-            aad, len(aad), nonce, key) != 0:
+    if decrypt(ffi.from_buffer(out), _LEN_OUT, ffi.NULL, ffi.from_buffer(body), clen, aad, len(aad), nonce, key) != 0:
         raise CryptoError("Decryption failed. Ciphertext failed verification")
     return bytes(out)
+
+
+def aes_available() -> bool:
+    """Can this CPU run libsodium's AES-256-GCM (AES-NI and PCLMULQDQ)?
+    Without them libsodium has no AES-256-GCM at all."""
+    return bool(lib.crypto_aead_aes256gcm_is_available())
+
+
+def aes_key(pair_key: bytes, sender: bytes) -> bytes:
+    """The AES-256-GCM key of one sender session of a pair: `sender` is the
+    header's src | dst | session (12 bytes). Its 12-byte nonces are then
+    (ts, seq) and zeros, which that session never repeats: the pair key
+    alone would be shared by both directions and every restart."""
+    key = _aes_keys.get((pair_key, sender))
+    if key is None:
+        if len(_aes_keys) >= AES_KEYS_LIMIT:
+            _aes_keys.clear()
+        key = _aes_keys[(pair_key, sender)] = _blake2b(sender, _PERSON_AES, key=pair_key)
+    return key
+
+
+_aes_keys: dict[tuple[bytes, bytes], bytes] = {}
+
+
+def aes_seal_into(out, offset: int, plaintext, aad: bytes, nonce: bytes, key: bytes) -> None:
+    """AES-256-GCM: ciphertext + tag written into out[offset:]."""
+    _seal_with(lib.crypto_aead_aes256gcm_encrypt, out, offset, plaintext, aad, nonce, key)
+
+
+def aes_open(body, aad: bytes, nonce: bytes, key: bytes) -> bytes:
+    """Authenticate and decrypt AES-256-GCM ciphertext + tag; raises CryptoError when the tag fails."""
+    return _open_with(lib.crypto_aead_aes256gcm_decrypt, body, aad, nonce, key)
 
 
 def mac(key: bytes, data) -> bytes:
@@ -119,4 +161,4 @@ _mask_states: dict[bytes, object] = {}
 
 __all__ = ["CryptoError", "TAG_SIZE", "MAC_SIZE", "MASK_BYTES", "NONCE_SIZE", "genkey", "derive_group_key",
            "derive_psk_key", "derive_pair_key", "derive_shard_key", "aead_seal_into", "aead_open", "mac",
-           "mask_state"]
+           "mask_state", "AES_NONCE_SIZE", "aes_available", "aes_key", "aes_seal_into", "aes_open"]

@@ -12,6 +12,7 @@ class DropReason(enum.Enum):
     WRONG_VERSION = "wrong_version"  # another wire version (a peer running another release)
     UNKNOWN_PEER = "unknown_peer"    # src/dst pair for which we hold no key
     AUTH_FAILURE = "auth_failure"    # AEAD tag or shard MAC did not verify
+    AEAD_UNSUPPORTED = "aead_unsupported"  # sealed with AES-256-GCM, which this node does not open
     # authenticated input, counted against the source peer
     DUPLICATE = "duplicate"          # (session, ts, seq) already accepted
     REPLAY = "replay"                # outside the replay window (too old/new)
@@ -34,5 +35,5 @@ class DropReason(enum.Enum):
 
 # drops that may be counted against a peer (the others only globally)
 GLOBAL_DROPS = (DropReason.MALFORMED, DropReason.WRONG_VERSION, DropReason.UNKNOWN_PEER, DropReason.AUTH_FAILURE,
-                DropReason.NOT_ROUTABLE)
+                DropReason.AEAD_UNSUPPORTED, DropReason.NOT_ROUTABLE)
 PEER_DROPS = tuple(r for r in DropReason if r not in GLOBAL_DROPS)

@@ -18,7 +18,7 @@ import hmac
 import ipaddress
 
 from . import inner
-from .constants import (FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_CHALLENGE, KIND_DATA, KIND_KEEPALIVE,
+from .constants import (FLAG_AES, FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, KIND_CHALLENGE, KIND_DATA, KIND_KEEPALIVE,
                         KIND_MAX, KIND_REPORT, KIND_RESPONSE, KNOWN_FLAGS, MASK_SIZE, MIN_DATAGRAM, PATH_DIRECT,
                         TAG_SIZE, VNET_HDR_SIZE, WIRE_VERSION)
 from .constants import (PRUNE_INTERVAL, PATH_NOTICES_PER_INTERVAL, HOST_CACHE_LIMIT, ZERO_VNET, INNER_HEAD,
@@ -138,6 +138,9 @@ class Inbound:
                 or (shard and (kind != KIND_DATA or len(data) < SHARD_OVERHEAD + TAG_SIZE))):
             self.global_drops[DropReason.MALFORMED] += 1
             return
+        if flags & FLAG_AES and not self.settings.aes:
+            self._aes_unsupported(addr, now)
+            return
         f = fields(clear)
         # src == me: our own datagram reflected back (or forged); never ours to take
         key = self.table.pair_key(f.src, f.dst) if f.src != self.me else None
@@ -179,6 +182,18 @@ class Inbound:
             self.notices.append(f"datagrams of wire version {version} from {addr[0]}:{addr[1]} (this release "
                                 f"speaks {WIRE_VERSION}): every peer of a group must run a release of the same "
                                 f"wire version; counted as wrong_version, not logged for {VERSION_NOTICE_INTERVAL:.0f} s")
+
+    def _aes_unsupported(self, addr: Addr, now: float) -> None:
+        """A datagram sealed with AES-256-GCM for a node that does not use it:
+        its sender took an older answer of ours (we restarted without it),
+        or it is garbage (nothing here is authenticated yet)."""
+        self.global_drops[DropReason.AEAD_UNSUPPORTED] += 1
+        if now >= self._next_aes_notice:
+            self._next_aes_notice = now + VERSION_NOTICE_INTERVAL
+            self.notices.append(f"datagrams sealed with AES-256-GCM from {addr[0]}:{addr[1]}, which this node does "
+                                f"not open (config aead is xchacha20poly1305, or the CPU has no AES instructions); "
+                                f"the sender switches once our next answer to its challenge tells it; counted as "
+                                f"aead_unsupported, not logged for {VERSION_NOTICE_INTERVAL:.0f} s")
 
     def _accept(self, src: Peer, header: Header, data: bytes, plaintext: bytes | None, shard: tuple | None,
                 addr: Addr, now: float, out: Output) -> bool:

@@ -27,7 +27,7 @@ from typing import Callable
 
 from . import fec, health, loss
 from .challenges import Challenges
-from .constants import (DEFAULT_TTL, HELD_PACKETS, HOST_CACHE_LIMIT, KEEPALIVE_INTERVAL, KIND_CHALLENGE,
+from .constants import (CAP_AES, DEFAULT_TTL, FLAG_AES, HELD_PACKETS, HOST_CACHE_LIMIT, KEEPALIVE_INTERVAL, KIND_CHALLENGE,
                         KIND_KEEPALIVE, KIND_REPORT, NEXT_HOPS_KEPT, OVERHEAD, PATH_DIRECT, PEER_LIFETIME,
                         PATH_MTU_INTERVAL, PRUNE_INTERVAL, REPORT_INTERVAL, SEQ_LIMIT, TAG_SIZE, UNREACHABLE_BURST, VNET_HDR_SIZE)
 from .crypto import derive_group_key, mask_state
@@ -68,6 +68,10 @@ class NodeSettings:
     # networks a peer below us may send from besides its own tunnel address
     # (config peers.<id>.networks): peer ID -> ipaddress networks
     peer_networks: dict = field(default_factory=dict)
+    # data to a peer whose answers say it opens AES-256-GCM, on direct paths,
+    # is sealed with it (docs/protocol.md §4 "AEAD"); the daemon sets this
+    # from config `aead` and the CPU (crypto.aes_available)
+    aes: bool = False
 
     @property
     def max_datagram(self) -> int:
@@ -133,6 +137,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self.reassembly = Reassembler(self.loss.count_shards)
         self._next_report = now + REPORT_INTERVAL
         self._next_version_notice = -math.inf
+        self._next_aes_notice = -math.inf
         self._next: dict[Addr, _Next] = {}     # source address -> the shard predicted next from it (from_udp)
         self._singles: dict[Addr, _Single] = {}     # source address -> the whole datagram predicted next
         self.last_data: dict[int, float] = {}   # peer ID -> when it last sent us data (status: active or idle)
@@ -189,16 +194,37 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self.loss.clock_offsets[src.id] = round(offset)
 
     def _seal(self, kind: int, dst: int, key: bytes, payload: bytes, now: float, flags: int = 0,
-              pad: int | None = None) -> bytes:
+              pad: int | None = None, caps: bool = False) -> bytes:
         # challenges and answers are not padded to `padding`: their size says
         # nothing, and an answer must be no bigger than its challenge to go
-        # back to where the challenge came from; `pad`: a path MTU probe
+        # back to where the challenge came from; `pad`: a path MTU probe.
+        # `caps`: at least one byte of padding, the first saying what this
+        # node can do (CAP_*; an older release ignores padding)
         if pad is None:
             padding = self.settings.padding if kind < KIND_CHALLENGE else 0
             pad = padding - len(payload) if len(payload) < padding else 0
+        if caps:
+            pad = max(pad, 1)
+            payload = payload + bytes((CAP_AES if self.settings.aes else 0,)) + bytes(pad - 1)
+        elif pad:
+            payload = payload + bytes(pad)
         ts, seq = self._stamp(now)
         header = Header(self.settings.ttl, PATH_DIRECT, kind, self.me, dst, self.session, ts, seq, pad, flags)
-        return seal(self.group_key, key, header, payload + bytes(pad) if pad else payload)
+        return seal(self.group_key, key, header, payload)
+
+    def _aead_flag(self, peer: Peer, targets: list[Addr]) -> int:
+        """FLAG_AES for data to `peer` on `targets` when both ends open
+        AES-256-GCM and every target is a direct path of the peer: a relay
+        authenticates what it passes on, and an older or AES-less relay
+        could not (docs/protocol.md §4 "AEAD")."""
+        if not (self.settings.aes and peer.aes):
+            return 0
+        paths = peer.paths
+        for addr in targets:
+            path = paths.get(addr)
+            if path is None or path.relayed:
+                return 0
+        return FLAG_AES
 
     # ------------------------------------------------------------ where to send
     def _direct(self, peer_id: int, now: float) -> list[Addr]:
@@ -483,6 +509,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
                 "copies": self._parity(peer.id, 1),
                 "drops": {r.value: n for r, n in sorted(peer.drops.items(), key=lambda x: x[0].value)},
                 "clock_offset": None if peer.clock_offset is None else round(peer.clock_offset, 3),
+                "aead": "aes-256-gcm" if self.settings.aes and peer.aes else "xchacha20-poly1305",
             })
             peers[-1]["state"] = health.peer_state(peers[-1], now - self.started)
         return {"health": health.daemon_health({"peers": peers}), "id": format_id(self.me), "mode": self.settings.mode, "group": self.settings.group,

@@ -4,7 +4,8 @@
      peer the host's routing names, held until the daemon has asked it; a
      peer we hold no key for via our gateway);
   2. seal: header(src, dst, session, ts, seq) + XChaCha20-Poly1305 with the
-     pair key; a message too big for one datagram (a super-packet, a FEC
+     pair key (AES-256-GCM with the session's key where both ends have it,
+     Node._aead_flag); a message too big for one datagram (a super-packet, a FEC
      batch) is sealed once and sent as shards (wire.py), with parity from
      the loss the peer reports (fec.py, loss.py);
   3. emit on each target (loop guard, and no more to an unproven path than
@@ -98,7 +99,7 @@ class Outbound:
             return
         if batch is not None:
             self._flush(batches.pop(peer.id), now, out)     # keep the peer's packets in order
-        datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags, now,
+        datagrams = self._seal_message(KIND_DATA, peer.id, key, packet, flags | self._aead_flag(peer, targets), now,
                                        self._limit(peer, targets, len(packet), now))
         self._emit(peer, datagrams, targets, 1, inner.wants_early_copy(head), len(datagrams) == 1, now, out)
 
@@ -141,7 +142,7 @@ class Outbound:
         plaintext = b"".join(parts)
         if len(plaintext) < self.settings.padding:
             plaintext += bytes(self.settings.padding - len(plaintext))
-        flags = FLAG_BATCH | (FLAG_VNET if self.settings.vnet else 0)
+        flags = FLAG_BATCH | (FLAG_VNET if self.settings.vnet else 0) | self._aead_flag(batch.peer, batch.targets)
         datagrams = self._seal_message(KIND_DATA, batch.peer.id, batch.key, plaintext, flags, now,
                                        self._limit(batch.peer, batch.targets, len(plaintext), now))
         self._emit(batch.peer, datagrams, batch.targets, len(batch.packets), batch.early, False, now, out)

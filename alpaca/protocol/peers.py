@@ -157,7 +157,7 @@ class Peer:
     __slots__ = ("id", "entry", "psk_key", "paths", "last_rx", "up", "rx_packets", "rx_bytes",
                  "tx_packets", "tx_bytes", "relayed_packets", "drops", "replay", "replay_floor", "relay_windows",
                  "verified", "clock_offset", "clock_seen", "challenges", "next_challenge", "responses", "old_floors", "probes",
-                 "limited", "sent_big")
+                 "limited", "sent_big", "aes")
 
     def __init__(self, peer_id: int, entry: PeerEntry, now: float):
         self.id = peer_id
@@ -196,6 +196,7 @@ class Peer:
         self.probes: dict[Addr, Probe] = {}
         self.limited = False        # a way to the peer carries less than full-size datagrams
         self.sent_big = -math.inf   # when it was last sent a message a path MTU could stop
+        self.aes = False            # its latest answer to our challenge said it opens AES-256-GCM
         self.next_challenge = -math.inf
         self.responses = [0.0, 0]      # [second, responses sent in it]: answers are rate-limited
         # (window, session) -> newest second forgotten, for sessions gone from

@@ -3,7 +3,9 @@
 
 A whole datagram (a packet, a keepalive, a loss report, a FEC batch that fits):
 
-    masked(header, 26 B) | XChaCha20-Poly1305(plaintext) | tag (16 B)
+    masked(header, 26 B) | AEAD(plaintext) | tag (16 B)
+
+(AEAD: XChaCha20-Poly1305, or AES-256-GCM when the header has FLAG_AES.)
 
 A message too big for one datagram (a TUN super-packet, a FEC batch) is
 sealed once with the same AEAD and its ciphertext + tag, cut into k chunks
@@ -32,9 +34,9 @@ import hmac
 import struct
 from typing import NamedTuple
 
-from .constants import FRAG_HEADER_SIZE, HEADER_SIZE, MASK_SIZE, WIRE_VERSION
-from .crypto import (MAC_SIZE, NONCE_SIZE, TAG_SIZE, CryptoError, aead_open, aead_seal_into, mac,
-                     mask_state)
+from .constants import FLAG_AES, FRAG_HEADER_SIZE, HEADER_SIZE, MASK_SIZE, WIRE_VERSION
+from .crypto import (AES_NONCE_SIZE, MAC_SIZE, NONCE_SIZE, TAG_SIZE, CryptoError, aead_open, aead_seal_into, aes_key,
+                     aes_open, aes_seal_into, mac, mask_state)
 
 HEADER = struct.Struct(">BBBBHH8sIIH")
 SUB = struct.Struct(">BBBBH")         # index, k, m, length (hi byte, lo u16)
@@ -48,6 +50,7 @@ SAMPLE = 16                           # the mask sample: the last 16 bytes of a 
 # lowest byte is byte 23) and index + 1 (byte 26)
 NEXT_SHARD = (1 << 8 * (MASK_SIZE - 24)) + (1 << 8 * (MASK_SIZE - 27))
 _NONCE_PAD = bytes(NONCE_SIZE - 20)
+_AES_NONCE_PAD = bytes(AES_NONCE_SIZE - 8)
 # what varies between consecutive whole datagrams of one sender to one
 # receiver, in their 32 unmasked bytes as an int: seq (bytes 20-23) and
 # bytes 26-31 (ciphertext, not header); the rest is the same until its
@@ -153,10 +156,30 @@ def rewrite_mutable(datagram: bytes, full_mask: int, ttl: int, path: int) -> byt
 
 # ---------------------------------------------------------------- whole datagrams
 
+def _seal_into(out, offset: int, plaintext, raw: bytes, pair_key: bytes) -> None:
+    """The AEAD the header's flags name, its associated data header bytes
+    2-25. XChaCha20-Poly1305: the pair key, nonce src | dst | session | ts |
+    seq (and zeros). AES-256-GCM: the key of the sender's session
+    (crypto.aes_key of src | dst | session), nonce ts | seq (and zeros)."""
+    if raw[3] & FLAG_AES:
+        aes_seal_into(out, offset, plaintext, raw[MUTABLE_BYTES:HEADER_SIZE], raw[16:24] + _AES_NONCE_PAD,
+                      aes_key(pair_key, raw[4:16]))
+    else:
+        aead_seal_into(out, offset, plaintext, raw[MUTABLE_BYTES:HEADER_SIZE], raw[4:24] + _NONCE_PAD, pair_key)
+
+
+def _open(body, raw, pair_key: bytes) -> bytes:
+    """What _seal_into sealed under the header bytes `raw` (in clear)."""
+    if raw[3] & FLAG_AES:
+        return aes_open(body, raw[MUTABLE_BYTES:HEADER_SIZE], raw[16:24] + _AES_NONCE_PAD,
+                        aes_key(pair_key, raw[4:16]))
+    return aead_open(body, raw[MUTABLE_BYTES:HEADER_SIZE], raw[4:24] + _NONCE_PAD, pair_key)
+
+
 def seal(group_key: bytes, pair_key: bytes, header: Header, plaintext) -> bytes:
     raw = header.pack()
     out = bytearray(HEADER_SIZE + len(plaintext) + TAG_SIZE)
-    aead_seal_into(out, HEADER_SIZE, plaintext, raw[MUTABLE_BYTES:], raw[4:24] + _NONCE_PAD, pair_key)
+    _seal_into(out, HEADER_SIZE, plaintext, raw, pair_key)
     h = mask_state(group_key).copy()
     h.update(out[-SAMPLE:])
     mask = int.from_bytes(h.digest(), "big") >> SUB_BITS
@@ -172,8 +195,7 @@ def open_sealed(pair_key: bytes, header: Header, datagram) -> bytes:
 def open_clear(pair_key: bytes, clear: bytes, datagram) -> bytes:
     """open_sealed, given the datagram's header bytes in clear (the first
     HEADER_SIZE of its unmasked bytes) instead of a Header."""
-    return aead_open(memoryview(datagram)[HEADER_SIZE:], clear[MUTABLE_BYTES:HEADER_SIZE], clear[4:24] + _NONCE_PAD,
-                     pair_key)
+    return _open(memoryview(datagram)[HEADER_SIZE:], clear, pair_key)
 
 
 # ---------------------------------------------------------------- messages and shards
@@ -183,14 +205,13 @@ def seal_message(pair_key: bytes, header: Header, plaintext) -> bytearray:
     for the whole message; `header` has the message's seq)."""
     raw = header.pack()
     out = bytearray(len(plaintext) + TAG_SIZE)
-    aead_seal_into(out, 0, plaintext, raw[MUTABLE_BYTES:], raw[4:24] + _NONCE_PAD, pair_key)
+    _seal_into(out, 0, plaintext, raw, pair_key)
     return out
 
 
 def open_message(pair_key: bytes, header: Header, body) -> bytes:
     """Authenticate and decrypt a reassembled message (ciphertext + tag)."""
-    raw = header.pack()
-    return aead_open(body, raw[MUTABLE_BYTES:], raw[4:24] + _NONCE_PAD, pair_key)
+    return _open(body, header.pack(), pair_key)
 
 
 def frame_shards(group_key: bytes, shard_key: bytes, header: Header, chunks: list, k: int, m: int,
