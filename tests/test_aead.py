@@ -152,3 +152,21 @@ def test_real_daemons_agree_on_the_aead(tmp_path, client_aead, expected):
             peer = next(p for p in status["peers"] if p["id"] == other)
             assert peer["aead"] == expected, (host, peer)
             assert not {"auth_failure", "aead_unsupported"} & set(status["drops"]), status["drops"]
+
+
+def test_forged_aes_datagrams_leave_no_key_behind():
+    """A receiver derives the AES key of whatever session a forged header
+    names, but keeps it only once a datagram under it authenticated."""
+    from alpaca.protocol import crypto
+    client, server, wire = acquainted(True, True)
+    crypto._aes_keys.clear()
+    for i in range(50):
+        forged = bytearray(make_datagram("16.1", "1.1", b"x" * 60, ts=T0 + 2, seq=100 + i,
+                                         session=bytes([i]) * 8))
+        forged[3] ^= FLAG_AES                   # "sealed with AES" under the same mask: it is not
+        server.from_udp([(bytes(forged), addr("16.1"))], T0 + 2)
+    assert server.global_drops[DropReason.AUTH_FAILURE] == 50
+    assert crypto._aes_keys == {}
+    out = client.from_tun([tcp(tun_ip("16.1"), tun_ip("1.1"), data=b"x" * 100)], T0 + 2)
+    wire.run(out.sends, "16.1", T0 + 2)
+    assert len(crypto._aes_keys) == 1           # the client's, sealing and opening alike

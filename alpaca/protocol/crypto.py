@@ -111,17 +111,25 @@ def aes_available() -> bool:
     return bool(lib.crypto_aead_aes256gcm_is_available())
 
 
-def aes_key(pair_key: bytes, sender: bytes) -> bytes:
+def aes_key(pair_key: bytes, sender: bytes, keep: bool = True) -> bytes:
     """The AES-256-GCM key of one sender session of a pair: `sender` is the
     header's src | dst | session (12 bytes). Its 12-byte nonces are then
     (ts, seq) and zeros, which that session never repeats: the pair key
-    alone would be shared by both directions and every restart."""
+    alone would be shared by both directions and every restart. `keep`:
+    cache it (a receiver keeps it only once a datagram under it opened,
+    keep_aes_key, so forgeries cannot crowd out the real keys)."""
     key = _aes_keys.get((pair_key, sender))
     if key is None:
-        if len(_aes_keys) >= AES_KEYS_LIMIT:
-            _aes_keys.clear()
-        key = _aes_keys[(pair_key, sender)] = _blake2b(sender, _PERSON_AES, key=pair_key)
+        key = _blake2b(sender, _PERSON_AES, key=pair_key)
+        if keep:
+            keep_aes_key(pair_key, sender, key)
     return key
+
+
+def keep_aes_key(pair_key: bytes, sender: bytes, key: bytes) -> None:
+    if len(_aes_keys) >= AES_KEYS_LIMIT and (pair_key, sender) not in _aes_keys:
+        _aes_keys.clear()
+    _aes_keys[(pair_key, sender)] = key
 
 
 _aes_keys: dict[tuple[bytes, bytes], bytes] = {}
@@ -161,4 +169,4 @@ _mask_states: dict[bytes, object] = {}
 
 __all__ = ["CryptoError", "TAG_SIZE", "MAC_SIZE", "MASK_BYTES", "NONCE_SIZE", "genkey", "derive_group_key",
            "derive_psk_key", "derive_pair_key", "derive_shard_key", "aead_seal_into", "aead_open", "mac",
-           "mask_state", "AES_NONCE_SIZE", "aes_available", "aes_key", "aes_seal_into", "aes_open"]
+           "mask_state", "AES_NONCE_SIZE", "aes_available", "aes_key", "keep_aes_key", "aes_seal_into", "aes_open"]

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 from .constants import FLAG_AES, FRAG_HEADER_SIZE, HEADER_SIZE, MASK_SIZE, WIRE_VERSION
 from .crypto import (AES_NONCE_SIZE, MAC_SIZE, NONCE_SIZE, TAG_SIZE, CryptoError, aead_open, aead_seal_into, aes_key,
-                     aes_open, aes_seal_into, mac, mask_state)
+                     aes_open, aes_seal_into, keep_aes_key, mac, mask_state)
 
 HEADER = struct.Struct(">BBBBHH8sIIH")
 SUB = struct.Struct(">BBBBH")         # index, k, m, length (hi byte, lo u16)
@@ -171,8 +171,11 @@ def _seal_into(out, offset: int, plaintext, raw: bytes, pair_key: bytes) -> None
 def _open(body, raw, pair_key: bytes) -> bytes:
     """What _seal_into sealed under the header bytes `raw` (in clear)."""
     if raw[3] & FLAG_AES:
-        return aes_open(body, raw[MUTABLE_BYTES:HEADER_SIZE], raw[16:24] + _AES_NONCE_PAD,
-                        aes_key(pair_key, raw[4:16]))
+        sender = raw[4:16]
+        key = aes_key(pair_key, sender, keep=False)
+        plaintext = aes_open(body, raw[MUTABLE_BYTES:HEADER_SIZE], raw[16:24] + _AES_NONCE_PAD, key)
+        keep_aes_key(pair_key, sender, key)        # (only once something under it authenticated)
+        return plaintext
     return aead_open(body, raw[MUTABLE_BYTES:HEADER_SIZE], raw[4:24] + _NONCE_PAD, pair_key)
 
 
