@@ -377,6 +377,39 @@ def test_a_train_in_one_batch_checks_every_shard(monkeypatch):
     assert frm not in server._next or server._next[frm].done
 
 
+def test_a_relayed_train_checks_every_shard(monkeypatch):
+    """A forwarder relays the shards of a GRO train in one go (relay._RelayNext),
+    but shard by shard: a forged shard, a copy and a stranger's datagram in
+    the middle of one batch are each refused or handled on their own, every
+    genuine shard is relayed exactly once, and the server decodes the message."""
+    client = make_node("16.1", gateway="1.1", forwarders=("1.2",), vnet=True)
+    forwarder = make_node("1.2", mode="forwarder")
+    server = make_node("1.1", vnet=True)
+    wire = Wire(client, forwarder, server)
+    wire.tick(client, T0)                                   # the client's path at the forwarder is proven
+    packet = super_packet()
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    frm, other = addr("16.1"), ("198.51.100.9", 4000)
+    forged = bytearray(shards[7])
+    forged[MASK_SIZE + 100] ^= 1                            # same sample, same predicted header
+    batch = ([(d, frm) for d in shards[:7]] + [(bytes(forged), frm), (shards[5], frm), (os.urandom(200), other)]
+             + [(d, frm) for d in shards[7:]])
+    full_path = []
+    receive = forwarder._receive
+    monkeypatch.setattr(forwarder, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    source = forwarder.table.get(pid("16.1"))
+    before = source.relayed_packets                         # (the keepalives it relayed)
+    out = forwarder.from_udp(batch, T0 + 0.1)
+    assert source.relayed_packets - before == len(shards) == len(out.sends)
+    assert forwarder.global_drops[DropReason.AUTH_FAILURE] == 1 and source.drops[DropReason.DUPLICATE] == 1
+    # the full path saw the first shard, the forgery, the copy and the stranger's datagram: nothing else
+    assert len(full_path) == 4 and full_path[0] == shards[0] and full_path[1] == bytes(forged)
+    relayed = [d for d, _ in out.sends]
+    assert all(header_of(d).path and header_of(d).ttl == header_of(shards[0]).ttl - 1 for d in relayed)
+    assert [d[MASK_SIZE:] for d in relayed] == [d[MASK_SIZE:] for d in shards]     # each once, unchanged
+    assert wire.run(out.sends, "1.2", T0 + 0.1).tun["1.1"] == [packet]
+
+
 def test_a_prediction_skips_lost_shards_only_after_the_mac(monkeypatch):
     """With shards lost on the way, the prediction moves on to the one that
     came (same header, seq and index j further), but only once its MAC

@@ -9,7 +9,8 @@
 The next shard of a message in progress is predicted (_Next) and still has
 its MAC, the replay window and the filing checked; so is the next whole
 data datagram from an address (_Single), which still has its AEAD, the
-replay window and its source checked.
+replay window and its source checked, and the next shard to relay
+(relay._RelayNext), which still has its MAC and the relay window checked.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class Inbound:
 
     def from_udp(self, datagrams: list[tuple[bytes, Addr]], now: float) -> Output:
         out = Output()
-        state, from_bytes, nexts, singles = self._mask_state, int.from_bytes, self._next, self._singles
+        state, from_bytes, nexts, singles, relays = (self._mask_state, int.from_bytes, self._next, self._singles,
+                                                     self._relay_next)
         i, n = 0, len(datagrams)
         while i < n:
             data, addr = datagrams[i]
@@ -107,6 +109,13 @@ class Inbound:
                         taken = self._train(nxt, clear, data, datagrams, i, now, out)
                 elif gap > 0 and not gap % NEXT_SHARD:
                     taken = self._skip_to(nxt, gap // NEXT_SHARD, clear, data, datagrams, i, now, out)
+                if taken >= 0:
+                    i += taken
+                    continue
+            # likewise the next shard of a message this node relays
+            relay_next = relays.get(addr) if relays else None
+            if relay_next is not None and clear == relay_next.clear:
+                taken = self._relay_train(relay_next, full, data, datagrams, i, addr, now, out)
                 if taken >= 0:
                     i += taken
                     continue
@@ -167,7 +176,8 @@ class Inbound:
             shard = None
         src = self.table.get(header.src)
         if header.dst != self.me:
-            self._relay(header, full, data, plaintext, addr, src, now, out)
+            if self._relay(header, full, data, plaintext, addr, src, now, out) and shard is not None:
+                self._predict_relay(src, header, shard, addr)
         elif kind == KIND_CHALLENGE:
             self._on_challenge(src, header, plaintext, len(data), addr, now, out)
         elif kind == KIND_RESPONSE:

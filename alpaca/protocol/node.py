@@ -38,7 +38,7 @@ from .outbound import UNRESOLVED, Outbound
 from .output import Output
 from .peers import Addr, Peer, PeerEntry, PeerTable, addr_family, addr_text, measure_offset
 from .reassembly import Reassembler
-from .relay import Relay
+from .relay import Relay, _RelayNext
 from .wire import SHARD_OVERHEAD, Header, seal
 
 
@@ -140,6 +140,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         self._next_aes_notice = -math.inf
         self._next: dict[Addr, _Next] = {}     # source address -> the shard predicted next from it (from_udp)
         self._singles: dict[Addr, _Single] = {}     # source address -> the whole datagram predicted next
+        self._relay_next: dict[Addr, _RelayNext] = {}   # source address -> the shard to relay predicted next
         self.last_data: dict[int, float] = {}   # peer ID -> when it last sent us data (status: active or idle)
         self._parity_logged: dict[int, int] = {}  # peer ID -> parity per 64 KiB its last parity notice named
 
@@ -153,6 +154,7 @@ class Node(Inbound, Outbound, Relay, Challenges):
         added, changed, removed = self.table.apply(peers, now)
         self._next.clear()          # they may name a peer object that is gone, or a key changed
         self._singles.clear()
+        self._relay_next.clear()
         for peer_id in changed + removed:
             self.reassembly.forget_peer(peer_id)
             self.last_data.pop(peer_id, None)
