@@ -99,7 +99,7 @@ from unittest import mock
 import protocol_helpers as ph  # tests/protocol_helpers.py, beside this file
 
 from alpaca.protocol import crypto, fec, wire
-from alpaca.protocol.constants import (DEFAULT_TTL, FLAG_FRAG, KIND_CHALLENGE, KIND_DATA, KIND_KEEPALIVE,
+from alpaca.protocol.constants import (DEFAULT_TTL, FLAG_AES, FLAG_FRAG, KIND_CHALLENGE, KIND_DATA, KIND_KEEPALIVE,
                                        KIND_REPORT, KIND_RESPONSE, MAX_TTL, MIN_DATAGRAM, PATH_RELAYED,
                                        REPLAY_WINDOW, SEQ_LIMIT, TAG_SIZE)
 from alpaca.protocol.drops import DropReason
@@ -201,7 +201,10 @@ def settings_of(name: str) -> NodeSettings:
     # own garbage and replays cause would move the parity from one run to the
     # next; a fixed ratio sends every packet of 16.1 that fits a datagram as
     # a FEC batch of one packet, k data shards and m parity shards
-    common = {"my_id": ph.pid(name), "net": ph.NET, "group": GROUP, "fec": None}
+    common = {"my_id": ph.pid(name), "net": ph.NET, "group": GROUP, "fec": None,
+              # 1.1 and 16.1 seal their data to each other with AES-256-GCM
+              # (where the CPU has it); the others keep XChaCha20-Poly1305
+              "aes": name in ("1.1", "16.1") and crypto.aes_available()}
     if name == "1.1":
         # the clients' IPv6 packets come from a network of their own (their
         # tunnel addresses are IPv4): configured, as peers.<id>.networks
@@ -304,7 +307,8 @@ class FdpSource:
 # notices that unauthenticated input may cause, at most one a minute each
 # whatever sent it (checked on their own in Harness.feed): their marker and
 # the drop that must come with one
-RATE_LIMITED_NOTICES = (("wire version", DropReason.WRONG_VERSION), ("AES-256-GCM", DropReason.AEAD_UNSUPPORTED))
+RATE_LIMITED_NOTICES = (("wire version", DropReason.WRONG_VERSION),
+                        ("datagrams sealed with AES-256-GCM", DropReason.AEAD_UNSUPPORTED))
 
 
 def _notices(node: Node) -> int:
@@ -672,7 +676,8 @@ class Harness:
                 data = s.choice(self._shards(s, pair, header, payload or b"x"))
             else:
                 data = wire.seal(self.group_key, pair, header, payload)
-            return name, data, ADDR[src], self._no_key_reason(name, header.src, header.dst, DropReason.AUTH_FAILURE)
+            return name, data, ADDR[src], self._no_key_reason(name, header.src, header.dst, DropReason.AUTH_FAILURE,
+                                                              header.flags)
         if family == "bad_body":
             if s.chance(0.5):      # the exact header (and sub-header) of a real datagram
                 datagram, frm, to = self._some_real(s)
@@ -699,7 +704,8 @@ class Harness:
             body = s.bytes(length)
             mask = mask_of(self.group_key, body) >> (0 if shard else SUB_BITS)
             data = (int.from_bytes(raw, "big") ^ mask).to_bytes(len(raw), "big") + body
-            return name, data, frm, self._no_key_reason(name, header.src, header.dst, DropReason.AUTH_FAILURE)
+            return name, data, frm, self._no_key_reason(name, header.src, header.dst, DropReason.AUTH_FAILURE,
+                                                        header.flags)
         if family == "session":
             # a datagram sealed with the real pair key in a session no node
             # has verified: a member that restarted, or one forging traffic
@@ -716,11 +722,15 @@ class Harness:
     def _ttl(self, data: bytes) -> int:
         return wire.peek(self.group_key, data)[0].ttl
 
-    def _no_key_reason(self, name: str, src: int, dst: int, otherwise: DropReason) -> DropReason:
-        """UNKNOWN_PEER when the receiver holds no key for (src, dst) or src is itself."""
+    def _no_key_reason(self, name: str, src: int, dst: int, otherwise: DropReason, flags: int = 0) -> DropReason:
+        """UNKNOWN_PEER when the receiver holds no key for (src, dst) or src
+        is itself; AEAD_UNSUPPORTED when it is flagged AES-256-GCM and the
+        receiver does not open that."""
         lo, hi = min(src, dst), max(src, dst)
         if src == ph.pid(name) or (lo, hi) not in self.pairs[name]:
             return DropReason.UNKNOWN_PEER
+        if flags & FLAG_AES and not self.nodes[name].settings.aes:
+            return DropReason.AEAD_UNSUPPORTED
         return otherwise
 
     # ------------------------------------------------------------ one input
@@ -789,10 +799,13 @@ class Harness:
             ways.update(node.table.peers[f].paths)
         challenges = answers = 0
         reports: collections.Counter[bytes] = collections.Counter()
+        report_sends: collections.Counter[tuple] = collections.Counter()
         for d, to in sends:
             if d in reports:
                 reports[d] += 1             # (a copy: recorded once)
-                if reports[d] > node.report_copies(src):
+                report_sends[(d, to)] += 1
+                if report_sends[(d, to)] > node.report_copies(src):
+                    # (on each way to the peer, as a one-datagram message goes)
                     fail("sent a loss report more often than a one-datagram message to the peer")
                 continue
             rec = self._record(d, name, None)
@@ -800,6 +813,7 @@ class Harness:
                 # the first shard tally for src goes out at once (loss.py),
                 # one report in its copies (node._send_reports)
                 reports[d] += 1
+                report_sends[(d, to)] += 1
                 if len(reports) > 1 or src not in node.loss.told:
                     fail("sent a loss report on input other than its first tally for the peer")
                 continue
@@ -836,6 +850,10 @@ class Harness:
         rec = self.sealed.get(data[MUTABLE_BYTES:]) if len(data) >= MIN_DATAGRAM else None
         if rec is not None and self._no_key_reason(name, rec.src, rec.dst, None) is not None:
             klass, expect = "unauth", DropReason.UNKNOWN_PEER     # reflected, or a pair we hold no key for
+        elif rec is not None and not node.settings.aes and wire.peek(self.group_key, data)[0].flags & FLAG_AES:
+            # a real datagram sealed with AES-256-GCM (between 1.1 and 16.1)
+            # that reached a node which does not open it: it cannot be told from garbage
+            klass, expect = "unauth", DropReason.AEAD_UNSUPPORTED
         elif rec is None:
             klass = "unauth"
         else:

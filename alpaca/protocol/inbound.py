@@ -147,14 +147,14 @@ class Inbound:
                 or (shard and (kind != KIND_DATA or len(data) < SHARD_OVERHEAD + TAG_SIZE))):
             self.global_drops[DropReason.MALFORMED] += 1
             return
-        if flags & FLAG_AES and not self.settings.aes:
-            self._aes_unsupported(addr, now)
-            return
         f = fields(clear)
         # src == me: our own datagram reflected back (or forged); never ours to take
         key = self.table.pair_key(f.src, f.dst) if f.src != self.me else None
         if key is None:
             self.global_drops[DropReason.UNKNOWN_PEER] += 1
+            return
+        if flags & FLAG_AES and not self.settings.aes:
+            self._aes_unsupported(addr, now)
             return
         header = f.header()
         if shard:
