@@ -241,5 +241,14 @@ def _replay_state(peer) -> object:
             getattr(peer, "replay_floor", None))
 
 
+def full_path_of(node: Node, monkeypatch) -> list[bytes]:
+    """The datagrams that reach the node's full receive path (Node._receive)
+    from now on, not a prediction (inbound._Next, _Single, relay._RelayNext)."""
+    seen = []
+    receive = node._receive
+    monkeypatch.setattr(node, "_receive", lambda data, *a: (seen.append(data), receive(data, *a)))
+    return seen
+
+
 def total_drops(node: Node) -> int:
     return sum(node.global_drops.values()) + sum(sum(p.drops.values()) for p in node.table.peers.values())

@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 import random
 
-from protocol_helpers import (START, T0, Wire, addr, data_only, header_of, make_datagram, make_node, name, pid,
-                              tcp, trust, tun_ip)
+from protocol_helpers import (START, T0, Wire, addr, data_only, full_path_of, header_of, make_datagram, make_node, name,
+                              pid, tcp, trust, tun_ip)
 from test_fragments import super_packet
 
 from alpaca.protocol import fec
@@ -351,6 +351,16 @@ def test_the_predicted_next_shard_is_still_authenticated_and_replay_checked():
     assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] == 2
 
 
+def spoiled_train(shards: list[bytes], frm: tuple) -> tuple[list, bytes]:
+    """One receive batch of a message's shards from frm with, in the middle,
+    a forgery of shard 7 (same sample, so the same predicted header), a copy
+    of shard 5 and a stranger's datagram. Returns it and the forgery."""
+    forged = bytearray(shards[7])
+    forged[MASK_SIZE + 100] ^= 1
+    middle = [(bytes(forged), frm), (shards[5], frm), (os.urandom(200), ("198.51.100.9", 4000))]
+    return [(d, frm) for d in shards[:7]] + middle + [(d, frm) for d in shards[7:]], bytes(forged)
+
+
 def test_a_train_in_one_batch_checks_every_shard(monkeypatch):
     """A GRO train is taken in one go (inbound._train), but shard by shard:
     a forged shard, a copy and another sender's datagram in the middle of
@@ -360,20 +370,15 @@ def test_a_train_in_one_batch_checks_every_shard(monkeypatch):
     Wire(client, server).tick(client, T0)
     packet = super_packet()
     shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
-    frm, other = addr("16.1"), ("198.51.100.9", 4000)
-    forged = bytearray(shards[7])
-    forged[MASK_SIZE + 100] ^= 1                            # same sample, same predicted header
-    batch = ([(d, frm) for d in shards[:7]] + [(bytes(forged), frm), (shards[5], frm), (os.urandom(200), other)]
-             + [(d, frm) for d in shards[7:]])
-    full_path = []
-    receive = server._receive
-    monkeypatch.setattr(server, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    frm = addr("16.1")
+    batch, forged = spoiled_train(shards, frm)
+    full_path = full_path_of(server, monkeypatch)
     out = server.from_udp(batch, T0 + 0.1)
     assert out.tun == [packet]
     assert server.global_drops[DropReason.AUTH_FAILURE] == 1
     assert server.table.get(pid("16.1")).drops[DropReason.DUPLICATE] == 1
     # the full path saw the first shard, the forgery, the copy and the stranger's datagram: nothing else
-    assert len(full_path) == 4 and full_path[0] == shards[0] and full_path[1] == bytes(forged)
+    assert len(full_path) == 4 and full_path[0] == shards[0] and full_path[1] == forged
     assert frm not in server._next or server._next[frm].done
 
 
@@ -389,21 +394,16 @@ def test_a_relayed_train_checks_every_shard(monkeypatch):
     wire.tick(client, T0)                                   # the client's path at the forwarder is proven
     packet = super_packet()
     shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
-    frm, other = addr("16.1"), ("198.51.100.9", 4000)
-    forged = bytearray(shards[7])
-    forged[MASK_SIZE + 100] ^= 1                            # same sample, same predicted header
-    batch = ([(d, frm) for d in shards[:7]] + [(bytes(forged), frm), (shards[5], frm), (os.urandom(200), other)]
-             + [(d, frm) for d in shards[7:]])
-    full_path = []
-    receive = forwarder._receive
-    monkeypatch.setattr(forwarder, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    frm = addr("16.1")
+    batch, forged = spoiled_train(shards, frm)
+    full_path = full_path_of(forwarder, monkeypatch)
     source = forwarder.table.get(pid("16.1"))
     before = source.relayed_packets                         # (the keepalives it relayed)
     out = forwarder.from_udp(batch, T0 + 0.1)
     assert source.relayed_packets - before == len(shards) == len(out.sends)
     assert forwarder.global_drops[DropReason.AUTH_FAILURE] == 1 and source.drops[DropReason.DUPLICATE] == 1
     # the full path saw the first shard, the forgery, the copy and the stranger's datagram: nothing else
-    assert len(full_path) == 4 and full_path[0] == shards[0] and full_path[1] == bytes(forged)
+    assert len(full_path) == 4 and full_path[0] == shards[0] and full_path[1] == forged
     relayed = [d for d, _ in out.sends]
     assert all(header_of(d).path and header_of(d).ttl == header_of(shards[0]).ttl - 1 for d in relayed)
     assert [d[MASK_SIZE:] for d in relayed] == [d[MASK_SIZE:] for d in shards]     # each once, unchanged
@@ -422,9 +422,7 @@ def test_a_prediction_skips_lost_shards_only_after_the_mac(monkeypatch):
     packet = super_packet()
     shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
     frm = addr("16.1")
-    full_path = []
-    receive = server._receive
-    monkeypatch.setattr(server, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    full_path = full_path_of(server, monkeypatch)
     server.from_udp([(d, frm) for d in shards[:3]], T0 + 0.1)
     assert full_path == [shards[0]] and server._next[frm].index == 3
     forged = bytearray(shards[6])                           # 3, 4 and 5 "lost"
@@ -449,9 +447,7 @@ def test_the_parity_of_a_one_shard_message_is_predicted_and_still_authenticated(
     shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
     assert len(shards) == 5
     frm = addr("16.1")
-    full_path = []
-    receive = server._receive
-    monkeypatch.setattr(server, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    full_path = full_path_of(server, monkeypatch)
     assert server.from_udp([(shards[0], frm)], T0 + 0.1).tun == [packet]
     assert server._next[frm].done and server._next[frm].index == 1
     forged = bytearray(shards[1])

@@ -9,7 +9,7 @@ forgets every prediction (a removed or re-keyed peer gets nothing through).
 
 from __future__ import annotations
 
-from protocol_helpers import T0, Wire, addr, entries, make_node, pid, tun_ip, udp
+from protocol_helpers import T0, Wire, addr, entries, full_path_of, make_node, pid, tun_ip, udp
 
 from alpaca.protocol.constants import HEADER_SIZE
 from alpaca.protocol.drops import DropReason
@@ -22,9 +22,7 @@ def proven_pair(monkeypatch):
     full-path receives are recorded (the datagrams it parsed)."""
     client, server = make_node("16.1", gateway="1.1"), make_node("1.1")
     Wire(client, server).tick(client, T0)
-    full_path = []
-    receive = server._receive
-    monkeypatch.setattr(server, "_receive", lambda data, *a: (full_path.append(data), receive(data, *a)))
+    full_path = full_path_of(server, monkeypatch)
     return client, server, full_path
 
 
