@@ -424,7 +424,7 @@ class Harness:
         self.answers: dict[tuple, list] = {}            # (node, peer) -> [second, answers sent in it]
         self.challenges_seen: dict[str, set] = {n: set() for n in NAMES}   # challenge idents taken in
         self.unanswered = 0                             # challenges past RESPONSE_LIMIT (consumed silently)
-        self.version_notice: dict[tuple, float] = {}    # (node, marker) -> when it last gave that notice
+        self.last_notice: dict[tuple, float] = {}       # (node, marker) -> when it last gave that notice
         self.wire: collections.deque = collections.deque()   # (datagram, from, to) in flight
         self.history: list[tuple[bytes, tuple, tuple]] = []  # recent real datagrams
         self.accepted_ring: list[tuple[bytes, str, tuple]] = []  # (datagram, receiver, from)
@@ -927,9 +927,9 @@ class Harness:
             lines = [line for line in node.notices[notices0:] if marker in line]
             if lines:
                 if len(lines) > 1 or not gd[reason] or \
-                        now - self.version_notice.get((name, marker), -VERSION_NOTICE_INTERVAL) < VERSION_NOTICE_INTERVAL:
+                        now - self.last_notice.get((name, marker), -VERSION_NOTICE_INTERVAL) < VERSION_NOTICE_INTERVAL:
                     fail(f"a notice about {marker} for another input, or more than one a minute")
-                self.version_notice[(name, marker)] = now
+                self.last_notice[(name, marker)] = now
         if klass in ("unauth", "dup", "stale"):
             if out.tun or out.sends:
                 fail("produced output")
