@@ -8,10 +8,33 @@ import pytest
 from alpaca.protocol import loss
 from alpaca.protocol.fec import parity_for
 from alpaca.protocol.constants import REASSEMBLY_TIMEOUT
-from alpaca.protocol.loss import PRIOR_LOSS, BadReport, LossMeter
+from alpaca.protocol.loss import KEEP, PRIOR_LOSS, PRIOR_WEIGHT, BadReport, LossMeter
 from alpaca.protocol.reassembly import Reassembler
 
 T = 1_700_000_000
+
+
+def expected_loss(*samples: tuple[int, int]) -> float:
+    """The estimate after these (lost, sent) samples: the prior first, as
+    PRIOR_WEIGHT shards sent, then every sample weighing down what came before."""
+    lost, sent = PRIOR_LOSS * PRIOR_WEIGHT, PRIOR_WEIGHT
+    for sample_lost, sample_sent in samples:
+        lost, sent = KEEP * lost + sample_lost, KEEP * sent + sample_sent
+    return lost / sent
+
+
+def test_a_small_clean_first_sample_keeps_parity():
+    # 5 % loss shows none in a dozen shards more often than not: such a
+    # sample moves the prior, it does not replace it
+    rx, tx = LossMeter(47), LossMeter(47)
+    rx.count_shards(1, 12, 12)
+    (_, payload), = rx.reports(T)
+    assert tx.on_report(1, payload, 0.0) == pytest.approx(expected_loss((0, 12))) and expected_loss((0, 12)) > 0.08
+    assert tx.parity(1, 14) >= parity_for(0.05, 14) > 0
+    # a bulk transfer's next sample says the path is clean
+    rx.count_shards(1, 5000, 5000)
+    (_, payload), = rx.reports(T + 1)
+    assert tx.on_report(1, payload, 0.5) < 0.0005 and tx.parity(1, 47) == 0
 
 
 def test_a_report_covers_complete_seconds_with_zeros_and_only_once():
@@ -23,10 +46,10 @@ def test_a_report_covers_complete_seconds_with_zeros_and_only_once():
     assert rx.reports(T + 1.9) == []                       # T is not REPORT_DELAY behind yet
     (peer, payload), = rx.reports(T + 3)                   # T and T + 1
     assert peer == 7
-    assert tx.on_report(7, payload, 0.0) == pytest.approx(1 - 90 / 200)   # the silent second counts as lost
+    assert tx.on_report(7, payload, 0.0) == pytest.approx(expected_loss((110, 200)))   # the silent second counts as lost
     assert rx.reports(T + 3.5) == []                       # nothing new
     (_, payload), = rx.reports(T + 4)                      # T + 2
-    assert tx.on_report(7, payload, 0.0) == pytest.approx(0.5 * 0.2 + 0.5 * 0.55)
+    assert tx.on_report(7, payload, 0.0) == pytest.approx(expected_loss((110, 200), (20, 100)))
     assert not tx.sent.get(7)
 
 
@@ -39,13 +62,14 @@ def test_estimates_need_a_sample_and_weigh_samples_by_their_size():
     tx.count_sent(1, T + 1, 14)
     rx.count_arrived(1, T + 1, 12)
     (_, payload), = rx.reports(T + 3)
-    assert tx.on_report(1, payload, 0.0) == pytest.approx(0.25)  # 15 of 20
+    assert tx.on_report(1, payload, 0.0) == pytest.approx(expected_loss((5, 20)))  # 15 of 20
     tx.count_sent(1, T + 2, 100)
     rx.count_arrived(1, T + 2, 100)
     (_, payload), = rx.reports(T + 4)
-    # 100 clean: the 20 before weigh half, so (5 / 2) lost of (20 / 2 + 100)
-    assert tx.on_report(1, payload, 0.0) == pytest.approx(2.5 / 110)
-    assert (tx.parity(1, 47), tx.parity(1, 1)) == (parity_for(2.5 / 110, 47), parity_for(2.5 / 110, 1))
+    # 100 clean: the 20 before (and the prior) weigh half
+    after = expected_loss((5, 20), (0, 100))
+    assert tx.on_report(1, payload, 0.0) == pytest.approx(after) and after < 0.04
+    assert (tx.parity(1, 47), tx.parity(1, 1)) == (parity_for(after, 47), parity_for(after, 1))
     # and a small clean sample after a big one barely moves it (the last
     # report of a transfer does not halve what the transfer measured)
     tx.count_sent(1, T + 3, 10_000)
@@ -86,8 +110,8 @@ def test_shard_tallies_are_reported_at_once_and_need_no_seconds():
     rx.count_shards(5, 47, 33)
     (peer, payload), = rx.reports(T + 0.5)                 # no complete second needed
     assert peer == 5 and rx.reports(T + 1.0) == []
-    assert tx.on_report(5, payload, 0.0) == pytest.approx(1 - 93 / 132)
-    assert tx.parity(5, 47) == parity_for(1 - 93 / 132, 47)
+    assert tx.on_report(5, payload, 0.0) == pytest.approx(expected_loss((39, 132)))
+    assert tx.parity(5, 47) == parity_for(expected_loss((39, 132)), 47)
     with pytest.raises(BadReport):                         # more arrived than sent
         tx.on_report(5, payload[:5] + (10).to_bytes(4, "big") + (11).to_bytes(4, "big"), 0.0)
 
@@ -157,11 +181,12 @@ def test_bulk_is_spread_when_every_path_is_lossy_and_the_estimate_follows():
     rx, tx = LossMeter(47), LossMeter(47)
     tx.paths[3] = 2                                         # its latest bulk could use two paths
     # the union of two 30 % paths loses 9 %: spread, and the estimate is one path's
-    assert _report(rx, tx, 3, T, 1000, 910, now=T) == pytest.approx(0.3)
-    assert 3 in tx.spread and tx.parity(3, 47) == parity_for(0.3, 47)
+    one_path = expected_loss((90, 1000)) ** 0.5
+    assert _report(rx, tx, 3, T, 1000, 910, now=T) == pytest.approx(one_path) and 0.3 <= one_path < 0.31
+    assert 3 in tx.spread and tx.parity(3, 47) == parity_for(one_path, 47)
     # reports within SETTLE mix both ways of sending: not counted
     assert _report(rx, tx, 3, T + 1, 1000, 910, now=T + loss.SETTLE / 2) is None
-    assert tx.loss[3] == pytest.approx(0.3)
+    assert tx.loss[3] == pytest.approx(one_path)
     # spread, the paths turn clean: below SPREAD_LEAVE it goes on every path again
     estimate = 0.3
     for i in range(2, 12):
@@ -182,5 +207,5 @@ def test_one_path_never_switches_and_a_little_union_loss_does_not_spread():
     assert _report(rx, tx, 3, T, 1000, 700, now=T) == pytest.approx(0.3)
     assert not tx.spread
     tx.paths[4] = 2
-    assert _report(rx, tx, 4, T, 1000, 995, now=T) == pytest.approx(0.005)   # one clean path: ~0
+    assert _report(rx, tx, 4, T, 1000, 995, now=T) == pytest.approx(expected_loss((5, 1000)))   # one clean path: ~0
     assert not tx.spread
