@@ -459,6 +459,16 @@ def nonce(h) -> tuple:
     return (h.src, h.dst, h.session, h.ts, h.seq)
 
 
+def distinct_datagrams(captured: dict[str, list[bytes]]) -> dict[str, list[bytes]]:
+    """Each capture without repeats, after checking that no nonce sealed two
+    different datagrams in any of them. A loss report goes out in copies of
+    one datagram (same bytes, same nonce): a copy, not a reuse."""
+    by_nonce: dict[tuple, bytes] = {}
+    for d in (d for ds in captured.values() for d in ds):
+        assert by_nonce.setdefault(nonce(header(d)), d) == d, "a nonce sealed two different datagrams"
+    return {name: list(dict.fromkeys(ds)) for name, ds in captured.items()}
+
+
 def runs(heads: list) -> list[list]:
     """Split captured headers (in arrival order) into runs of one session each."""
     out: list[list] = []
@@ -514,12 +524,7 @@ def test_nonces_never_repeat_across_restarts_and_twin_daemons(sec):
         stop(a)
         stop(b)
     captured = {name: s.datagrams(stop=True) for name, s in sniffers.items()}
-    # a loss report goes out in copies of one datagram (same bytes, same
-    # nonce): a copy, not a reuse; any other repeat of a nonce would be one
-    by_nonce = {}
-    for d in (d for ds in captured.values() for d in ds):
-        assert by_nonce.setdefault(nonce(header(d)), d) == d, "a nonce sealed two different datagrams"
-    heads = {name: [header(d) for d in dict.fromkeys(ds)] for name, ds in captured.items()}
+    heads = {name: [header(d) for d in ds] for name, ds in distinct_datagrams(captured).items()}
     odd = [(name, i, h) for name, hs in heads.items() for i, h in enumerate(hs)
            if (h.src, h.dst) != (parse_id(N), parse_id("1.1"))]
     assert not odd, (odd, {n: s.path for n, s in sniffers.items()})
@@ -604,13 +609,7 @@ def test_clock_stepped_back_starts_a_new_session_and_never_reuses_a_nonce(sec):
         if proc is not None:
             tb.stop(proc, signal.SIGKILL)
         stop(a)
-    captured = sniff.datagrams(stop=True)
-    # a loss report goes out in copies of one datagram (same bytes, same
-    # nonce): a copy, not a reuse; any other repeat of a nonce would be one
-    by_nonce = {}
-    for d in captured:
-        assert by_nonce.setdefault(nonce(header(d)), d) == d, "a nonce sealed two different datagrams"
-    heads = [header(d) for d in dict.fromkeys(captured)]
+    heads = [header(d) for d in distinct_datagrams({"c3": sniff.datagrams(stop=True)})["c3"]]
     log = a.log_text()[log_start:]
     assert "clock stepped back: new session" in log, log[-3000:]
     sessions = runs(heads)
