@@ -848,12 +848,13 @@ class Harness:
         me = node.me
         now = self.clock(name)
         rec = self.sealed.get(data[MUTABLE_BYTES:]) if len(data) >= MIN_DATAGRAM else None
-        if rec is not None and self._no_key_reason(name, rec.src, rec.dst, None) is not None:
-            klass, expect = "unauth", DropReason.UNKNOWN_PEER     # reflected, or a pair we hold no key for
-        elif rec is not None and not node.settings.aes and wire.peek(self.group_key, data)[0].flags & FLAG_AES:
-            # a real datagram sealed with AES-256-GCM (between 1.1 and 16.1)
-            # that reached a node which does not open it: it cannot be told from garbage
-            klass, expect = "unauth", DropReason.AEAD_UNSUPPORTED
+        # a real datagram reflected, of a pair we hold no key for, or sealed
+        # with AES-256-GCM (between 1.1 and 16.1) for a node that does not
+        # open it: none can be told from garbage
+        no_key = (self._no_key_reason(name, rec.src, rec.dst, None, wire.peek(self.group_key, data)[0].flags)
+                  if rec is not None else None)
+        if no_key is not None:
+            klass, expect = "unauth", no_key
         elif rec is None:
             klass = "unauth"
         else:
