@@ -8,6 +8,9 @@ all steps of a case run against one fresh ReplayWindow, in order.
 
 from __future__ import annotations
 
+import copy
+import random
+
 import pytest
 
 from alpaca.protocol.constants import MAX_SESSIONS_PER_PEER, REPLAY_WINDOW, SEQ_LIMIT
@@ -78,6 +81,30 @@ def test_every_sequence_number_of_a_second_once():
         assert window.check_and_accept(A, T, seq, T) is DUP
     assert window.check_and_accept(A, T, SEQ_LIMIT - 1, T) is None
     assert window.memory_bytes() == SEQ_LIMIT // 8        # one full bitmap, no more
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_run_of_seqs_is_judged_and_recorded_as_one_at_a_time(seed):
+    """fresh_run and accept_run (a whole message's shards at once,
+    inbound._whole) say and record what check_and_accept would for each seq
+    of the run: across pages (4096 seqs each), around seqs seen before, at
+    the sequence limit and the edges of the window."""
+    rng = random.Random(seed)
+    one, run = ReplayWindow(), ReplayWindow()       # kept alike: one seq at a time, and by runs
+    for step in range(60):
+        ts = T + rng.choice([0, 0, 1, W, W + 1])
+        first = rng.choice([0, 4090, 8180, 12000, SEQ_LIMIT - 40]) + rng.randrange(40)
+        count = rng.randrange(1, 60)
+        if rng.random() < 0.3:
+            seen = first + rng.randrange(count)
+            assert one.check_and_accept(A, ts, seen, T) == run.check_and_accept(A, ts, seen, T)
+        probe = copy.deepcopy(one)
+        expected = all(probe.check_and_accept(A, ts, q, T) is None for q in range(first, first + count))
+        assert run.fresh_run(A, ts, first, count, T) == expected, f"step {step}: {ts - T} {first} {count}"
+        if expected:
+            one = probe
+            assert run.accept_run(A, ts, first, count, T)
+        assert list(run.bitmaps()) == list(one.bitmaps()), f"step {step}"
 
 
 def sessions(n):

@@ -463,3 +463,90 @@ def test_the_parity_of_a_one_shard_message_is_predicted_and_still_authenticated(
     assert full_path == [shards[0], bytes(forged), shards[2]]   # the late copy of 2: no longer predicted
     peer = server.table.get(pid("16.1"))
     assert peer.drops[DropReason.DUPLICATE] == 1 and peer.drops.get(DropReason.BAD_SHARD, 0) == 0
+
+
+def macs_checked(monkeypatch) -> list:
+    """The shard MACs the receive paths compute from now on."""
+    from alpaca.protocol import inbound, wire
+    seen = []
+    for module in (inbound, wire):
+        real = module.mac
+        monkeypatch.setattr(module, "mac", lambda key, data, real=real: (seen.append(data), real(key, data))[1])
+    return seen
+
+
+def test_a_train_that_ends_its_message_is_authenticated_by_its_aead(monkeypatch):
+    """The shards after the first, in one receive batch up to the message's
+    last data shard, are authenticated by the message's AEAD instead of a
+    MAC each (inbound._whole). It is the same check: every shard of it is
+    then in the replay window (a copy is a duplicate), the loss tally has
+    each, and the message is delivered once."""
+    client, server = make_node("16.1", gateway="1.1", vnet=True), make_node("1.1", vnet=True)
+    Wire(client, server).tick(client, T0)
+    packet = super_packet()
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    frm = addr("16.1")
+    macs = macs_checked(monkeypatch)
+    counted = []
+    monkeypatch.setattr(server.reassembly, "count", lambda *a: counted.append(a))
+    out = server.from_udp([(d, frm) for d in shards], T0 + 0.1)
+    assert out.tun == [packet]
+    assert len(macs) == 1                                   # shard 0's, on the full path
+    assert counted == [(pid("16.1"), len(shards), len(shards))]     # (sent, arrived) for the loss report
+    peer = server.table.get(pid("16.1"))
+    for d in shards[1:]:
+        assert server.from_udp([(d, frm)], T0 + 0.1).tun == []
+    assert peer.drops[DropReason.DUPLICATE] == len(shards) - 1 and not server.global_drops
+
+
+def test_a_forged_shard_in_a_whole_train_fails_the_aead_and_changes_nothing(monkeypatch):
+    """A train that looks like the rest of a message (right sizes, its last
+    shard's header the predicted one) but carries a forged chunk fails the
+    message's AEAD. Nothing of it was recorded before that check: its shards
+    are then checked one by one as always (each forgery is refused by its
+    MAC, the genuine ones filed), and the genuine shards that come later
+    complete the message, delivered once. One attempt a batch, however many
+    forgeries: each would otherwise cost an AEAD of the rest of the message."""
+    client, server = make_node("16.1", gateway="1.1", vnet=True), make_node("1.1", vnet=True)
+    Wire(client, server).tick(client, T0)
+    packet = super_packet()
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    frm = addr("16.1")
+    forged = {}
+    for x in range(10, 30, 2):
+        forged[x] = bytearray(shards[x])
+        forged[x][MASK_SIZE + 100] ^= 1                     # same sample, same header
+    train = [bytes(forged[x]) if x in forged else d for x, d in enumerate(shards)]
+    opened = []
+    from alpaca.protocol import inbound
+    real_open = inbound.open_message
+    monkeypatch.setattr(inbound, "open_message", lambda *a: (opened.append(a), real_open(*a))[1])
+    out = server.from_udp([(d, frm) for d in train], T0 + 0.1)
+    assert out.tun == [] and len(opened) == 1               # the whole-train attempt, refused
+    peer = server.table.get(pid("16.1"))
+    assert server.global_drops[DropReason.AUTH_FAILURE] == len(forged) and not peer.drops
+    assert sorted(next(iter(server.reassembly.slots.values())).chunks) == [x for x in range(len(shards))
+                                                                          if x not in forged]
+    assert server.from_udp([(shards[x], frm) for x in forged], T0 + 0.1).tun == [packet]
+    assert server.from_udp([(shards[10], frm)], T0 + 0.1).tun == []
+    assert peer.drops[DropReason.DUPLICATE] == 1
+
+
+def test_a_train_with_a_lost_shard_costs_no_aead_attempt(monkeypatch):
+    """When a shard of the train was lost on the way, the datagram where the
+    last data shard should be is another (its header, unmasked, is not the
+    predicted one): no AEAD is spent on the train, its shards are taken one
+    by one, and the parity decodes the message."""
+    client = make_node("16.1", gateway="1.1", vnet=True, fec=(10, 2))
+    server = make_node("1.1", vnet=True)
+    Wire(client, server).tick(client, T0)
+    packet = super_packet()
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    frm = addr("16.1")
+    opened = []
+    from alpaca.protocol import inbound
+    real_open = inbound.open_message
+    monkeypatch.setattr(inbound, "open_message", lambda *a: (opened.append(a), real_open(*a))[1])
+    out = server.from_udp([(d, frm) for d in shards[:10] + shards[11:]], T0 + 0.1)
+    assert out.tun == [packet] and len(opened) == 1         # only the decoding, after each MAC
+    assert not server.global_drops and not server.table.get(pid("16.1")).drops

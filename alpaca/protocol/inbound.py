@@ -84,6 +84,7 @@ class Inbound:
         state, from_bytes, nexts, singles, relays = (self._mask_state, int.from_bytes, self._next, self._singles,
                                                      self._relay_next)
         i, n = 0, len(datagrams)
+        tried = None                        # the message a whole train was tried for (_whole)
         while i < n:
             data, addr = datagrams[i]
             i += 1
@@ -106,7 +107,11 @@ class Inbound:
                 taken = -1
                 if gap == 0:
                     if len(data) == nxt.size:
-                        taken = self._train(nxt, clear, data, datagrams, i, now, out)
+                        if nxt.slot is not tried:       # (once a batch: a forged shard fails it for all after it)
+                            tried = nxt.slot
+                            taken = self._whole(nxt, clear, data, datagrams, i, now, out)
+                        if taken < 0:
+                            taken = self._train(nxt, clear, data, datagrams, i, now, out)
                 elif gap > 0 and not gap % NEXT_SHARD:
                     taken = self._skip_to(nxt, gap // NEXT_SHARD, clear, data, datagrams, i, now, out)
                 if taken >= 0:
@@ -324,9 +329,9 @@ class Inbound:
             nxt.done = True
             self._expect(nxt)
 
-    def _expect(self, nxt: _Next) -> None:
-        """Predict the shard after `nxt`'s from its address, if the message has one."""
-        if nxt.advance():
+    def _expect(self, nxt: _Next, j: int = 1) -> None:
+        """Predict the shard j after `nxt`'s from its address, if the message has one."""
+        if nxt.skip(j):
             if len(self._next) >= NEXT_LIMIT and nxt.addr not in self._next:
                 self._next.clear()
             self._next[nxt.addr] = nxt
@@ -401,6 +406,65 @@ class Inbound:
             src.rx_bytes += size
             out.heard.add(addr)
         return taken
+
+    def _whole(self, nxt: _Next, clear: int, data, datagrams: list, i: int, now: float, out: Output) -> int:
+        """The predicted shard `data` and the datagrams after it, when they
+        are the rest of its message's data shards (a GRO train holding the
+        message's end): they are authenticated by the message's AEAD, one
+        call, instead of a MAC each, and only then recorded in the replay
+        window, filed and delivered. Returns how many of datagrams[i:] were
+        taken besides `data`; -1 when they were not (nothing has changed,
+        and _train checks them one by one: so a forged or damaged train
+        costs one AEAD attempt more than it would there)."""
+        slot, j, addr = nxt.slot, nxt.index, nxt.addr
+        k, chunks = slot.k, slot.chunks
+        n = k - j                           # data shards missing: data and n - 1 after it
+        if (nxt.done or n < 2 or not j or i + n - 1 > len(datagrams) or len(chunks) != j or max(chunks) != j - 1
+                or self.reassembly.slots.get(nxt.rkey) is not slot):
+            return -1
+        body = [chunks[x] for x in range(j)]
+        body.append(data[MASK_SIZE:-MAC_SIZE])
+        size = MASK_SIZE + slot.size + MAC_SIZE
+        for t in range(i, i + n - 1):
+            d, at = datagrams[t]
+            if at != addr or len(d) != (size if t < i + n - 2 else MASK_SIZE + slot.last + MAC_SIZE):
+                return -1
+            body.append(d[MASK_SIZE:-MAC_SIZE])
+        # the last one is unmasked: when a shard was lost on the way, it is
+        # not the last data shard, and no AEAD is spent on the train
+        h = self._mask_state.copy()
+        h.update(d[-SAMPLE:])
+        if int.from_bytes(d[:MASK_SIZE], "big") ^ int.from_bytes(h.digest(), "big") != clear + (n - 1) * NEXT_SHARD:
+            return -1
+        src, rkey = nxt.src, nxt.rkey
+        session, ts, base = rkey[1], rkey[2], rkey[3]
+        path, floor, window = src.paths.get(addr), src.verified.get(session), src.replay.get(OWN_WINDOW)
+        if (path is None or not path.proven or floor is None or window is None or ts < floor[0]
+                or (ts == floor[0] and base + j <= floor[1])
+                or not window.fresh_run(session, ts, base + j, n, now, floor[3])):
+            return -1
+        header = fields(clear.to_bytes(MASK_SIZE, "big")).header()._replace(seq=base)
+        try:
+            plaintext = open_message(self.table.pair_key(src.id, self.me), header, b"".join(body))
+        except (CryptoError, ValueError):
+            return -1
+        if not window.accept_run(session, ts, base + j, n, now, floor[3]):
+            return -1
+        for x in range(j, k):
+            chunks[x] = body[x]             # (not charged to the budget: finish frees the slot now)
+        path.last_rx = src.last_rx = now
+        src.rx_bytes += len(data) + sum(len(datagrams[t][0]) for t in range(i, i + n - 1))
+        out.heard.add(addr)
+        nxt.done = True
+        self.reassembly.finish(rkey, slot)
+        reason = src.check_replay(MESSAGE_WINDOW, session, ts, base, now)
+        if reason is not None:
+            src.drops[reason] += 1
+        else:
+            self._message(src, header, plaintext, now, out)
+        if self._next.get(addr) is nxt:
+            self._expect(nxt, n)            # its parity, if any, is predicted as surplus
+        return n - 1
 
     def _file_rest(self, nxt: _Next, done: bool | None, head: bytes, chunk, now: float, out: Output) -> None:
         """A predicted shard that add_next did not simply file: decode its

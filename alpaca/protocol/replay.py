@@ -37,6 +37,16 @@ def _pages(second: Second) -> Iterator[tuple[int, bytearray]]:
     return iter(second.items()) if isinstance(second, dict) else iter(((0, second),))
 
 
+def _runs(first: int, last: int) -> Iterator[tuple[int, int, int]]:
+    """The seqs first .. last page by page: (page number, the first one's
+    bit in the page, a mask of as many bits as the page holds of them). A
+    page read as a little-endian int has seq s at bit s % PAGE_SEQS."""
+    for number in range(first >> PAGE_SHIFT, (last >> PAGE_SHIFT) + 1):
+        lo = max(first, number << PAGE_SHIFT) & (PAGE_SEQS - 1)
+        hi = min(last, ((number + 1) << PAGE_SHIFT) - 1) & (PAGE_SEQS - 1)
+        yield number, lo, (1 << (hi - lo + 1)) - 1
+
+
 class ReplayWindow:
     __slots__ = ("sessions", "floors", "offsets", "keep_floors", "charged", "_hot_session", "_hot_ts", "_hot_number", "_hot_page")
 
@@ -86,6 +96,35 @@ class ReplayWindow:
             page.extend(bytes((1 << index.bit_length()) - len(page)))
         page[index] |= bit
         return None
+
+    def fresh_run(self, session: bytes, ts: int, first: int, count: int, now: float, offset: int = 0) -> bool:
+        """Would check_and_accept take each of the seqs first .. first +
+        count - 1? Changes nothing (a whole message's shards are asked
+        before their AEAD is checked: inbound.Inbound._whole)."""
+        last = first + count - 1
+        if last >= SEQ_LIMIT or abs(ts - int(now) - offset) > REPLAY_WINDOW or ts <= self.floors.get(session, -1):
+            return False
+        second = self.sessions.get(session, {}).get(ts)
+        if second is None:
+            return True
+        for number, lo, bits in _runs(first, last):
+            page = second.get(number) if isinstance(second, dict) else second if number == 0 else None
+            if page is not None and int.from_bytes(page, "little") >> lo & bits:
+                return False
+        return True
+
+    def accept_run(self, session: bytes, ts: int, first: int, count: int, now: float, offset: int = 0) -> bool:
+        """Record the seqs first .. first + count - 1, which fresh_run found
+        new; False (nothing recorded) when the session would be one too many."""
+        for number, lo, bits in _runs(first, first + count - 1):
+            page = self._page(session, ts, number, now, offset)
+            if page is None:
+                return False            # (only ever at the first page: the session is new)
+            need = (lo + bits.bit_length() - 1) >> 3
+            if need >= len(page):
+                page.extend(bytes((1 << need.bit_length()) - len(page)))     # as check_and_accept grows it
+            page[:] = (int.from_bytes(page, "little") | bits << lo).to_bytes(len(page), "little")
+        return True
 
     def _page(self, session: bytes, ts: int, number: int, now: float, offset: int) -> bytearray | None:
         """The page of (session, ts) for seq >> PAGE_SHIFT == number, made when
