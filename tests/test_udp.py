@@ -46,6 +46,28 @@ def test_trains_and_odd_sizes_arrive_intact_and_in_order():
         other.close()
 
 
+@pytest.mark.parametrize("sizes, runs", [
+    ([1452] * 46 + [700], [44, 3]),                 # a 64 KiB message: 65,000 bytes a send at most
+    ([1452] * 44 + [500], [45]),                    # the short last one fits the first send
+    ([100] * 130, [64, 64, 2]),                     # 64 segments a send at most
+    ([100, 100, 200, 100], [2, 2]),                 # a longer one starts a new run
+    ([0, 0, 5], [1, 1, 1]),                         # (empty datagrams go alone)
+])
+def test_a_messages_shards_go_in_as_few_gso_sends_as_the_limits_allow(sizes, runs, monkeypatch):
+    rx, tx = Udp("127.0.0.1", 0), Udp("127.0.0.1", 0)
+    try:
+        sent = []
+        real = tx._send_gso
+        monkeypatch.setattr(tx, "_send_gso", lambda ds, *a: (sent.append(len(ds)), real(ds, *a)))
+        monkeypatch.setattr(tx, "_send_one", lambda d, *a: sent.append(1))
+        dst = rx.sock.getsockname()
+        tx.send_batch([(os.urandom(n), dst) for n in sizes])
+        assert sent == runs and tx.send_errors == 0
+    finally:
+        rx.close()
+        tx.close()
+
+
 def test_falls_back_when_gso_is_refused():
     rx, tx = Udp("127.0.0.1", 0), Udp("127.0.0.1", 0)
     try:

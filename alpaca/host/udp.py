@@ -370,17 +370,16 @@ class Udp:
             data, addr = sends[i]
             src = sources.source(remotes[i][1]) if sources is not None else None
             size = len(data)
-            j, total = i + 1, size
-            if self.gso:
-                while (j < n and j - i < GSO_MAX_SEGMENTS and sends[j][1] == addr
-                       and total + len(sends[j][0]) <= GSO_MAX_BYTES):
-                    nxt = len(sends[j][0])
-                    if nxt > size:
-                        break
-                    total += nxt
+            j = i + 1
+            if self.gso and size:
+                # a run of equal sizes (a message's shards), then perhaps one
+                # shorter: only the last segment may be
+                end = min(n, i + GSO_MAX_SEGMENTS, i + GSO_MAX_BYTES // size)
+                while j < end and sends[j][1] == addr and len(sends[j][0]) == size:
                     j += 1
-                    if nxt < size:      # only the last segment may be shorter
-                        break
+                if (j < n and j - i < GSO_MAX_SEGMENTS and sends[j][1] == addr and len(sends[j][0]) < size
+                        and (j - i) * size + len(sends[j][0]) <= GSO_MAX_BYTES):
+                    j += 1
             if j - i > 1:
                 self._send_gso([d for d, _ in sends[i:j]], size, addr, src)
             else:

@@ -79,8 +79,12 @@ class Underlay:
         """Each datagram on the socket of its address's family, in order
         within the family; one to a family without a socket is not sent."""
         v4, v6 = [], []
+        last = into = None
         for send in sends:
-            (v6 if ":" in send[1][0] else v4).append(send)
+            if send[1] is not last:         # (a message's shards share one address object)
+                last = send[1]
+                into = v6 if ":" in last[0] else v4
+            into.append(send)
         for family, batch in ((socket.AF_INET, v4), (socket.AF_INET6, v6)):
             sock = self.socks.get(family)
             if batch and sock is not None:

@@ -151,6 +151,11 @@ def mac(key: bytes, data) -> bytes:
     return _MAC_VIEW[:]
 
 
+# mac's parts, for a loop that inlines it (wire.frame_shards): the function
+# (output, input, its length, key), its output and a view that copies it out
+MAC_PARTS = (lib.crypto_shorthash_siphash24, _MAC_OUT, _MAC_VIEW, ffi.from_buffer)
+
+
 def mask_state(group_key: bytes):
     """The keyed BLAKE2b-256 state header masks start from (copy it, update
     with the sample, digest). hashlib's BLAKE2b is libsodium's function, and
@@ -169,4 +174,4 @@ _mask_states: dict[bytes, object] = {}
 
 __all__ = ["CryptoError", "TAG_SIZE", "MAC_SIZE", "MASK_BYTES", "NONCE_SIZE", "genkey", "derive_group_key",
            "derive_psk_key", "derive_pair_key", "derive_shard_key", "aead_seal_into", "aead_open", "mac",
-           "mask_state", "AES_NONCE_SIZE", "aes_available", "aes_key", "keep_aes_key", "aes_seal_into", "aes_open"]
+           "MAC_PARTS", "mask_state", "AES_NONCE_SIZE", "aes_available", "aes_key", "keep_aes_key", "aes_seal_into", "aes_open"]

@@ -153,7 +153,8 @@ class Outbound:
         `duplicate` and SYN/DNS copies (docs/protocol.md §7). An unproven
         path gets them only while its credit lasts."""
         copies = 1 + self.settings.duplicate + (1 if early else 0)
-        targets = peer.sendable(targets, copies * sum(len(d) for d in datagrams))
+        size = sum(map(len, datagrams))
+        targets = peer.sendable(targets, copies * size)
         if not targets:
             peer.drops[DropReason.NO_PATH] += 1     # only unproven paths, their credit spent
             return
@@ -163,7 +164,7 @@ class Outbound:
             sends = [(datagrams[0], a) for a in targets]
         out.sends.extend(sends)
         peer.tx_packets += packets
-        peer.tx_bytes += sum(len(d) for d in datagrams)
+        peer.tx_bytes += size
         # duplicate sends: same datagram (same seq), later, so the
         # receiver's dedup removes whichever copy arrives second
         delay = self.settings.duplicate_delay

@@ -35,7 +35,7 @@ import struct
 from typing import NamedTuple
 
 from .constants import FLAG_AES, FRAG_HEADER_SIZE, HEADER_SIZE, MASK_SIZE, WIRE_VERSION
-from .crypto import (AES_NONCE_SIZE, MAC_SIZE, NONCE_SIZE, TAG_SIZE, CryptoError, aead_open, aead_seal_into, aes_key,
+from .crypto import (AES_NONCE_SIZE, MAC_PARTS, MAC_SIZE, NONCE_SIZE, TAG_SIZE, CryptoError, aead_open, aead_seal_into, aes_key,
                      aes_open, aes_seal_into, keep_aes_key, mac, mask_state)
 
 HEADER = struct.Struct(">BBBBHH8sIIH")
@@ -220,18 +220,22 @@ def open_message(pair_key: bytes, header: Header, body) -> bytes:
 def frame_shards(group_key: bytes, shard_key: bytes, header: Header, chunks: list, k: int, m: int,
                  length: int) -> list[bytes]:
     """The shard datagrams of one message: chunk i with seq = header.seq + i,
-    its sub-header and its MAC, masked by its own last 16 bytes."""
+    its sub-header and its MAC, masked by its own last 16 bytes. (crypto.mac
+    inlined, the MAC's input kept as the start of the tail: ~1.6 us a shard,
+    and a sender's core spends most of its time here.)"""
     state, from_bytes = mask_state(group_key), int.from_bytes
-    first = from_bytes(header.pack() + SUB.pack(0, k, m, length >> 16, length & 0xFFFF), "big")
+    siphash, mac_out, mac_view, from_buffer = MAC_PARTS
+    clear_int = from_bytes(header.pack() + SUB.pack(0, k, m, length >> 16, length & 0xFFFF), "big")
     out = []
-    for index, chunk in enumerate(chunks):
-        clear_int = first + index * NEXT_SHARD
-        clear = clear_int.to_bytes(MASK_SIZE, "big")
-        chunk = bytes(chunk)
-        tail = chunk + mac(shard_key, clear[MUTABLE_BYTES:] + chunk)
+    append = out.append
+    for chunk in chunks:
+        signed = clear_int.to_bytes(MASK_SIZE, "big")[MUTABLE_BYTES:] + chunk
+        siphash(mac_out, from_buffer(signed), len(signed), shard_key)
+        tail = signed[MASK_SIZE - MUTABLE_BYTES:] + mac_view[:]
         h = state.copy()
         h.update(tail[-SAMPLE:])
-        out.append((clear_int ^ from_bytes(h.digest(), "big")).to_bytes(MASK_SIZE, "big") + tail)
+        append((clear_int ^ from_bytes(h.digest(), "big")).to_bytes(MASK_SIZE, "big") + tail)
+        clear_int += NEXT_SHARD
     return out
 
 
