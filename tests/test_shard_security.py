@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from protocol_helpers import (START, T0, Wire, addr, data_only, full_path_of, header_of, make_datagram, make_node, name,
                               pid, tcp, trust, tun_ip)
 from test_fragments import super_packet
@@ -550,3 +552,21 @@ def test_a_train_with_a_lost_shard_costs_no_aead_attempt(monkeypatch):
     out = server.from_udp([(d, frm) for d in shards[:10] + shards[11:]], T0 + 0.1)
     assert out.tun == [packet] and len(opened) == 1         # only the decoding, after each MAC
     assert not server.global_drops and not server.table.get(pid("16.1")).drops
+
+
+@pytest.mark.parametrize("filed", ["10", "half", "half + 1", "all but 3"])
+def test_a_whole_train_is_tried_only_when_it_brings_half_its_message(filed, monkeypatch):
+    """The message's AEAD covers the shards filed before the train too: a
+    train that brings fewer shards than were filed is taken shard by shard,
+    so an attempt on forgeries never costs more than twice what they bring."""
+    client, server = make_node("16.1", gateway="1.1", vnet=True), make_node("1.1", vnet=True)
+    Wire(client, server).tick(client, T0)
+    packet = super_packet()
+    shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
+    k = len(shards)                                         # (no parity)
+    filed = {"10": 10, "half": k // 2, "half + 1": k // 2 + 1, "all but 3": k - 3}[filed]
+    frm = addr("16.1")
+    server.from_udp([(d, frm) for d in shards[:filed]], T0 + 0.1)
+    macs = macs_checked(monkeypatch)
+    assert server.from_udp([(d, frm) for d in shards[filed:]], T0 + 0.1).tun == [packet]
+    assert len(macs) == (0 if k - filed >= filed else k - filed)

@@ -107,7 +107,7 @@ class Inbound:
                 taken = -1
                 if gap == 0:
                     if len(data) == nxt.size:
-                        if nxt.slot is not tried:       # (once a batch: a forged shard fails it for all after it)
+                        if nxt.slot is not tried:       # (a forged shard would fail it for each after it)
                             tried = nxt.slot
                             taken = self._whole(nxt, clear, data, datagrams, i, now, out)
                         if taken < 0:
@@ -419,8 +419,10 @@ class Inbound:
         slot, j, addr = nxt.slot, nxt.index, nxt.addr
         k, chunks = slot.k, slot.chunks
         n = k - j                           # data shards missing: data and n - 1 after it
-        if (nxt.done or n < 2 or not j or i + n - 1 > len(datagrams) or len(chunks) != j or max(chunks) != j - 1
-                or self.reassembly.slots.get(nxt.rkey) is not slot):
+        # (n >= j: the AEAD covers the filed chunks too, so an attempt on a
+        # forged train costs at most twice the bytes that train brings)
+        if (nxt.done or n < 2 or n < j or not j or i + n - 1 > len(datagrams) or len(chunks) != j
+                or max(chunks) != j - 1 or self.reassembly.slots.get(nxt.rkey) is not slot):
             return -1
         body = [chunks[x] for x in range(j)]
         body.append(data[MASK_SIZE:-MAC_SIZE])
