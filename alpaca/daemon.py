@@ -178,7 +178,7 @@ class Daemon:
         self.config = config
         self.node: Node | None = None
         self.tun: Tun | None = None
-        self.udp: Udp | None = None
+        self.udp: Underlay | None = None
         self.control: ControlServer | None = None
         self.watch: FileWatch | None = None
         self.client_routes = None

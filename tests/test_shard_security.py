@@ -325,7 +325,7 @@ def test_a_replayed_challenge_is_answered_once_and_never_amplified():
 
 def test_answers_beyond_the_rate_limit_are_counted():
     from alpaca.protocol.constants import RESPONSE_LIMIT
-    client, server = make_node("16.1", gateway="1.1"), make_node("1.1")
+    server = make_node("1.1")
     peer = server.table.get(pid("16.1"))
     for i in range(RESPONSE_LIMIT + 5):
         d = make_datagram("16.1", "1.1", os.urandom(16), kind=KIND_CHALLENGE, seq=i)

@@ -200,7 +200,7 @@ class ControlServer:
             except OSError:
                 return          # (EMFILE and the like: the next readiness tries again)
             conn.setblocking(False)
-            client = self.clients[conn.fileno()] = _Client(conn, self.clock() + CLIENT_TIMEOUT)
+            self.clients[conn.fileno()] = _Client(conn, self.clock() + CLIENT_TIMEOUT)
             if self.selector is not None:
                 self.selector.register(conn, selectors.EVENT_READ, self._data)
 
