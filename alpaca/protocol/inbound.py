@@ -452,10 +452,9 @@ class Inbound:
             return -1
         if not window.accept_run(session, ts, base + j, n, now, floor[3]):
             return -1
-        for x in range(j, k):
-            chunks[x] = body[x]             # (not charged to the budget: finish frees the slot now)
+        chunks.update(zip(range(j, k), body[j:]))     # (not charged to the budget: finish frees the slot now)
         path.last_rx = src.last_rx = now
-        src.rx_bytes += len(data) + sum(len(datagrams[t][0]) for t in range(i, i + n - 1))
+        src.rx_bytes += (n - 1) * size + len(d)         # (the datagrams' sizes were checked above)
         out.heard.add(addr)
         nxt.done = True
         self.reassembly.finish(rkey, slot)

@@ -158,13 +158,14 @@ class Reassembler:
         chunks arrived, free its bytes."""
         self._forget(key, slot)
         k, m = slot.k, slot.m
+        if len(slot.chunks) == k + m:
+            self.count(key[0], k + m, k + m)
+            return                  # every shard in (no parity, or no loss): nothing to wait for
         mask = 0
         for i in slot.chunks:
             mask |= 1 << i
         latest = max(slot.chunks)                   # (shards leave in index order)
         self.count(key[0], latest + 1, len(slot.chunks))
-        if mask == (1 << (k + m)) - 1:
-            return                  # every shard in (no parity, or no loss): nothing to wait for
         if len(self.done) >= DONE_LIMIT:
             self._retire(*self.done.popitem(last=False))
         self.done[key] = [mask, k + m, slot.born, latest]
