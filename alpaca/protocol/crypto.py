@@ -174,4 +174,5 @@ _mask_states: dict[bytes, object] = {}
 
 __all__ = ["CryptoError", "TAG_SIZE", "MAC_SIZE", "MASK_BYTES", "NONCE_SIZE", "genkey", "derive_group_key",
            "derive_psk_key", "derive_pair_key", "derive_shard_key", "aead_seal_into", "aead_open", "mac",
-           "MAC_PARTS", "mask_state", "AES_NONCE_SIZE", "aes_available", "aes_key", "keep_aes_key", "aes_seal_into", "aes_open"]
+           "MAC_PARTS", "mask_state", "AES_NONCE_SIZE", "aes_available", "aes_key", "keep_aes_key", "aes_seal_into",
+           "aes_open"]

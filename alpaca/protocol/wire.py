@@ -35,8 +35,8 @@ import struct
 from typing import NamedTuple
 
 from .constants import FLAG_AES, FRAG_HEADER_SIZE, HEADER_SIZE, MASK_SIZE, WIRE_VERSION
-from .crypto import (AES_NONCE_SIZE, MAC_PARTS, MAC_SIZE, NONCE_SIZE, TAG_SIZE, CryptoError, aead_open, aead_seal_into, aes_key,
-                     aes_open, aes_seal_into, keep_aes_key, mac, mask_state)
+from .crypto import (AES_NONCE_SIZE, MAC_PARTS, MAC_SIZE, NONCE_SIZE, TAG_SIZE, CryptoError, aead_open,
+                     aead_seal_into, aes_key, aes_open, aes_seal_into, keep_aes_key, mac, mask_state)
 
 HEADER = struct.Struct(">BBBBHH8sIIH")
 SUB = struct.Struct(">BBBBH")         # index, k, m, length (hi byte, lo u16)
