@@ -477,6 +477,15 @@ def macs_checked(monkeypatch) -> list:
     return seen
 
 
+def aead_opens(monkeypatch) -> list:
+    """The messages the receive paths open from now on (a whole train's, or a decoded one's)."""
+    from alpaca.protocol import inbound
+    seen = []
+    real = inbound.open_message
+    monkeypatch.setattr(inbound, "open_message", lambda *a: (seen.append(a), real(*a))[1])
+    return seen
+
+
 def test_a_train_that_ends_its_message_is_authenticated_by_its_aead(monkeypatch):
     """The shards after the first, in one receive batch up to the message's
     last data shard, are authenticated by the message's AEAD instead of a
@@ -519,10 +528,7 @@ def test_a_forged_shard_in_a_whole_train_fails_the_aead_and_changes_nothing(monk
         forged[x] = bytearray(shards[x])
         forged[x][MASK_SIZE + 100] ^= 1                     # same sample, same header
     train = [bytes(forged[x]) if x in forged else d for x, d in enumerate(shards)]
-    opened = []
-    from alpaca.protocol import inbound
-    real_open = inbound.open_message
-    monkeypatch.setattr(inbound, "open_message", lambda *a: (opened.append(a), real_open(*a))[1])
+    opened = aead_opens(monkeypatch)
     out = server.from_udp([(d, frm) for d in train], T0 + 0.1)
     assert out.tun == [] and len(opened) == 1               # the whole-train attempt, refused
     peer = server.table.get(pid("16.1"))
@@ -545,10 +551,7 @@ def test_a_train_with_a_lost_shard_costs_no_aead_attempt(monkeypatch):
     packet = super_packet()
     shards = [d for d, _ in client.from_tun([packet], T0 + 0.1).sends]
     frm = addr("16.1")
-    opened = []
-    from alpaca.protocol import inbound
-    real_open = inbound.open_message
-    monkeypatch.setattr(inbound, "open_message", lambda *a: (opened.append(a), real_open(*a))[1])
+    opened = aead_opens(monkeypatch)
     out = server.from_udp([(d, frm) for d in shards[:10] + shards[11:]], T0 + 0.1)
     assert out.tun == [packet] and len(opened) == 1         # only the decoding, after each MAC
     assert not server.global_drops and not server.table.get(pid("16.1")).drops

@@ -351,6 +351,20 @@ class Inbound:
         nxt.index, nxt.clear, nxt.size = index, at, size
         return -1
 
+    def _own_train(self, nxt: _Next) -> tuple | None:
+        """Peer.check_own, its parts that cannot change during a train of
+        `nxt`'s message, hoisted: (path, own window, the session's clock
+        offset, the seq at or below which its message's second is refused,
+        -1 for none); None when the path is no longer proven, the session
+        no longer verified or the message older than its floor."""
+        src, rkey = nxt.src, nxt.rkey
+        path = src.paths.get(nxt.addr)
+        floor = src.verified.get(rkey[1])
+        window = src.replay.get(OWN_WINDOW)
+        if path is None or not path.proven or floor is None or window is None or rkey[2] < floor[0]:
+            return None
+        return path, window, floor[3], floor[1] if rkey[2] == floor[0] else -1
+
     def _train(self, nxt: _Next, clear: int, data, datagrams: list, i: int, now: float, out: Output) -> int:
         """The predicted shard `data` (clear: its 32 unmasked bytes as an
         int), and after it the datagrams from datagrams[i] on as long as each
@@ -361,14 +375,11 @@ class Inbound:
         path look at it (nothing has changed then). A later datagram that
         does not match or fails is left for the caller's loop."""
         src, rkey, addr = nxt.src, nxt.rkey, nxt.addr
-        path = src.paths.get(addr)
-        floor = src.verified.get(rkey[1])
-        window = src.replay.get(OWN_WINDOW)
-        if path is None or not path.proven or floor is None or window is None or rkey[2] < floor[0]:
+        own = self._own_train(nxt)
+        if own is None:
             return -1
-        # Peer.check_own, its parts that cannot change during a train hoisted
-        session, ts, base, offset = rkey[1], rkey[2], rkey[3], floor[3]
-        seq_floor = floor[1] if ts == floor[0] else -1
+        path, window, offset, seq_floor = own
+        session, ts, base = rkey[1], rkey[2], rkey[3]
         check, add_next, nexts = window.check_and_accept, self.reassembly.add_next, self._next
         shard_key, state, from_bytes = nxt.shard_key, self._mask_state, int.from_bytes
         taken, size, n = -1, 0, len(datagrams)
@@ -440,17 +451,18 @@ class Inbound:
             return -1
         src, rkey = nxt.src, nxt.rkey
         session, ts, base = rkey[1], rkey[2], rkey[3]
-        path, floor, window = src.paths.get(addr), src.verified.get(session), src.replay.get(OWN_WINDOW)
-        if (path is None or not path.proven or floor is None or window is None or ts < floor[0]
-                or (ts == floor[0] and base + j <= floor[1])
-                or not window.fresh_run(session, ts, base + j, n, now, floor[3])):
+        own = self._own_train(nxt)
+        if own is None:
+            return -1
+        path, window, offset, seq_floor = own
+        if base + j <= seq_floor or not window.fresh_run(session, ts, base + j, n, now, offset):
             return -1
         header = fields(clear.to_bytes(MASK_SIZE, "big")).header()._replace(seq=base)
         try:
             plaintext = open_message(self.table.pair_key(src.id, self.me), header, b"".join(body))
         except (CryptoError, ValueError):
             return -1
-        if not window.accept_run(session, ts, base + j, n, now, floor[3]):
+        if not window.accept_run(session, ts, base + j, n, now, offset):
             return -1
         chunks.update(zip(range(j, k), body[j:]))     # (not charged to the budget: finish frees the slot now)
         path.last_rx = src.last_rx = now
