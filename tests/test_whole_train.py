@@ -95,13 +95,21 @@ def test_whole_trains_change_nothing_but_the_work(seed):
         now += 0.002
         packet = super_packet(rng.choice([3000, 20_000, 40_000, 60_000]) + n)
         stream += spoil(rng, [d for d, _ in client.from_tun([packet], now).sends])
-    delivered = {id(plain): [], id(whole): []}
+    delivered_plain, delivered_whole = in_random_batches(rng, stream, (plain, whole), now, lambda out: out.tun, state)
+    assert delivered_whole == delivered_plain
+    assert len(delivered_plain) >= 10                       # (most messages arrive)
+
+
+def in_random_batches(rng: random.Random, stream: list, nodes: tuple, now: float, output, state) -> list[list]:
+    """Hand each node the same stream of datagrams in the same receive
+    batches of random sizes; after every batch, state(node) must be the same
+    for all. Returns what output(from_udp's result) gathered, per node."""
+    gathered = [[] for _ in nodes]
     i = 0
     while i < len(stream):
         j = min(len(stream), i + rng.randrange(1, 160))
-        for node in (plain, whole):
-            delivered[id(node)] += node.from_udp(stream[i:j], now).tun
-        assert state(whole) == state(plain), f"after datagrams {i}..{j}"
+        for got, node in zip(gathered, nodes):
+            got += output(node.from_udp(stream[i:j], now))
+        assert all(state(node) == state(nodes[0]) for node in nodes[1:]), f"after datagrams {i}..{j}"
         i = j
-    assert delivered[id(whole)] == delivered[id(plain)]
-    assert len(delivered[id(plain)]) >= 10                  # (most messages arrive)
+    return gathered

@@ -358,6 +358,11 @@ class Peer:
                 out.append(addr)
         return out
 
+    def unlimited(self, targets: list[Addr]) -> bool:
+        """Would sendable pass every target, whatever the size (no credit to spend)?"""
+        paths = self.paths
+        return all((path := paths.get(addr)) is None or path.proven for addr in targets)
+
     def heard_within(self, targets: list[Addr], now: float, within: float) -> list[Addr]:
         """The targets that are paths of this peer and carried something from it within `within`."""
         paths = self.paths

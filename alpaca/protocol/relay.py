@@ -13,7 +13,7 @@ import hmac
 from . import inner
 from .constants import FLAG_BATCH, FLAG_VNET, KIND_DATA, MASK_SIZE, MAX_TTL, PATH_RELAYED, TAG_SIZE, VNET_HDR_SIZE
 from .constants import INNER_HEAD
-from .crypto import MAC_SIZE, mac
+from .crypto import MAC_PARTS, MAC_SIZE
 from .drops import DropReason
 from .output import Output
 from .peers import Addr, Peer
@@ -92,11 +92,12 @@ class Relay:
         datagrams from datagrams[i] on while each is the next one predicted
         from addr: each has its MAC and the relay window checked and goes
         on as _relay would send it. What _relay decides once for a message
-        (TTL, targets, the window's floors) is decided once a train. Returns
-        how many of datagrams[i:] were relayed besides `data`; -1 when
-        `data` was not (nothing has changed then: the full path looks at it)."""
-        src, dst, clear = rn.src, rn.dst, rn.clear
-        head = clear.to_bytes(MASK_SIZE, "big")
+        (TTL, targets, the window's floors) is decided once a train, and so
+        is the window when every shard of the train is new. Returns how
+        many of datagrams[i:] were relayed besides `data`; -1 when `data`
+        was not (nothing has changed then: the full path looks at it)."""
+        src, dst = rn.src, rn.dst
+        head = rn.clear.to_bytes(MASK_SIZE, "big")
         ttl, session, ts = head[0], head[8:16], int.from_bytes(head[16:20], "big")
         window = src.replay.get(dst.id)
         offset = src.session_offset(dst.id, session, ts, now)
@@ -104,37 +105,72 @@ class Relay:
         if (ttl <= 1 or not targets or window is None or ts < src.replay_floor + offset
                 or ts <= src.old_floors.get((dst.id, session), -1)):
             return -1
-        # (Peer.check_replay for a relay window that exists, its checks of ts done above)
-        check, state, from_bytes, relay_nexts = window.check_and_accept, self._mask_state, int.from_bytes, self._relay_next
-        taken, n = -1, len(datagrams)
-        while True:
-            chunk = data[MASK_SIZE:-MAC_SIZE]
-            if (len(data) < SHARD_OVERHEAD + TAG_SIZE
-                    or not hmac.compare_digest(mac(rn.shard_key, head[MUTABLE_BYTES:] + chunk), data[-MAC_SIZE:])
-                    or check(session, ts, (clear >> SEQ_SHIFT) & SEQ_FIELD, now, offset) is not None):
-                break           # (the full path counts it: the window recorded nothing)
-            taken += 1
-            sendto = dst.sendable(targets, len(data))
-            if sendto:
-                relay = rewrite_mutable(data, full, min(ttl, MAX_TTL) - 1, PATH_RELAYED)
-                out.sends.extend((relay, a) for a in sendto)
-                src.relayed_packets += 1
-            else:
-                src.drops[DropReason.NO_PATH] += 1
-            rn.index += 1
-            rn.clear = clear = clear + NEXT_SHARD
-            if rn.index >= rn.total:
-                del relay_nexts[addr]
+        # MACs first, the window after: a shard that fails either is left,
+        # with those after it, to the full path (which counts it)
+        train = self._authentic_train(rn, full, data, datagrams, i, addr)
+        seq = (rn.clear >> SEQ_SHIFT) & SEQ_FIELD
+        if train and window.fresh_run(session, ts, seq, len(train), now, offset) and window.accept_run(
+                session, ts, seq, len(train), now, offset):
+            fresh = len(train)
+        else:
+            # (Peer.check_replay for a relay window that exists, its checks of ts done above)
+            check, fresh = window.check_and_accept, 0
+            while fresh < len(train) and check(session, ts, seq + fresh, now, offset) is None:
+                fresh += 1
+            if not fresh:
+                return -1
+        self._send_train(src, dst, targets, train[:fresh], min(ttl, MAX_TTL) - 1, out)
+        rn.index += fresh
+        rn.clear += fresh * NEXT_SHARD
+        if rn.index >= rn.total:
+            del self._relay_next[addr]
+        return fresh - 1
+
+    def _authentic_train(self, rn: _RelayNext, full: int, data, datagrams: list, i: int, addr: Addr) -> list:
+        """(datagram, its mask) of `data` and of the datagrams from
+        datagrams[i] on that are, one after another, the shards predicted
+        from addr, each with its MAC verified; stops at the first that is
+        not, and at the message's last shard. Changes nothing."""
+        shard_key, state, from_bytes, clear = rn.shard_key, self._mask_state, int.from_bytes, rn.clear
+        siphash, mac_out, mac_view = MAC_PARTS
+        train, n, left = [], len(datagrams), rn.total - rn.index
+        while len(data) >= SHARD_OVERHEAD + TAG_SIZE:
+            signed = clear.to_bytes(MASK_SIZE, "big")[MUTABLE_BYTES:] + data[MASK_SIZE:-MAC_SIZE]
+            siphash(mac_out, signed, len(signed), shard_key)        # (crypto.mac, inlined)
+            if not hmac.compare_digest(mac_view[:], data[-MAC_SIZE:]):
                 break
-            if i + taken >= n:
+            train.append((data, full))
+            if len(train) >= left or i >= n:
                 break
-            data, at = datagrams[i + taken]
+            data, at = datagrams[i]
+            i += 1
             if at != addr:
                 break
             h = state.copy()
             h.update(data[-SAMPLE:])
             full = from_bytes(h.digest(), "big")
+            clear += NEXT_SHARD
             if from_bytes(data[:MASK_SIZE], "big") ^ full != clear:
                 break           # (the caller's loop unmasks it again: once a train)
-            head = clear.to_bytes(MASK_SIZE, "big")
-        return taken
+        return train
+
+    @staticmethod
+    def _send_train(src: Peer, dst: Peer, targets: list[Addr], train: list, ttl: int, out: Output) -> None:
+        """Relay the authenticated shards of a train to targets, as _relay
+        would: TTL-1, path=relayed, each within the credit of a target not
+        yet proven; in the first case target by target."""
+        sends = out.sends
+        if dst.unlimited(targets):
+            relays = [rewrite_mutable(data, full, ttl, PATH_RELAYED) for data, full in train]
+            for a in targets:           # a target's shards in a row: one GSO send each
+                sends.extend([(relay, a) for relay in relays])
+            src.relayed_packets += len(train)
+            return
+        for data, full in train:
+            sendto = dst.sendable(targets, len(data))
+            if sendto:
+                relay = rewrite_mutable(data, full, ttl, PATH_RELAYED)
+                sends.extend([(relay, a) for a in sendto])
+                src.relayed_packets += 1
+            else:
+                src.drops[DropReason.NO_PATH] += 1
