@@ -157,8 +157,9 @@ class Relay:
     @staticmethod
     def _send_train(src: Peer, dst: Peer, targets: list[Addr], train: list, ttl: int, out: Output) -> None:
         """Relay the authenticated shards of a train to targets, as _relay
-        would: TTL-1, path=relayed, each within the credit of a target not
-        yet proven; in the first case target by target."""
+        would: TTL-1, path=relayed. When no target needs credit, each
+        target's shards go in a row; else shard by shard, each spending the
+        credit of the targets not yet proven (Peer.sendable)."""
         sends = out.sends
         if dst.unlimited(targets):
             relays = [rewrite_mutable(data, full, ttl, PATH_RELAYED) for data, full in train]
