@@ -308,7 +308,9 @@ class Udp:
 
     def recv_batch(self, limit: int, budget: int = 1 << 30) -> list[tuple[bytes, tuple]]:
         """Up to `limit` reads (a GRO train is one), fewer once `budget`
-        bytes are read (a wake-up's work stays short: docs/design.md).
+        bytes are read (a wake-up's work stays short: docs/design.md),
+        unless the last read was a train cut inside a message (until past twice
+        the budget then: below).
         The local address each arrived on is only noted (`arrivals`): what
         a datagram's sender says is hostile until the core has
         authenticated it, so it is remembered for replies by `confirm`,
@@ -341,7 +343,12 @@ class Udp:
                     batch.extend((view[i:i + size], addr) for i in range(0, len(data), size))
                 else:
                     batch.append((data, addr))
-                if total >= budget:
+                # a GRO train that ends with a full-size datagram was most
+                # likely cut inside a message (its last data shard is the
+                # short one): one more read brings the rest, and its shards
+                # can be taken as one whole train (docs/protocol.md §12)
+                if total >= budget and not (size and len(data) > size and not len(data) % size
+                                            and total < 2 * budget):
                     break
         except (BlockingIOError, InterruptedError):
             pass
