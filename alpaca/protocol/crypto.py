@@ -152,7 +152,7 @@ def mac(key: bytes, data) -> bytes:
     return _MAC_VIEW[:]
 
 
-# mac's parts, for loops that inline it (wire.frame_shards, relay): the
+# mac's parts, for the loop that inlines it (wire.frame_shards): the
 # function (output, input as bytes, its length, key), its output and a view
 # that copies it out
 MAC_PARTS = (lib.crypto_shorthash_siphash24, _MAC_OUT, _MAC_VIEW)

@@ -15,7 +15,6 @@ replay window and its source checked, and the next shard to relay
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 
 from . import inner
@@ -24,12 +23,12 @@ from .constants import (FLAG_AES, FLAG_BATCH, FLAG_FRAG, FLAG_ISAL, FLAG_VNET, K
                         TAG_SIZE, VNET_HDR_SIZE, WIRE_VERSION)
 from .constants import (PRUNE_INTERVAL, PATH_NOTICES_PER_INTERVAL, HOST_CACHE_LIMIT, ZERO_VNET, INNER_HEAD,
                         BATCH_ENTRY, VERSION_NOTICE_INTERVAL)
-from .crypto import MAC_SIZE, CryptoError, mac
+from .crypto import MAC_SIZE, CryptoError
 from .drops import DropReason
 from .ids import format_id
 from .output import Output
 from .peers import MESSAGE_WINDOW, OWN_WINDOW, Addr, Peer
-from .wire import (MUTABLE_BYTES, NEXT_SHARD, SAME_SENDER_BITS, SAMPLE, SEQ_FIELD, SEQ_SHIFT, SHARD_OVERHEAD, Header,
+from .wire import (NEXT_SHARD, SAME_SENDER_BITS, SAMPLE, SEQ_FIELD, SEQ_SHIFT, SHARD_OVERHEAD, Header,
                    fields, open_clear, open_message, open_sealed, shard_authentic)
 
 
@@ -389,7 +388,7 @@ class Inbound:
             index = nxt.index
             seq = base + index
             if (seq <= seq_floor
-                    or not hmac.compare_digest(mac(shard_key, head[MUTABLE_BYTES:] + chunk), data[-MAC_SIZE:])
+                    or not shard_authentic(shard_key, head, data)
                     or check(session, ts, seq, now, offset) is not None):
                 break           # (the full path counts it: the window recorded nothing)
             taken += 1

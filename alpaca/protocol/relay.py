@@ -7,17 +7,13 @@ never back where it came from.
 
 from __future__ import annotations
 
-
-import hmac
-
 from . import inner
 from .constants import FLAG_BATCH, FLAG_VNET, KIND_DATA, MASK_SIZE, MAX_TTL, PATH_RELAYED, TAG_SIZE, VNET_HDR_SIZE
 from .constants import INNER_HEAD
-from .crypto import MAC_PARTS, MAC_SIZE
 from .drops import DropReason
 from .output import Output
 from .peers import Addr, Peer
-from .wire import MUTABLE_BYTES, NEXT_SHARD, SAMPLE, SEQ_FIELD, SEQ_SHIFT, SHARD_OVERHEAD, Header, rewrite_mutable
+from .wire import NEXT_SHARD, SAMPLE, SEQ_FIELD, SEQ_SHIFT, SHARD_OVERHEAD, Header, rewrite_mutable, shard_authentic
 
 RELAY_NEXT_LIMIT = 16      # source addresses with a relayed shard predicted
 
@@ -132,12 +128,9 @@ class Relay:
         from addr, each with its MAC verified; stops at the first that is
         not, and at the message's last shard. Changes nothing."""
         shard_key, state, from_bytes, clear = rn.shard_key, self._mask_state, int.from_bytes, rn.clear
-        siphash, mac_out, mac_view = MAC_PARTS
         train, n, left = [], len(datagrams), rn.total - rn.index
         while len(data) >= SHARD_OVERHEAD + TAG_SIZE:
-            signed = clear.to_bytes(MASK_SIZE, "big")[MUTABLE_BYTES:] + data[MASK_SIZE:-MAC_SIZE]
-            siphash(mac_out, signed, len(signed), shard_key)        # (crypto.mac, inlined)
-            if not hmac.compare_digest(mac_view[:], data[-MAC_SIZE:]):
+            if not shard_authentic(shard_key, clear.to_bytes(MASK_SIZE, "big"), data):
                 break
             train.append((data, full))
             if len(train) >= left or i >= n:
